@@ -1,0 +1,44 @@
+# Two commands do everything on a fresh Linux machine with Python 3.11 and no torch:
+#   make demo   set up .venv, build csrc/, run the main job (see README.md)
+#   make test   set up .venv, build csrc/, run the default test suite
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+EXTRAS ?= onnx,openvino,dev
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu)
+PYTEST_ARGS ?= -m "not slow"
+
+.PHONY: setup demo test test-all lint bench clean
+
+setup: $(STAMP)
+
+# torch is installed first and pinned, and the extension is built against it without build
+# isolation: an unpinned torch in an isolated build would pull the CUDA wheels.
+$(STAMP): $(SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip "setuptools>=77" wheel
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[$(EXTRAS)]"
+	$(PY) -c "import torch_cp._C, torch; print('built torch_cp._C against torch', torch.__version__)"
+	touch $@
+
+demo: setup
+	$(PY) benchmarks/bench_baselines.py --subset small
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-all: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: setup
+	$(PY) benchmarks/bench_baselines.py
+
+clean:
+	rm -rf build *.egg-info torch_cp/*.so $(STAMP)
