@@ -5,7 +5,16 @@ to its shard and returns a partial output with its log-sum-exp (natural log, flo
 partial states are merged exactly with :func:`merge_states`.
 """
 
+from torch_cp.attention import attention, attention_state
+from torch_cp.distributed import merge_across_ranks
 from torch_cp.merge import merge_states
-from torch_cp.reference import merge_states_reference
+from torch_cp.reference import attention_reference, merge_states_reference
 
-__all__ = ["merge_states", "merge_states_reference"]
+__all__ = [
+    "attention",
+    "attention_reference",
+    "attention_state",
+    "merge_across_ranks",
+    "merge_states",
+    "merge_states_reference",
+]

@@ -44,7 +44,14 @@ def extension_error() -> str:
 if HAS_CPU_KERNELS:
     # Resolving the op object once also lists it under `torch.ops.torch_cp`.
     merge_states_op = torch.ops.torch_cp.merge_states
+    decode_attention_op = torch.ops.torch_cp.decode_attention
 
     @torch.library.register_fake("torch_cp::merge_states")
     def _merge_states_fake(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return out.new_empty(out.shape[1:]), lse.new_empty(lse.shape[1:])
+
+    @torch.library.register_fake("torch_cp::decode_attention")
+    def _decode_attention_fake(
+        q, k, v, kv_lens, kv_pos, q_pos, scale, softcap, is_causal, window, num_splits
+    ):
+        return q.new_empty(q.shape, dtype=torch.float32), q.new_empty(q.shape[:-1], dtype=torch.float32)

@@ -1,0 +1,35 @@
+// The inner loop of the CPU decode kernel: online softmax over one tile of keys.
+//
+// [Note: CPU decode kernel]
+// Decode is memory-bound: every key and value row is read once from memory and reused from L1
+// for all the query rows that share it (the G = Hq/Hkv heads of a GQA group times Sq queries).
+// Per tile of T keys: scores S = q·kᵀ (q pre-scaled), optional softcap and mask, a running max m
+// and sum l per query row (the "online softmax"), acc = acc·exp(m_old − m_new) + P·V.
+// The loops are written so the compiler vectorises them (omp simd); the functions are compiled
+// for AVX-512, AVX2+FMA and baseline x86-64 and picked at load time (target_clones).
+#pragma once
+
+#include <cstdint>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define TORCH_CP_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define TORCH_CP_CLONES
+#endif
+
+namespace torch_cp {
+
+struct TileArgs {
+  const float* q;    // [rows, dim] query rows, already multiplied by the score scale
+  const float* k;    // [n_keys, ...] key rows, ld_k floats apart
+  const float* v;    // [n_keys, ...] value rows, ld_v floats apart
+  const float* bias; // [rows, n_keys] additive mask (0 or -inf), or nullptr
+  int64_t rows, dim, n_keys, ld_k, ld_v;
+  float softcap;     // 0: off; else s -> softcap * tanh(s / softcap)
+};
+
+// Updates the running state (m [rows], l [rows], acc [rows, dim]) with one tile of keys.
+// `scores` is scratch of rows * n_keys floats.
+void attend_tile(const TileArgs& a, float* scores, float* m, float* l, float* acc);
+
+}  // namespace torch_cp

@@ -1,0 +1,144 @@
+"""`torch_cp.attention`: a drop-in for `F.scaled_dot_product_attention` over a sharded KV cache."""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from torch_cp import _ops
+from torch_cp._checks import check_attention_args
+from torch_cp.distributed import MergeMethod, gather_positions, merge_across_ranks
+from torch_cp.reference import attention_reference
+
+__all__ = ["attention", "attention_state"]
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["auto", "cpp", "reference"]
+
+
+def _pick_backend(backend: Backend, q: torch.Tensor, attn_mask: torch.Tensor | None) -> str:
+    if backend not in ("auto", "cpp", "reference"):
+        raise ValueError(f"attention: backend must be 'auto', 'cpp' or 'reference', got {backend!r}")
+    kernel_ok = _ops.HAS_CPU_KERNELS and q.device.type == "cpu" and attn_mask is None
+    if backend == "cpp" and not kernel_ok:
+        raise ValueError(
+            "attention: backend='cpp' needs CPU tensors, no attn_mask and the built extension "
+            f"({_ops.extension_error() or 'loaded'})"
+        )
+    if backend == "auto":
+        return "cpp" if kernel_ok else "reference"
+    return backend
+
+
+def attention_state(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    is_causal: bool = False,
+    window: int | None = None,
+    kv_lens: torch.Tensor | None = None,
+    kv_pos: torch.Tensor | None = None,
+    q_pos: torch.Tensor | None = None,
+    num_splits: int = 0,
+    backend: Backend = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial attention state of ``q`` over the local keys: ``(out [B, Hq, Sq, D], lse [B, Hq, Sq])``, float32.
+
+    Arguments as in :func:`attention`, without validation or communication. ``lse`` is the natural-log
+    log-sum-exp of the scaled (and soft-capped) scores; rows with no visible key have ``out = 0``,
+    ``lse = -inf``.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if _pick_backend(backend, q, attn_mask) == "reference":
+        return attention_reference(
+            q, k, v, attn_mask=attn_mask, scale=scale, softcap=softcap, compute_dtype=torch.float32,
+            is_causal=is_causal, window=window, kv_lens=kv_lens, kv_pos=kv_pos, q_pos=q_pos,
+        )  # fmt: skip
+    if (is_causal or window is not None) and q_pos is None:
+        q_pos = _default_q_pos(q.shape[0], q.shape[2], k.shape[2], kv_lens, kv_pos, q.device)
+    return _ops.decode_attention_op(
+        q, k, v, kv_lens, kv_pos, q_pos, scale, float(softcap or 0.0), is_causal, -1 if window is None else window,
+        num_splits,
+    )  # fmt: skip
+
+
+def _default_q_pos(batch, q_len, kv_len, kv_lens, kv_pos, device) -> torch.Tensor:
+    """The queries are the last ``q_len`` positions (see [Note: key and query positions])."""
+    lens = torch.full((batch,), kv_len, device=device) if kv_lens is None else kv_lens.long()
+    if kv_pos is None:
+        return lens - q_len
+    valid = torch.arange(kv_len, device=device)[None, :] < lens[:, None]
+    return torch.where(valid, kv_pos.long(), -1).amax(dim=1, initial=-1) + 1 - q_len
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    group: dist.ProcessGroup | None = None,
+    return_lse: bool = False,
+    softcap: float | None = None,
+    window: int | None = None,
+    kv_lens: torch.Tensor | None = None,
+    kv_pos: torch.Tensor | None = None,
+    merge: MergeMethod = "all_gather",
+    backend: Backend = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Scaled dot-product attention whose KV cache may be sharded along the sequence over ``group``.
+
+    The call of :func:`torch.nn.functional.scaled_dot_product_attention`, plus keyword-only extras.
+
+    Args:
+        q: ``[B, Hq, Sq, D]`` queries (float32, float16, bfloat16).
+        k, v: ``[B, Hkv, L, D]`` this rank's shard of the keys and values, dtype of ``q``;
+            ``Hq % Hkv == 0`` (GQA/MQA need ``enable_gqa=True``, as in SDPA).
+        attn_mask: bool (True = attend) or additive float mask broadcastable to ``[B, Hq, Sq, L]``
+            over the local keys (runs the pure-PyTorch path).
+        dropout_p: must be 0.0.
+        is_causal: key position ``<=`` query position. Unlike SDPA (top-left aligned), the ``Sq``
+            queries are the **last** ``Sq`` positions of the whole sequence, as in decoding.
+        scale: score scale, default ``1/sqrt(D)``.
+        group: a ``torch.distributed`` process group over which ``k``/``v`` are sharded; the result is
+            exact attention over all shards, identical on every rank. With ``is_causal`` or ``window``
+            and no ``kv_pos``, the shards are taken as contiguous blocks in rank order.
+        return_lse: also return the log-sum-exp.
+        softcap: ``s -> softcap * tanh(s / softcap)`` on the scaled scores (Gemma-2 style).
+        window: sliding window: a query at position ``p`` sees keys at positions ``> p - window``.
+        kv_lens: ``[B]`` int, valid local keys per batch row (variable lengths); default ``L``.
+        kv_pos: ``[B, L]`` int, global positions of the local keys (default: contiguous shards).
+        merge: ``"all_gather"`` (default) or ``"all_reduce"``; see :mod:`torch_cp.distributed`.
+        backend: ``"auto"`` (C++ kernel on CPU when it applies), ``"cpp"`` or ``"reference"``.
+
+    Returns:
+        ``out [B, Hq, Sq, D]`` in ``q.dtype``; with ``return_lse=True`` also ``lse [B, Hq, Sq]`` float32,
+        **natural log**, ``-inf`` for a query that sees no key (whose ``out`` is 0).
+    """
+    positions = {"window": window, "kv_lens": kv_lens, "kv_pos": kv_pos}
+    check_attention_args(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, positions)
+    q_pos = None
+    if group is not None and (is_causal or window is not None):
+        lens = kv_lens if kv_lens is not None else torch.full((q.shape[0],), k.shape[2], device=q.device)
+        global_pos, q_pos = gather_positions(lens, k.shape[2], q.shape[2], group)
+        kv_pos = global_pos if kv_pos is None else kv_pos
+    out, lse = attention_state(
+        q, k, v, attn_mask=attn_mask, scale=scale, softcap=softcap, is_causal=is_causal, window=window,
+        kv_lens=kv_lens, kv_pos=kv_pos, q_pos=q_pos, backend=backend,
+    )  # fmt: skip
+    if group is not None:
+        out, lse = merge_across_ranks(out, lse, group, merge)
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out
