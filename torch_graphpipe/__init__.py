@@ -1,6 +1,40 @@
 """torch_graphpipe: graph pipeline-parallel training (stages form a DAG, not a chain).
 
-Not implemented yet: see the project's issues.
+Planning runs in one process: ``torch_graphpipe.plan(model, example_inputs, num_stages,
+num_microbatches)`` captures the operator graph, profiles it, partitions it into convex stages and
+builds a DAG 1F1B schedule; ``plan.simulate()`` predicts a step. The distributed runtime
+(``GraphPipe``) is not implemented yet.
 """
 
-__all__: list[str] = []
+from torch_graphpipe.action import Action
+from torch_graphpipe.capture import CapturedGraph, GraphCaptureError, capture
+from torch_graphpipe.graph import OpGraph, OpNode
+from torch_graphpipe.plan import Plan, StagePlan, plan, plan_graph
+from torch_graphpipe.profile import CommModel, CostTable, OpCost, profile_graph
+from torch_graphpipe.schedule import Schedule, ScheduleError, build_1f1b
+from torch_graphpipe.simulate import SimulationResult, TimelineEntry, simulate
+from torch_graphpipe.stage_cost import StageCost
+
+__all__ = [
+    "Action",
+    "CapturedGraph",
+    "CommModel",
+    "CostTable",
+    "GraphCaptureError",
+    "OpCost",
+    "OpGraph",
+    "OpNode",
+    "Plan",
+    "Schedule",
+    "ScheduleError",
+    "SimulationResult",
+    "StageCost",
+    "StagePlan",
+    "TimelineEntry",
+    "build_1f1b",
+    "capture",
+    "plan",
+    "plan_graph",
+    "profile_graph",
+    "simulate",
+]

@@ -1,0 +1,152 @@
+import random
+import time
+
+import pytest
+from _gp_graphs import brute_force, in_family, integer_costs, random_dag, random_sp_graph, two_chains
+
+from torch_graphpipe import CostTable, OpCost, OpGraph, plan_graph
+from torch_graphpipe.candidates import CandidateTree
+from torch_graphpipe.chain import partition_chain
+from torch_graphpipe.partition import partition_dag
+from torch_graphpipe.sp import decompose
+from torch_graphpipe.stage_cost import StageCostModel
+from torch_graphpipe.stage_graph import build_stage_graph
+
+
+def _dag_value(graph, costs, stages, budget=None):
+    model = StageCostModel(graph, costs)
+    root = decompose(graph)
+    result = partition_dag(root, model, stages, memory_budget_bytes=budget)
+    sg = build_stage_graph(graph, model, result.stages)
+    return result, sg, (max(c.time_ms for c in sg.costs), max(sg.in_flight))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_dag_search_is_exact_over_its_family(seed):
+    rng = random.Random(seed)
+    graph = random_sp_graph(rng.randint(3, 7), rng)
+    costs = integer_costs(graph, rng)
+    stages = rng.randint(1, len(graph))
+    root = decompose(graph)
+    assert not root.forced
+    tree = CandidateTree(root, StageCostModel(graph, costs))
+    result, sg, value = _dag_value(graph, costs, stages)
+    assert in_family(list(result.stages), root, tree)
+    assert value == brute_force(graph, costs, stages, keep=lambda m: in_family(m, root, tree))
+    assert result.depth == max(sg.in_flight)
+    best_any = brute_force(graph, costs, stages)
+    assert best_any is not None and value >= best_any
+
+
+@pytest.mark.parametrize("seed", range(15))
+def test_dag_search_with_memory_budget(seed):
+    rng = random.Random(100 + seed)
+    graph = random_sp_graph(rng.randint(3, 7), rng)
+    costs = integer_costs(graph, rng)
+    stages = rng.randint(1, len(graph))
+    root = decompose(graph)
+    tree = CandidateTree(root, StageCostModel(graph, costs))
+    family = lambda m: in_family(m, root, tree)
+    unbounded = brute_force(graph, costs, stages, keep=family)
+    for budget in (4000, 6000, 9000, 14000):
+        expected = brute_force(graph, costs, stages, budget=budget, keep=family)
+        if expected is None:
+            with pytest.raises(ValueError, match="memory_budget_bytes"):
+                _dag_value(graph, costs, stages, budget)
+            continue
+        _, sg, value = _dag_value(graph, costs, stages, budget)
+        assert value == expected and value >= unbounded
+        for cost, in_flight in zip(sg.costs, sg.in_flight):
+            assert cost.memory_bytes(in_flight, costs.param_copies) <= budget
+
+
+@pytest.mark.parametrize("seed", range(15))
+def test_chain_search_is_exact_on_a_chain(seed):
+    rng = random.Random(200 + seed)
+    n = rng.randint(2, 8)
+    graph = OpGraph.from_edges([f"c{i}" for i in range(n)], [(f"c{i}", f"c{i + 1}") for i in range(n - 1)])
+    costs = integer_costs(graph, rng)
+    stages = rng.randint(1, n)
+    model = StageCostModel(graph, costs)
+    chain = partition_chain(graph, model, stages)
+    _, _, dag_value = _dag_value(graph, costs, stages)
+    assert (chain.bottleneck_ms, stages) == brute_force(graph, costs, stages) == dag_value
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_stages_convex_and_acyclic_on_any_dag(seed):
+    rng = random.Random(300 + seed)
+    graph = random_dag(rng.randint(2, 14), rng)
+    costs = integer_costs(graph, rng)
+    stages = rng.randint(1, len(graph))
+    for kind in ("dag", "chain"):
+        plan = plan_graph(graph, costs, stages, 4, kind)  # asserts convexity and acyclicity inside
+        names = [name for s in plan.stages for name in s.node_names]
+        assert sorted(names) == sorted(n.name for n in graph.nodes)
+        assert all(graph.is_convex(sum(1 << graph.index[n] for n in s.node_names)) for s in plan.stages)
+        plan.schedule.validate()
+
+
+def test_non_series_parallel_graph_is_ordered():
+    graph = OpGraph.from_edges(["a", "b", "c", "d"], [("a", "c"), ("b", "c"), ("b", "d")])
+    assert decompose(graph).forced
+    plan = plan_graph(graph, integer_costs(graph, random.Random(0)), 3, 4)
+    assert plan.num_stages == 3
+
+
+def test_dag_beats_chain_on_parallel_branches():
+    costs = CostTable(ops={n.name: OpCost(fwd_ms=1, bwd_ms=2) for n in two_chains().nodes})
+    dag = plan_graph(two_chains(), costs, 8, 8, "dag")
+    chain = plan_graph(two_chains(), costs, 8, 8, "chain")
+    assert dag.bottleneck_ms == chain.bottleneck_ms == 3
+    assert max(s.in_flight for s in dag.stages) == 4
+    assert [s.in_flight for s in chain.stages] == list(range(8, 0, -1))
+
+
+def _branchy_graph(num_nodes: int, rng: random.Random) -> OpGraph:
+    """stem -> blocks of parallel branches (chains with skip edges) -> join -> ..."""
+    names, edges, prev, i = [], [], None, 0
+    while i < num_nodes:
+        join_inputs = []
+        for _ in range(rng.randint(2, 5)):
+            tail = prev
+            for _ in range(rng.randint(2, 8)):
+                names.append(f"x{i}")
+                if tail is not None:
+                    edges.append((tail, f"x{i}"))
+                if prev is not None and rng.random() < 0.1:
+                    edges.append((prev, f"x{i}"))
+                tail, i = f"x{i}", i + 1
+            join_inputs.append(tail)
+        names.append(f"x{i}")
+        edges.extend((t, f"x{i}") for t in join_inputs)
+        prev, i = f"x{i}", i + 1
+    return OpGraph.from_edges(names, edges)
+
+
+@pytest.mark.parametrize("stages", [4, 8, 16])
+def test_planning_200_nodes_under_a_second(stages):
+    rng = random.Random(7)
+    graph = _branchy_graph(200, rng)
+    costs = integer_costs(graph, rng)
+    for kind in ("dag", "chain"):
+        start = time.perf_counter()
+        plan = plan_graph(graph, costs, stages, 2 * stages, kind)
+        assert time.perf_counter() - start < 1.0, (kind, stages, plan.planning_time_s)
+        assert plan.num_stages == stages
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_stages": 5}, "num_stages=5 is more than"),
+        ({"num_stages": 0}, "num_stages"),
+        ({"num_microbatches": 0}, "num_microbatches"),
+        ({"stage_graph": "tree"}, "stage_graph"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    graph = OpGraph.from_edges(["a", "b", "c", "d"], [("a", "b"), ("b", "c"), ("c", "d")])
+    args = {"num_stages": 2, "num_microbatches": 2, "stage_graph": "dag", **kwargs}
+    with pytest.raises(ValueError, match=match):
+        plan_graph(graph, integer_costs(graph, random.Random(0)), **args)

@@ -1,0 +1,59 @@
+import itertools
+
+import pytest
+from _gp_graphs import two_chains
+
+from torch_graphpipe import CommModel, CostTable, OpCost, build_1f1b, plan_graph, simulate
+
+
+def _worked_example(stage_graph):
+    graph = two_chains(4)
+    costs = CostTable(ops={n.name: OpCost(fwd_ms=1, bwd_ms=2) for n in graph.nodes}, comm=CommModel.free())
+    return plan_graph(graph, costs, num_stages=8, num_microbatches=8, stage_graph=stage_graph)
+
+
+def test_worked_example_graph_vs_chain():
+    """DESIGN: F=1, B=2, 8 micro-batches, 2 branches x 4 stages: 33 as a graph, 45 as a chain."""
+    dag, chain = _worked_example("dag").simulate(), _worked_example("chain").simulate()
+    assert dag.iteration_time == 33
+    assert chain.iteration_time == 45
+    assert chain.iteration_time / dag.iteration_time == pytest.approx(1.36, abs=0.005)
+    assert dag.peak_in_flight[0] == 4 and chain.peak_in_flight[0] == 8
+    assert sorted(dag.peak_in_flight) == [1, 1, 2, 2, 3, 3, 4, 4]
+    assert dag.bubble_fraction == pytest.approx(1 - 24 / 33)
+    assert chain.bubble_fraction == pytest.approx(1 - 24 / 45)
+
+
+@pytest.mark.parametrize(("stages", "microbatches"), [(1, 1), (2, 5), (4, 4), (4, 9), (6, 3)])
+def test_chain_1f1b_formula(stages, microbatches):
+    schedule = build_1f1b(stages, [(i, i + 1) for i in range(stages - 1)], microbatches)
+    result = simulate(schedule, [1.0] * stages, [2.0] * stages)
+    assert result.iteration_time == (microbatches + stages - 1) * 3
+    assert list(result.peak_in_flight) == [min(stages - i, microbatches) for i in range(stages)]
+    assert 0.0 <= result.bubble_fraction < 1.0
+
+
+def test_communication_delays_the_step():
+    schedule = build_1f1b(2, [(0, 1)], 2)
+    free = simulate(schedule, [1.0, 1.0], [2.0, 2.0])
+    slow = simulate(schedule, [1.0, 1.0], [2.0, 2.0], {(0, 1): 0.5})
+    assert free.iteration_time == 9
+    assert slow.iteration_time == pytest.approx(10.0)  # one forward and one backward hop on the critical path
+
+
+def test_timeline_boxes_do_not_overlap():
+    result = _worked_example("dag").simulate()
+    for row in result.timeline:
+        assert len(row) == 16
+        for a, b in itertools.pairwise(row):
+            assert a.end <= b.start
+
+
+def test_timeline_png(tmp_path):
+    path = _worked_example("dag").simulate().plot(tmp_path / "timeline.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cost_count_mismatch():
+    with pytest.raises(ValueError, match="need 2"):
+        simulate(build_1f1b(2, [(0, 1)], 1), [1.0], [1.0])

@@ -1,0 +1,92 @@
+"""Chain partitioner: the best sequential split of a topological order, for comparison.
+
+Stage ``k`` of ``S`` is the interval ``[i, j)`` of the topological order and holds ``S - k``
+micro-batches in flight; it receives every tensor crossing the cut before it and passes on every
+tensor crossing the cut after it (what a sequential pipeline must do with skip edges). Exact over
+interval splits: binary search over the sorted times of every interval, each target checked by a
+dynamic program over (stage, first node).
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+
+from torch_graphpipe.graph import OpGraph
+from torch_graphpipe.partition import PartitionResult
+from torch_graphpipe.stage_cost import StageCostModel
+
+__all__ = ["partition_chain"]
+
+
+class _Intervals:
+    def __init__(self, graph: OpGraph, model: StageCostModel) -> None:
+        n = len(graph)
+        self.n = n
+        self.copies = model.param_copies
+        self.compute = list(itertools.accumulate((model.fwd[v] + model.bwd[v] for v in range(n)), initial=0))
+        self.params = list(itertools.accumulate(model.params, initial=0))
+        self.own = list(itertools.accumulate(model.out_bytes, initial=0))
+        self.cut_msg, self.cut_bytes = [0.0] * (n + 1), [0] * (n + 1)
+        for c in range(1, n):
+            live = [p for p in range(c) if model.succ_mask[p] >> c]
+            self.cut_msg[c] = sum(model.msg[p] for p in live)
+            self.cut_bytes[c] = sum(model.out_bytes[p] for p in live)
+
+    def time(self, i: int, j: int) -> float:
+        return self.compute[j] - self.compute[i] + self.cut_msg[i] + self.cut_msg[j]
+
+    def memory(self, i: int, j: int, in_flight: int) -> float:
+        act = self.own[j] - self.own[i] + self.cut_bytes[i]
+        return (self.params[j] - self.params[i]) * self.copies + in_flight * act
+
+
+def _feasible(iv: _Intervals, stages: int, target: float, budget: float | None) -> list[list[int]] | None:
+    """``nxt[k][i]``: end of stage ``k`` starting at ``i`` in a feasible split, -1 when none."""
+    n = iv.n
+    ok = [[False] * (n + 1) for _ in range(stages + 1)]
+    ok[stages][n] = True
+    nxt = [[-1] * (n + 1) for _ in range(stages)]
+    for k in range(stages - 1, -1, -1):
+        for i in range(n - 1, -1, -1):
+            for j in range(i + 1, n + 1):
+                if iv.compute[j] - iv.compute[i] > target:
+                    break
+                if not ok[k + 1][j] or iv.time(i, j) > target:
+                    continue
+                if budget is None or iv.memory(i, j, stages - k) <= budget:
+                    ok[k][i], nxt[k][i] = True, j
+                    break
+    return nxt if ok[0][0] else None
+
+
+def partition_chain(
+    graph: OpGraph, model: StageCostModel, num_stages: int, *, memory_budget_bytes: float | None = None
+) -> PartitionResult:
+    """Split the topological order into ``num_stages`` intervals minimising the slowest stage."""
+    iv = _Intervals(graph, model)
+    n = iv.n
+    times = sorted({iv.time(i, j) for i in range(n) for j in range(i + 1, n + 1)})
+    hi = len(times) - 1
+    lo = min(hi, bisect.bisect_left(times, iv.compute[n] / num_stages))
+    if _feasible(iv, num_stages, times[hi], memory_budget_bytes) is None:
+        raise ValueError(f"no chain of {num_stages} stages fits memory_budget_bytes={memory_budget_bytes}")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _feasible(iv, num_stages, times[mid], memory_budget_bytes) is not None:
+            hi = mid
+        else:
+            lo = mid + 1
+    nxt = _feasible(iv, num_stages, times[lo], memory_budget_bytes)
+    assert nxt is not None
+    stages, i = [], 0
+    for k in range(num_stages):
+        j = nxt[k][i]
+        stages.append(((1 << j) - 1) & ~((1 << i) - 1))
+        i = j
+    bottleneck = max(iv.time(a, b) for a, b in _bounds(stages))
+    return PartitionResult(stages=tuple(stages), bottleneck_ms=bottleneck, depth=num_stages)
+
+
+def _bounds(stages: list[int]) -> list[tuple[int, int]]:
+    return [((m & -m).bit_length() - 1, m.bit_length()) for m in stages]

@@ -1,0 +1,214 @@
+"""``torch_graphpipe.plan``: capture, profile, partition and schedule a model in one process."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+
+from torch_graphpipe.capture import capture
+from torch_graphpipe.chain import partition_chain
+from torch_graphpipe.graph import OpGraph, members
+from torch_graphpipe.partition import partition_dag
+from torch_graphpipe.profile import CommModel, CostTable, profile_graph
+from torch_graphpipe.schedule import Schedule, build_1f1b
+from torch_graphpipe.simulate import SimulationResult, simulate
+from torch_graphpipe.sp import decompose
+from torch_graphpipe.stage_cost import StageCost, StageCostModel
+from torch_graphpipe.stage_graph import build_stage_graph
+
+__all__ = ["Plan", "StagePlan", "plan", "plan_graph", "split_microbatches"]
+
+log = logging.getLogger(__name__)
+
+StageGraphKind = Literal["dag", "chain"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StagePlan:
+    """One stage of a plan."""
+
+    index: int  # position in the topological order of the stage DAG (the rank that runs it)
+    node_names: tuple[str, ...]  # operators, topological order
+    module_names: tuple[str, ...]  # qualified names of the leaf modules it calls
+    cost: StageCost  # per micro-batch
+    in_flight: int  # micro-batches it holds at most (stages on its longest path to a sink)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Plan:
+    """A stage graph, its costs and its schedule."""
+
+    stages: tuple[StagePlan, ...]  # in topological order
+    edges: tuple[tuple[int, int], ...]  # stage DAG edges (producer, consumer)
+    edge_bytes: tuple[int, ...]  # bytes per micro-batch on each edge
+    stage_graph: StageGraphKind  # "dag" or "chain"
+    num_microbatches: int  # micro-batches per step
+    microbatch_size: int  # samples per micro-batch
+    comm: CommModel  # communication model used for planning and simulation
+    schedule: Schedule  # DAG 1F1B schedule
+    bottleneck_ms: float  # slowest stage's time per micro-batch (compute + communication)
+    planning_time_s: float  # wall time of partitioning and scheduling
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def time_per_sample_ms(self) -> float:
+        return self.bottleneck_ms / self.microbatch_size
+
+    def simulate(self) -> SimulationResult:
+        """Discrete-event simulation of one step with the plan's costs (milliseconds)."""
+        delay = {e: self.comm.time_ms(b) for e, b in zip(self.edges, self.edge_bytes)}
+        fwd = [s.cost.fwd_ms for s in self.stages]
+        bwd = [s.cost.bwd_ms for s in self.stages]
+        return simulate(self.schedule, fwd, bwd, delay)
+
+    def __str__(self) -> str:
+        lines = [
+            f"Plan: {self.num_stages} stages ({self.stage_graph}), {self.num_microbatches} micro-batches "
+            f"of {self.microbatch_size}, bottleneck {self.bottleneck_ms:.4g} ms/micro-batch",
+            f"edges: {', '.join(f'{a}->{b}' for a, b in self.edges) or 'none'}",
+        ]
+        for s in self.stages:
+            lines.append(
+                f"  stage {s.index}: {len(s.node_names)} ops, {s.cost.time_ms:.4g} ms, "
+                f"in-flight {s.in_flight}, modules {_short(s.module_names)}"
+            )
+        return "\n".join(lines)
+
+
+def split_microbatches(example_inputs: Sequence[Any], num_microbatches: int) -> list[tuple[Any, ...]]:
+    """Split every tensor input along dim 0 into ``num_microbatches`` equal chunks."""
+    _check_positive("num_microbatches", num_microbatches)
+    chunks: list[list[Any]] = [[] for _ in range(num_microbatches)]
+    for i, x in enumerate(example_inputs):
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            if x.shape[0] % num_microbatches:
+                raise ValueError(
+                    f"input {i} has batch size {x.shape[0]}, not divisible by num_microbatches={num_microbatches}"
+                )
+            parts: Sequence[Any] = x.chunk(num_microbatches, dim=0)
+        else:
+            parts = [x] * num_microbatches
+        for chunk, part in zip(chunks, parts):
+            chunk.append(part)
+    return [tuple(c) for c in chunks]
+
+
+def plan(
+    module: torch.nn.Module,
+    example_inputs: Sequence[Any],
+    num_stages: int,
+    num_microbatches: int,
+    stage_graph: StageGraphKind = "dag",
+    *,
+    memory_budget_bytes: float | None = None,
+    comm: CommModel | None = None,
+    costs: CostTable | None = None,
+    leaf_modules: Sequence[type] = (),
+    repeats: int = 3,
+) -> Plan:
+    """Trace, profile on one micro-batch of ``example_inputs`` (the whole batch), partition, schedule.
+
+    ``costs`` skips profiling (a fixed table, e.g. for tests); ``memory_budget_bytes`` bounds each
+    stage's parameters (times ``CostTable.param_copies``) plus its in-flight activations.
+    """
+    _check_args(num_stages, num_microbatches, stage_graph)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise TypeError(f"example_inputs must be a tuple of inputs, got {type(example_inputs).__name__}")
+    captured = capture(module, leaf_modules)
+    micro = split_microbatches(example_inputs, num_microbatches)
+    if costs is None:
+        size = next((x.shape[0] for x in micro[0] if isinstance(x, torch.Tensor) and x.dim() > 0), 1)
+        costs = profile_graph(
+            captured.graph_module, captured.graph, micro[0], repeats=repeats, comm=comm, microbatch_size=size
+        )
+    elif comm is not None:
+        costs = dataclasses.replace(costs, comm=comm)
+    return plan_graph(
+        captured.graph,
+        costs,
+        num_stages,
+        num_microbatches,
+        stage_graph,
+        memory_budget_bytes=memory_budget_bytes,
+    )
+
+
+def plan_graph(
+    graph: OpGraph,
+    costs: CostTable,
+    num_stages: int,
+    num_microbatches: int,
+    stage_graph: StageGraphKind = "dag",
+    *,
+    memory_budget_bytes: float | None = None,
+) -> Plan:
+    """Partition and schedule an already captured graph with the given costs."""
+    _check_args(num_stages, num_microbatches, stage_graph)
+    if num_stages > len(graph):
+        raise ValueError(f"num_stages={num_stages} is more than the graph's {len(graph)} operators")
+    start = time.perf_counter()
+    model = StageCostModel(graph, costs)
+    chain = stage_graph == "chain"
+    if chain:
+        result = partition_chain(graph, model, num_stages, memory_budget_bytes=memory_budget_bytes)
+    else:
+        result = partition_dag(decompose(graph), model, num_stages, memory_budget_bytes=memory_budget_bytes)
+    sg = build_stage_graph(graph, model, result.stages, chain=chain)
+    schedule = build_1f1b(num_stages, sg.edges, num_microbatches)
+    elapsed = time.perf_counter() - start
+    log.info("planned %d operators into %d %s stages in %.3f s", len(graph), num_stages, stage_graph, elapsed)
+    return Plan(
+        stages=tuple(
+            _stage_plan(graph, i, m, c, f)
+            for i, (m, c, f) in enumerate(zip(sg.stages, sg.costs, sg.in_flight))
+        ),
+        edges=sg.edges,
+        edge_bytes=sg.edge_bytes,
+        stage_graph=stage_graph,
+        num_microbatches=num_microbatches,
+        microbatch_size=costs.microbatch_size,
+        comm=costs.comm,
+        schedule=schedule,
+        bottleneck_ms=max(c.time_ms for c in sg.costs),
+        planning_time_s=elapsed,
+    )
+
+
+def _short(names: tuple[str, ...], limit: int = 4) -> str:
+    if len(names) <= limit:
+        return ", ".join(names) or "-"
+    return f"{', '.join(names[:limit])}, ... ({len(names)} modules)"
+
+
+def _stage_plan(graph: OpGraph, index: int, mask: int, cost: StageCost, in_flight: int) -> StagePlan:
+    nodes = [graph.nodes[v] for v in members(mask)]
+    modules = tuple(dict.fromkeys(n.target for n in nodes if n.kind == "module"))
+    return StagePlan(
+        index=index,
+        node_names=tuple(n.name for n in nodes),
+        module_names=modules,
+        cost=cost,
+        in_flight=in_flight,
+    )
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _check_args(num_stages: Any, num_microbatches: Any, stage_graph: Any) -> None:
+    _check_positive("num_stages", num_stages)
+    _check_positive("num_microbatches", num_microbatches)
+    if stage_graph not in ("dag", "chain"):
+        raise ValueError(f"stage_graph must be 'dag' or 'chain', got {stage_graph!r}")

@@ -1,0 +1,185 @@
+"""Per-operator costs: measured forward / backward time, activation and parameter bytes.
+
+Every operator runs on the real activations of one micro-batch (recorded by running the traced module
+once); its forward and backward are timed separately, a few repeats, median. A fixed
+:class:`CostTable` can be built by hand instead, for unit tests of the planner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from torch_graphpipe.graph import OpGraph
+
+__all__ = ["CommModel", "CostTable", "OpCost", "profile_graph"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OpCost:
+    """Cost of one operator for one micro-batch."""
+
+    fwd_ms: float = 0.0  # forward time, milliseconds
+    bwd_ms: float = 0.0  # backward time, milliseconds
+    out_bytes: int = 0  # bytes of its output (activation sent to a consumer, stored per micro-batch)
+    param_bytes: int = 0  # bytes of the parameters it owns
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) < 0:
+                raise ValueError(f"OpCost.{f.name} must be >= 0, got {getattr(self, f.name)}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CommModel:
+    """Affine point-to-point cost ``t = alpha_ms + bytes / bytes_per_ms`` of one message."""
+
+    alpha_ms: float = 0.1  # latency per message (gloo over loopback TCP: tens to hundreds of us)
+    bytes_per_ms: float = 1.0e6  # bandwidth, bytes per millisecond (1e6 = 1 GB/s)
+
+    def __post_init__(self) -> None:
+        if self.alpha_ms < 0:
+            raise ValueError(f"CommModel.alpha_ms must be >= 0, got {self.alpha_ms}")
+        if self.bytes_per_ms <= 0:
+            raise ValueError(f"CommModel.bytes_per_ms must be > 0, got {self.bytes_per_ms}")
+
+    def time_ms(self, nbytes: int) -> float:
+        """Time of one message of ``nbytes`` bytes; zero bytes cost nothing."""
+        return 0.0 if nbytes <= 0 else self.alpha_ms + nbytes / self.bytes_per_ms
+
+    @classmethod
+    def free(cls) -> CommModel:
+        """Communication that costs nothing (for worked examples)."""
+        return cls(alpha_ms=0.0, bytes_per_ms=float("inf"))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CostTable:
+    """Costs of every operator of a graph, for one micro-batch of ``microbatch_size`` samples."""
+
+    ops: Mapping[str, OpCost]  # node name -> cost
+    comm: CommModel = dataclasses.field(default_factory=CommModel)  # communication model
+    microbatch_size: int = 1  # samples per micro-batch (to report time per sample)
+    param_copies: float = 4.0  # parameter-sized buffers per parameter (weights, grads, 2 Adam moments)
+
+    def of(self, name: str) -> OpCost:
+        return self.ops.get(name, OpCost())
+
+    def check_covers(self, graph: OpGraph) -> None:
+        missing = [n.name for n in graph.nodes if n.name not in self.ops]
+        if missing:
+            raise ValueError(f"cost table has no entry for nodes {missing[:5]}")
+
+
+def profile_graph(
+    gm: fx.GraphModule,
+    graph: OpGraph,
+    microbatch_inputs: Sequence[Any],
+    *,
+    repeats: int = 3,
+    comm: CommModel | None = None,
+    microbatch_size: int = 1,
+    num_threads: int | None = 1,
+) -> CostTable:
+    """Measure every operator of ``graph`` (captured from ``gm``) on one micro-batch.
+
+    ``num_threads`` intra-op threads are used while timing (1: a CPU stage process runs one thread;
+    ``None`` keeps the current setting). On a shared 2-core machine multi-threaded timings of small
+    operators are dominated by waiting for a busy core.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    previous = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        ops = _profile_ops(gm, graph, microbatch_inputs, repeats)
+    finally:
+        torch.set_num_threads(previous)
+    log.info("profiled %d operators, %d repeats each", len(ops), repeats)
+    return CostTable(ops=ops, comm=comm or CommModel(), microbatch_size=microbatch_size)
+
+
+def _profile_ops(
+    gm: fx.GraphModule, graph: OpGraph, microbatch_inputs: Sequence[Any], repeats: int
+) -> dict[str, OpCost]:
+    interp = fx.Interpreter(gm, garbage_collect_values=False)
+    with torch.no_grad():
+        interp.run(*microbatch_inputs)
+    env = interp.env
+    fx_nodes = {n.name: n for n in gm.graph.nodes}
+    ops = {}
+    for node in graph.nodes:
+        fx_node = fx_nodes[node.name]
+        fn = _callable(gm, fx_node)
+        args, kwargs = fx.node.map_arg((fx_node.args, fx_node.kwargs), lambda a: env[a])
+        fwd, bwd = _time_node(fn, args, kwargs, repeats)
+        ops[node.name] = OpCost(
+            fwd_ms=fwd, bwd_ms=bwd, out_bytes=_nbytes(env[fx_node]), param_bytes=_param_bytes(gm, fx_node)
+        )
+    return ops
+
+
+def _callable(gm: fx.GraphModule, node: fx.Node) -> Callable[..., Any]:
+    if node.op == "call_module":
+        return gm.get_submodule(node.target)
+    if node.op == "call_method":
+        return lambda self, *a, **k: getattr(self, node.target)(*a, **k)
+    return node.target
+
+
+def _time_node(fn: Callable[..., Any], args: Any, kwargs: Any, repeats: int) -> tuple[float, float]:
+    fwd_times, bwd_times = [], []
+    for _ in range(repeats + 1):  # first round warms up
+        a, k = pytree.tree_map(_leaf_input, (args, kwargs))
+        start = time.perf_counter()
+        out = fn(*a, **k)
+        fwd_times.append((time.perf_counter() - start) * 1e3)
+        outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not outs:
+            bwd_times.append(0.0)
+            continue
+        grads = [torch.randn_like(t) for t in outs]
+        start = time.perf_counter()
+        torch.autograd.backward(outs, grads)
+        bwd_times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(fwd_times[1:]), statistics.median(bwd_times[1:])
+
+
+def _leaf_input(x: Any) -> Any:
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return x.detach().requires_grad_(True)
+    return x
+
+
+def _nbytes(value: Any) -> int:
+    leaves = pytree.tree_leaves(value)
+    return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
+
+
+def _param_bytes(gm: fx.GraphModule, node: fx.Node) -> int:
+    total = 0
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        total += sum(p.numel() * p.element_size() for p in mod.parameters())
+    for arg in node.all_input_nodes:
+        if arg.op == "get_attr":
+            total += _nbytes(_resolve_attr(gm, arg.target))
+    return total
+
+
+def _resolve_attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,112 @@
+"""Schedules as data: per-stage programs of :class:`Action`, and the DAG 1F1B builder.
+
+[Note: DAG 1F1B]
+Synchronous 1F1B generalised to a stage DAG: stage ``s`` first runs the forwards of
+``w_s = min(M, depth_s)`` micro-batches, where ``depth_s`` is the number of stages on the longest path
+from ``s`` to a sink (``S - i`` on a chain), then alternates one backward and one forward, then drains
+the backwards. The backward of micro-batch ``j`` is placed as early as the warm-up allows, so a stage
+holds at most ``w_s`` micro-batches. Around each forward the stage receives from every predecessor
+and sends to every successor; around each backward it receives gradients from every successor and
+sends gradients to every predecessor, peers in ascending order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from torch_graphpipe.action import Action
+from torch_graphpipe.stage_graph import longest_path_depths
+
+__all__ = ["Schedule", "ScheduleError", "build_1f1b"]
+
+
+class ScheduleError(ValueError):
+    """A schedule breaks a rule (missing action, wrong order, unmatched message, deadlock)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Schedule:
+    """What every stage does, in order, for one training step."""
+
+    num_stages: int  # stages, numbered in a topological order of the stage DAG
+    num_microbatches: int  # micro-batches per step
+    edges: tuple[tuple[int, int], ...]  # stage DAG edges (producer, consumer)
+    programs: tuple[tuple[Action, ...], ...]  # per stage, the actions in execution order
+
+    def __str__(self) -> str:
+        edges = ",".join(f"{a}>{b}" for a, b in self.edges)
+        head = f"schedule stages={self.num_stages} microbatches={self.num_microbatches} edges={edges}"
+        lines = [f"{s}: " + " ".join(str(a) for a in prog) for s, prog in enumerate(self.programs)]
+        return "\n".join([head, *lines])
+
+    @classmethod
+    def parse(cls, text: str) -> Schedule:
+        """Inverse of ``str``."""
+        head, *lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+        fields = dict(part.split("=", 1) for part in head.split()[1:])
+        try:
+            edges = tuple(tuple(int(x) for x in e.split(">")) for e in fields["edges"].split(",") if e)
+            num_stages, num_mb = int(fields["stages"]), int(fields["microbatches"])
+        except (KeyError, ValueError) as exc:
+            raise ScheduleError(f"bad schedule header {head!r}") from exc
+        programs = []
+        for line in lines:
+            _, _, body = line.partition(":")
+            programs.append(tuple(Action.parse(tok) for tok in body.split()))
+        return cls(
+            num_stages=num_stages,
+            num_microbatches=num_mb,
+            edges=edges,  # type: ignore[arg-type]
+            programs=tuple(programs),
+        )
+
+    def validate(self) -> None:
+        """Raise :class:`ScheduleError` naming the first broken rule."""
+        from torch_graphpipe.validate import validate_schedule
+
+        validate_schedule(self)
+
+    def compute_order(self, stage: int) -> list[str]:
+        """The stage's F/B actions only, as strings (handy for tests and printing)."""
+        return [str(a) for a in self.programs[stage] if a.is_compute]
+
+
+def build_1f1b(num_stages: int, edges: Sequence[tuple[int, int]], num_microbatches: int) -> Schedule:
+    """DAG 1F1B schedule; see [Note: DAG 1F1B]. Stages must be numbered topologically."""
+    if num_stages < 1:
+        raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+    if num_microbatches < 1:
+        raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+    edges = tuple(sorted(set(edges)))
+    depth = longest_path_depths(num_stages, edges)
+    preds = [sorted(a for a, b in edges if b == s) for s in range(num_stages)]
+    succs = [sorted(b for a, b in edges if a == s) for s in range(num_stages)]
+    programs = []
+    for s in range(num_stages):
+        prog: list[Action] = []
+        for kind, mb in _compute_order(min(depth[s], num_microbatches), num_microbatches):
+            prog.extend(_around(s, kind, mb, preds[s], succs[s]))
+        programs.append(tuple(prog))
+    return Schedule(
+        num_stages=num_stages, num_microbatches=num_microbatches, edges=edges, programs=tuple(programs)
+    )
+
+
+def _compute_order(warmup: int, num_microbatches: int) -> list[tuple[str, int]]:
+    order = [("F", j) for j in range(warmup)]
+    for j in range(num_microbatches):
+        order.append(("B", j))
+        if j + warmup < num_microbatches:
+            order.append(("F", j + warmup))
+    return order
+
+
+def _around(stage: int, kind: str, mb: int, preds: list[int], succs: list[int]) -> list[Action]:
+    if kind == "F":
+        recv = [Action(stage=stage, kind="RECV_F", microbatch=mb, peer=p) for p in preds]
+        send = [Action(stage=stage, kind="SEND_F", microbatch=mb, peer=t) for t in succs]
+    else:
+        recv = [Action(stage=stage, kind="RECV_B", microbatch=mb, peer=t) for t in succs]
+        send = [Action(stage=stage, kind="SEND_B", microbatch=mb, peer=p) for p in preds]
+    return [*recv, Action(stage=stage, kind=kind, microbatch=mb), *send]  # type: ignore[arg-type]

@@ -1,0 +1,125 @@
+"""Discrete-event simulation of a :class:`Schedule`.
+
+Every stage runs its program in order on its own device. A forward or backward occupies the stage
+for its cost; a send does not block the sender and its message arrives ``edge_delay`` later; a
+receive waits for that arrival. Times are in the unit of the costs given (milliseconds for plans).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from torch_graphpipe.action import Action
+from torch_graphpipe.schedule import Schedule, ScheduleError
+
+__all__ = ["SimulationResult", "TimelineEntry", "simulate"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TimelineEntry:
+    """One forward or backward box of the timeline."""
+
+    stage: int  # stage index
+    kind: str  # "F" or "B"
+    microbatch: int  # micro-batch index
+    start: float  # start time
+    end: float  # end time
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SimulationResult:
+    """Outcome of one simulated training step."""
+
+    iteration_time: float  # time until the last stage finishes its last action
+    bubble_fraction: float  # idle share of all stages' time in [0, 1)
+    peak_in_flight: tuple[int, ...]  # per stage, most micro-batches forwarded but not yet backwarded
+    timeline: tuple[tuple[TimelineEntry, ...], ...]  # per stage, compute boxes in time order
+
+    def busy_time(self, stage: int) -> float:
+        return sum(e.end - e.start for e in self.timeline[stage])
+
+    def plot(self, path: str | Path, *, title: str = "") -> Path:
+        """Write the timeline as a PNG: one row per stage, boxes coloured by micro-batch."""
+        from torch_graphpipe.timeline import plot_timeline
+
+        return plot_timeline(self, path, title=title)
+
+
+def simulate(
+    schedule: Schedule,
+    fwd: Sequence[float],
+    bwd: Sequence[float],
+    edge_delay: Mapping[tuple[int, int], float] | None = None,
+) -> SimulationResult:
+    """Simulate ``schedule`` with per-stage forward/backward costs and per-edge message delays."""
+    if len(fwd) != schedule.num_stages or len(bwd) != schedule.num_stages:
+        raise ValueError(f"need {schedule.num_stages} forward and backward costs, got {len(fwd)}, {len(bwd)}")
+    engine = _Engine(schedule, fwd, bwd, edge_delay or {})
+    engine.run()
+    return engine.result()
+
+
+class _Engine:
+    def __init__(self, schedule, fwd, bwd, edge_delay) -> None:
+        self.schedule, self.fwd, self.bwd, self.delay = schedule, fwd, bwd, edge_delay
+        n = schedule.num_stages
+        self.clock = [0.0] * n
+        self.pc = [0] * n
+        self.in_flight = [0] * n
+        self.peak = [0] * n
+        self.boxes: list[list[TimelineEntry]] = [[] for _ in range(n)]
+        self.messages: dict[tuple[str, int, int, int], float] = {}
+
+    def run(self) -> None:
+        progress = True
+        while progress:
+            progress = False
+            for s, prog in enumerate(self.schedule.programs):
+                while self.pc[s] < len(prog) and self._step(s, prog[self.pc[s]]):
+                    self.pc[s] += 1
+                    progress = True
+        stuck = [
+            str(prog[self.pc[s]]) for s, prog in enumerate(self.schedule.programs) if self.pc[s] < len(prog)
+        ]
+        if stuck:
+            raise ScheduleError(f"deadlock: stages wait forever at {', '.join(stuck)}")
+
+    def _step(self, s: int, a: Action) -> bool:
+        if a.is_recv:
+            key = (a.phase, a.peer, s, a.microbatch)
+            if key not in self.messages:
+                return False
+            self.clock[s] = max(self.clock[s], self.messages.pop(key))
+        elif a.is_send:
+            key = (a.phase, s, a.peer, a.microbatch)
+            if key in self.messages:
+                raise ScheduleError(f"{a}: the previous identical message was never received")
+            edge = (s, a.peer) if a.phase == "F" else (a.peer, s)
+            self.messages[key] = self.clock[s] + self.delay.get(edge, 0.0)
+        else:
+            self._compute(s, a)
+        return True
+
+    def _compute(self, s: int, a: Action) -> None:
+        cost = self.fwd[s] if a.kind == "F" else self.bwd[s]
+        start = self.clock[s]
+        self.clock[s] = start + cost
+        self.boxes[s].append(
+            TimelineEntry(stage=s, kind=a.kind, microbatch=a.microbatch, start=start, end=start + cost)
+        )
+        self.in_flight[s] += 1 if a.kind == "F" else -1
+        self.peak[s] = max(self.peak[s], self.in_flight[s])
+
+    def result(self) -> SimulationResult:
+        total = max(self.clock, default=0.0)
+        busy = sum(e.end - e.start for row in self.boxes for e in row)
+        n = self.schedule.num_stages
+        bubble = 0.0 if total <= 0 else max(0.0, 1.0 - busy / (n * total))
+        return SimulationResult(
+            iteration_time=total,
+            bubble_fraction=bubble,
+            peak_in_flight=tuple(self.peak),
+            timeline=tuple(tuple(row) for row in self.boxes),
+        )

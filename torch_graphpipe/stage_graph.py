@@ -1,0 +1,113 @@
+"""The stage DAG of a partition: stages in topological order, edges, costs and in-flight counts."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from torch_graphpipe.graph import OpGraph, members
+from torch_graphpipe.stage_cost import StageCost, StageCostModel
+
+__all__ = ["StageGraph", "build_stage_graph", "longest_path_depths"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StageGraph:
+    """Stages (node bitsets) in topological order and the edges between them."""
+
+    stages: tuple[int, ...]  # node bitsets, topological order of the stage DAG
+    edges: tuple[tuple[int, int], ...]  # (producer stage, consumer stage), sorted
+    edge_bytes: tuple[int, ...]  # bytes per micro-batch sent on each edge (activation; gradient alike)
+    costs: tuple[StageCost, ...]  # per stage, per micro-batch
+    in_flight: tuple[int, ...]  # stages on the longest path from each stage to a sink
+
+
+def longest_path_depths(num_stages: int, edges: Sequence[tuple[int, int]]) -> tuple[int, ...]:
+    """Stages on the longest path from each stage to a sink (1 for a sink); stages in topo order."""
+    depth = [1] * num_stages
+    for src, dst in sorted(edges, key=lambda e: -e[0]):
+        assert src < dst, f"edge {(src, dst)} is not in topological order"
+        depth[src] = max(depth[src], depth[dst] + 1)
+    return tuple(depth)
+
+
+def build_stage_graph(
+    graph: OpGraph, model: StageCostModel, masks: Sequence[int], *, chain: bool = False
+) -> StageGraph:
+    """Stage DAG of ``masks``; with ``chain`` the masks are in order and edges link neighbours only."""
+    for mask in masks:
+        assert mask and graph.is_convex(mask), f"stage {members(mask)} is not convex"
+    assert sum(bin(m).count("1") for m in masks) == len(graph), "stages must cover every node once"
+    if chain:
+        return _chain_graph(graph, model, list(masks))
+    ordered = _topological(graph, list(masks))
+    owner = {v: s for s, m in enumerate(ordered) for v in members(m)}
+    sent: dict[tuple[int, int], set[int]] = {}
+    for v, preds in enumerate(graph.preds):
+        for p in preds:
+            if owner[p] != owner[v]:
+                sent.setdefault((owner[p], owner[v]), set()).add(p)
+    edges = tuple(sorted(sent))
+    edge_bytes = tuple(sum(model.out_bytes[p] for p in sent[e]) for e in edges)
+    return StageGraph(
+        stages=tuple(ordered),
+        edges=edges,
+        edge_bytes=edge_bytes,
+        costs=tuple(model.of_mask(m) for m in ordered),
+        in_flight=longest_path_depths(len(ordered), edges),
+    )
+
+
+def _topological(graph: OpGraph, masks: list[int]) -> list[int]:
+    owner = {v: s for s, m in enumerate(masks) for v in members(m)}
+    succ: dict[int, set[int]] = {s: set() for s in range(len(masks))}
+    indegree = [0] * len(masks)
+    for v, preds in enumerate(graph.preds):
+        for p in preds:
+            a, b = owner[p], owner[v]
+            if a != b and b not in succ[a]:
+                succ[a].add(b)
+                indegree[b] += 1
+    ready = sorted((s for s in range(len(masks)) if indegree[s] == 0), key=lambda s: masks[s] & -masks[s])
+    order: list[int] = []
+    while ready:
+        s = ready.pop(0)
+        order.append(s)
+        for t in succ[s]:
+            indegree[t] -= 1
+            if indegree[t] == 0:
+                ready.append(t)
+        ready.sort(key=lambda s: masks[s] & -masks[s])
+    assert len(order) == len(masks), "the stages form a cycle"
+    return [masks[s] for s in order]
+
+
+def _chain_graph(graph: OpGraph, model: StageCostModel, masks: list[int]) -> StageGraph:
+    """Stages linked as a chain: everything crossing a cut is passed through the neighbour."""
+    crossing = []
+    before = 0
+    for mask in masks[:-1]:
+        before |= mask
+        crossing.append([p for p in members(before) if model.succ_mask[p] & ~before])
+    costs = []
+    for i, mask in enumerate(masks):
+        incoming = crossing[i - 1] if i > 0 else []
+        outgoing = crossing[i] if i < len(masks) - 1 else []
+        own = members(mask)
+        costs.append(
+            StageCost(
+                fwd_ms=sum(model.fwd[v] for v in own),
+                bwd_ms=sum(model.bwd[v] for v in own),
+                comm_ms=sum(model.msg[p] for p in incoming) + sum(model.msg[p] for p in outgoing),
+                param_bytes=sum(model.params[v] for v in own),
+                act_bytes=sum(model.out_bytes[v] for v in own) + sum(model.out_bytes[p] for p in incoming),
+            )
+        )
+    n = len(masks)
+    return StageGraph(
+        stages=tuple(masks),
+        edges=tuple((i, i + 1) for i in range(n - 1)),
+        edge_bytes=tuple(sum(model.out_bytes[p] for p in cut) for cut in crossing),
+        costs=tuple(costs),
+        in_flight=tuple(n - i for i in range(n)),
+    )
