@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+from types import ModuleType
 from typing import Literal
 
 import torch
@@ -17,21 +19,62 @@ __all__ = ["attention", "attention_state"]
 
 log = logging.getLogger(__name__)
 
-Backend = Literal["auto", "cpp", "reference"]
+Backend = Literal["auto", "cpp", "cuda", "triton", "reference"]
+_BACKENDS = ("auto", "cpp", "cuda", "triton", "reference")
 
 
-def _pick_backend(backend: Backend, q: torch.Tensor, attn_mask: torch.Tensor | None) -> str:
-    if backend not in ("auto", "cpp", "reference"):
-        raise ValueError(f"attention: backend must be 'auto', 'cpp' or 'reference', got {backend!r}")
-    kernel_ok = _ops.HAS_CPU_KERNELS and q.device.type == "cpu" and attn_mask is None
-    if backend == "cpp" and not kernel_ok:
-        raise ValueError(
-            "attention: backend='cpp' needs CPU tensors, no attn_mask and the built extension "
-            f"({_ops.extension_error() or 'loaded'})"
+# --- backend choice (cpp, cuda, triton, reference) --------------------------------------------------
+@functools.cache
+def _triton_ops() -> tuple[ModuleType | None, str]:
+    """``torch_cp.triton`` (imported on first use, it imports triton), or None and the reason."""
+    try:
+        import torch_cp.triton as triton_ops
+    except ImportError as err:
+        return None, f"triton is not installed ({err})"
+    return triton_ops, ""
+
+
+def _unusable(name: str, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None) -> str:
+    """Why backend ``name`` cannot run this call, or "" when it can."""
+    if name == "reference":
+        return ""
+    if attn_mask is not None:
+        return "it takes no attn_mask (only the reference does)"
+    if name == "cpp" and not (_ops.HAS_CPU_KERNELS and q.device.type == "cpu"):
+        return f"it needs CPU tensors and the built extension ({_ops.extension_error() or 'loaded'})"
+    if name == "cuda" and not (_ops.HAS_CUDA_KERNELS and q.device.type == "cuda"):
+        return "it needs CUDA tensors and torch_cp._cuda (built when torch has CUDA)"
+    if name == "triton":
+        triton_ops, reason = _triton_ops()
+        return reason or triton_ops.unsupported_reason(q, k)
+    return ""
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
+
+
+def _pick_backend(backend: Backend, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None) -> str:
+    if backend not in _BACKENDS:
+        raise ValueError(f"attention: backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        reason = _unusable(backend, q, k, attn_mask)
+        if reason:
+            raise ValueError(f"attention: backend={backend!r} cannot run this call: {reason}")
+        return backend
+    for name in ("cuda", "triton") if q.device.type == "cuda" else ("cpp",):
+        if not _unusable(name, q, k, attn_mask):
+            return name
+    if q.device.type == "cuda" and attn_mask is None:
+        reasons = f"cuda: {_unusable('cuda', q, k, None)}; triton: {_unusable('triton', q, k, None)}"
+        _warn_once(
+            f"torch_cp.attention: no kernel for {q.dtype} q {tuple(q.shape)} ({reasons}); using the reference"
         )
-    if backend == "auto":
-        return "cpp" if kernel_ok else "reference"
-    return backend
+    return "reference"
+
+
+# --- end of backend choice ---------------------------------------------------------------------------
 
 
 def attention_state(
@@ -57,14 +100,16 @@ def attention_state(
     ``lse = -inf``.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if _pick_backend(backend, q, attn_mask) == "reference":
+    name = _pick_backend(backend, q, k, attn_mask)
+    if name == "reference":
         return attention_reference(
             q, k, v, attn_mask=attn_mask, scale=scale, softcap=softcap, compute_dtype=torch.float32,
             is_causal=is_causal, window=window, kv_lens=kv_lens, kv_pos=kv_pos, q_pos=q_pos,
         )  # fmt: skip
     if (is_causal or window is not None) and q_pos is None:
         q_pos = _default_q_pos(q.shape[0], q.shape[2], k.shape[2], kv_lens, kv_pos, q.device)
-    return _ops.decode_attention_op(
+    op = _triton_ops()[0].decode_attention if name == "triton" else _ops.decode_attention_op
+    return op(
         q, k, v, kv_lens, kv_pos, q_pos, scale, float(softcap or 0.0), is_causal, -1 if window is None else window,
         num_splits,
     )  # fmt: skip
@@ -95,6 +140,7 @@ def attention(
     window: int | None = None,
     kv_lens: torch.Tensor | None = None,
     kv_pos: torch.Tensor | None = None,
+    q_pos: torch.Tensor | None = None,
     merge: MergeMethod = "all_gather",
     backend: Backend = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -120,20 +166,23 @@ def attention(
         window: sliding window: a query at position ``p`` sees keys at positions ``> p - window``.
         kv_lens: ``[B]`` int, valid local keys per batch row (variable lengths); default ``L``.
         kv_pos: ``[B, L]`` int, global positions of the local keys (default: contiguous shards).
+        q_pos: ``[B]`` int, global position of the first query (default: the last ``Sq`` positions of
+            the whole sequence; with ``group``, finding it costs one small all-gather).
         merge: ``"all_gather"`` (default) or ``"all_reduce"``; see :mod:`torch_cp.distributed`.
-        backend: ``"auto"`` (C++ kernel on CPU when it applies), ``"cpp"`` or ``"reference"``.
+        backend: ``"auto"`` (on CPU the C++ kernel; on CUDA the CUDA kernel, else Triton; the reference
+            when no kernel applies), ``"cpp"``, ``"cuda"``, ``"triton"`` or ``"reference"``.
 
     Returns:
         ``out [B, Hq, Sq, D]`` in ``q.dtype``; with ``return_lse=True`` also ``lse [B, Hq, Sq]`` float32,
         **natural log**, ``-inf`` for a query that sees no key (whose ``out`` is 0).
     """
-    positions = {"window": window, "kv_lens": kv_lens, "kv_pos": kv_pos}
+    positions = {"window": window, "kv_lens": kv_lens, "kv_pos": kv_pos, "q_pos": q_pos}
     check_attention_args(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, positions)
-    q_pos = None
-    if group is not None and (is_causal or window is not None):
+    if group is not None and (is_causal or window is not None) and (q_pos is None or kv_pos is None):
         lens = kv_lens if kv_lens is not None else torch.full((q.shape[0],), k.shape[2], device=q.device)
-        global_pos, q_pos = gather_positions(lens, k.shape[2], q.shape[2], group)
+        global_pos, global_q_pos = gather_positions(lens, k.shape[2], q.shape[2], group)
         kv_pos = global_pos if kv_pos is None else kv_pos
+        q_pos = global_q_pos if q_pos is None else q_pos
     out, lse = attention_state(
         q, k, v, attn_mask=attn_mask, scale=scale, softcap=softcap, is_causal=is_causal, window=window,
         kv_lens=kv_lens, kv_pos=kv_pos, q_pos=q_pos, backend=backend,

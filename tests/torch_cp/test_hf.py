@@ -1,0 +1,70 @@
+import datetime
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+transformers = pytest.importorskip("transformers")
+import torch_cp.hf  # noqa: E402
+
+
+def _models():
+    cfg = transformers.LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
+    torch_cp.hf.register()
+    ours = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="torch_cp").eval()
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _generate(model, ids, cache):
+    with torch.no_grad():
+        return model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, output_logits=True,
+            return_dict_in_generate=True, cache=cache, pad_token_id=0,
+        )  # fmt: skip
+
+
+def _check_against_sdpa(group):
+    ref, ours = _models()
+    ids = torch.randint(0, 97, (2, 23), generator=torch.Generator().manual_seed(1))
+    want = _generate(ref, ids, transformers.DynamicCache())
+    cache = torch_cp.hf.ShardedCache(group=group, block_size=4)
+    got = _generate(ours, ids, cache)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    world = dist.get_world_size(group) if group is not None else 1
+    total = ids.shape[1] + 5  # the last generated token is never fed back
+    assert cache.get_seq_length() == total
+    assert abs(cache.layers[0].shard.length - total / world) <= 4
+
+
+def test_generate_matches_sdpa_on_one_rank():
+    _check_against_sdpa(None)
+
+
+def _worker(rank, world, port):
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    try:
+        _check_against_sdpa(dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_generate_with_cache_sharded_over_two_ranks_matches_sdpa():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(2, port), nprocs=2)
