@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
-EXTRAS ?= onnx,openvino,hf,dev
+EXTRAS ?= onnx,openvino,triton,hf,dev
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu)

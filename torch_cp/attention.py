@@ -24,9 +24,11 @@ _BACKENDS = ("auto", "cpp", "cuda", "triton", "reference")
 
 
 # --- backend choice (cpp, cuda, triton, reference) --------------------------------------------------
-@functools.cache
 def _triton_ops() -> tuple[ModuleType | None, str]:
-    """``torch_cp.triton`` (imported on first use, it imports triton), or None and the reason."""
+    """``torch_cp.triton`` (imported on first use, it imports triton), or None and the reason.
+
+    No ``functools.cache``: torch.compile traces through this, and Python caches the import anyway.
+    """
     try:
         import torch_cp.triton as triton_ops
     except ImportError as err:
@@ -46,7 +48,7 @@ def _unusable(name: str, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tens
         return "it needs CUDA tensors and torch_cp._cuda (built when torch has CUDA)"
     if name == "triton":
         triton_ops, reason = _triton_ops()
-        return reason or triton_ops.unsupported_reason(q, k)
+        return triton_ops.unsupported_reason(q, k) if triton_ops is not None else reason
     return ""
 
 
@@ -108,7 +110,8 @@ def attention_state(
         )  # fmt: skip
     if (is_causal or window is not None) and q_pos is None:
         q_pos = _default_q_pos(q.shape[0], q.shape[2], k.shape[2], kv_lens, kv_pos, q.device)
-    op = _triton_ops()[0].decode_attention if name == "triton" else _ops.decode_attention_op
+    triton_ops = _triton_ops()[0] if name == "triton" else None
+    op = triton_ops.decode_attention if triton_ops is not None else _ops.decode_attention_op
     return op(
         q, k, v, kv_lens, kv_pos, q_pos, scale, float(softcap or 0.0), is_causal, -1 if window is None else window,
         num_splits,
@@ -120,8 +123,10 @@ def _default_q_pos(batch, q_len, kv_len, kv_lens, kv_pos, device) -> torch.Tenso
     lens = torch.full((batch,), kv_len, device=device) if kv_lens is None else kv_lens.long()
     if kv_pos is None:
         return lens - q_len
+    if kv_len == 0:
+        return torch.full((batch,), -q_len, device=device)
     valid = torch.arange(kv_len, device=device)[None, :] < lens[:, None]
-    return torch.where(valid, kv_pos.long(), -1).amax(dim=1, initial=-1) + 1 - q_len
+    return torch.where(valid, kv_pos.long(), -1).amax(dim=1) + 1 - q_len
 
 
 def attention(

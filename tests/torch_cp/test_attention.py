@@ -136,3 +136,16 @@ def test_bad_input_names_the_argument(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         torch_cp.attention(**args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_explicit_key_positions_default_to_the_last_queries(backend):
+    # Keys stored out of order with gaps; the queries follow the largest valid position.
+    q, k, v = _qkv(2, 4, 2, 2, 50, 32, seed=23)
+    kv_pos = torch.stack([torch.randperm(50, generator=torch.Generator().manual_seed(s)) * 2 for s in (0, 1)])
+    kv_lens = torch.tensor([50, 31])
+    opts = {"is_causal": True, "kv_pos": kv_pos, "kv_lens": kv_lens, "window": 60}
+    out, lse = torch_cp.attention(q, k, v, enable_gqa=True, return_lse=True, backend=backend, **opts)
+    ref_out, ref_lse = torch_cp.attention_reference(q, k, v, **opts)
+    _assert_fp32_close(out, lse, ref_out, ref_lse, v)
+    assert torch.isfinite(lse).all()

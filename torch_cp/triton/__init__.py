@@ -4,8 +4,8 @@ Needs the ``triton`` package (``pip install triton``). On CPU tensors the kernel
 Triton interpreter: set ``TRITON_INTERPRET=1`` before triton is first imported.
 """
 
-from torch_cp.triton.launch import choose_splits, decode_partial, merge_partials
-from torch_cp.triton.ops import INTERPRETED, decode_attention, merge_states, unsupported_reason
+from torch_cp.triton.launch import INTERPRETED, choose_splits, decode_partial, merge_partials
+from torch_cp.triton.ops import decode_attention, merge_states, unsupported_reason
 
 __all__ = [
     "INTERPRETED",

@@ -13,11 +13,13 @@ scores ``S = q·kᵀ``, softcap and masks, a running max ``m`` and ``row_sum`` p
 the only transcendental; the stored ``lse`` is converted back to the natural log:
 ``lse = (m₂ + log2 row_sum) · ln 2``. Everything leaving the kernel is natural-log.
 
-**Precision.** K and V are converted to float32 in registers and the products run as float32
-``tl.dot``: ``"ieee"`` for float32 caches (the 2e-6 bar); for float16/bfloat16 caches the operands of
-``q·kᵀ`` are exactly representable in TF32, so ``"tf32"`` is exact there, and ``P·V`` uses ``"tf32x3"``
-(about float32 accuracy for P). This also sidesteps the Triton interpreter, whose ``tl.dot`` on
-bfloat16 operands multiplies the raw bit patterns (Triton 3.9).
+**Precision.** With ``LOWP_DOT`` (float16/bfloat16 caches) both products run on the tensor cores in
+the cache's dtype with float32 accumulation: ``q·kᵀ`` is exact up to the accumulation, and P, which
+would lose 8 (bfloat16) or 11 (float16) bits if merely cast, is split into ``P_hi + P_lo``, both in
+the cache's dtype, so ``P·V = P_hi·V + P_lo·V`` keeps about 16 (22) bits. Otherwise (float32 caches)
+operands are float32 and the products ``"ieee"`` (not TF32), for the 2e-6 bar. The Triton interpreter
+multiplies the raw bit patterns of bfloat16 ``tl.dot`` operands (Triton 3.9), so under it bfloat16
+takes the float32 path.
 
 **Empty rows.** A row whose keys are all masked keeps ``m = -inf``; the max used for exponentials is
 then replaced by 0 so that no ``-inf - (-inf)`` NaN appears, and the row is stored as ``out = 0``,
@@ -55,9 +57,12 @@ def _key_range(lens_ptr, b, kv_len, split, n_splits, HAS_LENS: tl.constexpr, BLO
 @triton.jit
 def _tile_scores(q, k, offs_n, end, kpos_base, qp, qk_scale, cap2, window,
                  HAS_POS: tl.constexpr, SOFTCAP: tl.constexpr, CAUSAL: tl.constexpr,
-                 WINDOW: tl.constexpr, DOT_QK: tl.constexpr):  # fmt: skip
+                 WINDOW: tl.constexpr, LOWP_DOT: tl.constexpr):  # fmt: skip
     """Base-2 scores ``[BLOCK_R, BLOCK_N]`` of one tile, ``-inf`` where a key is invisible."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_QK) * qk_scale
+    if LOWP_DOT:
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+    else:
+        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * qk_scale
     if SOFTCAP:
         s = cap2 * _tanh(s)
     visible = (offs_n < end)[None, :]
@@ -73,13 +78,22 @@ def _tile_scores(q, k, offs_n, end, kpos_base, qp, qk_scale, cap2, window,
 
 
 @triton.jit
+def _accumulate_pv(p, v, acc, LOWP_DOT: tl.constexpr):
+    """``acc + P·V`` for float32 ``P [BLOCK_R, BLOCK_N]``; see **Precision** in the note."""
+    if LOWP_DOT:
+        p_hi = p.to(v.dtype)
+        p_lo = (p - p_hi.to(tl.float32)).to(v.dtype)
+        return tl.dot(p_lo, v, tl.dot(p_hi, v, acc))
+    return tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
+
+
+@triton.jit
 def decode_split_kernel(
     q_ptr, k_ptr, v_ptr, lens_ptr, kpos_ptr, qpos_ptr, out_ptr, lse_ptr,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
     stride_pb, kv_heads, group, q_len, kv_len, dim, rows_total, qk_scale, cap2, window,
     HAS_LENS: tl.constexpr, HAS_POS: tl.constexpr, SOFTCAP: tl.constexpr, CAUSAL: tl.constexpr,
-    WINDOW: tl.constexpr, DOT_QK: tl.constexpr, DOT_PV: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    WINDOW: tl.constexpr, LOWP_DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Partial attention of one split: ``out [S, B·Hq·Sq, D]`` float32 and ``lse [S, B·Hq·Sq]`` float32.
 
@@ -95,7 +109,8 @@ def decode_split_kernel(
     head, qi = h * group + offs_r // q_len, offs_r % q_len
     q_rows = q_ptr + b * stride_qb + head * stride_qh + qi * stride_qs
     q = tl.load(q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    q = q.to(tl.float32)
+    if not LOWP_DOT:
+        q = q.to(tl.float32)
     qp = qi.to(tl.int64)
     if CAUSAL or WINDOW:
         qp += tl.load(qpos_ptr + b).to(tl.int64)
@@ -111,14 +126,14 @@ def decode_split_kernel(
         key_off = offs_n.to(tl.int64)[:, None]
         k = tl.load(k_base + key_off * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + key_off * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _tile_scores(q, k.to(tl.float32), offs_n, end, kpos_ptr + b * stride_pb, qp, qk_scale, cap2,
-                         window, HAS_POS, SOFTCAP, CAUSAL, WINDOW, DOT_QK)  # fmt: skip
+        s = _tile_scores(q, k, offs_n, end, kpos_ptr + b * stride_pb, qp, qk_scale, cap2, window,
+                         HAS_POS, SOFTCAP, CAUSAL, WINDOW, LOWP_DOT)  # fmt: skip
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m - m_safe)
         row_sum = row_sum * alpha + tl.sum(p, axis=1)
-        acc = tl.dot(p, v.to(tl.float32), acc * alpha[:, None], input_precision=DOT_PV)
+        acc = _accumulate_pv(p, v, acc * alpha[:, None], LOWP_DOT)
         m = m_new
     empty = m == float("-inf")
     out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, row_sum)[:, None])

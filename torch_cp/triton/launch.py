@@ -9,11 +9,15 @@ import math
 
 import torch
 import triton
+from triton.runtime.interpreter import InterpretedFunction
 
 from torch_cp.triton._decode_kernel import decode_split_kernel
 from torch_cp.triton._merge_kernel import merge_kernel
 
-__all__ = ["MAX_HEAD_DIM", "choose_splits", "decode_partial", "merge_partials"]
+__all__ = ["INTERPRETED", "MAX_HEAD_DIM", "choose_splits", "decode_partial", "merge_partials"]
+
+INTERPRETED: bool = isinstance(decode_split_kernel, InterpretedFunction)
+"""True when triton was imported with ``TRITON_INTERPRET=1``: the kernels then run on CPU tensors."""
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256  # BLOCK_D is the next power of two >= D (at least 16, for tl.dot)
@@ -47,8 +51,9 @@ def _scales(scale: float, softcap: float) -> tuple[float, float]:
     return scale * LOG2E, 0.0
 
 
-def _dot_precisions(dtype: torch.dtype) -> tuple[str, str]:
-    return ("ieee", "ieee") if dtype == torch.float32 else ("tf32", "tf32x3")
+def _lowp_dot(dtype: torch.dtype, interpreted: bool) -> bool:
+    """Tensor-core products in the cache's dtype (see **Precision** in [Note: Triton decode kernel])."""
+    return dtype == torch.float16 or (dtype == torch.bfloat16 and not interpreted)
 
 
 def decode_partial(
@@ -87,7 +92,6 @@ def decode_partial(
     grid = (b * hkv, splits, triton.cdiv(rows, block_r))
     qk_scale, cap2 = _scales(scale, softcap)
     masked = is_causal or window >= 0
-    dot_qk, dot_pv = _dot_precisions(q.dtype)
     # Absent optional tensors are never read (their flags are off); lse stands in for their pointers.
     lens_arg, pos_arg, qpos_arg = (lse if t is None else t for t in (kv_lens, kv_pos, q_pos))
     decode_split_kernel[grid](
@@ -96,7 +100,7 @@ def decode_partial(
         v.stride(0), v.stride(1), v.stride(2), 0 if kv_pos is None else kv_pos.stride(0),
         hkv, hq // hkv, sq, kv_len, d, b * hq * sq, qk_scale, cap2, max(window, 0),
         HAS_LENS=kv_lens is not None, HAS_POS=masked and kv_pos is not None, SOFTCAP=softcap > 0.0,
-        CAUSAL=is_causal, WINDOW=window >= 0, DOT_QK=dot_qk, DOT_PV=dot_pv,
+        CAUSAL=is_causal, WINDOW=window >= 0, LOWP_DOT=_lowp_dot(q.dtype, INTERPRETED),
         BLOCK_R=block_r, BLOCK_N=_block_n(q.device), BLOCK_D=max(16, triton.next_power_of_2(d)),
         num_warps=4, num_stages=3,
     )  # fmt: skip

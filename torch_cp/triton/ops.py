@@ -12,15 +12,10 @@ registration would differ from the GPU one. As custom ops, Inductor calls them a
 from __future__ import annotations
 
 import torch
-from triton.runtime.interpreter import InterpretedFunction
 
-from torch_cp.triton._decode_kernel import decode_split_kernel
-from torch_cp.triton.launch import MAX_HEAD_DIM, choose_splits, decode_partial, merge_partials
+from torch_cp.triton.launch import INTERPRETED, MAX_HEAD_DIM, choose_splits, decode_partial, merge_partials
 
-__all__ = ["INTERPRETED", "decode_attention", "merge_states", "unsupported_reason"]
-
-INTERPRETED: bool = isinstance(decode_split_kernel, InterpretedFunction)
-"""True when triton was imported with ``TRITON_INTERPRET=1``: the kernels then run on CPU tensors."""
+__all__ = ["decode_attention", "merge_states", "unsupported_reason"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
