@@ -1,166 +1,27 @@
+// Picks the build of attend_tile for the instruction set of this CPU, once.
 // See [Note: CPU decode kernel] in attend_block.h.
 
 #include "attend_block.h"
 
-#include <cmath>
-#include <cstring>
-#include <limits>
-
 namespace torch_cp {
 namespace {
 
-// Helpers are force-inlined into attend_tile so that each of its ISA clones compiles them for its ISA.
-#define TORCH_CP_INLINE inline __attribute__((always_inline))
+using TileFn = void (*)(const TileArgs&, float*, float*, float*, float*);
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-TORCH_CP_INLINE float dot(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-// [Note: vectorisable exp]
-// exp(x) = 2^n · exp(r), n = round(x / ln 2), |r| <= ln2 / 2, exp(r) by a degree-7 Taylor polynomial
-// (relative error < 2e-8 before rounding, so about 1 ulp in float32). Inputs below -87.3
-// (including -inf, a masked score) give exactly 0; inputs here are always <= 0.
-TORCH_CP_INLINE float exp_nonpositive(float x) {
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  float p = 1.f / 5040.f;
-  p = p * r + 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(std::max(n, -126.f)) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.3f ? 0.f : p * scale;
-}
-
-// 16 floats in one vector (one AVX-512 register, two AVX2 registers).
-typedef float Vec16 __attribute__((vector_size(64)));
-
-TORCH_CP_INLINE Vec16 load16(const float* p) {
-  Vec16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-TORCH_CP_INLINE float hsum(Vec16 v) {
-  float s = 0.f;
-  for (int j = 0; j < 16; ++j) s += v[j];
-  return s;
-}
-
-// Scores of kRows query rows against two keys at once: 2·kRows independent accumulator chains
-// keep the FMA units busy (a single dot product is bound by its add latency).
-template <int kRows>
-TORCH_CP_INLINE void dots_2keys(const float* q, int64_t dim, const float* k0, const float* k1, float* s0, float* s1) {
-  Vec16 acc0[kRows] = {}, acc1[kRows] = {};
-  for (int64_t d0 = 0; d0 < dim; d0 += 16) {
-    const Vec16 x0 = load16(k0 + d0), x1 = load16(k1 + d0);
-    for (int r = 0; r < kRows; ++r) {
-      const Vec16 qr = load16(q + r * dim + d0);
-      acc0[r] += qr * x0;
-      acc1[r] += qr * x1;
-    }
-  }
-  for (int r = 0; r < kRows; ++r) {
-    s0[r] = hsum(acc0[r]);
-    s1[r] = hsum(acc1[r]);
-  }
-}
-
-// scores[r * n_keys + t] for a pair of keys (k1 may equal k0 for an odd tail).
-TORCH_CP_INLINE void score_pair(const TileArgs& a, int64_t t, const float* k0, const float* k1, float* scores) {
-  float s0[4], s1[4];
-  int64_t r = 0;
-  for (; r + 4 <= a.rows; r += 4) {
-    dots_2keys<4>(a.q + r * a.dim, a.dim, k0, k1, s0, s1);
-    for (int i = 0; i < 4; ++i) {
-      scores[(r + i) * a.n_keys + t] = s0[i];
-      if (t + 1 < a.n_keys) scores[(r + i) * a.n_keys + t + 1] = s1[i];
-    }
-  }
-  for (; r < a.rows; ++r) {
-    dots_2keys<1>(a.q + r * a.dim, a.dim, k0, k1, s0, s1);
-    scores[r * a.n_keys + t] = s0[0];
-    if (t + 1 < a.n_keys) scores[r * a.n_keys + t + 1] = s1[0];
-  }
-}
-
-TORCH_CP_INLINE void compute_scores(const TileArgs& a, float* scores) {
-  if (a.dim % 16 == 0) {
-    for (int64_t t = 0; t < a.n_keys; t += 2) {
-      const float* k0 = a.k + t * a.ld_k;
-      score_pair(a, t, k0, t + 1 < a.n_keys ? k0 + a.ld_k : k0, scores);
-    }
-  } else {
-    for (int64_t t = 0; t < a.n_keys; ++t) {
-      const float* k = a.k + t * a.ld_k;
-      for (int64_t r = 0; r < a.rows; ++r) scores[r * a.n_keys + t] = dot(a.q + r * a.dim, k, a.dim);
-    }
-  }
-  const int64_t n = a.rows * a.n_keys;
-  if (a.softcap > 0.f) {
-    for (int64_t i = 0; i < n; ++i) scores[i] = a.softcap * std::tanh(scores[i] / a.softcap);
-  }
-  if (a.bias != nullptr) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) scores[i] += a.bias[i];
-  }
-}
-
-// Turns one row of scores into probabilities relative to the new running max; returns the
-// factor that rescales the row's previous sum and accumulator.
-TORCH_CP_INLINE float softmax_row(float* s, int64_t n, float& m, float& l) {
-  float tile_max = kNegInf;
-  for (int64_t t = 0; t < n; ++t) tile_max = std::max(tile_max, s[t]);
-  const float m_new = std::max(m, tile_max);
-  if (m_new == kNegInf) {  // everything so far is masked: no contribution
-    for (int64_t t = 0; t < n; ++t) s[t] = 0.f;
-    return 1.f;
-  }
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t t = 0; t < n; ++t) {
-    s[t] = exp_nonpositive(s[t] - m_new);
-    sum += s[t];
-  }
-  const float corr = m == kNegInf ? 0.f : std::exp(m - m_new);
-  l = l * corr + sum;
-  m = m_new;
-  return corr;
+TileFn pick() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return attend_tile_v4;
+  if (__builtin_cpu_supports("x86-64-v3")) return attend_tile_v3;
+#endif
+  return attend_tile_base;
 }
 
 }  // namespace
 
-TORCH_CP_CLONES
 void attend_tile(const TileArgs& a, float* scores, float* m, float* l, float* acc) {
-  compute_scores(a, scores);
-  for (int64_t r = 0; r < a.rows; ++r) {
-    const float corr = softmax_row(scores + r * a.n_keys, a.n_keys, m[r], l[r]);
-    if (corr != 1.f) {
-      float* row = acc + r * a.dim;
-#pragma omp simd
-      for (int64_t d = 0; d < a.dim; ++d) row[d] *= corr;
-    }
-  }
-  for (int64_t t = 0; t < a.n_keys; ++t) {
-    const float* v = a.v + t * a.ld_v;
-    for (int64_t r = 0; r < a.rows; ++r) {
-      const float p = scores[r * a.n_keys + t];
-      if (p == 0.f) continue;
-      float* row = acc + r * a.dim;
-#pragma omp simd
-      for (int64_t d = 0; d < a.dim; ++d) row[d] += p * v[d];
-    }
-  }
+  static const TileFn fn = pick();
+  fn(a, scores, m, l, acc);
 }
 
 }  // namespace torch_cp

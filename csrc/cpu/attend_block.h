@@ -5,17 +5,12 @@
 // for all the query rows that share it (the G = Hq/Hkv heads of a GQA group times Sq queries).
 // Per tile of T keys: scores S = q·kᵀ (q pre-scaled), optional softcap and mask, a running max m
 // and sum l per query row (the "online softmax"), acc = acc·exp(m_old − m_new) + P·V.
-// The loops are written so the compiler vectorises them (omp simd); the functions are compiled
-// for AVX-512, AVX2+FMA and baseline x86-64 and picked at load time (target_clones).
+// The loops use 16-float vectors (GCC vector extensions) with several independent accumulators;
+// attend_block_impl.h is compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2+FMA) and the baseline,
+// and attend_block.cpp picks one for this CPU at the first call.
 #pragma once
 
 #include <cstdint>
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define TORCH_CP_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define TORCH_CP_CLONES
-#endif
 
 namespace torch_cp {
 
@@ -31,5 +26,10 @@ struct TileArgs {
 // Updates the running state (m [rows], l [rows], acc [rows, dim]) with one tile of keys.
 // `scores` is scratch of rows * n_keys floats.
 void attend_tile(const TileArgs& a, float* scores, float* m, float* l, float* acc);
+
+// The builds per instruction set (x86-64 only for v3/v4).
+void attend_tile_base(const TileArgs& a, float* scores, float* m, float* l, float* acc);
+void attend_tile_v3(const TileArgs& a, float* scores, float* m, float* l, float* acc);
+void attend_tile_v4(const TileArgs& a, float* scores, float* m, float* l, float* acc);
 
 }  // namespace torch_cp

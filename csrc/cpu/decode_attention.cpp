@@ -76,6 +76,15 @@ const float* tile_rows(const scalar_t* src, int64_t stride, int64_t n, int64_t d
   }
 }
 
+// Asks for the rows of the next tile while this one is computed: the kernel's reads are then
+// streams the memory system can keep in flight, whatever order the tile's arithmetic uses.
+template <typename scalar_t>
+void prefetch_tile(const scalar_t* rows, int64_t stride, int64_t n, int64_t dim) {
+  constexpr int64_t kLine = 64 / sizeof(scalar_t);
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t d = 0; d < dim; d += kLine) __builtin_prefetch(rows + t * stride + d);
+}
+
 template <typename scalar_t>
 void run_task(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t b,
               int64_t h, int64_t split, Scratch& s, float* out, float* lse) {
@@ -94,6 +103,9 @@ void run_task(const Problem& p, const at::Tensor& q, const at::Tensor& k, const 
   const auto* vd = v.const_data_ptr<scalar_t>() + b * v.stride(0) + h * v.stride(1);
   for (int64_t t0 = begin; t0 < end; t0 += kTile) {
     const int64_t n = std::min(kTile, end - t0);
+    const int64_t next = std::min(kTile, end - t0 - n);
+    prefetch_tile(kd + (t0 + n) * k.stride(2), k.stride(2), next, p.dim);
+    prefetch_tile(vd + (t0 + n) * v.stride(2), v.stride(2), next, p.dim);
     TileArgs a{};
     a.q = s.q.data();
     a.k = tile_rows(kd + t0 * k.stride(2), k.stride(2), n, p.dim, s.k.data(), a.ld_k);

@@ -1,0 +1,13 @@
+// The CPU decode kernel's inner loop compiled for x86-64-v4 (picked at run time by attend_block.cpp).
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "attend_block.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC target("arch=x86-64-v4")
+#define TORCH_CP_ISA_FN attend_tile_v4
+#define TORCH_CP_VEC_BYTES 64
+#include "attend_block_impl.h"
+#endif
