@@ -1,9 +1,44 @@
 """torch_collage: run every subgraph of a model on the backend measured fastest for it.
 
+``torch.compile(model, backend="collage", options={...})`` (registered through the
+``torch_dynamo_backends`` entry point, no import needed); ``torch_collage.explain(model, *inputs)``
+to see the placement; ``torch_collage.register_backend(...)`` to add a backend.
+
 Subpackages: ``torch_collage.backends`` (the runners), ``torch_collage.zoo`` (benchmark models with
 random weights), ``torch_collage.timing`` (the timing core shared by the cost model and benchmarks).
+Pipeline modules, in the order data flows: ``entry`` (dynamo backend) and ``options``; ``spec``,
+``registry`` and ``builtin_specs`` (what each backend can run); ``graph`` (units, bitsets,
+reachability); ``candidates``; ``subgraph`` (cutting a candidate out, canonical keys); ``cost`` and
+``cache`` (measured, persistent); ``search`` (exact cover search, merging) and ``refine`` (measured
+local search); ``place`` (one graph end to end); ``assembly``; ``report``, ``explain`` and ``render``.
 """
+
+from torch_collage.cost import measurement_count
+from torch_collage.entry import collage_backend
+from torch_collage.explain import ExplainReport, explain
+from torch_collage.options import CollageOptions
+from torch_collage.registry import (
+    list_backends,
+    register_backend,
+    registered_backend,
+    unregister_backend,
+)
+from torch_collage.spec import BackendInfo, BackendSpec, OpRule
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "BackendInfo",
+    "BackendSpec",
+    "CollageOptions",
+    "ExplainReport",
+    "OpRule",
+    "__version__",
+    "collage_backend",
+    "explain",
+    "list_backends",
+    "measurement_count",
+    "register_backend",
+    "registered_backend",
+    "unregister_backend",
+]

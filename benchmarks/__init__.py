@@ -1,0 +1,1 @@
+"""Benchmark scripts (``bench_*.py``, each run alone) and the harness they share; not installed."""

@@ -1,0 +1,207 @@
+"""Collage against every single backend, per zoo model, side by side in one process.
+
+    python benchmarks/bench_collage.py                         # all models, full size, default batch
+    python benchmarks/bench_collage.py --models mlp --size tiny --backends eager,inductor
+
+For each (model, batch): compile and check every single backend (whole graph) as
+``bench_baselines.py`` does, compile with ``torch.compile(backend="collage")`` (cold, then warm from the
+cost cache after ``torch._dynamo.reset()``), then time all of them interleaved. Writes
+``benchmarks/results/collage_<hardware>.{json,md,png}``. Targets (issue 3): collage <= 1.03x the best
+single backend on every model; geomean >= 1.10x faster than the per-model best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: find the packages
+
+from benchmarks.bench_baselines import _batches, _compile_and_check, _row_base, _time_group
+from benchmarks.checks import DEFAULT_ATOL, DEFAULT_RTOL, compare_outputs
+from benchmarks.harness import (
+    BASELINE_COLUMNS,
+    DEFAULT_OUT_DIR,
+    ResultTable,
+    load_note,
+    machine_info,
+    print_header,
+    progress,
+    write_results,
+)
+from benchmarks.report import Column
+from torch_collage.cost import measurement_count
+from torch_collage.entry import make_backend
+from torch_collage.options import CollageOptions
+from torch_collage.report import GraphReport
+from torch_collage.timing import torch_threads
+from torch_collage.zoo import ZooModel, get_model, list_models
+
+__all__ = ["main", "parse_args", "run"]
+
+SINGLE = ("eager", "inductor", "onnxruntime", "openvino")
+COLUMNS = (
+    *BASELINE_COLUMNS[:-1],
+    Column("placement", "placement"),
+    Column("warm_s", "warm compile s", "{:.1f}"),
+    Column("error", "error"),
+)
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", type=_csv, default=None, help="comma-separated zoo names (default: all)")
+    p.add_argument("--size", choices=("tiny", "full"), default="full")
+    p.add_argument("--batches", type=_csv, default=["default"])
+    p.add_argument("--backends", type=_csv, default=list(SINGLE))
+    p.add_argument("--search", default="dp+refine", choices=("dp", "dp+refine"))
+    p.add_argument("--max-depth", type=int, default=3)
+    p.add_argument("--time-budget-s", type=float, default=300.0)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--max-block-s", type=float, default=5.0)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--cache-dir", default=None, help="default: a fresh temporary directory (cold search)")
+    p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
+    p.add_argument("--hardware", default="cpu")
+    return p.parse_args(argv)
+
+
+def _collage(
+    module: torch.nn.Module, inputs: tuple, opts: CollageOptions
+) -> tuple[Any, float, list[GraphReport]]:
+    reports: list[GraphReport] = []
+    torch._dynamo.reset()
+    fn = torch.compile(module, backend=make_backend(opts, reports.append))
+    start = time.perf_counter()
+    fn(*inputs)
+    return fn, time.perf_counter() - start, reports
+
+
+def _collage_row(model: ZooModel, batch: int, module, inputs, check, reference, opts) -> tuple[dict, Any]:
+    row = _row_base(model, batch, "collage") | {"backend_version": "collage"}
+    try:
+        fn, cold_s, reports = _collage(module, inputs, opts)
+        before = measurement_count()
+        fn, warm_s, _ = _collage(module, inputs, opts)
+        result = compare_outputs(reference, fn(*check), rtol=DEFAULT_RTOL, atol=DEFAULT_ATOL)
+    except Exception as exc:  # record and go on
+        return row | {"status": "fail", "error": f"{type(exc).__name__}: {str(exc)[:300]}"}, None
+    placement = "; ".join(
+        f"{g.chosen}: " + " ".join(f"{p.backend}[{len(p.nodes)}]" for p in g.partitions) for g in reports
+    )
+    return row | {
+        "status": "ok" if result.ok else "mismatch",
+        "compile_s": cold_s,
+        "warm_s": warm_s,
+        "warm_measurements": measurement_count() - before,
+        "max_abs_err": result.max_abs_err,
+        "error": result.message,
+        "placement": placement,
+        "predicted_ms": sum(g.predicted_ms for g in reports),
+        "search_s": sum(g.search_s for g in reports),
+    }, fn
+
+
+def _run_group(model: ZooModel, batch: int, args: argparse.Namespace, opts: CollageOptions) -> list:
+    torch._dynamo.reset()
+    module = model.build(args.size, seed=0)
+    inputs = model.example_inputs(args.size, batch, seed=0)
+    check = model.example_inputs(args.size, batch, seed=1)
+    reference = module(*check)
+    rows, fns = [], {}
+    for name in args.backends:
+        outcome, fn = _compile_and_check(name, module, inputs, check, reference)
+        rows.append(_row_base(model, batch, name) | outcome)
+        if fn is not None:
+            fns[name] = fn
+    row, fn = _collage_row(model, batch, module, inputs, check, reference, opts)
+    rows.append(row)
+    if fn is not None:
+        fns["collage"] = fn
+    progress(f"{model.name} b={batch}: collage {row['status']} {row.get('placement', '')}")
+    _time_group(rows, fns, inputs, args)
+    return rows
+
+
+def summary(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Per model: collage / best single backend; the geomean of best-single / collage."""
+    lines, gains = [], []
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["batch"]), []).append(row)
+    for (model, batch), members in groups.items():
+        ok = {r["backend"]: r["median_ms"] for r in members if r["status"] == "ok" and r.get("median_ms")}
+        singles = {b: ms for b, ms in ok.items() if b != "collage"}
+        if "collage" not in ok or not singles:
+            lines.append(f"{model} b={batch}: no comparison (collage or every single backend failed)")
+            continue
+        best = min(singles, key=lambda b: singles[b])
+        ratio = ok["collage"] / singles[best]
+        gains.append(1 / ratio)
+        verdict = "meets" if ratio <= 1.03 else "MISSES"
+        lines.append(
+            f"{model} b={batch}: collage {ok['collage']:.3f} ms = {ratio:.2f}x best single "
+            f"({best} {singles[best]:.3f} ms); {verdict} the <= 1.03x target"
+        )
+    if gains:
+        geo = math.exp(sum(math.log(g) for g in gains) / len(gains))
+        lines.append(f"geomean speedup over the per-model best single backend: {geo:.3f}x (target >= 1.10x)")
+    return lines
+
+
+def run(args: argparse.Namespace) -> ResultTable:
+    cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="collage_bench_")
+    opts = CollageOptions(
+        backends=tuple(b for b in args.backends if b != "eager"),
+        cache_dir=cache_dir,
+        search=args.search,
+        max_depth=args.max_depth,
+        time_budget_s=args.time_budget_s,
+        threads=args.threads,
+    )
+    table = ResultTable(COLUMNS)
+    names = args.models or list_models()
+    with torch.no_grad(), torch_threads(args.threads):
+        for model in (get_model(n) for n in names):
+            for batch in _batches(args.batches, model, args.size):
+                for row in _run_group(model, batch, args, opts):
+                    table.add(**row)
+    return table
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    with torch_threads(args.threads):
+        info = machine_info()
+    print_header(info)
+    start = time.perf_counter()
+    table = run(args)
+    lines = summary(table.rows)
+    notes = [
+        f"size {args.size}; inference under no_grad; {args.threads} threads; collage search={args.search}, "
+        f"max_depth={args.max_depth}, cold cache; compile s = cold search + first call, warm compile s = "
+        "after torch._dynamo.reset() with the cost cache filled.",
+        "All callables timed interleaved, order rotated per round; median and IQR.",
+        f"wall time {time.perf_counter() - start:.0f} s.",
+        load_note(info),
+        *lines,
+    ]
+    write_results("collage", args.hardware, info, table, notes=notes, out_dir=args.out_dir)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

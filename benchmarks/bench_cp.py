@@ -1,0 +1,202 @@
+"""Cache-parallel decode attention on CPU: kernels against SDPA, and the merge across ranks.
+
+    python benchmarks/bench_cp.py                       # L = 4K..64K, 2 threads, and 2 gloo ranks
+    python benchmarks/bench_cp.py --contexts 8192 --threads 1 --no-distributed
+
+Part 1 (kernels, one process): decode attention (B 1, Hq 32, Hkv 8, D 128, Sq 1, fp32) over a cache
+of L tokens: the C++ kernel, torch SDPA with ``enable_gqa=True``, and the machine's read ceiling
+(``k.sum() + v.sum()`` over the same bytes). Each output is checked against a float64 reference.
+Part 2 (cache parallelism): 2 gloo processes on 1 thread each, each holding half the cache: the
+local kernel, the merge (all-gather and all-reduce), the whole step, beside one rank holding all of
+it, and beside ``torch_cp.perf_model`` fed with the measured 1-thread read bandwidth.
+Writes ``benchmarks/results/cp_<hardware>.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: find the packages
+
+from benchmarks.harness import (
+    DEFAULT_OUT_DIR,
+    Column,
+    PlotSpec,
+    ResultTable,
+    load_note,
+    machine_info,
+    measure_interleaved,
+    print_header,
+    progress,
+    write_results,
+)
+from torch_cp import attention_state, perf_model
+from torch_cp.distributed import merge_across_ranks
+
+__all__ = ["main"]
+
+HQ, HKV, D = 32, 8, 128
+COLUMNS = (
+    Column("part", "part"),
+    Column("context", "L"),
+    Column("impl", "implementation"),
+    Column("status", "status"),
+    Column("median_ms", "median ms", "{:.3f}"),
+    Column("iqr_ms", "IQR ms", "{:.3f}"),
+    Column("gbps", "GB/s", "{:.1f}"),
+    Column("of_ceiling", "of read ceiling", "{:.0%}"),
+    Column("vs_sdpa", "speedup vs SDPA", "{:.2f}x"),
+    Column("predicted_ms", "model ms", "{:.3f}"),
+    Column("max_err", "max err / max|V|", "{:.1e}"),
+)
+
+
+def _cache(length: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, HQ, 1, D, generator=g)
+    return q, torch.randn(1, HKV, length, D, generator=g), torch.randn(1, HKV, length, D, generator=g)
+
+
+def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """float64 attention without materialising GQA copies: ``[1, Hq, 1, D]``."""
+    group = q.shape[1] // k.shape[1]
+    qg = q.double().reshape(1, k.shape[1], group, D)
+    scores = qg @ k.double().transpose(-1, -2) * D**-0.5
+    return (torch.softmax(scores, dim=-1) @ v.double()).reshape(q.shape)
+
+
+def kernel_rows(contexts: Sequence[int], threads: int, repeats: int) -> list[dict]:
+    rows = []
+    for length in contexts:
+        progress(f"kernels: L={length}")
+        q, k, v = _cache(length)
+        nbytes = 2 * k.numel() * k.element_size()
+        ref = _reference(q, k, v)
+        fns = {
+            "cpp": lambda: attention_state(q, k, v, backend="cpp")[0],
+            "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+            "read ceiling": lambda: (k.sum(), v.sum()),
+        }
+        times = measure_interleaved(fns, rounds=3, repeats=repeats, warmup=2, threads=threads)
+        ceiling = nbytes / times["read ceiling"].median_ms / 1e6
+        for name, m in times.items():
+            gbps = nbytes / m.median_ms / 1e6
+            row = {"part": "kernel", "context": length, "impl": name, "status": "ok", "median_ms": m.median_ms}
+            row |= {"iqr_ms": m.iqr_ms, "gbps": gbps, "of_ceiling": gbps / ceiling}
+            row["vs_sdpa"] = times["sdpa"].median_ms / m.median_ms if name != "read ceiling" else None
+            if name != "read ceiling":
+                row["max_err"] = ((fns[name]().double() - ref).abs().max() / v.abs().max()).item()
+            rows.append(row)
+    return rows
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, length: int, repeats: int, out: dict) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    q, k, v = _cache(length)
+    shard = slice(rank * length // world, (rank + 1) * length // world)
+    k_loc, v_loc = k[:, :, shard].contiguous(), v[:, :, shard].contiguous()
+    o, lse = attention_state(q, k_loc, v_loc, backend="cpp")
+    group = dist.group.WORLD
+
+    def timed(fn):
+        dist.barrier()
+        return measure_interleaved({"x": fn}, rounds=1, repeats=repeats, warmup=2)["x"]
+
+    res = {
+        "local kernel (1/2 cache)": timed(lambda: attention_state(q, k_loc, v_loc, backend="cpp")),
+        "merge all_gather": timed(lambda: merge_across_ranks(o, lse, group, "all_gather")),
+        "merge all_reduce": timed(lambda: merge_across_ranks(o, lse, group, "all_reduce")),
+        "whole step, 2 ranks": timed(lambda: merge_across_ranks(*attention_state(q, k_loc, v_loc), group)),
+    }
+    if rank == 0:
+        out.update({name: (m.median_ms, m.iqr_ms) for name, m in res.items()})
+    dist.destroy_process_group()
+
+
+def distributed_rows(length: int, repeats: int) -> list[dict]:
+    progress(f"cache parallelism: L={length}, 2 gloo ranks x 1 thread")
+    q, k, v = _cache(length)
+    single = measure_interleaved(
+        {"one rank, whole cache": lambda: attention_state(q, k, v, backend="cpp"), "read": lambda: (k.sum(), v.sum())},
+        rounds=3, repeats=repeats, warmup=2, threads=1,
+    )  # fmt: skip
+    with mp.Manager() as manager:
+        shared = manager.dict()
+        mp.spawn(_rank_main, args=(2, _free_port(), length, repeats, shared), nprocs=2)
+        measured = dict(shared)
+    nbytes = 2 * k.numel() * 4
+    bw = nbytes / single["read"].median_ms / 1e-3
+    shape = perf_model.ModelShape(name="bench", layers=1, q_heads=HQ, kv_heads=HKV, head_dim=D, hidden=HQ * D,
+                                  intermediate=1, bytes_per_element=4)  # fmt: skip
+    hw = dataclasses.replace(perf_model.HARDWARE["cpu"], mem_bw=bw)
+    predict = {
+        "one rank, whole cache": perf_model.attention_time(shape, hw, context_len=length, batch=1, ranks=1),
+        "whole step, 2 ranks": perf_model.attention_time(shape, hw, context_len=length, batch=1, ranks=2),
+        "merge all_gather": perf_model.merge_time(shape, hw, batch=1, ranks=2),
+    }
+    measured["one rank, whole cache"] = (single["one rank, whole cache"].median_ms, single["one rank, whole cache"].iqr_ms)
+    rows = []
+    for name, (median, iqr) in measured.items():
+        row = {"part": "cache parallel", "context": length, "impl": name, "status": "ok", "median_ms": median}
+        pred = predict.get(name)
+        rows.append(row | {"iqr_ms": iqr, "predicted_ms": pred * 1e3 if pred is not None else None})
+    return rows
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--contexts", default="4096,16384,32768,65536", help="comma-separated cache lengths")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads for part 1")
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--distributed-context", type=int, default=32768)
+    p.add_argument("--no-distributed", action="store_true", help="skip part 2")
+    p.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR))
+    p.add_argument("--hardware", default="cpu")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    info = machine_info()
+    print_header(info)
+    table = ResultTable(COLUMNS)
+    for row in kernel_rows([int(c) for c in args.contexts.split(",")], args.threads, args.repeats):
+        table.add(**row)
+    if not args.no_distributed:
+        for row in distributed_rows(args.distributed_context, args.repeats):
+            table.add(**row)
+    notes = [
+        f"Part 1 uses {args.threads} threads for every implementation; part 2 one thread per rank.",
+        "'of read ceiling' divides by the GB/s of k.sum() + v.sum() over the same cache in the same run.",
+        "'model ms' is torch_cp.perf_model.attention_time with the measured 1-thread read bandwidth, "
+        "efficiency 0.6 and a 50 us collective latency (the 'cpu' preset).",
+        load_note(info),
+    ]
+    plot = PlotSpec(group_keys=("part", "context"), series_key="impl", baseline=None,
+                    ylabel="latency relative to the fastest in the group")  # fmt: skip
+    write_results("cp", args.hardware, info, table, notes=notes, out_dir=args.out_dir, plot=plot)
+
+
+if __name__ == "__main__":
+    main()

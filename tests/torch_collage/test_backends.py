@@ -1,0 +1,274 @@
+"""Whole-graph backends: every built-in backend against eager on small models, fresh inputs each call."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.backends.common import aot_autograd
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from torch_collage.backends import (
+    BUILTIN_BACKENDS,
+    Backend,
+    BackendCompileError,
+    get_backend,
+)
+
+ALL = tuple(BUILTIN_BACKENDS)
+RUNTIMES = ("onnxruntime", "openvino")  # the backends that export the graph and run it outside torch
+# both ONNX Runtime input paths: session.run with numpy (the default) and IOBinding
+RUNTIME_CONFIGS = [("onnxruntime", {}), ("onnxruntime", {"io_binding": True}), ("openvino", {})]
+TOL = {"rtol": 1e-4, "atol": 1e-4}
+
+
+@torch.library.custom_op("collage_test::twist", mutates_args=())
+def twist(x: torch.Tensor) -> torch.Tensor:
+    """An op no exporter knows: reverses the last dim and doubles."""
+    return x.flip(-1) * 2
+
+
+@twist.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        )  # fmt: skip
+        self.head = nn.Linear(8, 5)
+        for bn in (self.body[1], self.body[4]):  # not the identity: random running statistics
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x).mean(dim=(2, 3)))
+
+
+class Encoder(nn.Module):
+    """Token ids (int64, (B, T)) -> embeddings -> one transformer encoder block -> (B, T, 32)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(100, 32)
+        self.block = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.block(self.embed(tokens))
+
+
+class TwoOutputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.proj(x)
+        return h.relu(), (h * y).sum(-1)
+
+
+class Awkward(nn.Module):
+    """An unused input, an input returned as is, one tensor returned twice, a list, int32 and int64 inputs."""
+
+    def forward(
+        self, x: torch.Tensor, unused: torch.Tensor, index: torch.Tensor, count: torch.Tensor
+    ) -> list[torch.Tensor]:
+        h = x.tanh()
+        return [x, x[:, index], h, h, count * 3]
+
+
+class Twisted(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return twist(x.relu()) + 1
+
+
+def _tokens(*shape: int) -> torch.Tensor:
+    return torch.randint(0, 100, shape, dtype=torch.int64)
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[torch.Tensor, ...]]]] = {
+    "mlp": (MLP, lambda: (torch.randn(4, 32),)),
+    "conv_bn": (ConvBN, lambda: (torch.randn(2, 3, 12, 12),)),
+    "encoder": (Encoder, lambda: (_tokens(2, 10),)),
+    "two_outputs": (TwoOutputs, lambda: (torch.randn(4, 16), torch.randn(4, 8))),
+}
+
+
+def _compile(name: str, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Callable[..., Any]:
+    with torch.no_grad():
+        return get_backend(name).compile(module, inputs)
+
+
+def _check_calls(
+    fn: Callable[..., Any], reference: Callable[..., Any], make_inputs: Callable[[], Any]
+) -> None:
+    """Two calls with new inputs: both match eager, and the second does not overwrite the first."""
+    with torch.no_grad():
+        first_in, second_in = make_inputs(), make_inputs()
+        first, first_ref = fn(*first_in), reference(*first_in)
+        second, second_ref = fn(*second_in), reference(*second_in)
+    assert type(first) is type(first_ref)
+    torch.testing.assert_close(first, first_ref, **TOL)
+    torch.testing.assert_close(second, second_ref, **TOL)
+
+
+# Freezing only changes how parameters are compiled: two models suffice, the others cost compile time.
+CASES = [(b, m) for b in ALL for m in MODELS if b != "inductor_freezing" or m in ("mlp", "conv_bn")]
+
+
+@pytest.mark.parametrize(("backend", "model"), CASES)
+def test_matches_eager(backend: str, model: str) -> None:
+    make_module, make_inputs = MODELS[model]
+    module = make_module().eval()
+    fn = _compile(backend, module, make_inputs())
+    _check_calls(fn, module, make_inputs)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_available_and_version(backend: str) -> None:
+    b = get_backend(backend)
+    assert isinstance(b, Backend)
+    assert b.name == backend
+    assert b.available() == (True, "")
+    assert isinstance(b.version(), str) and b.version()
+
+
+def test_unknown_backend_lists_valid_names() -> None:
+    with pytest.raises(ValueError, match="nope") as info:
+        get_backend("nope")
+    assert all(name in str(info.value) for name in ALL)
+
+
+def test_unknown_option_lists_valid_options() -> None:
+    with pytest.raises(ValueError, match="allow_spinning"):
+        get_backend("onnxruntime", spinning=True)
+    assert get_backend("onnxruntime", allow_spinning=True).allow_spinning  # type: ignore[attr-defined]
+
+
+def _aten_graphs(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, tuple[nn.Module, tuple]]:
+    """ATen-level GraphModules of ``module`` as ``torch.export``, ``make_fx`` and aot_autograd make them."""
+    captured: list[tuple[torch.fx.GraphModule, list[torch.Tensor]]] = []
+
+    def keep(gm: torch.fx.GraphModule, example: list[torch.Tensor]) -> Callable[..., Any]:
+        captured.append((gm, example))
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(module, backend=aot_autograd(fw_compiler=keep), fullgraph=True)(*inputs)
+        aot_gm, fake_inputs = captured[0]  # parameters become inputs; the example inputs are fake
+        aot_inputs = tuple(torch.randn(t.shape, dtype=t.dtype) for t in fake_inputs)
+        return {
+            "export": (torch.export.export(module, inputs).module(), inputs),
+            "make_fx": (make_fx(module)(*inputs), inputs),
+            "aot_autograd": (aot_gm, aot_inputs),
+        }
+
+
+@pytest.mark.parametrize("backend", [*RUNTIMES, "inductor"])
+def test_aten_graph_modules(backend: str) -> None:
+    module = TwoOutputs().eval()
+    inputs = MODELS["two_outputs"][1]()
+    for kind, (gm, gm_inputs) in _aten_graphs(module, inputs).items():
+        fn = _compile(backend, gm, gm_inputs)
+
+        def make(gm_inputs: tuple = gm_inputs) -> tuple[torch.Tensor, ...]:
+            return tuple(torch.randn_like(t) for t in gm_inputs)
+
+        try:
+            _check_calls(fn, gm, make)
+        except AssertionError as exc:
+            raise AssertionError(f"{kind} graph: {exc}") from exc
+
+
+@pytest.mark.parametrize(("backend", "options"), RUNTIME_CONFIGS)
+def test_awkward_inputs_and_outputs(backend: str, options: dict[str, Any]) -> None:
+    module = Awkward()
+
+    def make() -> tuple[torch.Tensor, ...]:
+        index = torch.randint(0, 5, (4,), dtype=torch.int64)
+        return torch.randn(3, 5), torch.randn(7), index, torch.randint(-9, 9, (2,), dtype=torch.int32)
+
+    fn = get_backend(backend, **options).compile(module, make())
+    _check_calls(fn, module, make)
+    out = fn(*make())
+    assert out[2] is out[3]  # as in eager: the same tensor twice
+
+
+@pytest.mark.parametrize(("backend", "options"), RUNTIME_CONFIGS)
+def test_non_contiguous_input_and_shape_check(backend: str, options: dict[str, Any]) -> None:
+    module = MLP().eval()
+    fn = get_backend(backend, **options).compile(module, (torch.randn(4, 32),))
+    x = torch.randn(32, 4).t()  # (4, 32), not contiguous
+    torch.testing.assert_close(fn(x), module(x).detach(), **TOL)
+    with pytest.raises(ValueError, match=r"compiled for shape \(4, 32\)"):
+        fn(torch.randn(5, 32))
+    with pytest.raises(ValueError, match="expected 1 input"):
+        fn(x, x)
+
+
+def test_freezing_many_instances_of_one_class() -> None:
+    """More instances than dynamo's recompile limit (8): each compiles, none runs another's weights."""
+    for _ in range(9):
+        module = TwoOutputs().eval()
+        make = MODELS["two_outputs"][1]
+        _check_calls(_compile("inductor_freezing", module, make()), module, make)
+
+
+def test_freezing_runs_in_grad_mode_without_grad() -> None:
+    module = MLP().eval()
+    fn = _compile("inductor_freezing", module, (torch.randn(4, 32),))
+    x = torch.randn(4, 32)
+    out = fn(x)  # grad mode on: the callable switches to no_grad itself
+    assert not out.requires_grad
+    torch.testing.assert_close(out, module(x).detach(), **TOL)
+
+
+@pytest.mark.parametrize("backend", RUNTIMES)
+def test_unsupported_custom_op_is_named(backend: str) -> None:
+    with pytest.raises(BackendCompileError) as info:
+        _compile(backend, Twisted(), (torch.randn(3, 4),))
+    err = info.value
+    assert err.backend == backend
+    assert err.op == "collage_test.twist.default"
+    assert str(err).startswith(f"{backend} could not compile the model: op {err.op}: ")
+
+
+def test_onnxruntime_names_unsupported_aten_op() -> None:
+    class Inverse(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.linalg.inv(x)
+
+    with pytest.raises(BackendCompileError, match=re.escape("op aten.linalg_inv_ex.default")):
+        _compile("onnxruntime", Inverse(), (torch.randn(2, 3, 3),))
+
+
+def test_compile_error_message_and_parsing() -> None:
+    err = BackendCompileError("onnxruntime", "no kernel", op="aten.foo.default")
+    assert str(err) == "onnxruntime could not compile the model: op aten.foo.default: no kernel"
+    ov_text = (
+        "Check 'false' failed\nSummary:\n-- No conversion rule found for operations: aten::foo, aten::bar\n"
+    )
+    pattern = re.compile(r"No conversion rule found for operations: ([\w.:]+)")
+    parsed = BackendCompileError.from_exception("openvino", RuntimeError(ov_text), [pattern])
+    assert parsed.op == "aten.foo" and "aten::bar" in parsed.reason
+    plain = BackendCompileError.from_exception("openvino", RuntimeError("boom\nmore"), [pattern])
+    assert plain.op is None and plain.reason == "RuntimeError: boom"

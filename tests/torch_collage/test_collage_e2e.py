@@ -1,0 +1,190 @@
+"""End to end with real backends: torch.compile(backend="collage") on tiny models (kept small: 2 cores)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import fx, nn
+
+import torch_collage
+from torch_collage.cache import CostCache
+from torch_collage.registry import registered_backend
+from torch_collage.zoo import get_model
+
+_FAST = {"max_depth": 2, "repeats": 5, "warmup": 1}
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+
+
+def test_zoo_mlp_matches_eager_with_three_backends(tmp_path):
+    torch._dynamo.reset()
+    zoo = get_model("mlp")
+    model, (x,) = zoo.build("tiny"), zoo.example_inputs("tiny")
+    opts = {"backends": ["eager", "inductor", "onnxruntime"], "cache_dir": str(tmp_path), **_FAST}
+    compiled = torch.compile(model, backend="collage", options=opts)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+        x2 = torch.randn_like(x)
+        torch.testing.assert_close(compiled(x2), model(x2), rtol=1e-4, atol=1e-5)
+
+
+def test_training_gradients_equal_eager(tmp_path):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, x = _mlp(), torch.randn(4, 16)
+    model(x).pow(2).sum().backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    from torch_collage.entry import make_backend
+    from torch_collage.options import CollageOptions
+
+    opts = CollageOptions(backends=("eager", "inductor"), cache_dir=str(tmp_path), **_FAST)
+    reports = []
+    torch.compile(model, backend=make_backend(opts, reports.append))(x).pow(2).sum().backward()
+    for p, g in zip(model.parameters(), want):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+    assert sorted(r.kind for r in reports) == ["backward", "forward"]  # both graphs were placed
+
+
+def test_warm_cache_measures_nothing(tmp_path):
+    opts = {"backends": ["eager", "inductor"], "cache_dir": str(tmp_path), "search": "dp+refine", **_FAST}
+    x = torch.randn(4, 16)
+    cold = torch_collage.explain(_mlp().eval(), x, **opts)
+    assert cold.candidates_measured > 0
+    before = torch_collage.measurement_count()
+    warm = torch_collage.explain(_mlp().eval(), x, **opts)
+    assert torch_collage.measurement_count() == before and warm.candidates_measured == 0
+    assert [p.backend for p in warm.partitions] == [p.backend for p in cold.partitions]
+
+
+def test_explain_report_and_picture(tmp_path):
+    report = torch_collage.explain(
+        _mlp().eval(), torch.randn(4, 16), backends=["eager", "inductor"], cache_dir=str(tmp_path), **_FAST
+    )
+    g = report.graphs[0]
+    assert g.kind == "inference" and set(g.single_backend_ms) == {"eager", "inductor"}
+    assert report.measured_ms > 0 and report.predicted_ms > 0 and report.search_s > 0
+    assert sorted(n for p in report.partitions for n in p.nodes) == sorted(
+        n for p in report.partitions for n in p.nodes
+    )
+    text = report.to_markdown()
+    assert "| backend |" in text and "Whole graph on one backend" in text
+    report.save(str(tmp_path / "placement.png"))
+    assert (tmp_path / "placement.png").stat().st_size > 0
+
+
+def _mm_compile(gm: fx.GraphModule, example_inputs):
+    return gm
+
+
+def test_user_backend_is_placed_like_builtins(tmp_path):
+    with registered_backend("mm_only", compile=_mm_compile, supports=["aten.mm", "aten.addmm"]):
+        report = torch_collage.explain(
+            _mlp().eval(), torch.randn(4, 16), backends=["mm_only"], cache_dir=str(tmp_path), **_FAST
+        )
+    g = report.graphs[0]
+    assert g.usable["mm_only"] == 2  # the two addmm nodes, measured and checked
+    assert "mm_only" not in g.single_backend_ms or g.single_backend_ms["mm_only"] == float("inf")
+    for p in report.partitions:
+        if p.backend == "mm_only":
+            assert all(n.startswith("addmm") for n in p.nodes)
+
+
+def _broken_compile(gm: fx.GraphModule, example_inputs):
+    raise RuntimeError("this backend is broken")
+
+
+def test_failing_backend_falls_back_with_one_warning(tmp_path, caplog):
+    with registered_backend("broken", compile=_broken_compile), caplog.at_level(logging.WARNING):
+        report = torch_collage.explain(
+            _mlp().eval(), torch.randn(4, 16), backends=["broken"], cache_dir=str(tmp_path), **_FAST
+        )
+    assert report.backends_used == ["eager"]
+    warnings = [r for r in caplog.records if "broken" in r.getMessage()]
+    assert len(warnings) == 1 and "this backend is broken" in warnings[0].getMessage()
+
+
+def test_failing_backend_raises_when_asked(tmp_path):
+    with registered_backend("broken", compile=_broken_compile), pytest.raises(Exception, match="broken"):
+        torch_collage.explain(
+            _mlp().eval(),
+            torch.randn(4, 16),
+            backends=["broken"],
+            cache_dir=str(tmp_path),
+            on_backend_failure="raise",
+            **_FAST,
+        )
+
+
+def test_corrupt_cache_is_set_aside(tmp_path, caplog):
+    (tmp_path / "costs.sqlite").write_bytes(b"this is not a database" * 100)
+    with caplog.at_level(logging.WARNING):
+        cache = CostCache(str(tmp_path))
+    assert cache.get("k") is None and any("unreadable" in r.getMessage() for r in caplog.records)
+    assert list(tmp_path.glob("costs.broken-*"))
+
+
+def test_repeated_blocks_are_measured_once(tmp_path):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from torch_collage.candidates import enumerate_candidates
+    from torch_collage.cost import CostModel, record_values
+    from torch_collage.graph import DataflowGraph
+    from torch_collage.options import CollageOptions
+    from torch_collage.registry import get_spec
+
+    x = torch.randn(8, 8)
+    gm = make_fx(lambda t: t.relu().sin().relu().sin())(x)
+    graph = DataflowGraph.from_graph(gm.graph)
+    opts = CollageOptions(cache_dir=str(tmp_path), repeats=2, warmup=0)
+    model = CostModel(
+        gm, graph, record_values(gm, [x]), {"eager": get_spec("eager")}, opts, CostCache(str(tmp_path))
+    )
+    cands = enumerate_candidates(graph, [get_spec("eager")], max_depth=2)
+    for cand in cands:
+        model.cost(cand)
+    # 7 candidates, 4 distinct structures: relu, sin, relu+sin, sin+relu
+    assert len(cands) == 7 and model.measured == 4
+
+
+@pytest.mark.parametrize(("mixed_ms", "want"), [(5.0, "eager"), (1.0, "mixed")])
+def test_mixed_placement_only_chosen_when_faster_end_to_end(tmp_path, monkeypatch, mixed_ms, want):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from torch_collage import place
+    from torch_collage.cost import CostModel, record_values
+    from torch_collage.graph import DataflowGraph
+    from torch_collage.options import CollageOptions
+    from torch_collage.registry import get_spec
+    from torch_collage.search import Partition, Placement
+
+    model, x = _mlp().eval(), torch.randn(4, 16)
+    gm = make_fx(model)(x)
+    graph = DataflowGraph.from_graph(gm.graph)
+    with registered_backend("mm_only", compile=_mm_compile, supports=["aten.addmm"]):
+        specs = {"eager": get_spec("eager"), "mm_only": get_spec("mm_only")}
+        opts = CollageOptions(cache_dir=str(tmp_path))
+        cost = CostModel(gm, graph, record_values(gm, [x]), specs, opts, CostCache(str(tmp_path)))
+        parts = [
+            Partition(1 << i, "mm_only" if graph.units[i][0].name.startswith("addmm") else "eager", 1.0)
+            for i in range(graph.size)
+        ]
+        monkeypatch.setattr(place, "e2e_many_ms", lambda *a, **k: [mixed_ms, 2.0])
+        assembled, ms, chosen = place._choose(gm, graph, Placement(tuple(parts), 1.0), {"eager": 2.0}, cost)
+    assert chosen == want and ms == min(mixed_ms, 2.0)
+    torch.testing.assert_close(assembled(x), model(x))
+
+
+def test_new_input_shapes_are_placed_again(tmp_path):
+    torch._dynamo.reset()
+    model = _mlp().eval()
+    opts = {"backends": ["eager", "inductor"], "cache_dir": str(tmp_path), **_FAST, "max_depth": 1}
+    compiled = torch.compile(model, backend="collage", options=opts)
+    with torch.no_grad():
+        for batch in (4, 6, 9):
+            x = torch.randn(batch, 16)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,119 @@
+"""Options parsing and the backend registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import fx
+
+import torch_collage
+from torch_collage.options import CACHE_ENV, CollageOptions
+from torch_collage.registry import get_spec, registered_backend
+
+
+def test_defaults_and_parsing():
+    opts = CollageOptions.from_mapping({"backends": ["eager", "inductor"], "max_depth": 2, "search": "dp"})
+    assert opts.backends == ("eager", "inductor") and opts.max_depth == 2
+    assert CollageOptions.from_mapping(None).backends == ()
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ValueError, match="no_such") as info:
+        CollageOptions.from_mapping({"no_such": 1})
+    assert "backends" in str(info.value) and "time_budget_s" in str(info.value)
+
+
+def test_unknown_backend_lists_valid_backends():
+    with pytest.raises(ValueError, match="tensorrrt") as info:
+        CollageOptions.from_mapping({"backends": ["tensorrrt"]})
+    assert "onnxruntime" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "bad", [{"search": "evolve"}, {"on_backend_failure": "ignore"}, {"max_depth": 0}, {"backends": "eager"}]
+)
+def test_bad_values(bad):
+    with pytest.raises(ValueError):
+        CollageOptions.from_mapping(bad)
+
+
+def test_cache_dir_env(monkeypatch, tmp_path):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    assert CollageOptions().cache_dir == str(tmp_path)
+    monkeypatch.delenv(CACHE_ENV)
+    assert CollageOptions().cache_dir.endswith("torch_collage")
+
+
+def test_options_are_frozen():
+    with pytest.raises(AttributeError):
+        CollageOptions().max_depth = 5  # type: ignore[misc]
+
+
+def _gm_compile(gm: fx.GraphModule, example_inputs):
+    return gm
+
+
+def test_register_duplicate_unknown_and_scoped():
+    with registered_backend("mm_only", compile=_gm_compile, supports=["aten.mm", "aten.addmm"]) as spec:
+        assert spec.name in torch_collage.list_backends()
+        assert torch_collage.list_backends()["mm_only"].available
+        with pytest.raises(ValueError, match="already registered"):
+            torch_collage.register_backend("mm_only", compile=_gm_compile)
+        CollageOptions.from_mapping({"backends": ["mm_only"]})  # a registered name is valid
+    assert "mm_only" not in torch_collage.list_backends()
+    with pytest.raises(ValueError, match="valid backends"):
+        get_spec("mm_only")
+    with pytest.raises(ValueError, match="registered backends"):
+        torch_collage.unregister_backend("mm_only")
+
+
+def test_unavailable_backend_has_reason():
+    with registered_backend("never", compile=_gm_compile, available=lambda: (False, "needs a GPU")):
+        info = torch_collage.list_backends()["never"]
+        assert not info.available and info.reason == "needs a GPU"
+
+
+def test_builtins_listed_with_specs():
+    info = torch_collage.list_backends()
+    assert {"eager", "inductor", "onnxruntime", "openvino"} <= set(info)
+    assert info["eager"].available and info["eager"].version.startswith("torch")
+
+
+def test_spec_rejects_mutation_for_non_eager():
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    node = graph.call_function(torch.ops.aten.add_.Tensor, (x, x))
+    node.meta["val"] = torch.empty(2)
+    graph.output(node)
+    assert get_spec("eager").supports_node(node)
+    assert not get_spec("inductor").supports_node(node)
+
+
+def test_entry_point_group_registers_external_backends(monkeypatch):
+    from torch_collage import registry
+
+    class _EntryPoint:
+        name = "external"
+
+        def load(self):
+            return lambda: torch_collage.BackendSpec(name="external", compile=_gm_compile)
+
+    class _Broken:
+        name = "broken_plugin"
+
+        def load(self):
+            raise ImportError("missing dependency")
+
+    seen = []
+    monkeypatch.setattr(
+        registry.importlib.metadata,
+        "entry_points",
+        lambda group: seen.append(group) or [_EntryPoint(), _Broken()],
+    )
+    registry._load_entry_points()
+    try:
+        assert seen == [registry.ENTRY_POINT_GROUP]
+        assert "external" in torch_collage.list_backends()
+        assert "broken_plugin" not in torch_collage.list_backends()
+    finally:
+        torch_collage.unregister_backend("external")

@@ -1,0 +1,233 @@
+"""Search, graph and candidate unit tests with a fixed-cost estimator (no backends compiled)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+from torch import fx
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from torch_collage.candidates import Candidate, enumerate_candidates
+from torch_collage.graph import DataflowGraph, bits
+from torch_collage.search import (
+    Partition,
+    Placement,
+    brute_force_cover,
+    merge_consecutive,
+    search_cover,
+)
+from torch_collage.spec import BackendSpec, OpRule
+
+
+def _chain(x: torch.Tensor) -> torch.Tensor:
+    return ((x.relu() * 2).sin() + 1).cos().exp()
+
+
+def _diamond(x: torch.Tensor) -> torch.Tensor:
+    a = x.relu()
+    b, c = a.sin(), a.cos()
+    d = b * c
+    e = d.exp() + a.tanh()
+    return e.neg()
+
+
+def _graph(fn) -> DataflowGraph:
+    gm = make_fx(fn)(torch.randn(4, 4))
+    return DataflowGraph.from_graph(gm.graph)
+
+
+def _spec(name: str, supports=("*",), fusion="region") -> BackendSpec:
+    return BackendSpec(name=name, compile=lambda gm, ex: gm, supports=supports, fusion=fusion)
+
+
+def _naive_convex(graph: DataflowGraph, mask: int) -> bool:
+    """Convex by explicit path search: no outside unit both reached from and reaching the set."""
+    for k in range(graph.size):
+        if mask >> k & 1:
+            continue
+        from_set = any(graph.descendants[i] >> k & 1 for i in bits(mask))
+        to_set = any(graph.ancestors[i] >> k & 1 for i in bits(mask))
+        if from_set and to_set:
+            return False
+    return True
+
+
+def _fixed_costs(cands, seed: int):
+    rng = random.Random(seed)
+    table = {c: rng.uniform(0.1, 1.0) * c.size ** rng.uniform(0.5, 1.0) for c in cands}
+    return table.__getitem__
+
+
+def _switch(seed: int):
+    rng = random.Random(seed)
+    table = {}
+
+    def switch(a: str, b: str) -> float:
+        return 0.0 if a == b else table.setdefault((a, b), rng.uniform(0.0, 0.5))
+
+    return switch
+
+
+def test_graph_units_and_reachability():
+    g = _graph(_diamond)
+    names = [g.units[i][0].name for i in range(g.size)]
+    assert names[0] == "relu"
+    relu, sin, cos, mul = (names.index(n) for n in ("relu", "sin", "cos", "mul"))
+    assert g.descendants[relu] >> mul & 1 and g.ancestors[mul] >> relu & 1
+    assert not g.is_convex(1 << relu | 1 << mul)  # sin/cos lie between them
+    assert g.is_convex(1 << relu | 1 << sin | 1 << cos | 1 << mul)
+
+
+@pytest.mark.parametrize("fn", [_chain, _diamond])
+@pytest.mark.parametrize("fusion", ["single", "elementwise_epilogue", "region"])
+def test_candidates_are_convex_connected_and_unique(fn, fusion):
+    g = _graph(fn)
+    cands = enumerate_candidates(g, [_spec("a", fusion=fusion)], max_depth=4)
+    assert len(cands) == len(set(cands))
+    for c in cands:
+        assert _naive_convex(g, c.mask), g.names(c.mask)
+        assert c.size <= (1 if fusion == "single" else 4)
+    assert {c.mask for c in cands if c.size == 1} == {1 << i for i in range(g.size)}
+
+
+def test_candidates_respect_supported_ops():
+    g = _graph(_diamond)
+    spec = _spec("trig", supports=[OpRule(op="aten.sin"), OpRule(op="aten.cos"), "aten.mul"])
+    cands = enumerate_candidates(g, [spec], max_depth=4)
+    allowed = {"sin", "cos", "mul"}
+    assert cands and all(set(g.names(c.mask)) <= allowed for c in cands)
+    assert any(set(g.names(c.mask)) == allowed for c in cands)
+
+
+def test_op_rule_predicates():
+    gm = make_fx(_chain)(torch.randn(4, 4))
+    relu = next(n for n in gm.graph.nodes if n.name == "relu")
+    assert OpRule(op="aten.relu", max_rank=2).matches(relu)
+    assert not OpRule(op="aten.relu", min_rank=3).matches(relu)
+    assert not OpRule(op="aten.relu", dtypes=frozenset({torch.float16})).matches(relu)
+    assert not OpRule(op="aten.relu", where=lambda n: False).matches(relu)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("fn", [_chain, _diamond])
+def test_search_equals_brute_force(fn, seed):
+    g = _graph(fn)
+    specs = [_spec("eager"), _spec("fast", fusion="region"), _spec("trig", supports=["aten.sin", "aten.cos"])]
+    cands = enumerate_candidates(g, specs, max_depth=3)
+    cost, switch = _fixed_costs(cands, seed), _switch(seed)
+    placement = search_cover(g, cands, cost, switch)
+    assert placement.predicted_ms == pytest.approx(brute_force_cover(g, cands, cost, switch))
+    covered = 0
+    for p in placement.partitions:
+        assert not covered & p.mask and not g.external_preds(p.mask) & ~covered  # runs in order
+        covered |= p.mask
+    assert covered == g.full
+
+
+def _all_set_partitions(n: int):
+    if n == 0:
+        yield []
+        return
+    for rest in _all_set_partitions(n - 1):
+        for i in range(len(rest)):
+            yield [*rest[:i], rest[i] | 1 << (n - 1), *rest[i + 1 :]]
+        yield [*rest, 1 << (n - 1)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_search_is_exact_on_a_chain_against_every_partition(seed):
+    g = _graph(_chain)
+    cands = enumerate_candidates(g, [_spec("a"), _spec("b")], max_depth=g.size)
+    cost = _fixed_costs(cands, seed)
+    by_mask: dict[int, list[Candidate]] = {}
+    for c in cands:
+        by_mask.setdefault(c.mask, []).append(c)
+    best = min(
+        sum(min(cost(c) for c in by_mask[m]) for m in parts)
+        for parts in _all_set_partitions(g.size)
+        if all(m in by_mask for m in parts)
+    )
+    assert search_cover(g, cands, cost, lambda a, b: 0.0).predicted_ms == pytest.approx(best)
+
+
+def _branches(x: torch.Tensor) -> torch.Tensor:
+    return x.sin() + x.cos() + x.exp() + x.neg() + x.tanh()
+
+
+def test_only_candidates_at_the_lowest_uncovered_unit_are_expanded():
+    g = _graph(_branches)  # 5 independent ops, then 4 adds: 2**5 ideals among the branches alone
+    cands = enumerate_candidates(g, [_spec("eager", fusion="single")], max_depth=1)
+    stats: dict[str, int] = {}
+    search_cover(g, cands, lambda c: 1.0, lambda a, b: 0.0, stats)
+    assert stats["states"] <= g.size + 1  # one state per prefix: no permutations of the branches
+    assert g.size >= 9
+
+
+def test_infinite_costs_are_avoided_and_switch_costs_counted():
+    g = _graph(_chain)
+    cands = enumerate_candidates(g, [_spec("eager", fusion="single"), _spec("fast", fusion="single")], 1)
+    cost = lambda c: (
+        float("inf") if (c.backend == "fast" and c.lowest == 2) else (0.5 if c.backend == "fast" else 1.0)
+    )
+    cheap = search_cover(g, cands, cost, lambda a, b: 0.0)
+    assert [p.backend for p in cheap.partitions][2] == "eager"
+    costly = search_cover(g, cands, cost, lambda a, b: 0.0 if a == b else 10.0)
+    assert {p.backend for p in costly.partitions} == {"eager"}  # switching never pays here
+    assert costly.predicted_ms == pytest.approx(1.0 * g.size)
+
+
+def test_merge_consecutive_same_backend():
+    g = _graph(_chain)
+    parts = tuple(Partition(1 << i, "a" if i < 3 else "b", 1.0) for i in range(g.size))
+    merged = merge_consecutive(Placement(parts, float(g.size)), g)
+    assert [p.backend for p in merged.partitions] == ["a", "b"]
+    assert merged.partitions[0].mask == 0b111 and merged.partitions[0].cost_ms == 3.0
+
+
+def test_every_cover_of_the_search_space_is_acyclic():
+    g = _graph(_diamond)
+    cands = enumerate_candidates(g, [_spec("a"), _spec("b", fusion="single")], max_depth=3)
+    for seed in range(3):
+        placement = search_cover(g, cands, _fixed_costs(cands, seed), lambda a, b: 0.0)
+        owner = {i: k for k, p in enumerate(placement.partitions) for i in bits(p.mask)}
+        for i, j in itertools.product(range(g.size), repeat=2):
+            if g.preds[j] >> i & 1:
+                assert owner[i] <= owner[j]  # edges only go forward in execution order
+
+
+def test_empty_fx_graph():
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    graph.output(x)
+    assert DataflowGraph.from_graph(graph).size == 0
+
+
+def test_refine_keeps_a_measured_improvement_only():
+    from torch_collage.refine import refine
+
+    g = _graph(_chain)
+    start = Placement.priced([Partition(g.full, "a", 5.0)], lambda a, b: 0.0)
+    cost = lambda c: 4.0 if c.backend == "b" else 5.0
+    faster = lambda p: 1.0 if p.backends == ("b",) else 3.0
+    slower = lambda p: 9.0 if p.backends == ("b",) else 3.0
+    switch = lambda a, b: 0.0
+    assert refine(start, g, ["a", "b"], cost, switch, faster, budget_s=5).backends == ("b",)
+    assert refine(start, g, ["a", "b"], cost, switch, slower, budget_s=5).backends == ("a",)
+
+
+def test_placement_priced_adds_switch_costs():
+    parts = [Partition(1, "a", 1.0), Partition(2, "b", 2.0), Partition(4, "b", 3.0)]
+    assert Placement.priced(parts, lambda a, b: 0.5 if a != b else 0.0).predicted_ms == pytest.approx(6.5)
+
+
+def test_patterns_add_fused_chains_beyond_the_fusion_style():
+    g = _graph(_chain)  # relu, mul, sin, add, cos, exp
+    spec = BackendSpec(
+        name="p", compile=lambda gm, ex: gm, fusion="single", patterns=(("aten.sin", "aten.add", "aten.cos"),)
+    )
+    cands = enumerate_candidates(g, [spec], max_depth=4)
+    multi = [g.names(c.mask) for c in cands if c.size > 1]
+    assert multi == [["sin", "add", "cos"]]

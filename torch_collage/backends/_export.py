@@ -1,0 +1,154 @@
+"""``torch.export`` step shared by the runtimes that take a whole exported graph (ONNX Runtime,
+OpenVINO), and the static signature their compiled callables check each call against."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.export import ExportedProgram
+from torch.export.graph_signature import OutputKind, TensorArgument
+from torch.utils import _pytree as pytree
+
+from torch_collage.backends.base import BackendCompileError
+
+__all__ = ["ExportedGraph", "StaticSignature", "export_graph"]
+
+
+@dataclass(frozen=True)
+class StaticSignature:
+    """The shapes and dtypes a compiled callable was specialised to (CPU tensors only)."""
+
+    shapes: tuple[torch.Size, ...]
+    dtypes: tuple[torch.dtype, ...]
+
+    @classmethod
+    def of(cls, tensors: Sequence[torch.Tensor]) -> StaticSignature:
+        return cls(tuple(t.shape for t in tensors), tuple(t.dtype for t in tensors))
+
+    def prepare(self, args: Sequence[Any]) -> list[torch.Tensor]:
+        """Check ``args`` against the signature; return them detached and contiguous."""
+        if len(args) != len(self.shapes):
+            raise ValueError(f"expected {len(self.shapes)} input tensors, got {len(args)}")
+        out = []
+        for i, (arg, shape, dtype) in enumerate(zip(args, self.shapes, self.dtypes, strict=True)):
+            if not isinstance(arg, torch.Tensor) or arg.shape != shape or arg.dtype != dtype:
+                got = (
+                    f"{tuple(arg.shape)} {arg.dtype}" if isinstance(arg, torch.Tensor) else type(arg).__name__
+                )
+                raise ValueError(
+                    f"input {i}: compiled for shape {tuple(shape)} {dtype}, got {got}; compile again for new shapes"
+                )
+            if arg.device.type != "cpu":
+                raise ValueError(f"input {i}: expected a CPU tensor, got one on {arg.device}")
+            out.append(arg.detach().contiguous())
+        return out
+
+
+@dataclass(frozen=True)
+class ExportedGraph:
+    """A module exported with ``torch.export`` for fixed example inputs.
+
+    The program returns each distinct output tensor once, as a flat tuple (OpenVINO's converter
+    fails on a graph that returns one tensor twice, as aot_autograd's forward graphs do when a user
+    output is also saved for backward); ``unflatten`` rebuilds what the module returns.
+    """
+
+    program: ExportedProgram
+    input_names: tuple[str, ...]  # the program's user-input placeholder names, in positional order
+    output_map: tuple[int, ...]  # for each leaf of the module's output, the index of its runtime output
+    out_spec: pytree.TreeSpec  # how those leaves fold back into what the module returns
+    signature: StaticSignature
+
+    @property
+    def num_outputs(self) -> int:
+        """How many outputs the runtime's model has (distinct output tensors)."""
+        return len(set(self.output_map))
+
+    def match_inputs(self, runtime_inputs: Sequence[Collection[str]]) -> list[int]:
+        """The positional index of each runtime input, given each one's tensor name(s).
+
+        By name where a name matches; otherwise by position when the runtime kept every input (the
+        ONNX exporter renames an input that is also an output, ``x`` -> ``x_orig``, but keeps the order).
+        """
+        positions = []
+        for i, names in enumerate(runtime_inputs):
+            known = [self.input_names.index(n) for n in names if n in self.input_names]
+            if known:
+                positions.append(known[0])
+            elif len(runtime_inputs) == len(self.input_names):
+                positions.append(i)
+            else:
+                raise KeyError(
+                    f"runtime input {sorted(names)} is none of the exported inputs {self.input_names}"
+                )
+        return positions
+
+    def unflatten(self, runtime_outputs: Sequence[torch.Tensor]) -> Any:
+        return pytree.tree_unflatten([runtime_outputs[i] for i in self.output_map], self.out_spec)
+
+
+class _DistinctOutputs(nn.Module):
+    """``inner`` returning only the output leaves at positions ``keep``, as a flat tuple."""
+
+    def __init__(self, inner: nn.Module, keep: Sequence[int]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.keep = tuple(keep)
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        leaves = pytree.tree_leaves(self.inner(*args))
+        return tuple(leaves[i] for i in self.keep)
+
+
+def export_graph(backend: str, module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> ExportedGraph:
+    """``torch.export.export`` ``module`` on ``example_inputs`` (twice when it returns a tensor more
+    than once); failures become ``BackendCompileError``."""
+    _check_example_inputs(backend, example_inputs)
+    program = _export(backend, module, example_inputs)
+    out_spec = program.call_spec.out_spec
+    output_map, keep = _distinct(_user_output_names(backend, program))
+    if len(keep) < len(output_map):
+        program = _export(backend, _DistinctOutputs(module, keep), example_inputs)
+    return ExportedGraph(
+        program=program,
+        input_names=tuple(program.graph_signature.user_inputs),
+        output_map=output_map,
+        out_spec=out_spec,
+        signature=StaticSignature.of(example_inputs),
+    )
+
+
+def _export(backend: str, module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> ExportedProgram:
+    try:
+        return torch.export.export(module, tuple(example_inputs))
+    except Exception as exc:
+        raise BackendCompileError.from_exception(backend, exc) from exc
+
+
+def _user_output_names(backend: str, program: ExportedProgram) -> list[str]:
+    specs = [s for s in program.graph_signature.output_specs if s.kind == OutputKind.USER_OUTPUT]
+    if not all(isinstance(spec.arg, TensorArgument) for spec in specs):
+        raise BackendCompileError(backend, "only modules whose outputs are all tensors are supported")
+    return [spec.arg.name for spec in specs]
+
+
+def _distinct(names: Sequence[str]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(output_map, keep)``: ``keep`` the first position of each distinct name, ``output_map`` each
+    position's index into ``keep``."""
+    first: dict[str, int] = {}
+    for name in names:
+        first.setdefault(name, len(first))
+    keep = tuple(names.index(name) for name in first)
+    return tuple(first[name] for name in names), keep
+
+
+def _check_example_inputs(backend: str, example_inputs: tuple[torch.Tensor, ...]) -> None:
+    for i, t in enumerate(example_inputs):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"example_inputs[{i}] must be a torch.Tensor, got {type(t).__name__}")
+        if t.device.type != "cpu":
+            raise BackendCompileError(backend, f"runs on CPU only; example_inputs[{i}] is on {t.device}")

@@ -1,0 +1,108 @@
+"""TorchInductor through ``torch.compile(backend="inductor")``, optionally with weight freezing."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from torch_collage.backends.base import BackendCompileError
+
+__all__ = ["InductorBackend"]
+
+logger = logging.getLogger(__name__)
+
+_COMPILERS = ("g++", "c++", "clang++")  # Inductor's CPU code is C++
+# Inductor's LoweringException names the node's target
+_OP_PATTERNS = (re.compile(r"target: (?:torch\.ops\.)?(\w+\.\w+\.\w+)"),)
+
+
+@dataclass(frozen=True, kw_only=True)
+class InductorBackend:
+    """``torch.compile(..., backend="inductor", dynamic=False)``, compiled and warmed up in ``compile``.
+
+    Each ``compile`` compiles afresh, behind a code object of its own ([Note: one code object per
+    compile]); dynamo's caches are never reset, since that would throw away every other compiled
+    model in the process (including the one Collage is assembling). With ``freezing``, Inductor
+    folds parameters into the graph as constants: the callable then always runs under
+    ``torch.no_grad()`` (freezing is inference-only) and must not be used after the weights change.
+    """
+
+    freezing: bool = False  # Inductor's `freezing`; the backend's name becomes "inductor_freezing"
+
+    @property
+    def name(self) -> str:
+        return "inductor_freezing" if self.freezing else "inductor"
+
+    def available(self) -> tuple[bool, str]:
+        if not any(shutil.which(cxx) for cxx in _COMPILERS):
+            return False, f"no C++ compiler ({', '.join(_COMPILERS)}) on PATH; Inductor's CPU code needs one"
+        return True, ""
+
+    def version(self) -> str:
+        return f"torch {torch.__version__} inductor"
+
+    def compile(self, module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Callable[..., Any]:
+        start = time.perf_counter()
+        options: dict[str, str | int | bool | Callable[..., Any]] = {"freezing": self.freezing}
+        compiled = torch.compile(_fresh_entry(module), backend="inductor", options=options, dynamic=False)
+        runner: Callable[..., Any] = _NoGradRunner(compiled) if self.freezing else compiled
+        try:
+            # Inductor compiles lazily, on the first call: do it now. [Note: freezing needs the global flag]
+            with torch._inductor.config.patch(freezing=self.freezing):
+                runner(*example_inputs)
+        except Exception as exc:
+            raise BackendCompileError.from_exception(self.name, exc, _OP_PATTERNS) from exc
+        logger.debug(
+            "%s: compiled %s in %.2f s", self.name, type(module).__name__, time.perf_counter() - start
+        )
+        return runner
+
+
+# [Note: one code object per compile]
+# Dynamo keeps compiled code, and counts recompiles (limit 8), per Python code object. Compiled
+# through `module.forward`, every instance of a class shares one; frozen graphs guard on their
+# parameters' identity, so the 9th instance of a class compiled with freezing silently ran eager,
+# and the frozen weights of the 8 before stayed alive in the cache. Calling the module from a
+# function whose code object is new per compile gives each compile its own cache, freed with it.
+# (Graph breaks inside the module still resume in the class's own code.)
+_ENTRY_IDS = itertools.count()
+
+
+def _fresh_entry(module: nn.Module) -> Callable[..., Any]:
+    def entry(*args: Any) -> Any:
+        return module(*args)
+
+    entry.__code__ = entry.__code__.replace(co_name=f"collage_inductor_entry_{next(_ENTRY_IDS)}")
+    return entry
+
+
+# [Note: freezing needs the global flag]
+# Dynamo decides while tracing whether parameters become graph attributes (which Inductor's
+# freezing folds into constants) or graph inputs (which it cannot), and it reads the *global*
+# `torch._inductor.config.freezing` for that; torch.compile's `options` only reach Inductor after
+# tracing. With options alone, the "frozen" MLP ran plain addmm on parameter inputs. So the first
+# call, which traces, runs with the global flag patched on. A later recompile (new shapes, new grad
+# mode) traces without it: still correct, just not frozen.
+
+
+class _NoGradRunner:
+    """Calls ``fn`` under ``torch.no_grad()``, so a frozen graph is used in whatever mode the caller is."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self._fn = fn
+
+    def __call__(self, *args: Any) -> Any:
+        with torch.no_grad():
+            return self._fn(*args)
+
+    def __repr__(self) -> str:
+        return f"<no_grad {self._fn!r}>"

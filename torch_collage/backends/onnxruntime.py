@@ -1,0 +1,186 @@
+"""ONNX Runtime on CPU: ``torch.export`` -> ``torch.onnx.export`` (in memory) -> ``InferenceSession``.
+
+torch 2.13 has no "onnxrt" dynamo backend any more, so this backend runs the session itself.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from torch_collage.backends._export import ExportedGraph, export_graph
+from torch_collage.backends.base import BackendCompileError
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+__all__ = ["OnnxRuntimeBackend"]
+
+logger = logging.getLogger(__name__)
+
+_NAME = "onnxruntime"
+_REQUIRED = ("onnxruntime", "onnx", "onnxscript")
+_OP_PATTERNS = (
+    re.compile(r"No ONNX function found for <OpOverload\(op='([\w.]+)', overload='(\w+)'\)>"),
+    re.compile(r"call_function\[target=torch\.ops\.([\w.]+)\]"),
+    re.compile(r"Could not find an implementation for (\w+)\("),  # ORT: a kernel missing for an ONNX op
+    re.compile(r"of operator \((\w+)\) in node"),  # ORT: the exported model is invalid at that op
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OnnxRuntimeBackend:
+    """ONNX Runtime's CPU execution provider, whole graph, static shapes, inference only.
+
+    The compiled callable accepts CPU tensors of the example inputs' shapes and dtypes (else
+    ``ValueError``), returns fresh tensors each call, records no autograd graph, and is not
+    thread-safe (it reuses one session binding).
+    """
+
+    allow_spinning: bool = False  # let intra-op threads spin-wait after a call; see [Note: ORT call path]
+    io_binding: bool = False  # bind torch buffers with IOBinding, not session.run(numpy); see the Note
+    num_threads: int | None = None  # intra-op threads; None: torch.get_num_threads() at compile time
+
+    def __post_init__(self) -> None:
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1 or None, got {self.num_threads}")
+
+    @property
+    def name(self) -> str:
+        return _NAME
+
+    def available(self) -> tuple[bool, str]:
+        missing = [pkg for pkg in _REQUIRED if importlib.util.find_spec(pkg) is None]
+        if missing:
+            return False, f"{', '.join(missing)} not installed (pip install torch-collage[onnx])"
+        return True, ""
+
+    def version(self) -> str:
+        ok, reason = self.available()
+        if not ok:
+            raise RuntimeError(reason)
+        v = importlib.metadata.version
+        return f"onnxruntime {v('onnxruntime')} (torch {torch.__version__}, onnxscript {v('onnxscript')})"
+
+    def compile(self, module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> _OrtRunner:
+        start = time.perf_counter()
+        graph = export_graph(_NAME, module, example_inputs)
+        try:
+            session = self._session(_to_onnx(graph))
+            runner = _OrtRunner(session, graph, self.io_binding)
+            runner.warm_up(example_inputs)
+        except BackendCompileError:
+            raise
+        except Exception as exc:
+            raise BackendCompileError.from_exception(_NAME, exc, _OP_PATTERNS) from exc
+        logger.debug(
+            "%s: compiled %s in %.2f s", self.name, type(module).__name__, time.perf_counter() - start
+        )
+        return runner
+
+    def _session(self, model: bytes) -> ort.InferenceSession:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.num_threads or torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3  # errors only: unused-initializer warnings are noise here
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.allow_spinning else "0")
+        return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+# [Note: ORT call path]
+# Measured on the project's 2-core CPU (onnxruntime 1.32, torch 2.13) while other jobs shared it:
+# medians were noisy, so best-of-repeats and interleaved A/B pairs are what these rest on.
+# - Spinning. Intra-op workers that spin-wait after a call answer the next call sooner: a tiny MLP
+#   (batch 8, 64->256->64) took ~10 us with spinning, ~20 us without (one thread wake-up per call);
+#   back-to-back calls of a 64x512->2048->2048->512 MLP and a 2-layer encoder (4x128x256) were 8-15%
+#   faster with it on a quiet machine. But the spinning threads take the cores from whatever runs
+#   next: a torch matmul right after a call ran 1-5% slower (the project measured up to 2x after larger
+#   graphs), and with other processes on the machine ORT itself got slower with spinning (MLP 12-16 ms
+#   vs 9 ms). A Collage placement always has neighbours, so the default is off; a whole-graph baseline
+#   that wants ORT's best back-to-back latency should pass allow_spinning=True.
+# - IOBinding vs session.run. Binding each input and a fresh output buffer costs more Python calls than
+#   the output copy it saves: tiny MLP 19 us with IOBinding vs 12 us with session.run (numpy inputs are
+#   not copied; the outputs come back as fresh numpy arrays wrapped by torch.from_numpy). On the MLP and
+#   the encoder above the two were within noise (0-7% either way). Default session.run.
+
+
+def _to_onnx(graph: ExportedGraph) -> bytes:
+    """Export in memory (no files): the serialised ONNX model. Failures keep torch.onnx's message,
+    whose summary names the ATen op that has no ONNX function."""
+    try:
+        program = torch.onnx.export(graph.program, dynamo=True, verbose=False)
+    except Exception as exc:
+        raise BackendCompileError.from_exception(_NAME, exc, _OP_PATTERNS) from exc
+    assert program is not None
+    return program.model_proto.SerializeToString()
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    return torch.empty((), dtype=dtype).numpy().dtype
+
+
+class _OrtRunner:
+    """Calls one ``InferenceSession`` with torch tensors; inputs are matched by name because the
+    exporter may drop inputs the graph does not use."""
+
+    def __init__(self, session: ort.InferenceSession, graph: ExportedGraph, io_binding: bool) -> None:
+        self._session = session
+        self._graph = graph
+        sig = graph.signature
+        names = [i.name for i in session.get_inputs()]
+        self._inputs = list(zip(names, graph.match_inputs([[n] for n in names]), strict=True))
+        self._input_np_dtypes = {pos: _numpy_dtype(sig.dtypes[pos]) for _, pos in self._inputs}
+        self._output_names = [o.name for o in session.get_outputs()]
+        if len(self._output_names) != graph.num_outputs:
+            raise BackendCompileError(
+                _NAME, f"the ONNX model has {len(self._output_names)} outputs, the module {graph.num_outputs}"
+            )
+        self._outputs: list[tuple[torch.Size, torch.dtype, np.dtype]] = []  # set by warm_up
+        self._binding = session.io_binding() if io_binding else None
+
+    def warm_up(self, example_inputs: Sequence[torch.Tensor]) -> None:
+        """One run through ``session.run``: records the outputs' shapes and dtypes for IOBinding."""
+        outs = self._run_numpy(self._graph.signature.prepare(example_inputs))
+        self._outputs = [(o.shape, o.dtype, _numpy_dtype(o.dtype)) for o in outs]
+        if self._binding is not None:
+            self._run_bound(self._graph.signature.prepare(example_inputs))
+
+    def __call__(self, *args: torch.Tensor) -> Any:
+        tensors = self._graph.signature.prepare(args)
+        flat = self._run_numpy(tensors) if self._binding is None else self._run_bound(tensors)
+        return self._graph.unflatten(flat)
+
+    def _run_numpy(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        feed = {name: tensors[pos].numpy() for name, pos in self._inputs}
+        return [torch.from_numpy(o) for o in self._session.run(self._output_names, feed)]
+
+    def _run_bound(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        binding = self._binding
+        assert binding is not None
+        for name, pos in self._inputs:
+            t = tensors[pos]
+            binding.bind_input(name, "cpu", 0, self._input_np_dtypes[pos], tuple(t.shape), t.data_ptr())
+        outs = []
+        for name, (shape, dtype, np_dtype) in zip(self._output_names, self._outputs, strict=True):
+            out = torch.empty(shape, dtype=dtype)
+            binding.bind_output(name, "cpu", 0, np_dtype, tuple(shape), out.data_ptr())
+            outs.append(out)
+        self._session.run_with_iobinding(binding)
+        return outs
+
+    def __repr__(self) -> str:
+        return f"<onnxruntime runner: {len(self._inputs)} inputs, {len(self._output_names)} outputs>"

@@ -1,0 +1,89 @@
+"""Persistent cost cache (SQLite): measured milliseconds, or a rejection with its reason, per key.
+
+Keys are built by the cost model from backend, backend version, canonical subgraph, input shapes,
+dtypes, strides, thread count and device. A file that is not our database (corrupt, foreign, or an
+older schema) is moved aside with a warning and a fresh one is created.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["CachedCost", "CostCache"]
+
+logger = logging.getLogger(__name__)
+
+_SCHEMA_VERSION = 1
+_FILE = "costs.sqlite"
+
+
+@dataclass(frozen=True)
+class CachedCost:
+    ms: float  # median milliseconds; inf when rejected
+    reason: str  # why it was rejected; empty when measured
+
+    @property
+    def ok(self) -> bool:
+        return math.isfinite(self.ms)
+
+
+class CostCache:
+    """``get(key)`` / ``put(key, cost)`` over ``<cache_dir>/costs.sqlite``; safe to share across threads."""
+
+    def __init__(self, cache_dir: str) -> None:
+        self.path = Path(cache_dir).expanduser() / _FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = self._open()
+
+    def get(self, key: str) -> CachedCost | None:
+        with self._lock:
+            row = self._db.execute("SELECT ms, reason FROM costs WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        return CachedCost(math.inf if row[0] is None else float(row[0]), row[1] or "")
+
+    def put(self, key: str, cost: CachedCost) -> None:
+        ms = cost.ms if math.isfinite(cost.ms) else None
+        with self._lock, self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO costs(key, ms, reason, created) VALUES (?, ?, ?, ?)",
+                (key, ms, cost.reason, time.time()),
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            return self._connect()
+        except sqlite3.DatabaseError as exc:
+            aside = self.path.with_suffix(f".broken-{int(time.time())}")
+            logger.warning("torch_collage: cost cache %s unreadable (%s); moved to %s", self.path, exc, aside)
+            self.path.rename(aside)
+            return self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
+        try:
+            db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT)")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS costs (key TEXT PRIMARY KEY, ms REAL, reason TEXT, created REAL)"
+            )
+            row = db.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone()
+            if row is None:
+                with db:
+                    db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(_SCHEMA_VERSION),))
+            elif row[0] != str(_SCHEMA_VERSION):
+                raise sqlite3.DatabaseError(f"schema {row[0]}, expected {_SCHEMA_VERSION}")
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        return db

@@ -1,0 +1,216 @@
+"""Measured costs: compile a candidate with its backend, check it against eager, time it; cache the result.
+
+Also measures the cost of switching from one backend to another between two consecutive partitions
+(copies, conversions, Python calls and thread-pool hand-over), on a small probe graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+from torch_collage.cache import CachedCost, CostCache
+from torch_collage.candidates import Candidate
+from torch_collage.graph import DataflowGraph
+from torch_collage.options import CollageOptions
+from torch_collage.spec import BackendSpec
+from torch_collage.subgraph import Subgraph, digest, extract, tensor_signature
+from torch_collage.timing import measure
+
+__all__ = ["CompiledPart", "CostModel", "measurement_count", "outputs_match", "record_values"]
+
+logger = logging.getLogger(__name__)
+
+_measured = 0
+_warned: set[tuple[str, str]] = set()
+_PROBE_SHAPE = (64, 256)
+
+
+def measurement_count() -> int:
+    """How many timings this process has run (cache hits are not counted)."""
+    return _measured
+
+
+def _count() -> None:
+    global _measured
+    _measured += 1
+
+
+def record_values(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[fx.Node, Any]:
+    """Every node's value when ``gm`` runs eagerly on clones of ``inputs`` (mutations stay on the clones)."""
+    values: dict[fx.Node, Any] = {}
+
+    class _Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            values[n] = super().run_node(n)
+            return values[n]
+
+    clones = [x.clone() if isinstance(x, torch.Tensor) else x for x in inputs]
+    with torch.no_grad():
+        _Recorder(gm).run(*clones)
+    return values
+
+
+def outputs_match(got: Sequence[Any], want: Sequence[Any], rtol: float, atol: float) -> str:
+    """Empty when ``got`` equals ``want`` within tolerance, else why not."""
+    if len(got) != len(want):
+        return f"returned {len(got)} values, expected {len(want)}"
+    for i, (g, w) in enumerate(zip(got, want)):
+        if not isinstance(w, torch.Tensor):
+            continue
+        try:
+            torch.testing.assert_close(g, w, rtol=rtol, atol=atol, equal_nan=True, check_stride=False)
+        except (AssertionError, TypeError) as exc:
+            return f"output {i} differs from eager: {str(exc).splitlines()[0]}"
+    return ""
+
+
+@dataclass(frozen=True)
+class CompiledPart:
+    subgraph: Subgraph
+    backend: str
+    fn: Callable[..., Any] | None  # None when the backend failed or mismatched
+    reason: str
+
+
+class CostModel:
+    """Costs (median ms) of candidates and backend switches for one graph with recorded values."""
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        graph: DataflowGraph,
+        values: dict[fx.Node, Any],
+        specs: dict[str, BackendSpec],
+        options: CollageOptions,
+        cache: CostCache,
+    ) -> None:
+        self.gm, self.graph, self.values, self.specs, self.options, self.cache = (
+            gm,
+            graph,
+            values,
+            specs,
+            options,
+            cache,
+        )
+        self.threads = options.threads or torch.get_num_threads()
+        self.versions = {name: spec.version() for name, spec in specs.items()}
+        self.measured = 0  # timings run by this model (cache misses)
+        self.reasons: dict[tuple[int, str], str] = {}  # rejected candidates and why
+        self._probes: dict[str, Callable[..., Any] | None] = {}  # one-op graphs for switch costs
+
+    def key(self, kind: str, backend: str, sub: Subgraph) -> str:
+        inputs = [self.values[n] for n in sub.inputs]
+        return digest(
+            kind,
+            backend,
+            self.versions[backend],
+            sub.structure,
+            tensor_signature(inputs),
+            str(self.threads),
+            "cpu",
+        )
+
+    def cost(self, cand: Candidate) -> float:
+        """Median ms of ``cand`` on its backend; ``inf`` if it fails to compile or differs from eager."""
+        sub = extract(self.gm, self.graph.nodes(cand.mask))
+        key = self.key("candidate", cand.backend, sub)
+        cached = self.cache.get(key)
+        if cached is None:
+            cached = self._measure(sub, cand.backend)
+            self.cache.put(key, cached)
+        if not cached.ok:
+            self.reasons[(cand.mask, cand.backend)] = cached.reason
+        return cached.ms
+
+    def compile(self, mask: int, backend: str) -> CompiledPart:
+        """Compile units ``mask`` on ``backend`` and check it against eager (used by assembly)."""
+        sub = extract(self.gm, self.graph.nodes(mask))
+        fn, reason = self._compile_checked(sub, backend)
+        return CompiledPart(sub, backend, fn, reason)
+
+    def _measure(self, sub: Subgraph, backend: str) -> CachedCost:
+        fn, reason = self._compile_checked(sub, backend)
+        if fn is None:
+            return CachedCost(math.inf, reason)
+        inputs = [self.values[n] for n in sub.inputs]
+        return CachedCost(self.time_call(lambda: fn(*inputs)), "")
+
+    def time_call(self, call: Callable[[], Any]) -> float:
+        """Median ms of ``call()`` under the timing protocol and thread count (counted as a measurement)."""
+        opts = self.options
+        with torch.no_grad():
+            m = measure(call, warmup=opts.warmup, repeats=opts.repeats, max_time_s=2.0, threads=self.threads)
+        self.measured += 1
+        _count()
+        return m.median_ms
+
+    def _compile_checked(self, sub: Subgraph, backend: str) -> tuple[Callable[..., Any] | None, str]:
+        inputs = tuple(self.values[n] for n in sub.inputs)
+        try:
+            with torch.no_grad():
+                fn = self.specs[backend].compile(sub.module, inputs)
+                got = fn(*inputs)
+        except Exception as exc:
+            return None, self._failed(
+                backend, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", exc
+            )
+        got = tuple(got) if isinstance(got, (list, tuple)) else (got,)
+        reason = outputs_match(
+            got, [self.values[n] for n in sub.outputs], self.options.rtol, self.options.atol
+        )
+        if reason:
+            logger.info("torch_collage: %s candidate rejected: %s", backend, reason)
+            return None, f"mismatch: {reason}"
+        return fn, ""
+
+    def _failed(self, backend: str, reason: str, exc: Exception) -> str:
+        if self.options.on_backend_failure == "raise":
+            raise exc
+        if (backend, reason) not in _warned:
+            _warned.add((backend, reason))
+            logger.warning("torch_collage: %s could not run a candidate, using others: %s", backend, reason)
+        return reason
+
+    def switch_cost(self, a: str, b: str) -> float:
+        """Extra ms of calling a ``b`` partition right after an ``a`` one, beyond their own times."""
+        if a == b:
+            return 0.0
+        key = digest("switch", a, self.versions[a], b, self.versions[b], str(self.threads), str(_PROBE_SHAPE))
+        cached = self.cache.get(key)
+        if cached is None:
+            cached = CachedCost(self._measure_switch(a, b), "")
+            self.cache.put(key, cached)
+        return cached.ms if cached.ok else 0.0
+
+    def _measure_switch(self, a: str, b: str) -> float:
+        x = torch.randn(_PROBE_SHAPE)
+        for name in (a, b):
+            if name not in self._probes:
+                self._probes[name] = _probe(self.specs[name], x)
+        fa, fb = self._probes[a], self._probes[b]
+        if fa is None or fb is None:
+            return 0.0
+        both = self.time_call(lambda: fb(fa(x)[0])[0])
+        alone = self.time_call(lambda: fa(x)) + self.time_call(lambda: fb(x))
+        return max(0.0, both - alone)
+
+
+def _probe(spec: BackendSpec, x: torch.Tensor) -> Callable[..., Any] | None:
+    """A one-op graph (``relu``) compiled on ``spec``; None if it cannot."""
+    graph = fx.Graph()
+    inp = graph.placeholder("x")
+    graph.output((graph.call_function(torch.ops.aten.relu.default, (inp,)),))
+    try:
+        with torch.no_grad():
+            fn = spec.compile(fx.GraphModule(torch.nn.Module(), graph), (x,))
+            fn(x)
+        return fn
+    except Exception:
+        return None

@@ -1,0 +1,102 @@
+"""``torch_collage.explain``: place a model and report what was chosen, why, and how fast it ran."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from torch_collage.entry import make_backend
+from torch_collage.options import CollageOptions
+from torch_collage.report import GraphReport, PartitionReport
+
+__all__ = ["ExplainReport", "explain"]
+
+_ENTRY_IDS = itertools.count()
+
+
+@dataclass(frozen=True)
+class ExplainReport:
+    """The placements of every graph of one model (several when dynamo breaks the graph)."""
+
+    graphs: list[GraphReport]
+
+    @property
+    def partitions(self) -> list[PartitionReport]:
+        return [p for g in self.graphs for p in g.partitions]
+
+    @property
+    def backends_used(self) -> list[str]:
+        return list(dict.fromkeys(p.backend for p in self.partitions))
+
+    @property
+    def predicted_ms(self) -> float:
+        return sum(g.predicted_ms for g in self.graphs)
+
+    @property
+    def measured_ms(self) -> float:
+        return sum(g.measured_ms for g in self.graphs)
+
+    @property
+    def candidates_measured(self) -> int:
+        return sum(g.measured for g in self.graphs)
+
+    @property
+    def search_s(self) -> float:
+        return sum(g.search_s for g in self.graphs)
+
+    def to_markdown(self) -> str:
+        lines = [
+            f"**Collage placement**: backends {', '.join(self.backends_used) or '-'}; predicted "
+            f"{self.predicted_ms:.3f} ms, measured {self.measured_ms:.3f} ms; {self.candidates_measured} "
+            f"timings, search {self.search_s:.1f} s",
+            "",
+        ]
+        for i, g in enumerate(self.graphs):
+            lines += [f"### Graph {i} ({g.kind}): chose {g.chosen}", "", _singles_line(g), ""]
+            lines += ["| # | backend | ms | runner-up | nodes |", "|---|---|---|---|---|"]
+            for k, p in enumerate(g.partitions):
+                up = f"{p.runner_up} ({p.runner_up_ms:.3f})" if p.runner_up and p.runner_up_ms else "-"
+                lines.append(f"| {k} | {p.backend} | {p.measured_ms:.3f} | {up} | {', '.join(p.nodes)} |")
+            lines.append("")
+        return "\n".join(lines)
+
+    def save(self, path: str) -> None:
+        """A picture of each graph's partitions coloured by backend (format from the suffix: svg, png)."""
+        from torch_collage.render import render_placement
+
+        render_placement(self.graphs, Path(path))
+
+
+def _singles_line(g: GraphReport) -> str:
+    parts = [
+        f"{b} {ms:.3f} ms" if math.isfinite(ms) else f"{b} failed" for b, ms in g.single_backend_ms.items()
+    ]
+    return "Whole graph on one backend: " + ("; ".join(parts) or "-")
+
+
+def explain(model: nn.Module | Callable[..., Any], *example_inputs: Any, **options: Any) -> ExplainReport:
+    """Place ``model`` for ``example_inputs`` (inference, under ``no_grad``) with Collage ``options``
+    (the keys of ``torch.compile(..., backend="collage", options=...)``) and report the placement."""
+    parsed = CollageOptions.from_mapping(options)
+    graphs: list[GraphReport] = []
+    compiled = torch.compile(_fresh_entry(model), backend=make_backend(parsed, graphs.append), dynamic=False)
+    with torch.no_grad():
+        compiled(*example_inputs)
+    return ExplainReport(graphs)
+
+
+def _fresh_entry(model: Callable[..., Any]) -> Callable[..., Any]:
+    """A wrapper with its own code object, so dynamo compiles it afresh for this explain call."""
+
+    def entry(*args: Any) -> Any:
+        return model(*args)
+
+    entry.__code__ = entry.__code__.replace(co_name=f"collage_explain_{next(_ENTRY_IDS)}")
+    return entry

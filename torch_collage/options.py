@@ -1,0 +1,84 @@
+"""Options of ``torch.compile(model, backend="collage", options={...})``, parsed into a frozen dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = ["CollageOptions", "default_cache_dir"]
+
+CACHE_ENV = "TORCH_COLLAGE_CACHE_DIR"
+
+
+def default_cache_dir() -> str:
+    """``$TORCH_COLLAGE_CACHE_DIR``, else ``~/.cache/torch_collage``."""
+    return os.environ.get(CACHE_ENV) or str(Path.home() / ".cache" / "torch_collage")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CollageOptions:
+    """What Collage searches over and how carefully it measures. Times in seconds unless named ``_ms``."""
+
+    backends: tuple[str, ...] = ()  # backends to place on; empty: every available registered backend
+    time_budget_s: float = 300.0  # wall-clock cap on measuring candidates (and on refinement)
+    max_depth: int = 3  # most ATen ops one candidate subgraph may hold (the whole graph is always tried too)
+    search: Literal["dp", "dp+refine"] = "dp"  # exact DP only, or DP then measured local refinement
+    verify: bool = True  # check the assembled module against eager on random inputs before using it
+    on_backend_failure: Literal["fallback", "raise"] = (
+        "fallback"  # a failing candidate: infinite cost or raise
+    )
+    cache_dir: str = field(default_factory=default_cache_dir)  # where the SQLite cost cache lives
+    threads: int | None = None  # torch/runtime threads while timing; None: torch.get_num_threads()
+    warmup: int = 2  # untimed calls before timing a candidate
+    repeats: int = 15  # timed calls per candidate (median of them is its cost)
+    rtol: float = 1e-3  # tolerance of a candidate's outputs against eager's
+    atol: float = 1e-4
+    max_candidates: int = 400  # most candidates measured per graph (beyond it, larger ones are dropped)
+    progress: bool = True  # tqdm progress bar on searches that measure many candidates
+
+    def __post_init__(self) -> None:
+        if isinstance(self.backends, str) or not all(isinstance(b, str) for b in self.backends):
+            raise ValueError(f"backends must be a list of backend names, got {self.backends!r}")
+        object.__setattr__(self, "backends", tuple(self.backends))
+        _check_choice("search", self.search, ("dp", "dp+refine"))
+        _check_choice("on_backend_failure", self.on_backend_failure, ("fallback", "raise"))
+        for name in ("time_budget_s", "rtol", "atol"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("max_depth", "repeats", "max_candidates"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 or None, got {self.threads!r}")
+
+    @classmethod
+    def from_mapping(cls, options: Mapping[str, Any] | None) -> CollageOptions:
+        """Parse ``torch.compile``'s ``options``; unknown keys and backend names raise ``ValueError``."""
+        options = dict(options or {})
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown collage option(s) {unknown}; valid options: {', '.join(valid)}")
+        parsed = cls(**options)
+        parsed.check_backends()
+        return parsed
+
+    def check_backends(self) -> None:
+        """Every named backend must be registered (available or not: that is decided later)."""
+        from torch_collage.registry import registered_names
+
+        known = registered_names()
+        unknown = [b for b in self.backends if b not in known]
+        if unknown:
+            raise ValueError(
+                f"unknown backend(s) {unknown} in option 'backends'; valid backends: {', '.join(known)}"
+            )
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")

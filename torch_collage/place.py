@@ -1,0 +1,278 @@
+"""Place one ATen graph: candidates -> costs -> search -> merge -> end-to-end check -> assembly.
+
+[Note: end-to-end check]
+Partition costs are measured alone; assembled, runtimes interfere (ONNX Runtime and OpenVINO thread
+pools hand cores over, tensors are converted at boundaries). So the searched placement, when it
+mixes backends, is assembled and measured end to end beside the best whole-graph single backend,
+alternating twice; it is chosen only if it is faster. Those end-to-end times are cached too, so a
+warm compile measures nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+from torch_collage.assembly import AssembledGraph, Step
+from torch_collage.cache import CostCache
+from torch_collage.candidates import Candidate, enumerate_candidates
+from torch_collage.cost import CostModel, outputs_match, record_values
+from torch_collage.endtoend import e2e_many_ms, e2e_ms
+from torch_collage.graph import DataflowGraph, bits
+from torch_collage.options import CollageOptions
+from torch_collage.refine import refine
+from torch_collage.registry import get_spec
+from torch_collage.report import GraphReport, PartitionReport
+from torch_collage.search import Partition, Placement, merge_consecutive, search_cover
+from torch_collage.spec import BackendSpec
+
+__all__ = ["active_specs", "place_graph"]
+
+logger = logging.getLogger(__name__)
+_warned_unavailable: set[str] = set()
+
+
+def active_specs(options: CollageOptions) -> dict[str, BackendSpec]:
+    """The backends to place on: the requested (or all registered) ones that are available, plus eager."""
+    from torch_collage.registry import registered_names
+
+    names = list(options.backends or registered_names())
+    specs = {"eager": get_spec("eager")}
+    for name in names:
+        spec = get_spec(name)
+        ok, reason = spec.available()
+        if ok:
+            specs[name] = spec
+        elif name not in _warned_unavailable:
+            _warned_unavailable.add(name)
+            logger.warning("torch_collage: backend %s unavailable, not placing on it: %s", name, reason)
+    return specs
+
+
+def place_graph(
+    gm: fx.GraphModule, inputs: Sequence[Any], options: CollageOptions, kind: str = "inference"
+) -> tuple[AssembledGraph, GraphReport]:
+    """Search a placement of ``gm`` for ``inputs`` (real tensors) and assemble it."""
+    cache = CostCache(options.cache_dir)
+    try:
+        return _place(gm, inputs, options, kind, cache)
+    finally:
+        cache.close()
+
+
+def _place(
+    gm: fx.GraphModule, inputs: Sequence[Any], options: CollageOptions, kind: str, cache: CostCache
+) -> tuple[AssembledGraph, GraphReport]:
+    start = time.perf_counter()
+    graph = DataflowGraph.from_graph(gm.graph)
+    model = CostModel(gm, graph, record_values(gm, inputs), active_specs(options), options, cache)
+    if graph.size == 0:
+        placement = Placement((), 0.0)
+        assembled = AssembledGraph(gm, [])
+        return assembled, _report(kind, model, placement, 0.0, {}, "eager", 0, start)
+    cands = enumerate_candidates(graph, list(model.specs.values()), options.max_depth)
+    cands = _with_whole_graphs(graph, cands, model)
+    costs = _measure_all(cands, model, options, graph.full)
+    placement = search_cover(graph, cands, lambda c: costs.get(c, math.inf), model.switch_cost)
+    placement = _remeasure_merged(merge_consecutive(placement, graph), model, costs)
+    if options.search == "dp+refine" and len(model.specs) > 1:
+        placement = _refine(gm, graph, placement, model, costs, options)
+    singles = {b: costs.get(Candidate(graph.full, b), math.inf) for b in model.specs}
+    assembled, measured, chosen = _choose(gm, graph, placement, singles, model)
+    if options.verify:
+        assembled, chosen = _verify(gm, graph, assembled, chosen, model, inputs)
+    return assembled, _report(kind, model, placement, measured, singles, chosen, len(cands), start, costs)
+
+
+def _with_whole_graphs(graph: DataflowGraph, cands: list[Candidate], model: CostModel) -> list[Candidate]:
+    """Add the whole graph on every backend that supports all of it (always among the placements)."""
+    have = set(cands)
+    for name, spec in model.specs.items():
+        whole = Candidate(graph.full, name)
+        if whole not in have and all(spec.supports_node(u[0]) for u in graph.units):
+            cands.append(whole)
+    return cands
+
+
+def _measure_all(
+    cands: list[Candidate], model: CostModel, options: CollageOptions, full: int
+) -> dict[Candidate, float]:
+    """Cost of every candidate: whole graphs first (the single-backend placements must always be
+    known), then eager singletons (they keep a cover reachable), then the rest smallest first. Past
+    the time budget or ``max_candidates`` only the first two groups are still measured."""
+    order = sorted(cands, key=lambda c: (c.mask != full, not _essential(c), c.size, c.mask))
+    deadline = time.perf_counter() + options.time_budget_s
+    costs: dict[Candidate, float] = {}
+    with _progress(len(order), options) as bar:
+        for i, cand in enumerate(order):
+            essential = cand.mask == full or _essential(cand)
+            if essential or (time.perf_counter() < deadline and i < options.max_candidates):
+                costs[cand] = model.cost(cand)
+            bar.update(1)
+    return costs
+
+
+def _essential(cand: Candidate) -> bool:
+    return cand.backend == "eager" and cand.size == 1
+
+
+def _progress(total: int, options: CollageOptions) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="collage: measuring candidates", disable=not options.progress or total < 50)
+
+
+def _remeasure_merged(placement: Placement, model: CostModel, costs: dict[Candidate, float]) -> Placement:
+    parts = []
+    for p in placement.partitions:
+        cand = Candidate(p.mask, p.backend)
+        if cand not in costs:
+            costs[cand] = model.cost(cand)
+        cost = costs[cand] if math.isfinite(costs[cand]) else p.cost_ms
+        parts.append(Partition(p.mask, p.backend, cost))
+    return Placement.priced(parts, model.switch_cost)
+
+
+def _refine(
+    gm: fx.GraphModule,
+    graph: DataflowGraph,
+    placement: Placement,
+    model: CostModel,
+    costs: dict[Candidate, float],
+    options: CollageOptions,
+) -> Placement:
+    def cost(cand: Candidate) -> float:
+        if cand not in costs:
+            costs[cand] = model.cost(cand)
+        return costs[cand]
+
+    def measure_e2e(p: Placement) -> float:
+        return e2e_ms(model, p, functools.partial(_assemble, gm, p, model), graph)
+
+    budget = max(1.0, options.time_budget_s / 4)
+    return refine(placement, graph, list(model.specs), cost, model.switch_cost, measure_e2e, budget)
+
+
+def _assemble(gm: fx.GraphModule, placement: Placement, model: CostModel) -> AssembledGraph:
+    steps = []
+    for p in placement.partitions:
+        part = model.compile(p.mask, p.backend)
+        if part.fn is None:
+            logger.warning("torch_collage: %s partition fell back to eager: %s", p.backend, part.reason)
+            part = model.compile(p.mask, "eager")
+        assert part.fn is not None, part.reason
+        steps.append(Step(part.backend, part.fn, part.subgraph))
+    return AssembledGraph(gm, steps)
+
+
+def _lazy(gm: fx.GraphModule, placement: Placement, model: CostModel) -> Callable[[], AssembledGraph]:
+    """Assembles (compiles) ``placement`` on first call only: a warm compile builds just the winner."""
+    built: list[AssembledGraph] = []
+
+    def assemble() -> AssembledGraph:
+        if not built:
+            built.append(_assemble(gm, placement, model))
+        return built[0]
+
+    return assemble
+
+
+def _single(graph: DataflowGraph, backend: str, ms: float) -> Placement:
+    return Placement((Partition(graph.full, backend, ms),), ms)
+
+
+def _choose(
+    gm: fx.GraphModule,
+    graph: DataflowGraph,
+    placement: Placement,
+    singles: dict[str, float],
+    model: CostModel,
+) -> tuple[AssembledGraph, float, str]:
+    """The searched placement or the best single backend, by end-to-end time; see [Note: end-to-end check]."""
+    best = min(singles, key=lambda b: singles[b])
+    if len(placement.partitions) == 1:
+        assembled = _assemble(gm, placement, model)
+        return assembled, e2e_ms(model, placement, lambda: assembled, graph), placement.partitions[0].backend
+    single_placement = _single(graph, best, singles[best])
+    mixed, single = _lazy(gm, placement, model), _lazy(gm, single_placement, model)
+    mixed_ms, single_ms = e2e_many_ms(model, graph, [(placement, mixed), (single_placement, single)])
+    if mixed_ms < single_ms:
+        return mixed(), mixed_ms, "mixed"
+    logger.info(
+        "torch_collage: mixed placement %.3f ms >= %s %.3f ms; using %s", mixed_ms, best, single_ms, best
+    )
+    return single(), single_ms, best
+
+
+def _verify(
+    gm: fx.GraphModule,
+    graph: DataflowGraph,
+    assembled: AssembledGraph,
+    chosen: str,
+    model: CostModel,
+    inputs: Sequence[Any],
+) -> tuple[AssembledGraph, str]:
+    """Check the assembled graph against eager on the recorded values; eager if it differs."""
+    outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    want = list(fx.node.map_arg(outputs, lambda n: model.values[n]))
+    with torch.no_grad():
+        got = list(assembled(*[x.clone() if isinstance(x, torch.Tensor) else x for x in inputs]))
+    reason = outputs_match(got, want, model.options.rtol * 10, model.options.atol * 10)
+    if not reason:
+        return assembled, chosen
+    logger.warning("torch_collage: assembled placement differs from eager (%s); running eager", reason)
+    return _assemble(gm, _single(graph, "eager", 0), model), "eager"
+
+
+def _report(
+    kind: str,
+    model: CostModel,
+    placement: Placement,
+    measured: float,
+    singles: dict[str, float],
+    chosen: str,
+    candidates: int,
+    start: float,
+    costs: dict[Candidate, float] | None = None,
+) -> GraphReport:
+    graph, costs = model.graph, costs or {}
+    if chosen not in ("mixed", "eager") or (chosen == "eager" and len(placement.partitions) > 1):
+        placement = _single(graph, chosen, singles.get(chosen, measured))
+    parts = [_partition_report(graph, p, costs) for p in placement.partitions]
+    owner = {i: k for k, p in enumerate(placement.partitions) for i in bits(p.mask)}
+    edges = sorted(
+        {(owner[j], owner[i]) for i in owner for j in bits(graph.preds[i]) if owner[j] != owner[i]}
+    )
+    rejected = {f"{b}: {','.join(graph.names(m))}": r for (m, b), r in model.reasons.items()}
+    usable: dict[str, int] = {}
+    for cand, ms in costs.items():
+        usable[cand.backend] = usable.get(cand.backend, 0) + int(math.isfinite(ms))
+    return GraphReport(
+        kind,
+        parts,
+        edges,
+        placement.predicted_ms,
+        measured,
+        singles,
+        chosen,
+        candidates,
+        model.measured,
+        time.perf_counter() - start,
+        rejected,
+        usable,
+    )
+
+
+def _partition_report(graph: DataflowGraph, p: Partition, costs: dict[Candidate, float]) -> PartitionReport:
+    others = {c.backend: ms for c, ms in costs.items() if c.mask == p.mask and c.backend != p.backend}
+    others = {b: ms for b, ms in others.items() if math.isfinite(ms)}
+    runner = min(others, key=lambda b: others[b]) if others else None
+    nodes = [n.name for n in graph.nodes(p.mask)]
+    return PartitionReport(p.backend, nodes, p.cost_ms, runner, others.get(runner) if runner else None)

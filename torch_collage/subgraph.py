@@ -1,0 +1,109 @@
+"""Cut a set of FX nodes out of a GraphModule into a standalone GraphModule, with a canonical key.
+
+The submodule takes the values flowing into the set as positional inputs (in order of first use) and
+returns, as a tuple, every value of the set that is used outside it (in graph order). Its canonical
+key names nodes by position, so two structurally equal subgraphs (repeated blocks) share a key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+__all__ = ["Subgraph", "digest", "extract", "tensor_signature"]
+
+
+@dataclass(frozen=True)
+class Subgraph:
+    module: fx.GraphModule  # standalone; returns a tuple
+    inputs: tuple[fx.Node, ...]  # nodes of the parent graph feeding it, positionally
+    outputs: tuple[fx.Node, ...]  # nodes of the parent graph it returns, in order
+    structure: str  # canonical text of its ops (no names), the structural part of cache keys
+
+
+def extract(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> Subgraph:
+    """``nodes`` (any order) as a submodule of ``gm``; get_attr constants are copied in."""
+    inside = set(nodes)
+    ordered = [n for n in gm.graph.nodes if n in inside]
+    graph = fx.Graph()
+    root = torch.nn.Module()
+    env: dict[fx.Node, fx.Node] = {}
+    inputs: list[fx.Node] = []
+    local: dict[fx.Node, int] = {}
+    lines: list[str] = []
+
+    def lookup(arg: fx.Node) -> fx.Node:
+        if arg not in env:
+            if arg.op == "get_attr":
+                name = f"c{len(env)}"
+                _attach(root, name, _fetch_attr(gm, str(arg.target)))
+                env[arg] = graph.get_attr(name)
+                lines.append(f"const {_const_digest(getattr(root, name))}")
+            else:
+                env[arg] = graph.placeholder(f"in{len(inputs)}")
+                inputs.append(arg)
+                lines.append(f"input {len(inputs) - 1}")
+            local[arg] = len(lines) - 1
+        return env[arg]
+
+    for node in ordered:
+        env[node] = graph.node_copy(node, lookup)
+        env[node].meta = {}  # the parent's fake values and traces confuse re-tracing backends
+        lines.append(f"{node.target} {_canon(node.args, local)} {_canon(node.kwargs, local)}")
+        local[node] = len(lines) - 1
+    outputs = tuple(n for n in ordered if any(u not in inside for u in n.users))
+    graph.output(tuple(env[n] for n in outputs))
+    lines.append(f"out {[local[n] for n in outputs]}")
+    return Subgraph(fx.GraphModule(root, graph), tuple(inputs), outputs, "\n".join(lines))
+
+
+def tensor_signature(values: Iterable[Any]) -> str:
+    """Shapes, dtypes, strides and devices of ``values`` (other values by repr), for cache keys."""
+    parts = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            parts.append(f"{tuple(v.shape)}:{v.dtype}:{v.stride()}:{v.device.type}:{int(v.requires_grad)}")
+        else:
+            parts.append(repr(v))
+    return ";".join(parts)
+
+
+def _canon(value: Any, local: dict[fx.Node, int]) -> str:
+    if isinstance(value, fx.Node):
+        return f"%{local[value]}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_canon(v, local) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_canon(v, local)}" for k, v in sorted(value.items())) + "}"
+    return repr(value)
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _attach(root: torch.nn.Module, name: str, value: Any) -> None:
+    if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+        root.register_buffer(name, value)
+    else:
+        setattr(root, name, value)
+
+
+def _const_digest(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        data = value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        return f"{tuple(value.shape)}:{value.dtype}:{hashlib.sha256(data).hexdigest()[:16]}"
+    return repr(value)
+
+
+def digest(*parts: str) -> str:
+    """A short stable hash of ``parts`` (cache keys)."""
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()

@@ -1,0 +1,141 @@
+"""Wall-clock timing of a callable: the one timing core shared by the cost model and the benchmarks.
+
+[Note: timing protocol]
+``measure`` calls ``fn`` ``warmup`` times untimed, then times each of at least ``repeats`` calls with
+``time.perf_counter_ns``. If the timed calls have not yet added up to ``min_time_s`` it keeps going;
+once the whole measurement (warm-up included) has run for ``max_time_s`` it stops, keeping at least one
+sample. Torch's intra-op thread count is pinned to ``threads`` for the duration and restored after, so
+every backend is timed with the same number of threads. Grad mode is left to the caller. All times are
+reported in milliseconds. On a noisy machine prefer ``p20_ms`` (steadier) or ``median_ms`` over
+``mean_ms``, and report ``iqr_ms`` as the spread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["Measurement", "measure", "quantile", "torch_threads"]
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """The ``q``-quantile (0 <= q <= 1) of ``values`` by linear interpolation (numpy's default)."""
+    if not values:
+        raise ValueError("values must not be empty")
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"q must be in [0, 1], got {q!r}")
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Per-call wall-clock times of one measured callable, in milliseconds."""
+
+    samples_ms: tuple[float, ...]  # one entry per timed call, in call order
+
+    def __post_init__(self) -> None:
+        if not self.samples_ms:
+            raise ValueError("samples_ms must hold at least one sample")
+
+    @property
+    def median_ms(self) -> float:
+        return quantile(self.samples_ms, 0.5)
+
+    @property
+    def p20_ms(self) -> float:
+        return quantile(self.samples_ms, 0.2)
+
+    @property
+    def iqr_ms(self) -> float:
+        return quantile(self.samples_ms, 0.75) - quantile(self.samples_ms, 0.25)
+
+    @property
+    def mean_ms(self) -> float:
+        return statistics.fmean(self.samples_ms)
+
+    @property
+    def min_ms(self) -> float:
+        return min(self.samples_ms)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Summary statistics plus the raw samples, JSON-ready."""
+        return {
+            "n": len(self.samples_ms),
+            "median_ms": self.median_ms,
+            "p20_ms": self.p20_ms,
+            "iqr_ms": self.iqr_ms,
+            "mean_ms": self.mean_ms,
+            "min_ms": self.min_ms,
+            "samples_ms": list(self.samples_ms),
+        }
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Pin torch's intra-op thread count to ``threads`` (None: leave it) and restore it afterwards."""
+    if threads is None:
+        yield
+        return
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads!r}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _validate(warmup: int, repeats: int, min_time_s: float, max_time_s: float | None) -> None:
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup!r}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats!r}")
+    if min_time_s < 0:
+        raise ValueError(f"min_time_s must be >= 0, got {min_time_s!r}")
+    if max_time_s is not None and max_time_s <= 0:
+        raise ValueError(f"max_time_s must be > 0 or None, got {max_time_s!r}")
+
+
+def measure(
+    fn: Callable[[], Any],
+    *,
+    warmup: int = 3,
+    repeats: int = 20,
+    min_time_s: float = 0.0,
+    max_time_s: float | None = None,
+    threads: int | None = None,
+) -> Measurement:
+    """Time ``fn()`` per call; see [Note: timing protocol]. Returns the samples in milliseconds."""
+    _validate(warmup, repeats, min_time_s, max_time_s)
+    deadline = None if max_time_s is None else time.perf_counter_ns() + int(max_time_s * 1e9)
+    min_total_ns = int(min_time_s * 1e9)
+    samples_ns: list[int] = []
+    with torch_threads(threads):
+        for _ in range(warmup):
+            fn()
+            if deadline is not None and time.perf_counter_ns() >= deadline:
+                break
+        total_ns = 0
+        while True:
+            start = time.perf_counter_ns()
+            fn()
+            elapsed = time.perf_counter_ns() - start
+            samples_ns.append(elapsed)
+            total_ns += elapsed
+            if deadline is not None and start + elapsed >= deadline:
+                break
+            if len(samples_ns) >= repeats and total_ns >= min_total_ns:
+                break
+    return Measurement(samples_ms=tuple(ns / 1e6 for ns in samples_ns))
