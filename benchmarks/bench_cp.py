@@ -76,29 +76,32 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     return (torch.softmax(scores, dim=-1) @ v.double()).reshape(q.shape)
 
 
-def kernel_rows(contexts: Sequence[int], threads: int, repeats: int) -> list[dict]:
+def _kernel_rows_at(length: int, threads: int, repeats: int) -> list[dict]:
+    progress(f"kernels: L={length}")
+    q, k, v = _cache(length)
+    nbytes = 2 * k.numel() * k.element_size()
+    ref = _reference(q, k, v)
+    fns = {
+        "cpp": lambda: attention_state(q, k, v, backend="cpp")[0],
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+        "read ceiling": lambda: (k.sum(), v.sum()),
+    }
+    times = measure_interleaved(fns, rounds=3, repeats=repeats, warmup=2, threads=threads)
+    ceiling = nbytes / times["read ceiling"].median_ms / 1e6
     rows = []
-    for length in contexts:
-        progress(f"kernels: L={length}")
-        q, k, v = _cache(length)
-        nbytes = 2 * k.numel() * k.element_size()
-        ref = _reference(q, k, v)
-        fns = {
-            "cpp": lambda: attention_state(q, k, v, backend="cpp")[0],
-            "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
-            "read ceiling": lambda: (k.sum(), v.sum()),
-        }
-        times = measure_interleaved(fns, rounds=3, repeats=repeats, warmup=2, threads=threads)
-        ceiling = nbytes / times["read ceiling"].median_ms / 1e6
-        for name, m in times.items():
-            gbps = nbytes / m.median_ms / 1e6
-            row = {"part": "kernel", "context": length, "impl": name, "status": "ok", "median_ms": m.median_ms}
-            row |= {"iqr_ms": m.iqr_ms, "gbps": gbps, "of_ceiling": gbps / ceiling}
-            row["vs_sdpa"] = times["sdpa"].median_ms / m.median_ms if name != "read ceiling" else None
-            if name != "read ceiling":
-                row["max_err"] = ((fns[name]().double() - ref).abs().max() / v.abs().max()).item()
-            rows.append(row)
+    for name, m in times.items():
+        gbps = nbytes / m.median_ms / 1e6
+        row = {"part": "kernel", "context": length, "impl": name, "status": "ok", "median_ms": m.median_ms}
+        row |= {"iqr_ms": m.iqr_ms, "gbps": gbps, "of_ceiling": gbps / ceiling}
+        row["vs_sdpa"] = times["sdpa"].median_ms / m.median_ms if name != "read ceiling" else None
+        if name != "read ceiling":
+            row["max_err"] = ((fns[name]().double() - ref).abs().max() / v.abs().max()).item()
+        rows.append(row)
     return rows
+
+
+def kernel_rows(contexts: Sequence[int], threads: int, repeats: int) -> list[dict]:
+    return [row for length in contexts for row in _kernel_rows_at(length, threads, repeats)]
 
 
 def _free_port() -> int:
@@ -155,7 +158,10 @@ def distributed_rows(length: int, repeats: int) -> list[dict]:
         "whole step, 2 ranks": perf_model.attention_time(shape, hw, context_len=length, batch=1, ranks=2),
         "merge all_gather": perf_model.merge_time(shape, hw, batch=1, ranks=2),
     }
-    measured["one rank, whole cache"] = (single["one rank, whole cache"].median_ms, single["one rank, whole cache"].iqr_ms)
+    measured["one rank, whole cache"] = (
+        single["one rank, whole cache"].median_ms,
+        single["one rank, whole cache"].iqr_ms,
+    )
     rows = []
     for name, (median, iqr) in measured.items():
         row = {"part": "cache parallel", "context": length, "impl": name, "status": "ok", "median_ms": median}

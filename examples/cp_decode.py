@@ -43,14 +43,18 @@ def main() -> None:
         times.append(time.perf_counter() - start)
     worst = 0.0
     for t, out in zip(range(args.context, total), outs):
-        ref, _ = torch_cp.attention_reference(q_all[:, :, t : t + 1], k_all[:, :, : t + 1], v_all[:, :, : t + 1])
+        ref, _ = torch_cp.attention_reference(
+            q_all[:, :, t : t + 1], k_all[:, :, : t + 1], v_all[:, :, : t + 1]
+        )
         worst = max(worst, (out.double() - ref).abs().max().item())
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([cache.local_len(0)]))
     if rank == 0:
         mib = 2 * cache.local_len(0) * args.kv_heads * args.head_dim * 4 / 2**20
-        print(f"cache parallelism over {world} ranks (gloo, CPU): {total} tokens, Hq {args.q_heads}, "
-              f"Hkv {args.kv_heads}, D {args.head_dim}, fp32")
+        print(
+            f"cache parallelism over {world} ranks (gloo, CPU): {total} tokens, Hq {args.q_heads}, "
+            f"Hkv {args.kv_heads}, D {args.head_dim}, fp32"
+        )
         print(f"  tokens per rank: {[int(s) for s in sizes]}  ({mib:.0f} MiB of K+V on rank 0)")
         print(f"  decode step (median of {len(times)}): {sorted(times)[len(times) // 2] * 1e3:.2f} ms")
         print(f"  max |error| vs unsharded float64 attention: {worst:.2e}")

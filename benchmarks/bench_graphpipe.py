@@ -1,0 +1,480 @@
+"""GraphPipe vs torch.distributed.pipelining's Schedule1F1B: iteration time of pipeline training on CPU.
+
+    python benchmarks/bench_graphpipe.py                       # all workloads (about 5 minutes on 2 cores)
+    python benchmarks/bench_graphpipe.py --workloads two_branch,chain
+
+Every stage is one gloo process. This machine has 2 cores and a pipeline has up to 8 stages, so stage
+compute is EMULATED: each stage runs the tiny version of the model (same operator graph, so the same
+plan applies) and sleeps for its operators' cost, as if it ran on a device of its own. The costs are
+fixed units for the synthetic models and, for the zoo models, per-operator times profiled on the
+full-size model (one thread) and scaled so that a stage takes ``--target-ms`` per micro-batch on
+average. Sleeps are calibrated: a forward sleeps its cost minus the real forward time it took, a
+backward its cost minus twice that. For each workload, three runtimes run side by side, rotating
+order: GraphPipe on the DAG plan, GraphPipe on the best chain plan, and Schedule1F1B on that chain
+(``torch_graphpipe.baseline.ChainBaseline``). Beside the measured median the table gives the
+simulator's prediction for the same plan and sleeps (messages cost the measured gloo latency), the
+planning time, and the peak in-flight micro-batches per stage (simulated / measured from GraphPipe's
+own trace). Writes ``benchmarks/results/graphpipe_cpu.{json,md,png}`` and timeline PNGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: find the packages
+
+from benchmarks.harness import (
+    DEFAULT_OUT_DIR,
+    Column,
+    PlotSpec,
+    ResultTable,
+    load_note,
+    machine_info,
+    print_header,
+    progress,
+    rotated_orders,
+    write_results,
+)
+from torch_graphpipe import (
+    CommModel,
+    CostTable,
+    GraphPipe,
+    OpCost,
+    Plan,
+    capture,
+    plan_graph,
+    plan_stages,
+    profile_graph,
+    simulate,
+)
+from torch_graphpipe.baseline import ChainBaseline
+from torch_graphpipe.groups import stages_from_module_groups
+from torch_graphpipe.simulate import SimulationResult, TimelineEntry
+
+LABELS = {  # plan key -> runtime label; "baseline" runs the chain plan with Schedule1F1B
+    "dag": "GraphPipe (DAG, planner)",
+    "dag_explicit": "GraphPipe (DAG, explicit partition)",
+    "chain": "GraphPipe (chain)",
+    "baseline": "Schedule1F1B (chain)",
+}
+BASELINE = LABELS["baseline"]
+PLAN_COMM = CommModel(alpha_ms=0.3, bytes_per_ms=1.0e6)  # gloo over loopback, for planning
+
+
+# -- workloads -----------------------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(x))
+
+
+class TwoBranch(nn.Module):
+    """Two branches of 4 blocks each, summed: DESIGN's worked example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(*(Block() for _ in range(4)))
+        self.b = nn.Sequential(*(Block() for _ in range(4)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x)
+
+
+class Chain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*(Block() for _ in range(8)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    name: str
+    stages: int
+    build: Callable[[str], nn.Module]  # size ("tiny" / "full") -> model in train mode
+    batch: Callable[[str, int], tuple[tuple[Any, ...], Any]]  # (size, batch) -> (inputs, target)
+    loss_fn: Callable[[Any, Any], torch.Tensor]
+    profiled: bool  # costs profiled on the full-size model; else one unit (fwd 1, bwd 2) per Linear
+    groups: tuple[tuple[str, ...], ...] | None = None  # an explicit partition to run beside the planner's
+
+
+def _synthetic(name: str, cls: type[nn.Module], stages: int, groups: Any = None) -> Workload:
+    def batch(size: str, n: int) -> tuple[tuple[Any, ...], Any]:
+        g = torch.Generator().manual_seed(n)
+        return (torch.randn(n, 16, generator=g),), torch.randn(n, 16, generator=g)
+
+    return Workload(
+        name, stages, lambda size: cls().train(), batch, F.mse_loss, profiled=False, groups=groups
+    )
+
+
+def _zoo(name: str, stages: int) -> Workload:
+    from torch_collage.zoo import get_model
+
+    zoo = get_model(name)
+
+    def batch(size: str, n: int) -> tuple[tuple[Any, ...], Any]:
+        return zoo.example_inputs(size, n, seed=n), zoo.example_target(size, n, seed=n)
+
+    return Workload(name, stages, lambda size: zoo.build(size).train(), batch, zoo.loss_fn, profiled=True)
+
+
+def workloads() -> dict[str, Workload]:
+    return {
+        "two_branch": _synthetic(
+            "two_branch", TwoBranch, 8, tuple((f"{b}.{i}",) for b in "ab" for i in range(4))
+        ),
+        "chain": _synthetic("chain", Chain, 4),
+        "mmt": _zoo("mmt", 8),
+        "dlrm": _zoo("dlrm", 8),
+        "candle_uno": _zoo("candle_uno", 8),
+    }
+
+
+# -- emulated stage compute ----------------------------------------------------------------------
+
+
+class _SleepBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, seconds: float, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.seconds = seconds
+        return tuple(x.view_as(x) for x in xs)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
+        time.sleep(ctx.seconds)
+        return (None, *grads)
+
+
+class Sleepy(nn.Module):
+    """A stage that sleeps for its emulated cost; see the module docstring."""
+
+    def __init__(self, inner: nn.Module, fwd_ms: float, bwd_ms: float) -> None:
+        super().__init__()
+        self.inner, self.fwd_s, self.bwd_s = inner, fwd_ms / 1e3, bwd_ms / 1e3
+
+    def forward(self, *args: Any) -> Any:
+        start = time.perf_counter()
+        out = self.inner(*args)
+        real = time.perf_counter() - start
+        time.sleep(max(0.0, self.fwd_s - real))
+        leaves, spec = torch.utils._pytree.tree_flatten(out)
+        idx = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.requires_grad]
+        if idx and torch.is_grad_enabled():
+            wrapped = _SleepBackward.apply(max(0.0, self.bwd_s - 2 * real), *(leaves[i] for i in idx))
+            for i, w in zip(idx, wrapped):
+                leaves[i] = w
+        return torch.utils._pytree.tree_unflatten(leaves, spec)
+
+
+# -- planning (parent process) -------------------------------------------------------------------
+
+
+def _costs(wl: Workload, microbatch: int, target_ms: float) -> tuple[CostTable, float]:
+    """Operator costs for ``wl`` (scaled, ms) and the profiling time (s)."""
+    start = time.perf_counter()
+    if wl.profiled:
+        model = wl.build("full")
+        captured = capture(model)
+        inputs, _ = wl.batch("full", microbatch)
+        raw = profile_graph(
+            captured.graph_module, captured.graph, inputs, repeats=3, microbatch_size=microbatch
+        )
+        graph = captured.graph
+    else:
+        graph = capture(wl.build("tiny")).graph
+        unit = {n.name: 1.0 if n.target.endswith("lin") else 0.0 for n in graph.nodes}
+        raw = CostTable(ops={k: OpCost(fwd_ms=u, bwd_ms=2 * u, out_bytes=4096) for k, u in unit.items()})
+    elapsed = time.perf_counter() - start
+    total = sum(c.fwd_ms + c.bwd_ms for c in raw.ops.values())
+    scale = target_ms * wl.stages / total
+    ops = {
+        k: dataclasses.replace(c, fwd_ms=c.fwd_ms * scale, bwd_ms=c.bwd_ms * scale)
+        for k, c in raw.ops.items()
+    }
+    return CostTable(ops=ops, comm=PLAN_COMM, microbatch_size=raw.microbatch_size), elapsed
+
+
+def _plans(wl: Workload, costs: CostTable, microbatches: int) -> dict[str, Plan]:
+    graph = capture(wl.build("tiny")).graph
+    plans = {kind: plan_graph(graph, costs, wl.stages, microbatches, kind) for kind in ("dag", "chain")}
+    if wl.groups is not None:
+        plans["dag_explicit"] = plan_stages(
+            graph, costs, stages_from_module_groups(graph, wl.groups), microbatches
+        )
+    return plans
+
+
+# -- the distributed run (one process per stage) -------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    workload: str
+    plans: dict[str, Plan]
+    microbatches: int
+    batch: int
+    rounds: int
+    steps: int
+    out: str
+
+
+def _ping_ms(rank: int) -> float:
+    """One-way latency of a small gloo message between ranks 0 and 1 (ms)."""
+    t = torch.zeros(16)
+    start = time.perf_counter()
+    for _ in range(50):
+        if rank == 0:
+            dist.send(t, 1)
+            dist.recv(t, 1)
+        elif rank == 1:
+            dist.recv(t, 0)
+            dist.send(t, 0)
+    value = torch.tensor([(time.perf_counter() - start) * 1e3 / 100])
+    dist.broadcast(value, 0)
+    return float(value)
+
+
+def _runners(job: Job, wl: Workload, rank: int) -> tuple[dict[str, Callable[[], Any]], dict[str, GraphPipe]]:
+    torch.manual_seed(0)
+    model = wl.build("tiny")
+    inputs, target = wl.batch("tiny", job.batch)
+    kw = {"example_inputs": inputs, "loss_fn": wl.loss_fn, "num_microbatches": job.microbatches}
+    pipes, runners = {}, {}
+    for key, p in job.plans.items():
+        gp = GraphPipe(copy.deepcopy(model), partition=p, **kw)
+        gp.module = Sleepy(gp.module, p.stages[rank].cost.fwd_ms, p.stages[rank].cost.bwd_ms)
+        pipes[LABELS[key]] = gp
+        runners[LABELS[key]] = lambda gp=gp: gp.step(*inputs, target=target)
+    cost = job.plans["chain"].stages[rank].cost
+    base = ChainBaseline(
+        copy.deepcopy(model), loss_fn=wl.loss_fn, plan=job.plans["chain"],
+        stage_wrapper=lambda stage, r: Sleepy(stage, cost.fwd_ms, cost.bwd_ms),
+    )  # fmt: skip
+    runners[BASELINE] = lambda: base.step(*inputs, target=target if base.is_last else None)
+    return runners, pipes
+
+
+def _time(runners: dict[str, Callable[[], Any]], rounds: int, steps: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for order in rotated_orders(list(runners), rounds):
+        for name in order:
+            runners[name]()  # warm-up (and torch.distributed.pipelining's shape inference)
+            for _ in range(steps):
+                dist.barrier()
+                start = time.perf_counter()
+                runners[name]()
+                dist.barrier()
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def _trace(gp: GraphPipe, run: Callable[[], Any]) -> list[list[tuple[str, int, float, float]]]:
+    """F/B intervals of every stage during one step (perf_counter seconds; one clock on one machine)."""
+    gp.runtime.events = []
+    dist.barrier()
+    run()
+    events, gp.runtime.events = gp.runtime.events, None
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, events)
+    return gathered
+
+
+def _worker(rank: int, world: int, init: str, job: Job) -> None:
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300)
+    )
+    torch.set_num_threads(1)
+    try:
+        alpha = _ping_ms(rank)
+        wl = workloads()[job.workload]
+        runners, pipes = _runners(job, wl, rank)
+        times = _time(runners, job.rounds, job.steps)
+        events = {label: _trace(gp, runners[label]) for label, gp in pipes.items()}
+        if rank == 0:
+            executed = {label: gp.plan for label, gp in pipes.items()}
+            payload = {"times": times, "alpha_ms": alpha, "events": events, "executed": executed}
+            torch.save(payload, job.out)
+    finally:
+        dist.destroy_process_group()
+
+
+# -- results -------------------------------------------------------------------------------------
+
+
+def _simulate(p: Plan, alpha_ms: float) -> SimulationResult:
+    fwd = [s.cost.fwd_ms for s in p.stages]
+    bwd = [s.cost.bwd_ms for s in p.stages]
+    return simulate(p.schedule, fwd, bwd, dict.fromkeys(p.edges, alpha_ms))
+
+
+def _measured(events: list[list[tuple[str, int, float, float]]]) -> SimulationResult:
+    t0 = min(e[2] for row in events for e in row)
+    timeline, peaks = [], []
+    for stage, row in enumerate(events):
+        timeline.append(tuple(TimelineEntry(stage=stage, kind=k, microbatch=m, start=(s - t0) * 1e3,
+                                            end=(e - t0) * 1e3) for k, m, s, e in row))  # fmt: skip
+        live = peak = 0
+        for kind, *_ in row:
+            live += 1 if kind == "F" else -1
+            peak = max(peak, live)
+        peaks.append(peak)
+    total = max(e.end for row in timeline for e in row)
+    busy = sum(e.end - e.start for row in timeline for e in row)
+    return SimulationResult(
+        iteration_time=total,
+        bubble_fraction=1 - busy / (len(timeline) * total),
+        peak_in_flight=tuple(peaks),
+        timeline=tuple(timeline),
+    )
+
+
+def _rows(
+    name: str, job: Job, result: dict[str, Any], profile_s: float, out_dir: Path
+) -> list[dict[str, Any]]:
+    alpha, plans = result["alpha_ms"], result["executed"]
+    plans[BASELINE] = plans[LABELS["chain"]]
+    base = statistics.median(result["times"][BASELINE])
+    rows = []
+    for label, samples in result["times"].items():
+        sim = _simulate(plans[label], alpha)
+        measured = _measured(result["events"][label]) if label in result["events"] else None
+        if "DAG" in label or label == BASELINE:
+            tag = label.split("(")[1].rstrip(")").replace(", ", "_").replace(" ", "_")
+            sim.plot(out_dir / f"graphpipe_cpu_{name}_sim_{tag}.png", title=f"{name}: simulated {label} (ms)")
+            if measured is not None:
+                measured.plot(
+                    out_dir / f"graphpipe_cpu_{name}_measured_{tag}.png",
+                    title=f"{name}: measured {label} (ms)",
+                )
+        q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
+        median = statistics.median(samples)
+        rows.append({
+            "model": name, "runtime": label, "stages": plans[label].num_stages, "microbatches": job.microbatches,
+            "median_ms": median, "iqr_ms": q[2] - q[0], "sim_ms": sim.iteration_time,
+            "meas_over_sim": median / sim.iteration_time, "speedup": base / median,
+            "plan_s": plans[label].planning_time_s, "profile_s": profile_s,
+            "peak_sim": "/".join(map(str, sim.peak_in_flight)),
+            "peak_meas": "/".join(map(str, measured.peak_in_flight)) if measured is not None else None,
+            "status": "ok", "alpha_ms": alpha, "samples_ms": samples,
+        })  # fmt: skip
+    return rows
+
+
+COLUMNS = (
+    Column("model", "model"),
+    Column("runtime", "runtime"),
+    Column("stages", "stages"),
+    Column("microbatches", "micro-batches"),
+    Column("median_ms", "median ms", "{:.1f}"),
+    Column("iqr_ms", "IQR ms", "{:.1f}"),
+    Column("sim_ms", "simulated ms", "{:.1f}"),
+    Column("meas_over_sim", "measured/sim", "{:.3f}"),
+    Column("speedup", "speedup vs 1F1B", "{:.2f}x"),
+    Column("plan_s", "planning s", "{:.3f}"),
+    Column("profile_s", "profiling s", "{:.1f}"),
+    Column("peak_sim", "peak in-flight (sim)"),
+    Column("peak_meas", "peak in-flight (measured)"),
+)
+
+
+def run_workload(wl: Workload, args: argparse.Namespace, out_dir: Path) -> list[dict[str, Any]]:
+    costs, profile_s = _costs(wl, args.profile_microbatch, args.target_ms)
+    plans = _plans(wl, costs, args.microbatches)
+    progress(f"{wl.name}: planned DAG in {plans['dag'].planning_time_s:.3f} s, chain in "
+             f"{plans['chain'].planning_time_s:.3f} s; running {wl.stages} processes")  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="bench_gp_") as tmp:
+        job = Job(wl.name, plans, args.microbatches, 2 * args.microbatches, args.rounds, args.steps,
+                  os.path.join(tmp, "result.pt"))  # fmt: skip
+        mp.spawn(_worker, args=(wl.stages, "file://" + os.path.join(tmp, "store"), job), nprocs=wl.stages)
+        result = torch.load(job.out, weights_only=False)
+    return _rows(wl.name, job, result, profile_s, out_dir)
+
+
+def _notes(args: argparse.Namespace, info: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    alphas = sorted({round(r["alpha_ms"], 3) for r in rows})
+    names = sorted({r["model"] for r in rows})
+    pngs = " ".join(
+        f"![{n}](graphpipe_cpu_{n}_{k}.png)" for n in names for k in ("sim_dag", "sim_chain", "measured_dag")
+    )
+    return [
+        "EMULATED DEVICES: every stage is a gloo process on a 2-core CPU; its compute is the tiny model plus a "
+        "calibrated sleep for the stage's operator costs, so stages overlap as if each had a device of its own.",
+        f"Costs: synthetic models one unit per Linear (forward 1, backward 2); zoo models profiled at full size "
+        f"(micro-batch {args.profile_microbatch}, one thread); all scaled to a mean stage time of "
+        f"{args.target_ms} ms per micro-batch. Planning assumed messages of {PLAN_COMM.alpha_ms} ms + bytes / 1 GB/s.",
+        f"Simulated = the discrete-event simulator on the executed plan with the same costs and the measured gloo "
+        f"latency per message ({', '.join(map(str, alphas))} ms).",
+        f"Median of {args.rounds} rounds x {args.steps} steps per runtime, runtimes in rotating order; a step is timed "
+        "between two barriers.",
+        "Schedule1F1B runs the chain plan's stages through torch.distributed.pipelining (see [Note: chain baseline] "
+        "in torch_graphpipe/baseline.py): model inputs travel along the chain, the loss is scaled by 1/M.",
+        load_note(info),
+        "Timelines (simulated and measured, one row per stage, forward light, backward dark): " + pngs,
+    ]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workloads", default=",".join(workloads()), help="comma-separated workload names")
+    p.add_argument("--microbatches", type=int, default=8)
+    p.add_argument(
+        "--target-ms", type=float, default=20.0, help="mean stage time per micro-batch (fwd + bwd)"
+    )
+    p.add_argument(
+        "--profile-microbatch", type=int, default=4, help="micro-batch size for full-size profiling"
+    )
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=2, help="timed steps per runtime and round")
+    p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    info = machine_info()
+    print_header(info)
+    table = ResultTable(COLUMNS)
+    all_workloads = workloads()
+    for name in [n.strip() for n in args.workloads.split(",") if n.strip()]:
+        for row in run_workload(all_workloads[name], args, args.out_dir):
+            table.add(**row)
+    plot = PlotSpec(group_keys=("model",), series_key="runtime", baseline=BASELINE,
+                    ylabel="iteration time relative to Schedule1F1B (lower is better)")  # fmt: skip
+    write_results("graphpipe", "cpu", info, table, notes=_notes(args, info, table.rows), plot=plot,
+                  out_dir=args.out_dir, extra={"args": {k: str(v) for k, v in vars(args).items()}})  # fmt: skip
+    print(
+        json.dumps(
+            {r["model"] + " / " + r["runtime"]: round(r["median_ms"], 1) for r in table.rows}, indent=1
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
