@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 EXTRAS ?= onnx,openvino,triton,hf,dev
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu)
+SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu)
 PYTEST_ARGS ?= -m "not slow"
 
 .PHONY: setup demo test test-all lint bench clean
@@ -24,8 +24,14 @@ $(STAMP): $(SOURCES)
 	$(PY) -c "import torch_cp._C, torch; print('built torch_cp._C against torch', torch.__version__)"
 	touch $@
 
+# The main job: each package at work, in about 5 minutes on 2 cores.
 demo: setup
+	@echo "== single-backend baselines (a small subset of the zoo) =="
 	$(PY) benchmarks/bench_baselines.py --subset small
+	@echo "== torch_collage: a model compiled with backend='collage', its placement and speed =="
+	$(PY) examples/collage_demo.py --model mlp --size full
+	@echo "== torch_cp: one decode step over a KV cache sharded on 2 local processes =="
+	$(VENV)/bin/torchrun --nproc-per-node 2 examples/cp_decode.py
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
