@@ -1,12 +1,9 @@
-import datetime
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import torch_cp
+from tests.torch_cp._dist import run_on_ranks
 
 
 def _decode_and_check(cache, world, rank, seed):
@@ -33,26 +30,13 @@ def test_single_rank_cache_decodes_exactly():
     _decode_and_check(torch_cp.ShardedKVCache(1, block_size=4), 1, 0, seed=1)
 
 
-def _worker(rank, world, port):
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )  # fmt: skip
-    torch.set_num_threads(1)
-    try:
-        _decode_and_check(
-            torch_cp.ShardedKVCache(1, group=dist.group.WORLD, block_size=4), world, rank, seed=2
-        )
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world):
+    _decode_and_check(torch_cp.ShardedKVCache(1, group=dist.group.WORLD, block_size=4), world, rank, seed=2)
 
 
 @pytest.mark.distributed
 def test_sharded_cache_over_three_ranks_decodes_exactly():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(3, port), nprocs=3)
+    run_on_ranks(_worker, 3)
 
 
 def test_bad_arguments():

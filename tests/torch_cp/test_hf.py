@@ -1,10 +1,8 @@
-import datetime
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.torch_cp._dist import run_on_ranks
 
 transformers = pytest.importorskip("transformers")
 import torch_cp.hf  # noqa: E402
@@ -50,21 +48,10 @@ def test_generate_matches_sdpa_on_one_rank():
     _check_against_sdpa(None)
 
 
-def _worker(rank, world, port):
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )  # fmt: skip
-    torch.set_num_threads(1)
-    try:
-        _check_against_sdpa(dist.group.WORLD)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world):
+    _check_against_sdpa(dist.group.WORLD)
 
 
 @pytest.mark.distributed
 def test_generate_with_cache_sharded_over_two_ranks_matches_sdpa():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port), nprocs=2)
+    run_on_ranks(_worker, 2)
