@@ -43,8 +43,8 @@ class OnnxRuntimeBackend:
     """ONNX Runtime's CPU execution provider, whole graph, static shapes, inference only.
 
     The compiled callable accepts CPU tensors of the example inputs' shapes and dtypes (else
-    ``ValueError``), returns fresh tensors each call, records no autograd graph, and is not
-    thread-safe (it reuses one session binding).
+    ``ValueError``), returns fresh tensors each call and records no autograd graph. With
+    ``io_binding`` it reuses one binding and is not thread-safe.
     """
 
     allow_spinning: bool = False  # let intra-op threads spin-wait after a call; see [Note: ORT call path]
@@ -102,20 +102,19 @@ class OnnxRuntimeBackend:
 
 
 # [Note: ORT call path]
-# Measured on the project's 2-core CPU (onnxruntime 1.32, torch 2.13) while other jobs shared it:
-# medians were noisy, so best-of-repeats and interleaved A/B pairs are what these rest on.
-# - Spinning. Intra-op workers that spin-wait after a call answer the next call sooner: a tiny MLP
-#   (batch 8, 64->256->64) took ~10 us with spinning, ~20 us without (one thread wake-up per call);
-#   back-to-back calls of a 64x512->2048->2048->512 MLP and a 2-layer encoder (4x128x256) were 8-15%
-#   faster with it on a quiet machine. But the spinning threads take the cores from whatever runs
-#   next: a torch matmul right after a call ran 1-5% slower (the project measured up to 2x after larger
-#   graphs), and with other processes on the machine ORT itself got slower with spinning (MLP 12-16 ms
-#   vs 9 ms). A Collage placement always has neighbours, so the default is off; a whole-graph baseline
-#   that wants ORT's best back-to-back latency should pass allow_spinning=True.
-# - IOBinding vs session.run. Binding each input and a fresh output buffer costs more Python calls than
-#   the output copy it saves: tiny MLP 19 us with IOBinding vs 12 us with session.run (numpy inputs are
-#   not copied; the outputs come back as fresh numpy arrays wrapped by torch.from_numpy). On the MLP and
-#   the encoder above the two were within noise (0-7% either way). Default session.run.
+# Measured on the project's 2-core CPU (onnxruntime 1.32, torch 2.13), one process per setting, in a
+# quiet spell (other jobs share the machine; under load everything below got noisier, not different).
+# - Spinning (session.intra_op.allow_spinning). Median per call, off vs on: tiny MLP (batch 8,
+#   64->256->64) 20-21 us vs 10.5-11 us (one worker wake-up per call); 64x512->2048->2048->512 MLP
+#   2.28-2.33 ms vs 2.34-2.44 ms; 2-layer encoder (4x128x256) 5.7-5.9 ms both. A 256x256 torch matmul
+#   (0.16 ms alone) run right after each call: 0.16 / 0.18 / 0.20 ms with spinning off, 0.16 / 3.5 /
+#   0.7-5.0 ms with it on: the spinning workers hold both cores. Collage places neighbours next to every
+#   partition, so the default is off; only graphs of a few microseconds called back to back gain from on.
+# - IOBinding vs session.run, interleaved A/B, best round median: tiny MLP 13.6 us vs 10.7 us (binding
+#   each input and a fresh output per call costs more Python calls than the output copy it saves), MLP
+#   4.42 vs 4.31 ms, encoder 9.6 vs 10.4 ms (that run was under load: within noise). session.run takes
+#   numpy views of the inputs without copying and returns fresh arrays, wrapped by torch.from_numpy.
+#   Default session.run; IOBinding stays as an option.
 
 
 def _to_onnx(graph: ExportedGraph) -> bytes:
