@@ -10,6 +10,7 @@ import importlib.util
 import logging
 import re
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -117,11 +118,17 @@ class OnnxRuntimeBackend:
 #   Default session.run; IOBinding stays as an option.
 
 
+# torch.onnx warns once per torchvision op, on every export, that torchvision is not installed.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+
+
 def _to_onnx(graph: ExportedGraph) -> bytes:
     """Export in memory (no files): the serialised ONNX model. Failures keep torch.onnx's message,
     whose summary names the ATen op that has no ONNX function."""
     try:
-        program = torch.onnx.export(graph.program, dynamo=True, verbose=False)
+        with warnings.catch_warnings():  # torch's own exporter trips torch's own LeafSpec deprecation
+            warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec", category=FutureWarning)
+            program = torch.onnx.export(graph.program, dynamo=True, verbose=False)
     except Exception as exc:
         raise BackendCompileError.from_exception(_NAME, exc, _OP_PATTERNS) from exc
     assert program is not None
