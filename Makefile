@@ -32,6 +32,8 @@ demo: setup
 	$(PY) examples/collage_demo.py --model mlp --size full
 	@echo "== torch_cp: one decode step over a KV cache sharded on 2 local processes =="
 	$(VENV)/bin/torchrun --nproc-per-node 2 examples/cp_decode.py
+	@echo "== torch_graphpipe: a branchy model trained on 4 local processes, its plan =="
+	$(VENV)/bin/torchrun --standalone --nproc-per-node 4 examples/graphpipe_train.py
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -29,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -273,7 +274,7 @@ def _runners(job: Job, wl: Workload, rank: int) -> tuple[dict[str, Callable[[], 
         runners[LABELS[key]] = lambda gp=gp: gp.step(*inputs, target=target)
     cost = job.plans["chain"].stages[rank].cost
     base = ChainBaseline(
-        copy.deepcopy(model), loss_fn=wl.loss_fn, plan=job.plans["chain"],
+        copy.deepcopy(model), example_inputs=inputs, loss_fn=wl.loss_fn, plan=job.plans["chain"],
         stage_wrapper=lambda stage, r: Sleepy(stage, cost.fwd_ms, cost.bwd_ms),
     )  # fmt: skip
     runners[BASELINE] = lambda: base.step(*inputs, target=target if base.is_last else None)
@@ -320,6 +321,9 @@ def _worker(rank: int, world: int, init: str, job: Job) -> None:
             executed = {label: gp.plan for label, gp in pipes.items()}
             payload = {"times": times, "alpha_ms": alpha, "events": events, "executed": executed}
             torch.save(payload, job.out)
+    except Exception:  # mp.spawn reports only the first rank to fail, often a victim: say who failed first
+        progress(f"rank {rank} failed:\n{traceback.format_exc()}")
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -364,14 +368,15 @@ def _rows(
     for label, samples in result["times"].items():
         sim = _simulate(plans[label], alpha)
         measured = _measured(result["events"][label]) if label in result["events"] else None
+        pngs = []
         if "DAG" in label or label == BASELINE:
             tag = label.split("(")[1].rstrip(")").replace(", ", "_").replace(" ", "_")
-            sim.plot(out_dir / f"graphpipe_cpu_{name}_sim_{tag}.png", title=f"{name}: simulated {label} (ms)")
+            pngs.append(
+                sim.plot(out_dir / f"graphpipe_cpu_{name}_sim_{tag}.png", title=f"{name}: simulated {label}")
+            )
             if measured is not None:
-                measured.plot(
-                    out_dir / f"graphpipe_cpu_{name}_measured_{tag}.png",
-                    title=f"{name}: measured {label} (ms)",
-                )
+                path = out_dir / f"graphpipe_cpu_{name}_measured_{tag}.png"
+                pngs.append(measured.plot(path, title=f"{name}: measured {label}"))
         q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
         median = statistics.median(samples)
         rows.append({
@@ -381,7 +386,7 @@ def _rows(
             "plan_s": plans[label].planning_time_s, "profile_s": profile_s,
             "peak_sim": "/".join(map(str, sim.peak_in_flight)),
             "peak_meas": "/".join(map(str, measured.peak_in_flight)) if measured is not None else None,
-            "status": "ok", "alpha_ms": alpha, "samples_ms": samples,
+            "status": "ok", "alpha_ms": alpha, "samples_ms": samples, "pngs": [p.name for p in pngs],
         })  # fmt: skip
     return rows
 
@@ -400,6 +405,7 @@ COLUMNS = (
     Column("profile_s", "profiling s", "{:.1f}"),
     Column("peak_sim", "peak in-flight (sim)"),
     Column("peak_meas", "peak in-flight (measured)"),
+    Column("error", "error"),
 )
 
 
@@ -416,26 +422,44 @@ def run_workload(wl: Workload, args: argparse.Namespace, out_dir: Path) -> list[
     return _rows(wl.name, job, result, profile_s, out_dir)
 
 
+def _summary(rows: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows if r.get("status") == "ok"):
+        mine = {r["runtime"]: r for r in rows if r["model"] == model and r.get("status") == "ok"}
+        dag = max((r for k, r in mine.items() if "DAG" in k), key=lambda r: r["speedup"])
+        chain = mine[LABELS["chain"]]
+        ratios = [r["meas_over_sim"] for r in mine.values()]
+        out.append(
+            f"{model}: {dag['runtime']} {dag['speedup']:.2f}x the speed of Schedule1F1B (simulated "
+            f"{mine[BASELINE]['sim_ms'] / dag['sim_ms']:.2f}x), stage-0 in-flight {dag['peak_sim'].split('/')[0]} "
+            f"vs {chain['peak_sim'].split('/')[0]}; GraphPipe's step time on the chain plan {1 / chain['speedup'] - 1:+.1%} "
+            f"vs Schedule1F1B's; measured/simulated {min(ratios):.2f}-{max(ratios):.2f}."
+        )
+    return out
+
+
 def _notes(args: argparse.Namespace, info: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
-    alphas = sorted({round(r["alpha_ms"], 3) for r in rows})
-    names = sorted({r["model"] for r in rows})
-    pngs = " ".join(
-        f"![{n}](graphpipe_cpu_{n}_{k}.png)" for n in names for k in ("sim_dag", "sim_chain", "measured_dag")
-    )
+    alphas = sorted({round(r["alpha_ms"], 3) for r in rows if "alpha_ms" in r})
+    pngs = ", ".join(f"[{p}]({p})" for r in rows for p in r.get("pngs", ()))
     return [
         "EMULATED DEVICES: every stage is a gloo process on a 2-core CPU; its compute is the tiny model plus a "
         "calibrated sleep for the stage's operator costs, so stages overlap as if each had a device of its own.",
+        *_summary(rows),
         f"Costs: synthetic models one unit per Linear (forward 1, backward 2); zoo models profiled at full size "
         f"(micro-batch {args.profile_microbatch}, one thread); all scaled to a mean stage time of "
         f"{args.target_ms} ms per micro-batch. Planning assumed messages of {PLAN_COMM.alpha_ms} ms + bytes / 1 GB/s.",
+        "GraphPipe (DAG, planner) is torch_graphpipe.plan_graph(stage_graph='dag'): the better (by simulation) of "
+        "the series-parallel DAG search and the best chain split laid out as a DAG. On two_branch neither finds "
+        "the one-block-per-stage partition (the DAG search cannot put the tail of one branch with the join; the "
+        "chain split cuts between a Linear and its free tanh), so the explicit partition is shown beside it.",
         f"Simulated = the discrete-event simulator on the executed plan with the same costs and the measured gloo "
-        f"latency per message ({', '.join(map(str, alphas))} ms).",
+        f"latency per message ({', '.join(map(str, alphas))} ms, one value per workload).",
         f"Median of {args.rounds} rounds x {args.steps} steps per runtime, runtimes in rotating order; a step is timed "
         "between two barriers.",
         "Schedule1F1B runs the chain plan's stages through torch.distributed.pipelining (see [Note: chain baseline] "
         "in torch_graphpipe/baseline.py): model inputs travel along the chain, the loss is scaled by 1/M.",
         load_note(info),
-        "Timelines (simulated and measured, one row per stage, forward light, backward dark): " + pngs,
+        "Timelines (one row per stage, forward light, backward dark, ms): " + pngs,
     ]
 
 
@@ -463,7 +487,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     table = ResultTable(COLUMNS)
     all_workloads = workloads()
     for name in [n.strip() for n in args.workloads.split(",") if n.strip()]:
-        for row in run_workload(all_workloads[name], args, args.out_dir):
+        try:
+            rows = run_workload(all_workloads[name], args, args.out_dir)
+        except Exception as exc:  # one broken workload must not hide the others' results
+            progress(f"{name} failed: {type(exc).__name__}: {exc}")
+            rows = [
+                {"model": name, "runtime": "all", "status": "fail", "error": f"{type(exc).__name__}: {exc}"}
+            ]
+        for row in rows:
             table.add(**row)
     plot = PlotSpec(group_keys=("model",), series_key="runtime", baseline=BASELINE,
                     ylabel="iteration time relative to Schedule1F1B (lower is better)")  # fmt: skip

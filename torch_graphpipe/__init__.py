@@ -3,17 +3,20 @@
 Planning runs in one process: ``torch_graphpipe.plan(model, example_inputs, num_stages,
 num_microbatches)`` captures the operator graph, profiles it, partitions it into convex stages and
 builds a DAG 1F1B schedule; ``plan.simulate()`` predicts a step. The distributed runtime
-(``GraphPipe``) is not implemented yet.
+``GraphPipe(model, example_inputs=..., loss_fn=..., num_microbatches=...)`` runs under an
+initialised process group, one stage per rank: ``gp.step(*inputs, target=y)`` trains one batch.
 """
 
 from torch_graphpipe.action import Action
 from torch_graphpipe.capture import CapturedGraph, GraphCaptureError, capture
 from torch_graphpipe.graph import OpGraph, OpNode
-from torch_graphpipe.plan import Plan, StagePlan, plan, plan_graph
+from torch_graphpipe.plan import Plan, StagePlan, plan, plan_graph, plan_stages
 from torch_graphpipe.profile import CommModel, CostTable, OpCost, profile_graph
 from torch_graphpipe.schedule import Schedule, ScheduleError, build_1f1b
 from torch_graphpipe.simulate import SimulationResult, TimelineEntry, simulate
 from torch_graphpipe.stage_cost import StageCost
+from torch_graphpipe.wire import PeerError
+from torch_graphpipe.wrapper import GraphPipe
 
 __all__ = [
     "Action",
@@ -21,9 +24,11 @@ __all__ = [
     "CommModel",
     "CostTable",
     "GraphCaptureError",
+    "GraphPipe",
     "OpCost",
     "OpGraph",
     "OpNode",
+    "PeerError",
     "Plan",
     "Schedule",
     "ScheduleError",
@@ -35,6 +40,7 @@ __all__ = [
     "capture",
     "plan",
     "plan_graph",
+    "plan_stages",
     "profile_graph",
     "simulate",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Literal
+from typing import Literal, cast
 
 __all__ = ["Action", "ActionKind"]
 
@@ -69,4 +69,9 @@ class Action:
         stage, kind, mb, arrow, peer = match.groups()
         if arrow is not None and arrow != (">" if kind.startswith("SEND") else "<"):
             raise ValueError(f"action {text!r}: sends use '>' and receives '<'")
-        return cls(stage=int(stage), kind=kind, microbatch=int(mb), peer=None if peer is None else int(peer))
+        return cls(
+            stage=int(stage),
+            kind=cast(ActionKind, kind),
+            microbatch=int(mb),
+            peer=None if peer is None else int(peer),
+        )

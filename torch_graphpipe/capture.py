@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 import torch.fx as fx
 
-from torch_graphpipe.graph import OpGraph, OpNode
+from torch_graphpipe.graph import OpGraph, OpKind, OpNode
 
 __all__ = ["CapturedGraph", "GraphCaptureError", "capture"]
 
@@ -87,8 +87,11 @@ def _to_op_graph(gm: fx.GraphModule) -> OpGraph:
     return OpGraph(nodes)
 
 
-def _kind(node: fx.Node) -> str:
-    return {"call_module": "module", "call_function": "function", "call_method": "method"}[node.op]
+_KINDS: dict[str, OpKind] = {"call_module": "module", "call_function": "function", "call_method": "method"}
+
+
+def _kind(node: fx.Node) -> OpKind:
+    return _KINDS[node.op]
 
 
 def _target_name(node: fx.Node) -> str:

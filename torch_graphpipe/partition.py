@@ -124,9 +124,9 @@ class _Search:
         suffix = self.tree.suffix[id(node)]
         pre = self.prefix(node, k)
         m, dmax = len(suffix), min(self.max_d, self.tree.leaves[id(node)])
-        row = [(INF, ())] * (dmax + 1)
+        row: list[tuple[float, tuple]] = [(INF, ())] * (dmax + 1)
         for d in range(1, dmax + 1):
-            options = [(pre[m][d][0], ("separate",))]
+            options: list[tuple[float, tuple]] = [(pre[m][d][0], ("separate",))]
             for idx in range(m):
                 if pre[idx][d - 1][0] < INF and self.fits(suffix[idx], 1 + k):
                     options.append((max(1, pre[idx][d - 1][0]), ("merge", idx)))
@@ -137,7 +137,7 @@ class _Search:
         """``pre[idx][d] = (depth, choice)``: branches ``0..idx-1``, each split on its own, ``d`` stages."""
         kids = self.tree.order[id(node)]
         dmax = min(self.max_d, self.tree.leaves[id(node)])
-        pre = [[(INF, ())] * (dmax + 1) for _ in range(len(kids) + 1)]
+        pre: list[list[tuple[float, tuple]]] = [[(INF, ())] * (dmax + 1) for _ in range(len(kids) + 1)]
         pre[0][0] = (0, ())
         for idx, kid in enumerate(kids):
             for d in range(1, dmax + 1):

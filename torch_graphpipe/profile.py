@@ -7,11 +7,12 @@ once); its forward and backward are timed separately, a few repeats, median. A f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -103,11 +104,29 @@ def profile_graph(
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     try:
-        ops = _profile_ops(gm, graph, microbatch_inputs, repeats)
+        with _model_state_kept(gm):
+            ops = _profile_ops(gm, graph, microbatch_inputs, repeats)
     finally:
         torch.set_num_threads(previous)
     log.info("profiled %d operators, %d repeats each", len(ops), repeats)
     return CostTable(ops=ops, comm=comm or CommModel(), microbatch_size=microbatch_size)
+
+
+@contextlib.contextmanager
+def _model_state_kept(gm: fx.GraphModule) -> Iterator[None]:
+    """Profiling runs the real model: keep its gradients, buffers (e.g. running stats) and the CPU random
+    number generator as they were (only one rank profiles; the ranks' generators must stay in step)."""
+    grads = [(p, p.grad) for p in gm.parameters()]
+    buffers = [(b, b.detach().clone()) for b in gm.buffers()]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        for p, g in grads:
+            p.grad = g
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
 
 
 def _profile_ops(
@@ -132,10 +151,12 @@ def _profile_ops(
 
 def _callable(gm: fx.GraphModule, node: fx.Node) -> Callable[..., Any]:
     if node.op == "call_module":
-        return gm.get_submodule(node.target)
+        return gm.get_submodule(str(node.target))
     if node.op == "call_method":
-        return lambda self, *a, **k: getattr(self, node.target)(*a, **k)
-    return node.target
+        return lambda self, *a, **k: getattr(self, str(node.target))(*a, **k)
+    target = node.target
+    assert callable(target), f"{node.name}: {target!r} is not callable"
+    return target
 
 
 def _time_node(fn: Callable[..., Any], args: Any, kwargs: Any, repeats: int) -> tuple[float, float]:
@@ -170,11 +191,11 @@ def _nbytes(value: Any) -> int:
 def _param_bytes(gm: fx.GraphModule, node: fx.Node) -> int:
     total = 0
     if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
+        mod = gm.get_submodule(str(node.target))
         total += sum(p.numel() * p.element_size() for p in mod.parameters())
     for arg in node.all_input_nodes:
         if arg.op == "get_attr":
-            total += _nbytes(_resolve_attr(gm, arg.target))
+            total += _nbytes(_resolve_attr(gm, str(arg.target)))
     return total
 
 

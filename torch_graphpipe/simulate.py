@@ -87,16 +87,17 @@ class _Engine:
             raise ScheduleError(f"deadlock: stages wait forever at {', '.join(stuck)}")
 
     def _step(self, s: int, a: Action) -> bool:
+        peer = -1 if a.peer is None else a.peer
         if a.is_recv:
-            key = (a.phase, a.peer, s, a.microbatch)
+            key = (a.phase, peer, s, a.microbatch)
             if key not in self.messages:
                 return False
             self.clock[s] = max(self.clock[s], self.messages.pop(key))
         elif a.is_send:
-            key = (a.phase, s, a.peer, a.microbatch)
+            key = (a.phase, s, peer, a.microbatch)
             if key in self.messages:
                 raise ScheduleError(f"{a}: the previous identical message was never received")
-            edge = (s, a.peer) if a.phase == "F" else (a.peer, s)
+            edge = (s, peer) if a.phase == "F" else (peer, s)
             self.messages[key] = self.clock[s] + self.delay.get(edge, 0.0)
         else:
             self._compute(s, a)

@@ -34,9 +34,9 @@ def _check_shape(schedule: Schedule) -> None:
         raise ScheduleError("a schedule needs at least one stage and one micro-batch")
     if len(schedule.programs) != schedule.num_stages:
         raise ScheduleError(f"{len(schedule.programs)} programs for {schedule.num_stages} stages")
-    for a, b in schedule.edges:
-        if not 0 <= a < b < schedule.num_stages:
-            raise ScheduleError(f"edge {a}>{b} is not between stages in topological order")
+    for src, dst in schedule.edges:
+        if not 0 <= src < dst < schedule.num_stages:
+            raise ScheduleError(f"edge {src}>{dst} is not between stages in topological order")
     for s, prog in enumerate(schedule.programs):
         for a in prog:
             if a.stage != s:

@@ -1,0 +1,297 @@
+"""GraphPipe over real gloo process groups, compared with single-process training.
+
+Semantics checked (see [Note: runtime semantics]): ``gp.step(batch)`` accumulates into ``.grad`` the
+gradient of the batch's mean loss, exactly like ``loss_fn(model(batch), target).backward()`` in one
+process; two ``step`` calls before ``optimizer.step()`` accumulate two batches, like two
+``backward()`` calls. Every rank checks its own parameters' gradients; rank 0 checks that the ranks
+together hold every parameter once.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+import tempfile
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+from _gp_models import CASES, Case
+
+import torch_graphpipe
+from torch_graphpipe import CommModel, CostTable, GraphCaptureError, GraphPipe, OpCost, PeerError, capture
+from torch_graphpipe.baseline import ChainBaseline
+
+pytestmark = pytest.mark.distributed
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _init(rank: int, world: int, init: str, timeout_s: float = 60.0) -> None:
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+
+
+def _spawn(fn, world: int, *args) -> None:
+    """Run ``fn(rank, world, init, *args)`` in ``world`` processes; the rendezvous is a fresh file store
+    (no TCP port to collide with other tests running on the machine)."""
+    with tempfile.TemporaryDirectory(prefix="gp_test_") as tmp:
+        mp.spawn(fn, args=(world, "file://" + os.path.join(tmp, "store"), *args), nprocs=world)
+
+
+def _assert_grads(gp: GraphPipe, ref: nn.Module, what: str) -> None:
+    ref_params = dict(ref.named_parameters())
+    for name, p in gp.module.named_parameters():
+        assert p.grad is not None, f"{what}: {name} has no gradient"
+        torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=RTOL, atol=ATOL, msg=f"{what}: {name}")
+    names: list = [None] * dist.get_world_size()
+    dist.all_gather_object(names, sorted(n for n, _ in gp.module.named_parameters()))
+    held = [n for part in names for n in part]
+    assert sorted(held) == sorted(ref_params), f"{what}: ranks hold {held}, model has {sorted(ref_params)}"
+
+
+def _check_training(case: Case, partition, num_microbatches: int, seed: int, **kwargs) -> GraphPipe:
+    world = dist.get_world_size()
+    torch.manual_seed(seed)  # same model and data on every rank
+    gen = torch.Generator().manual_seed(seed)
+    model = case.build()
+    ref = copy.deepcopy(model)
+    batches = [case.batch(4 * world, gen) for _ in range(3)]
+    gp = GraphPipe(
+        model, example_inputs=batches[0][0], loss_fn=case.loss, num_microbatches=num_microbatches,
+        partition=partition, **kwargs,
+    )  # fmt: skip
+    what = f"partition={partition} M={num_microbatches}"
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    params = list(gp.parameters())  # a stage of parameter-free operators has none
+    opt = torch.optim.SGD(params, lr=0.1) if params else None
+    for inputs, target in batches[:2]:  # two accumulation steps
+        loss = gp.step(*inputs, target=target)
+        ref_loss = case.loss(ref(*inputs), target)
+        ref_loss.backward()
+        torch.testing.assert_close(loss, ref_loss.item(), rtol=RTOL, atol=0, msg=what)
+    _assert_grads(gp, ref, what)
+    if opt is not None:
+        opt.step(), opt.zero_grad()
+    ref_opt.step(), ref_opt.zero_grad()
+    inputs, target = batches[2]
+    loss = gp.step(*inputs, target=target if dist.get_rank() == gp.loss_stage else None)
+    ref_loss = case.loss(ref(*inputs), target)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss.item(), rtol=RTOL, atol=0, msg=what)
+    _assert_grads(gp, ref, what + " after an optimizer step")
+    _check_inference_and_state(gp, case, ref, inputs, what)
+    return gp
+
+
+def _check_inference_and_state(gp: GraphPipe, case: Case, ref: nn.Module, inputs, what: str) -> None:
+    with torch.no_grad():
+        torch.testing.assert_close(gp(*inputs), ref(*inputs), rtol=RTOL, atol=ATOL, msg=what)
+    state = gp.state_dict()
+    for name, value in gp.module.state_dict().items():  # exactly what the ranks hold
+        assert torch.equal(state[name], value), f"{what}: {name}"
+    plain = case.build()
+    plain.load_state_dict(state)  # strict: the full model's keys
+    for name, value in ref.state_dict().items():  # equal to one-process training
+        torch.testing.assert_close(
+            plain.state_dict()[name], value, rtol=RTOL, atol=ATOL, msg=f"{what}: {name}"
+        )
+    fresh = case.build()  # other weights (the RNG moved on)
+    gp.load_state_dict(fresh.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(gp(*inputs), fresh(*inputs), rtol=RTOL, atol=ATOL, msg=what)
+
+
+def _train_worker(rank: int, world: int, init: str, case_name: str) -> None:
+    _init(rank, world, init)
+    try:
+        case = CASES[case_name]
+        for seed, m in enumerate(sorted({1, world, 2 * world})):  # micro-batches from 1 to 2x the stages
+            _check_training(case, case.partition, m, seed)
+        if case_name in ("fork_join", "multi_output"):  # the planner's partition (profiled on rank 0)
+            gp = _check_training(case, "auto", world, 7)
+            assert gp.plan.num_stages == world and gp.plan.stage_graph == "dag"
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("case_name", sorted(CASES))
+def test_training_matches_one_process(case_name):
+    _spawn(_train_worker, len(CASES[case_name].partition), case_name)
+
+
+def _chain_worker(rank: int, world: int, init: str) -> None:
+    _init(rank, world, init)
+    try:
+        case = CASES["skip"]
+        graph = capture(case.build()).graph
+        costs = CostTable(
+            ops={n.name: OpCost(fwd_ms=1.0, bwd_ms=2.0, out_bytes=256) for n in graph.nodes},
+            comm=CommModel.free(),
+        )
+        gp = _check_training(case, "auto", 2 * world, 3, stage_graph="chain", costs=costs)
+        assert gp.plan.stage_graph == "chain"
+        assert gp.plan.edges == tuple((i, i + 1) for i in range(world - 1))
+        passed_on = [v for _, values in gp.route.send for v in values if v not in gp.route.node_names]
+        if rank == 1:
+            assert "a" in passed_on, "the skip edge from block a must pass through the middle stage"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_chain_stage_graph_trains():
+    _spawn(_chain_worker, 3)
+
+
+def _baseline_worker(rank: int, world: int, init: str) -> None:
+    _init(rank, world, init)
+    try:
+        for seed, name in enumerate(["skip", "concat"]):  # a skip edge; every stage reading a model input
+            _check_baseline(CASES[name], world, seed)
+    finally:
+        dist.destroy_process_group()
+
+
+def _check_baseline(case: Case, world: int, seed: int) -> None:
+    torch.manual_seed(seed)
+    model = case.build()
+    ref = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    graph = capture(model).graph
+    costs = CostTable(
+        ops={n.name: OpCost(fwd_ms=1.0, bwd_ms=2.0) for n in graph.nodes}, comm=CommModel.free()
+    )
+    chain = torch_graphpipe.plan_graph(graph, costs, world, 2 * world, "chain")
+    batches = [case.batch(4 * world, gen) for _ in range(2)]
+    baseline = ChainBaseline(model, example_inputs=batches[0][0], loss_fn=case.loss, plan=chain)
+    for inputs, target in batches:  # two accumulation steps
+        loss = baseline.step(*inputs, target=target)
+        ref_loss = case.loss(ref(*inputs), target)
+        ref_loss.backward()
+        if baseline.is_last:
+            torch.testing.assert_close(loss, ref_loss.item(), rtol=RTOL, atol=0)
+    ref_params = dict(ref.named_parameters())
+    for name, p in baseline.stage_module.named_parameters():
+        torch.testing.assert_close(
+            p.grad, ref_params[name].grad, rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+def test_chain_baseline_matches_one_process():
+    """The Schedule1F1B baseline of the benchmark trains the same chain stages correctly."""
+    _spawn(_baseline_worker, 3)
+
+
+def _zoo_worker(rank: int, world: int, init: str) -> None:
+    from torch_collage.zoo import get_model
+
+    _init(rank, world, init)
+    try:
+        for name in ("mmt", "dlrm", "candle_uno"):
+            zoo = get_model(name)
+            model = zoo.build("tiny").train()
+            ref = copy.deepcopy(model)
+            x, y = (
+                zoo.example_inputs("tiny", 4 * world, seed=1),
+                zoo.example_target("tiny", 4 * world, seed=1),
+            )
+            graph = capture(model).graph  # fixed costs: profiling MMT's 800 operators is slow here
+            costs = CostTable(ops={n.name: OpCost(fwd_ms=1.0, bwd_ms=2.0, out_bytes=64) for n in graph.nodes})
+            gp = GraphPipe(model, example_inputs=x, loss_fn=zoo.loss_fn, num_microbatches=world, costs=costs)
+            loss = gp.step(*x, target=y)
+            ref_loss = zoo.loss_fn(ref(*x), y)
+            ref_loss.backward()
+            torch.testing.assert_close(loss, ref_loss.item(), rtol=RTOL, atol=0, msg=name)
+            _assert_grads(gp, ref, name)
+            plain = zoo.build("tiny", seed=3)
+            plain.load_state_dict(gp.state_dict())  # strict, non-persistent buffers (DLRM's) left out
+            gp.load_state_dict(zoo.build("tiny", seed=3).state_dict())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_zoo_multi_branch_models_train():
+    pytest.importorskip("torch_collage.zoo")
+    _spawn(_zoo_worker, 3)
+
+
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.lin(x)
+        return -x
+
+
+def _errors_worker(rank: int, world: int, init: str) -> None:
+    _init(rank, world, init)
+    try:
+        case = CASES["fork_join"]
+        (x,), y = case.batch(8, torch.Generator().manual_seed(0))
+        kw = {"example_inputs": (x,), "loss_fn": case.loss}
+        with pytest.raises(ValueError, match="does not split into num_microbatches=3"):
+            GraphPipe(case.build(), num_microbatches=3, **kw)
+        with pytest.raises(ValueError, match="partition has 4 stages but the process group has 2 ranks"):
+            GraphPipe(case.build(), num_microbatches=2, partition=case.partition, **kw)
+        with pytest.raises(ValueError, match="only 1 operators"):
+            GraphPipe(nn.Linear(8, 4), num_microbatches=2, **kw)
+        with pytest.raises(GraphCaptureError, match=r"x\.sum\(\) > 0"):
+            GraphPipe(
+                _Untraceable(), num_microbatches=2, example_inputs=(torch.randn(4, 4),), loss_fn=case.loss
+            )
+        with pytest.raises(ValueError, match="no operator calls"):
+            GraphPipe(case.build(), num_microbatches=2, partition=[["stem", "left"], ["rite", "head"]], **kw)
+        gp = GraphPipe(
+            case.build(), num_microbatches=2, partition=[["stem", "left"], ["right", "head"]], **kw
+        )
+        with pytest.raises(ValueError, match="batch size 7"):
+            gp.step(x[:7], target=y[:7])
+        dist.barrier()  # nobody entered a collective or a send above
+        loss = gp.step(x, target=y)
+        assert loss > 0
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bad_input_fails_before_communication():
+    _spawn(_errors_worker, 2)
+
+
+def _dead_peer_worker(rank: int, world: int, init: str, how: str) -> None:
+    _init(rank, world, init, timeout_s=3.0)
+    case = CASES["chain"]
+    (x,), y = case.batch(8, torch.Generator().manual_seed(0))
+    gp = GraphPipe(case.build(), example_inputs=(x,), loss_fn=case.loss, num_microbatches=2,
+                   partition=[["layers.0", "layers.1", "layers.2"], ["layers.3", "layers.4", "layers.5",
+                                                                   "layers.6", "layers.7"]])  # fmt: skip
+    dist.barrier()
+    if rank == 1 and how == "exit":
+        os._exit(0)  # dies without a word
+    if rank == 1:
+        time.sleep(4.5)  # alive, silent: rank 0 times out
+        os._exit(0)
+    start = time.perf_counter()
+    with pytest.raises(PeerError, match="global rank 1") as info:
+        gp.step(x, target=y)
+    print(f"{how}: failed after {time.perf_counter() - start:.1f} s: {info.value}")
+
+
+@pytest.mark.parametrize("how", ["exit", "hang"])
+def test_dead_peer_fails_with_its_rank(how):
+    _spawn(_dead_peer_worker, 2, how)
+
+
+def test_public_api():
+    assert torch_graphpipe.GraphPipe is GraphPipe
+    with pytest.raises(RuntimeError, match=r"initialised torch\.distributed"):
+        GraphPipe(nn.Linear(2, 2), example_inputs=(torch.randn(2, 2),), loss_fn=None, num_microbatches=1)

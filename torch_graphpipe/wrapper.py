@@ -1,0 +1,194 @@
+"""``GraphPipe``: a DDP-style wrapper that trains a model as a DAG of pipeline stages, one per rank."""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch.nn.modules.module import _IncompatibleKeys
+
+from torch_graphpipe.build import Partition, PlanOptions, setup_pipeline
+from torch_graphpipe.microbatch import join_outputs, split_batch
+from torch_graphpipe.plan import Plan
+from torch_graphpipe.profile import CostTable
+from torch_graphpipe.runtime import StageRuntime
+from torch_graphpipe.spec import TensorSpec, ValueSpec
+from torch_graphpipe.wire import P2P, pack, packed_size, unpack
+
+__all__ = ["GraphPipe"]
+
+log = logging.getLogger(__name__)
+
+
+class GraphPipe(torch.nn.Module):
+    """Graph pipeline-parallel training: this rank's stage of ``module``, run by a DAG 1F1B schedule.
+
+    Call it on every rank of an initialised process group (gloo on CPU, NCCL on GPU) whose size is
+    the number of stages. ``example_inputs`` is one batch (split into ``num_microbatches`` along
+    dim 0) used to trace, profile and plan; ``loss_fn(output, target)`` returns the mean loss of a
+    micro-batch. ``partition`` is ``"auto"`` (the planner), a list of module-name lists, one per
+    stage (see [Note: explicit partition]), or a :class:`Plan`. ``self.module`` holds this stage's
+    operators and parameters only; ``parameters()`` are this rank's, for any optimizer.
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        *,
+        example_inputs: Sequence[Any],
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        num_microbatches: int,
+        process_group: dist.ProcessGroup | None = None,
+        partition: Partition = "auto",
+        stage_graph: Literal["dag", "chain"] = "dag",
+        leaf_modules: Sequence[type] = (),
+        costs: CostTable | None = None,
+        memory_budget_bytes: float | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "GraphPipe needs an initialised torch.distributed process group (e.g. torchrun)"
+            )
+        if (
+            isinstance(num_microbatches, bool)
+            or not isinstance(num_microbatches, int)
+            or num_microbatches < 1
+        ):
+            raise ValueError(f"num_microbatches must be an int >= 1, got {num_microbatches!r}")
+        if not isinstance(example_inputs, (tuple, list)):
+            raise TypeError(f"example_inputs must be a tuple of inputs, got {type(example_inputs).__name__}")
+        group = process_group if process_group is not None else dist.group.WORLD
+        assert group is not None
+        self._group: dist.ProcessGroup = group
+        self.rank = dist.get_rank(self._group)
+        self.device = torch.device(device) if device is not None else _default_device(self._group)
+        self.num_microbatches = num_microbatches
+        options = PlanOptions(
+            stage_graph=stage_graph,
+            leaf_modules=tuple(leaf_modules),
+            costs=costs,
+            memory_budget_bytes=memory_budget_bytes,
+        )
+        setup = setup_pipeline(module, example_inputs, num_microbatches, partition, self._group, options)
+        self._plan, self._oracle = setup.plan, setup.oracle
+        self._unowned, self._state_keys = setup.unowned, setup.state_keys
+        self.route = setup.routing.stages[self.rank]
+        self.loss_stage = setup.routing.loss_stage
+        self.module = setup.stage.to(self.device)
+        self.runtime = StageRuntime(self.route, self._plan.schedule, P2P(self._group, self.device), loss_fn)
+        self.train(module.training)
+        dist.barrier(
+            group=self._group
+        )  # every rank has built its stage (and NCCL's first call is collective)
+        log.info("rank %d runs stage %d: %d operators", self.rank, self.rank, len(self.route.node_names))
+
+    @property
+    def plan(self) -> Plan:
+        """The executed plan: stages, stage edges, schedule (``print(gp.plan)``, ``gp.plan.simulate()``)."""
+        return self._plan
+
+    def train(self, mode: bool = True) -> GraphPipe:
+        super().train(mode)
+        if hasattr(self, "_oracle"):
+            self._oracle.train(mode)
+        return self
+
+    def step(self, *inputs: Any, target: Any = None) -> float:
+        """Forward and backward of the batch ``inputs`` through the pipeline; returns the batch loss.
+
+        Every rank passes the same full batch ``inputs``; ``target`` is needed on the loss stage
+        (``self.loss_stage``) only. Parameter gradients accumulate into ``.grad`` as with
+        ``loss.backward()`` of the batch's mean micro-batch loss; call the optimizer afterwards.
+        The returned loss (a float) is the same on every rank.
+        """
+        micro = self._split(inputs)
+        if self.rank == self.loss_stage and target is None:
+            raise ValueError(f"rank {self.rank} computes the loss: pass target= to step() on this rank")
+        targets = None
+        if target is not None and self.rank == self.loss_stage:
+            targets = [_to(t, self.device) for t in split_batch(target, self.num_microbatches, "target")]
+        specs = self._oracle.specs(micro[0])
+        loss = self.runtime.train(self.module, micro, targets, specs)
+        value = torch.zeros(1, dtype=torch.float64, device=self.device)
+        if loss is not None:
+            value.fill_(float(loss))
+        dist.broadcast(value, group=self._group, group_src=self.loss_stage)
+        return float(value.item())
+
+    def forward(self, *inputs: Any) -> Any:
+        """Inference: the model output for the batch ``inputs``, on every rank (no autograd)."""
+        micro = self._split(inputs)
+        specs = self._oracle.specs(micro[0])
+        outputs = self.runtime.infer(self.module, micro, specs)
+        joined = join_outputs(outputs) if outputs else None
+        return self._broadcast_output(joined, specs.output)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        """The FULL model's state (CPU tensors, the plain module's keys), gathered on every rank."""
+        if args or kwargs:
+            raise TypeError("GraphPipe.state_dict() takes no arguments (it returns the full model's state)")
+        local = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        local.update({k: v.detach().cpu() for k, v in self._unowned.items()})
+        gathered: list[Any] = [None] * dist.get_world_size(self._group)
+        dist.all_gather_object(gathered, local, group=self._group)
+        merged: dict[str, torch.Tensor] = {}
+        for part in gathered:
+            merged.update(part)
+        return collections.OrderedDict((k, merged[k]) for k in self._state_keys if k in merged)
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> _IncompatibleKeys:
+        """Load this stage's part of a FULL model state dict (e.g. the plain module's), on every rank."""
+        own = list(self.module.state_dict().keys()) + list(self._unowned)
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in self._state_keys]
+        if strict and (missing or unexpected):
+            raise RuntimeError(
+                f"error loading a GraphPipe state dict: missing {missing}, unexpected {unexpected}"
+            )
+        part = {k: state_dict[k] for k in self.module.state_dict() if k in state_dict}
+        self.module.load_state_dict(part, strict=False, assign=assign)
+        with torch.no_grad():
+            for k, t in self._unowned.items():
+                if k in state_dict:
+                    t.copy_(state_dict[k])
+        return _IncompatibleKeys(missing, unexpected)
+
+    def _split(self, inputs: Sequence[Any]) -> list[tuple[Any, ...]]:
+        micro = split_batch(tuple(inputs), self.num_microbatches, "inputs")
+        return [_to(m, self.device) for m in micro]
+
+    def _broadcast_output(self, joined: Any, spec: ValueSpec) -> Any:
+        m = self.num_microbatches
+        full = [
+            TensorSpec((t.shape[0] * m, *t.shape[1:]) if t.shape else t.shape, t.dtype, False)
+            for t in spec.tensors
+        ]
+        if joined is not None:
+            leaves = [x for x in torch.utils._pytree.tree_leaves(joined) if isinstance(x, torch.Tensor)]
+            buf = pack(leaves, full, self.device)
+        else:
+            buf = torch.empty(packed_size(full), dtype=torch.uint8, device=self.device)
+        if buf.numel():
+            dist.broadcast(buf, group=self._group, group_src=self.loss_stage)
+        return joined if joined is not None else spec.build([t.clone() for t in unpack(buf, full)])
+
+    def __repr__(self) -> str:
+        return f"GraphPipe(rank={self.rank}, stages={self._plan.num_stages}, module={self.module!r})"
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    return torch.utils._pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, value)
+
+
+def _default_device(group: dist.ProcessGroup) -> torch.device:
+    if "nccl" in str(dist.get_backend(group)) and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
