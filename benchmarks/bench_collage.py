@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: find the packages
 
 from benchmarks.bench_baselines import _batches, _compile_and_check, _row_base, _time_group
-from benchmarks.checks import DEFAULT_ATOL, DEFAULT_RTOL, compare_outputs
+from benchmarks.checks import compare_to_float64, float64_reference
 from benchmarks.harness import (
     BASELINE_COLUMNS,
     DEFAULT_OUT_DIR,
@@ -95,7 +95,7 @@ def _collage_row(model: ZooModel, batch: int, module, inputs, check, reference, 
         fn, cold_s, reports = _collage(module, inputs, opts)
         before = measurement_count()
         fn, warm_s, _ = _collage(module, inputs, opts)
-        result = compare_outputs(reference, fn(*check), rtol=DEFAULT_RTOL, atol=DEFAULT_ATOL)
+        result = compare_to_float64(reference[0], reference[1], fn(*check))
     except Exception as exc:  # record and go on
         return row | {"status": "fail", "error": f"{type(exc).__name__}: {str(exc)[:300]}"}, None
     placement = "; ".join(
@@ -119,7 +119,7 @@ def _run_group(model: ZooModel, batch: int, args: argparse.Namespace, opts: Coll
     module = model.build(args.size, seed=0)
     inputs = model.example_inputs(args.size, batch, seed=0)
     check = model.example_inputs(args.size, batch, seed=1)
-    reference = module(*check)
+    reference = (float64_reference(module, check), module(*check))
     rows, fns = [], {}
     for name in args.backends:
         outcome, fn = _compile_and_check(name, module, inputs, check, reference)

@@ -189,3 +189,23 @@ def test_bench_baselines_end_to_end(tmp_path, capsys: pytest.CaptureFixture[str]
     assert (tmp_path / "baselines_cpu.md").exists() and (tmp_path / "baselines_cpu.png").exists()
     out = capsys.readouterr().out
     assert "mlp b=1: best" in out and "bert b=1: best" in out
+
+
+def test_compare_to_float64_scales_with_eagers_own_error() -> None:
+    from benchmarks.checks import compare_to_float64, float64_reference
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(6)]).eval()
+    x = (torch.randn(8, 64),)
+    ref64, eager = float64_reference(module, x), module(*x).detach()
+    eager_err = (eager.double() - ref64).abs().max().item()
+    assert eager_err > 0
+    near = eager + eager_err * torch.randn_like(eager).clamp(-2, 2)  # within 3x eager's error
+    assert compare_to_float64(ref64, eager, near).ok
+    far = eager.clone()
+    far[0, 0] += 100 * eager_err + 1e-3
+    result = compare_to_float64(ref64, eager, far)
+    assert not result.ok and "error vs float64" in result.message
+    ints = torch.randint(0, 9, (4,))
+    assert not compare_to_float64(ints, ints, ints + 1).ok
+    assert not compare_to_float64(ref64, eager, eager[:4]).ok  # shape mismatch
