@@ -3,6 +3,7 @@ OpenVINO), and the static signature their compiled callables check each call aga
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -124,7 +125,9 @@ def export_graph(backend: str, module: nn.Module, example_inputs: tuple[torch.Te
 
 def _export(backend: str, module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> ExportedProgram:
     try:
-        return torch.export.export(module, tuple(example_inputs))
+        with warnings.catch_warnings():  # torch.export trips torch's own LeafSpec deprecation
+            warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec", category=FutureWarning)
+            return torch.export.export(module, tuple(example_inputs))
     except Exception as exc:
         raise BackendCompileError.from_exception(backend, exc) from exc
 
