@@ -9,17 +9,18 @@ needs_kernel = pytest.mark.skipif(not _ops.HAS_CPU_KERNELS, reason="C++ extensio
 BACKENDS = ["cpp", "reference"] if _ops.HAS_CPU_KERNELS else ["reference"]
 
 
-def _qkv(b, hq, hkv, sq, kv_len, d, dtype=torch.float32, seed=0):
+def _qkv(b, hq, hkv, sq, kv_len, d, dtype=torch.float32, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, hq, sq, d, generator=g)
     k, v = torch.randn(b, hkv, kv_len, d, generator=g), torch.randn(b, hkv, kv_len, d, generator=g)
-    return q.to(dtype), k.to(dtype), v.to(dtype)
+    return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)
 
 
 def _assert_fp32_close(out, lse, ref_out, ref_lse, v):
     """The issue's bar: fp32 max error <= 2e-6 * max|V|, lse error <= 1e-5, against float64."""
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), finite)
+    assert not out.isnan().any()
     assert (out.double() - ref_out).abs().max() <= 2e-6 * v.abs().max()
     if finite.any():
         assert (lse.double() - ref_lse)[finite].abs().max() <= 1e-5

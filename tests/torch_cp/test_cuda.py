@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import torch_cp
+from tests.torch_cp.test_attention import _assert_fp32_close
+from tests.torch_cp.test_attention import _qkv as _qkv_cpu
 from torch_cp import _ops
 
 pytestmark = pytest.mark.gpu
@@ -29,22 +31,8 @@ BACKENDS = [
 ]
 
 
-def _qkv(b, hq, hkv, sq, kv_len, d, dtype=torch.float32, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(b, hq, sq, d, generator=g, device="cuda")
-    k = torch.randn(b, hkv, kv_len, d, generator=g, device="cuda")
-    v = torch.randn(b, hkv, kv_len, d, generator=g, device="cuda")
-    return q.to(dtype), k.to(dtype), v.to(dtype)
-
-
-def _assert_fp32_close(out, lse, ref_out, ref_lse, v):
-    """The issue's bar: fp32 max error <= 2e-6 * max|V|, lse error <= 1e-5, against float64."""
-    finite = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), finite)
-    assert not out.isnan().any()
-    assert (out.double() - ref_out).abs().max() <= 2e-6 * v.abs().max()
-    if finite.any():
-        assert (lse.double() - ref_lse)[finite].abs().max() <= 1e-5
+def _qkv(*args, **kwargs):
+    return _qkv_cpu(*args, **kwargs, device="cuda")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
