@@ -20,6 +20,7 @@ from torch._functorch.aot_autograd import make_boxed_func
 from torch.utils._python_dispatch import _disable_current_modes
 
 from torch_collage.assembly import AssembledGraph
+from torch_collage.freeze import FrozenInputs, freeze_inputs, static_input_indices
 from torch_collage.options import CollageOptions
 from torch_collage.place import place_graph
 from torch_collage.report import GraphReport
@@ -32,36 +33,60 @@ logger = logging.getLogger(__name__)
 ReportSink = Callable[[GraphReport], None]
 
 
+class _Placed:
+    """One placement: the assembled graph and, for a frozen graph, what was frozen."""
+
+    def __init__(self, runner: AssembledGraph, frozen: FrozenInputs | None) -> None:
+        self.runner, self.frozen = runner, frozen
+
+    def __call__(self, *args: Any) -> Any:
+        return self.runner(*(self.frozen.dynamic(args) if self.frozen else args))
+
+
 class _LazyPlacer:
-    """Places ``gm`` on its first call for each input signature, then runs the assembled graph."""
+    """Places ``gm`` on its first call for each input signature, then runs the assembled graph.
+
+    Inputs at ``static`` (parameters of an inference graph) are frozen into the graph when placing;
+    see [Note: freezing] in freeze.py.
+    """
 
     def __init__(
-        self, gm: fx.GraphModule, options: CollageOptions, kind: str, sink: ReportSink | None
-    ) -> None:
-        self.gm, self.options, self.kind, self.sink = gm, options, kind, sink
-        self._placed: dict[str, AssembledGraph] = {}
+        self, gm: fx.GraphModule, options: CollageOptions, kind: str, sink: ReportSink | None,
+        static: tuple[int, ...] = (),
+    ) -> None:  # fmt: skip
+        self.gm, self.options, self.kind, self.sink, self.static = gm, options, kind, sink, static
+        self._placed: dict[str, _Placed] = {}
         self._lock = threading.Lock()
 
     def __call__(self, *args: Any) -> Any:
         key = tensor_signature(args)
-        runner = self._placed.get(key)
-        if runner is None:
-            runner = self._place(key, args)
-        return runner(*args)
+        placed = self._placed.get(key)
+        if placed is None or (placed.frozen is not None and not placed.frozen.still_valid(args)):
+            placed = self._place(key, args)
+        return placed(*args)
 
-    def _place(self, key: str, args: Sequence[Any]) -> AssembledGraph:
+    def _place(self, key: str, args: Sequence[Any]) -> _Placed:
         with self._lock:
-            if key not in self._placed:
-                # aot_autograd's first call runs under an analysis dispatch mode; measure outside it
-                with _disable_current_modes():
-                    assembled, report = place_graph(self.gm, args, self.options, self.kind)
-                logger.info(
-                    "torch_collage: %s graph placed: %s (%.1f s)", self.kind, assembled, report.search_s
-                )
-                if self.sink is not None:
-                    self.sink(report)
-                self._placed[key] = assembled
-            return self._placed[key]
+            placed = self._placed.get(key)
+            if placed is None or (placed.frozen is not None and not placed.frozen.still_valid(args)):
+                placed = self._search(args)
+                self._placed[key] = placed
+            return placed
+
+    def _search(self, args: Sequence[Any]) -> _Placed:
+        gm, frozen = self.gm, None
+        if self.static:
+            frozen = FrozenInputs.of(args, self.static)
+            gm = freeze_inputs(self.gm, args, self.static)
+        # aot_autograd's first call runs under an analysis dispatch mode; measure outside it
+        with _disable_current_modes():
+            assembled, report = place_graph(
+                gm, frozen.dynamic(args) if frozen else args, self.options, self.kind
+            )
+        logger.info("torch_collage: %s graph placed: %s (%.1f s)", self.kind, assembled, report.search_s)
+        if self.sink is not None:
+            self.sink(report)
+        return _Placed(assembled, frozen)
 
 
 def make_backend(options: CollageOptions, sink: ReportSink | None = None) -> Callable[..., Any]:
@@ -70,7 +95,8 @@ def make_backend(options: CollageOptions, sink: ReportSink | None = None) -> Cal
     def compiler(kind: str) -> Callable[[fx.GraphModule, Sequence[Any]], Callable[..., Any]]:
         def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
             del example_inputs  # fake tensors; placement waits for real ones
-            return make_boxed_func(_LazyPlacer(gm, options, kind, sink))
+            static = static_input_indices() if kind == "inference" and options.freeze else ()
+            return make_boxed_func(_LazyPlacer(gm, options, kind, sink, static))
 
         return compile_graph
 

@@ -39,6 +39,7 @@ class CollageOptions:
     atol: float = 1e-4
     max_candidates: int = 400  # most candidates measured per graph (beyond it, larger ones are dropped)
     progress: bool = True  # tqdm progress bar on searches that measure many candidates
+    freeze: bool = True  # inference graphs: parameters become constants, re-placed if they change
 
     def __post_init__(self) -> None:
         if isinstance(self.backends, str) or not all(isinstance(b, str) for b in self.backends):

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import fx
 
+from torch_collage.freeze import FROZEN_PREFIX
+
 __all__ = ["Subgraph", "digest", "extract", "tensor_signature"]
 
 
@@ -43,7 +45,7 @@ def extract(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> Subgraph:
                 name = f"c{len(env)}"
                 _attach(root, name, _fetch_attr(gm, str(arg.target)))
                 env[arg] = graph.get_attr(name)
-                lines.append(f"const {_const_digest(getattr(root, name))}")
+                lines.append(f"const {_const_digest(getattr(root, name), by_value=not _is_frozen(arg))}")
             else:
                 env[arg] = graph.placeholder(f"in{len(inputs)}")
                 inputs.append(arg)
@@ -97,7 +99,14 @@ def _attach(root: torch.nn.Module, name: str, value: Any) -> None:
         setattr(root, name, value)
 
 
-def _const_digest(value: Any) -> str:
+def _is_frozen(node: fx.Node) -> bool:
+    """A frozen parameter (see [Note: freezing] in freeze.py): its values do not change costs."""
+    return str(node.target).startswith(FROZEN_PREFIX)
+
+
+def _const_digest(value: Any, *, by_value: bool = True) -> str:
+    if isinstance(value, torch.Tensor) and not by_value:
+        return f"{tuple(value.shape)}:{value.dtype}:{value.stride()}"
     if isinstance(value, torch.Tensor):
         data = value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
         return f"{tuple(value.shape)}:{value.dtype}:{hashlib.sha256(data).hexdigest()[:16]}"

@@ -1,0 +1,41 @@
+import torch
+from torch import fx
+
+from torch_collage.freeze import FrozenInputs, freeze_inputs
+
+
+def _f(w, b, x):
+    return torch.nn.functional.linear(x, w, b).relu()
+
+
+def test_frozen_graph_reads_the_tensors_as_constants():
+    w, b, x = torch.randn(5, 3), torch.randn(5), torch.randn(4, 3)
+    frozen = freeze_inputs(fx.symbolic_trace(_f), (w, b, x), (0, 1))
+    assert [n.op for n in frozen.graph.nodes].count("placeholder") == 1
+    torch.testing.assert_close(frozen(x), _f(w, b, x))
+
+
+def test_frozen_inputs_notice_in_place_updates_and_new_tensors():
+    w, b, x = torch.randn(5, 3), torch.randn(5), torch.randn(4, 3)
+    frozen = FrozenInputs.of((w, b, x), (0, 1))
+    assert frozen.still_valid((w, b, torch.randn(4, 3))) and frozen.dynamic((w, b, x)) == [x]
+    assert not frozen.still_valid((w.clone(), b, x))
+    w.mul_(2)
+    assert not frozen.still_valid((w, b, x))
+
+
+def test_compiled_inference_follows_weight_updates(tmp_path):
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).eval()
+    opts = {
+        "backends": ["eager", "onnxruntime"],
+        "cache_dir": str(tmp_path),
+        "max_depth": 1,
+        "progress": False,
+    }
+    compiled = torch.compile(model, backend="collage", options=opts)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+        model[0].weight.mul_(-0.5)  # an in-place update, as optimizer.step() does
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,83 @@
+"""Freezing: an inference graph's parameter inputs become constants of the graph.
+
+[Note: freezing]
+aot_autograd hands backends ATen graphs whose parameters and buffers are graph *inputs*. A runtime
+such as ONNX Runtime or OpenVINO then cannot fold or pre-pack the weights and receives them on every
+call: the same MLP ran 1.35x slower on OpenVINO with its weights as inputs than as constants. So an
+inference graph is placed with its static inputs (``fw_metadata.static_input_indices``: parameters
+and buffers) baked in as ``get_attr`` constants. The weights must then not change behind the
+compiled graph's back: :class:`FrozenInputs` remembers each static input's identity and version
+counter (bumped by every in-place update, e.g. ``optimizer.step()``), and the graph is placed again
+(from cached costs) when one of them changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+__all__ = ["FROZEN_PREFIX", "FrozenInputs", "freeze_inputs", "static_input_indices"]
+
+FROZEN_PREFIX = "_collage_frozen_"  # attribute names of frozen inputs
+
+
+def static_input_indices() -> tuple[int, ...]:
+    """Indices of the graph inputs that are parameters or buffers, from aot_autograd's tracing context."""
+    context = torch._guards.TracingContext.try_get()
+    if context is None or context.fw_metadata is None:
+        return ()
+    return tuple(context.fw_metadata.static_input_indices)
+
+
+@dataclass(frozen=True)
+class FrozenInputs:
+    """Which inputs were frozen, and the identity and version of each tensor when it was."""
+
+    indices: tuple[int, ...]
+    tensors: tuple[torch.Tensor, ...]
+    versions: tuple[int, ...]
+
+    @classmethod
+    def of(cls, args: Sequence[Any], indices: Sequence[int]) -> FrozenInputs:
+        tensors = tuple(args[i] for i in indices)
+        return cls(tuple(indices), tensors, tuple(t._version for t in tensors))
+
+    def still_valid(self, args: Sequence[Any]) -> bool:
+        """True while every frozen input is the same tensor, not modified in place since."""
+        return all(
+            args[i] is t and t._version == v for i, t, v in zip(self.indices, self.tensors, self.versions)
+        )
+
+    def dynamic(self, args: Sequence[Any]) -> list[Any]:
+        """The inputs that were not frozen, in order."""
+        frozen = set(self.indices)
+        return [a for i, a in enumerate(args) if i not in frozen]
+
+
+def freeze_inputs(gm: fx.GraphModule, args: Sequence[Any], indices: Sequence[int]) -> fx.GraphModule:
+    """A copy of ``gm`` whose placeholders at ``indices`` read the tensors ``args[i]`` as constants.
+
+    The constants alias the given tensors (no copy). See [Note: freezing].
+    """
+    frozen = fx.GraphModule(gm, fx.Graph())  # shares gm's attributes; the graph is rebuilt below
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    wanted = set(indices)
+    for i, node in enumerate(placeholders):
+        if i in wanted and isinstance(args[i], torch.Tensor):
+            name = f"{FROZEN_PREFIX}{i}"
+            frozen.register_buffer(name, args[i].detach(), persistent=False)
+            env[node] = graph.get_attr(name)
+        else:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    frozen.graph = graph
+    frozen.recompile()
+    return frozen
