@@ -259,6 +259,7 @@ def _errors_worker(rank: int, world: int, init: str) -> None:
         dist.barrier()  # nobody entered a collective or a send above
         loss = gp.step(x, target=y)
         assert loss > 0
+        dist.barrier()  # both ranks are done before either tears the group down (gloo aborts otherwise)
     finally:
         dist.destroy_process_group()
 
