@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["CASES", "Case"]
+__all__ = ["CASES", "Case", "ForkJoin", "Untraceable"]
 
 
 class Chain(nn.Module):
@@ -33,6 +33,19 @@ class ForkJoin(nn.Module):
     def forward(self, x):
         s = self.stem(x)
         return self.head(self.left(s) + self.right(s))
+
+
+class Untraceable(nn.Module):
+    """Python control flow on tensor data: symbolic tracing must fail and name the line."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.lin(x)
+        return -x
 
 
 class Concat(nn.Module):

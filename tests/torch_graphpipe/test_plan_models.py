@@ -1,22 +1,10 @@
 import pytest
 import torch
 import torch.nn as nn
+from _gp_models import ForkJoin, Untraceable
 
 import torch_graphpipe
 from torch_graphpipe import GraphCaptureError, capture, plan
-
-
-class ForkJoin(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Linear(8, 16)
-        self.left = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
-        self.right = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
-        self.head = nn.Linear(16, 4)
-
-    def forward(self, x):
-        s = self.stem(x)
-        return self.head(self.left(s) + self.right(s))
 
 
 class Skip(nn.Module):
@@ -48,17 +36,6 @@ class MultiOutput(nn.Module):
     def forward(self, x):
         t = self.trunk(x)
         return self.h1(t), self.h2(t)
-
-
-class Untraceable(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-
-    def forward(self, x):
-        if x.sum() > 0:
-            return self.lin(x)
-        return x
 
 
 def _edges(graph):

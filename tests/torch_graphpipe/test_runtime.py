@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
-from _gp_models import CASES, Case
+from _gp_models import CASES, Case, Untraceable
 
 import torch_graphpipe
 from torch_graphpipe import CommModel, CostTable, GraphCaptureError, GraphPipe, OpCost, PeerError, capture
@@ -222,17 +222,6 @@ def test_zoo_multi_branch_models_train():
     _spawn(_zoo_worker, 3)
 
 
-class _Untraceable(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-
-    def forward(self, x):
-        if x.sum() > 0:
-            return self.lin(x)
-        return -x
-
-
 def _errors_worker(rank: int, world: int, init: str) -> None:
     _init(rank, world, init)
     try:
@@ -247,7 +236,7 @@ def _errors_worker(rank: int, world: int, init: str) -> None:
             GraphPipe(nn.Linear(8, 4), num_microbatches=2, **kw)
         with pytest.raises(GraphCaptureError, match=r"x\.sum\(\) > 0"):
             GraphPipe(
-                _Untraceable(), num_microbatches=2, example_inputs=(torch.randn(4, 4),), loss_fn=case.loss
+                Untraceable(), num_microbatches=2, example_inputs=(torch.randn(4, 4),), loss_fn=case.loss
             )
         with pytest.raises(ValueError, match="no operator calls"):
             GraphPipe(case.build(), num_microbatches=2, partition=[["stem", "left"], ["rite", "head"]], **kw)
