@@ -118,6 +118,7 @@ def _train_worker(rank: int, world: int, init: str, case_name: str) -> None:
         if case_name in ("fork_join", "multi_output"):  # the planner's partition (profiled on rank 0)
             gp = _check_training(case, "auto", world, 7)
             assert gp.plan.num_stages == world and gp.plan.stage_graph == "dag"
+        dist.barrier()  # all ranks done before any tears the group down (gloo may abort otherwise)
     finally:
         dist.destroy_process_group()
 
@@ -142,6 +143,7 @@ def _chain_worker(rank: int, world: int, init: str) -> None:
         passed_on = [v for _, values in gp.route.send for v in values if v not in gp.route.node_names]
         if rank == 1:
             assert "a" in passed_on, "the skip edge from block a must pass through the middle stage"
+        dist.barrier()  # all ranks done before any tears the group down (gloo may abort otherwise)
     finally:
         dist.destroy_process_group()
 
@@ -155,6 +157,7 @@ def _baseline_worker(rank: int, world: int, init: str) -> None:
     try:
         for seed, name in enumerate(["skip", "concat"]):  # a skip edge; every stage reading a model input
             _check_baseline(CASES[name], world, seed)
+        dist.barrier()  # all ranks done before any tears the group down (gloo may abort otherwise)
     finally:
         dist.destroy_process_group()
 
@@ -213,6 +216,7 @@ def _zoo_worker(rank: int, world: int, init: str) -> None:
             plain = zoo.build("tiny", seed=3)
             plain.load_state_dict(gp.state_dict())  # strict, non-persistent buffers (DLRM's) left out
             gp.load_state_dict(zoo.build("tiny", seed=3).state_dict())
+        dist.barrier()  # all ranks done before any tears the group down (gloo may abort otherwise)
     finally:
         dist.destroy_process_group()
 
