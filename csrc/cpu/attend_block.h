@@ -7,7 +7,11 @@
 // and sum l per query row (the "online softmax"), acc = acc·exp(m_old − m_new) + P·V.
 // The loops use 16-float vectors (GCC vector extensions) with several independent accumulators;
 // attend_block_impl.h is compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2+FMA) and the baseline,
-// and attend_block.cpp picks one for this CPU at the first call.
+// and attend_block.cpp picks one for this CPU at the first call (TORCH_CP_CPU_ISA=avx2|default caps
+// it). Scores are summed across lanes for 16 accumulators at once ([Note: transposed reduction])
+// and the softmax runs on whole vectors with an inline exp: per 32-key tile of 4 query rows, on
+// one Zen-class core with the data in cache, this took the tile from ~2450 to ~1850 cycles (the
+// multiply-adds alone are ~1000), which let prefetching keep the kernel near the memory's speed.
 #pragma once
 
 #include <cstdint>

@@ -1,7 +1,9 @@
 // The CPU decode kernel's inner loop for any CPU (the compiler's baseline instruction set).
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 
 #include "attend_block.h"
 

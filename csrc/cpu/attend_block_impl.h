@@ -53,55 +53,106 @@ TORCH_CP_INLINE Vec load_vec(const float* p) {
   return v;
 }
 
-TORCH_CP_INLINE float hsum(Vec v) {
-  float s = 0.f;
-  for (int j = 0; j < kLanes; ++j) s += v[j];
-  return s;
+// [Note: transposed reduction]
+// A score is a dot product over the head dim, accumulated in kLanes-wide vectors that must be
+// summed across their lanes at the end. Summing each vector on its own (a chain of lane extracts
+// and adds) cost far more than the multiply-adds: 16 dot products of dim 128 are 128 FMAs but
+// ~500 instructions of horizontal sums. Instead kAcc accumulators (rows x keys) are summed
+// together, like a transpose: each level folds pairs of vectors (the two halves of every segment
+// added, two shuffles and an add per pair) until every lane holds one full sum — 15 folds for 16
+// vectors of 16 lanes. LaneOrder works out at compile time which accumulator each lane ends up
+// holding.
+constexpr int kAcc = kLanes >= 16 ? 16 : 8;  // accumulators per score block: fits 32 (16) registers
+
+template <int B>
+constexpr int fold_index(int j, bool high) {
+  const int k = j / B, o = j % B;
+  return (k % 2 ? kLanes : 0) + (k / 2) * 2 * B + o + (high ? B : 0);
 }
 
-// Scores of kRows query rows against two keys at once: 2·kRows independent accumulator chains
-// keep the FMA units busy (a single dot product is bound by its add latency).
+// Lane j of the result, in block k = j / B of B lanes: the halves of segment k / 2 (2B lanes) of
+// `a` (k even) or `b` (k odd), added.
+template <int B, int... I>
+TORCH_CP_INLINE Vec fold(Vec a, Vec b, std::integer_sequence<int, I...>) {
+  return __builtin_shufflevector(a, b, fold_index<B>(I, false)...) +
+         __builtin_shufflevector(a, b, fold_index<B>(I, true)...);
+}
+
+template <int B, int kCount>
+TORCH_CP_INLINE void fold_levels(Vec* v) {
+  if constexpr (B >= 1 && kCount > 1) {
+    for (int i = 0; i < kCount / 2; ++i) v[i] = fold<B>(v[2 * i], v[2 * i + 1], std::make_integer_sequence<int, kLanes>{});
+    fold_levels<B / 2, kCount / 2>(v);
+  }
+}
+
+// source[i]: which of the kN input vectors the i-th output lane sums (mirrors fold_levels).
+template <int kN>
+struct LaneOrder {
+  int source[kN];
+  constexpr LaneOrder() : source() {
+    int ids[kN][kLanes] = {};
+    for (int i = 0; i < kN; ++i) ids[i][0] = i;
+    int count = kN;
+    for (int b = kLanes / 2; b >= 1 && count > 1; b /= 2) {
+      for (int i = 0; i < count / 2; ++i) {
+        int merged[kLanes] = {};
+        for (int seg = 0; seg < kLanes / b; ++seg) merged[seg] = ids[2 * i + seg % 2][seg / 2];
+        for (int seg = 0; seg < kLanes; ++seg) ids[i][seg] = merged[seg];
+      }
+      count /= 2;
+    }
+    for (int i = 0; i < kN; ++i) source[i] = ids[i / kLanes][i % kLanes];
+  }
+};
+
+// sums[i] = the sum of the lanes of v[i], for kN vectors (v is overwritten).
+template <int kN>
+TORCH_CP_INLINE void sum_lanes(Vec (&v)[kN], float* sums) {
+  static_assert(kN % kLanes == 0, "sum_lanes needs at least kLanes vectors");
+  static constexpr LaneOrder<kN> order;
+  fold_levels<kLanes / 2, kN>(v);
+  float lanes[kN];
+  std::memcpy(lanes, v, sizeof(lanes));
+  for (int i = 0; i < kN; ++i) sums[order.source[i]] = lanes[i];
+}
+
+// Scores of query rows r0..r0+kRows against keys t0..t0+kKeys (kRows * kKeys = kAcc accumulator
+// chains, independent, so the FMA units stay busy); keys past the tile's end repeat the last one
+// and are not stored.
 template <int kRows>
-TORCH_CP_INLINE void dots_2keys(const float* q, int64_t dim, const float* k0, const float* k1, float* s0, float* s1) {
-  Vec acc0[kRows] = {}, acc1[kRows] = {};
-  for (int64_t d0 = 0; d0 < dim; d0 += kLanes) {
-    const Vec x0 = load_vec(k0 + d0), x1 = load_vec(k1 + d0);
+TORCH_CP_INLINE void score_block(const TileArgs& a, int64_t r0, int64_t t0, float* scores) {
+  constexpr int kKeys = kAcc / kRows;
+  const float* keys[kKeys];
+  for (int j = 0; j < kKeys; ++j) keys[j] = a.k + std::min<int64_t>(t0 + j, a.n_keys - 1) * a.ld_k;
+  const float* q = a.q + r0 * a.dim;
+  Vec acc[kAcc] = {};
+  for (int64_t d0 = 0; d0 < a.dim; d0 += kLanes) {
+    Vec x[kKeys];
+    for (int j = 0; j < kKeys; ++j) x[j] = load_vec(keys[j] + d0);
     for (int r = 0; r < kRows; ++r) {
-      const Vec qr = load_vec(q + r * dim + d0);
-      acc0[r] += qr * x0;
-      acc1[r] += qr * x1;
+      const Vec qr = load_vec(q + r * a.dim + d0);
+      for (int j = 0; j < kKeys; ++j) acc[r * kKeys + j] += qr * x[j];
     }
   }
-  for (int r = 0; r < kRows; ++r) {
-    s0[r] = hsum(acc0[r]);
-    s1[r] = hsum(acc1[r]);
-  }
+  float sums[kAcc];
+  sum_lanes(acc, sums);
+  const int64_t n = std::min<int64_t>(kKeys, a.n_keys - t0);
+  for (int r = 0; r < kRows; ++r)
+    for (int64_t j = 0; j < n; ++j) scores[(r0 + r) * a.n_keys + t0 + j] = sums[r * kKeys + j];
 }
 
-// scores[r * n_keys + t] for a pair of keys (k1 may equal k0 for an odd tail).
-TORCH_CP_INLINE void score_pair(const TileArgs& a, int64_t t, const float* k0, const float* k1, float* scores) {
-  float s0[4], s1[4];
-  int64_t r = 0;
-  for (; r + 4 <= a.rows; r += 4) {
-    dots_2keys<4>(a.q + r * a.dim, a.dim, k0, k1, s0, s1);
-    for (int i = 0; i < 4; ++i) {
-      scores[(r + i) * a.n_keys + t] = s0[i];
-      if (t + 1 < a.n_keys) scores[(r + i) * a.n_keys + t + 1] = s1[i];
-    }
-  }
-  for (; r < a.rows; ++r) {
-    dots_2keys<1>(a.q + r * a.dim, a.dim, k0, k1, s0, s1);
-    scores[r * a.n_keys + t] = s0[0];
-    if (t + 1 < a.n_keys) scores[r * a.n_keys + t + 1] = s1[0];
-  }
+template <int kRows>
+TORCH_CP_INLINE void score_rows(const TileArgs& a, int64_t r0, float* scores) {
+  for (int64_t t0 = 0; t0 < a.n_keys; t0 += kAcc / kRows) score_block<kRows>(a, r0, t0, scores);
 }
 
 TORCH_CP_INLINE void compute_scores(const TileArgs& a, float* scores) {
   if (a.dim % kLanes == 0) {
-    for (int64_t t = 0; t < a.n_keys; t += 2) {
-      const float* k0 = a.k + t * a.ld_k;
-      score_pair(a, t, k0, t + 1 < a.n_keys ? k0 + a.ld_k : k0, scores);
-    }
+    int64_t r = 0;
+    for (; r + 4 <= a.rows; r += 4) score_rows<4>(a, r, scores);
+    for (; r + 2 <= a.rows; r += 2) score_rows<2>(a, r, scores);
+    for (; r < a.rows; ++r) score_rows<1>(a, r, scores);
   } else {
     for (int64_t t = 0; t < a.n_keys; ++t) {
       const float* k = a.k + t * a.ld_k;
@@ -118,23 +169,94 @@ TORCH_CP_INLINE void compute_scores(const TileArgs& a, float* scores) {
   }
 }
 
+// Lane-wise helpers for the softmax of a row.
+typedef int32_t IVec __attribute__((vector_size(TORCH_CP_VEC_BYTES)));
+
+TORCH_CP_INLINE Vec splat(float x) { return Vec{} + x; }
+TORCH_CP_INLINE void store_vec(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
+
+// Lane j of the result: lane (j + H) % kLanes of v.
+template <int H, int... I>
+TORCH_CP_INLINE Vec rotate(Vec v, std::integer_sequence<int, I...>) {
+  return __builtin_shufflevector(v, v, ((I + H) % kLanes)...);
+}
+
+template <int H = kLanes / 2>
+TORCH_CP_INLINE float max_lanes(Vec v) {
+  if constexpr (H == 0) {
+    return v[0];
+  } else {
+    const Vec w = rotate<H>(v, std::make_integer_sequence<int, kLanes>{});
+    return max_lanes<H / 2>(v > w ? v : w);
+  }
+}
+
+template <int H = kLanes / 2>
+TORCH_CP_INLINE float add_lanes(Vec v) {
+  if constexpr (H == 0) {
+    return v[0];
+  } else {
+    return add_lanes<H / 2>(v + rotate<H>(v, std::make_integer_sequence<int, kLanes>{}));
+  }
+}
+
+// exp_nonpositive on every lane (see [Note: vectorisable exp]); n = round(x / ln 2) by the
+// 1.5·2^23 trick, whose low mantissa bits then hold n as an integer.
+TORCH_CP_INLINE Vec exp_vec(Vec x) {
+  constexpr float kMagic = 12582912.f;  // 1.5 * 2^23
+  const Vec t = x * 1.44269504088896341f + kMagic;
+  const Vec n = t - kMagic;
+  const Vec r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  Vec p = splat(1.f / 5040.f);
+  p = p * r + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const IVec bits = ((IVec)t - (IVec)splat(kMagic) + 127) << 23;
+  return x < -87.3f ? splat(0.f) : p * (Vec)bits;
+}
+
 // Turns one row of scores into probabilities relative to the new running max; returns the
 // factor that rescales the row's previous sum and accumulator.
 TORCH_CP_INLINE float softmax_row(float* s, int64_t n, float& m, float& l) {
+  const bool whole = n % kLanes == 0;
   float tile_max = kNegInf;
-  for (int64_t t = 0; t < n; ++t) tile_max = std::max(tile_max, s[t]);
+  if (whole) {
+    Vec mx = load_vec(s);
+    for (int64_t t = kLanes; t < n; t += kLanes) {
+      const Vec x = load_vec(s + t);
+      mx = mx > x ? mx : x;
+    }
+    tile_max = max_lanes(mx);
+  } else {
+    for (int64_t t = 0; t < n; ++t) tile_max = std::max(tile_max, s[t]);
+  }
   const float m_new = std::max(m, tile_max);
   if (m_new == kNegInf) {  // everything so far is masked: no contribution
     for (int64_t t = 0; t < n; ++t) s[t] = 0.f;
     return 1.f;
   }
   float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t t = 0; t < n; ++t) {
-    s[t] = exp_nonpositive(s[t] - m_new);
-    sum += s[t];
+  if (whole) {
+    Vec acc = {};
+    const Vec mv = splat(m_new);
+    for (int64_t t = 0; t < n; t += kLanes) {
+      const Vec e = exp_vec(load_vec(s + t) - mv);
+      store_vec(s + t, e);
+      acc += e;
+    }
+    sum = add_lanes(acc);
+  } else {
+    for (int64_t t = 0; t < n; ++t) {
+      s[t] = exp_nonpositive(s[t] - m_new);
+      sum += s[t];
+    }
   }
-  const float corr = m == kNegInf ? 0.f : std::exp(m - m_new);
+  // exp_nonpositive(-inf) is 0: a row that had seen only masked keys restarts from this tile
+  const float corr = m_new == m ? 1.f : exp_nonpositive(m - m_new);
   l = l * corr + sum;
   m = m_new;
   return corr;
@@ -163,7 +285,10 @@ TORCH_CP_INLINE void pv_block(const float* p, int64_t n, const float* v, int64_t
 
 template <int kRows>
 TORCH_CP_INLINE void pv_rows(const TileArgs& a, const float* p, float* acc) {
+  constexpr int kWide = kAcc / 4;  // value chunks per pass: kRows * kWide accumulators
   int64_t d0 = 0;
+  for (; d0 + kWide * kLanes <= a.dim; d0 += kWide * kLanes)
+    pv_block<kRows, kWide>(p, a.n_keys, a.v, a.ld_v, d0, acc, a.dim);
   for (; d0 + 2 * kLanes <= a.dim; d0 += 2 * kLanes) pv_block<kRows, 2>(p, a.n_keys, a.v, a.ld_v, d0, acc, a.dim);
   if (d0 < a.dim) pv_block<kRows, 1>(p, a.n_keys, a.v, a.ld_v, d0, acc, a.dim);
 }

@@ -1,7 +1,9 @@
 // The CPU decode kernel's inner loop compiled for x86-64-v3 (picked at run time by attend_block.cpp).
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 
 #include "attend_block.h"
 

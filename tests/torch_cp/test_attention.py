@@ -150,3 +150,36 @@ def test_explicit_key_positions_default_to_the_last_queries(backend):
     ref_out, ref_lse = torch_cp.attention_reference(q, k, v, **opts)
     _assert_fp32_close(out, lse, ref_out, ref_lse, v)
     assert torch.isfinite(lse).all()
+
+
+_NARROW_ISA_CHECK = """
+import torch, torch_cp
+worst = 0.0
+for b, hq, hkv, sq, kv_len, d, causal, softcap in [
+    (2, 8, 2, 1, 300, 64, False, 0.0), (1, 6, 2, 2, 77, 32, True, 0.0), (1, 3, 1, 1, 1000, 128, False, 30.0),
+    (1, 4, 4, 1, 40, 80, False, 0.0), (2, 5, 5, 1, 1, 16, False, 0.0),
+]:
+    g = torch.Generator().manual_seed(kv_len)
+    q = torch.randn(b, hq, sq, d, generator=g)
+    k, v = torch.randn(b, hkv, kv_len, d, generator=g), torch.randn(b, hkv, kv_len, d, generator=g)
+    out, lse = torch_cp.attention(q, k, v, enable_gqa=True, is_causal=causal, return_lse=True, backend="cpp",
+                                  softcap=softcap or None)
+    ref, ref_lse = torch_cp.attention_reference(q, k, v, is_causal=causal, softcap=softcap or None)
+    assert (out.double() - ref).abs().max() <= 2e-6 * v.abs().max(), (b, hq, hkv, sq, kv_len, d)
+    assert (lse.double() - ref_lse).abs().max() <= 1e-5, (b, hq, hkv, sq, kv_len, d)
+print("ok")
+"""
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ["default", "avx2"])
+def test_narrower_instruction_set_builds_match_the_reference(isa):
+    """The kernel is compiled per instruction set; this CPU runs the widest, so the others are
+    checked in a subprocess capped with TORCH_CP_CPU_ISA (16- and 8-lane reductions differ)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TORCH_CP_CPU_ISA=isa)
+    proc = subprocess.run([sys.executable, "-c", _NARROW_ISA_CHECK], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
