@@ -34,7 +34,11 @@ class CachedCost:
 
 
 class CostCache:
-    """``get(key)`` / ``put(key, cost)`` over ``<cache_dir>/costs.sqlite``; safe to share across threads."""
+    """``get(key)`` / ``put(key, cost)`` over ``<cache_dir>/costs.sqlite``; safe to share across threads.
+
+    ``get_text`` / ``put_text`` keep outcomes of measured searches (the refined placement), so that a
+    warm compile replays a time-budgeted refinement instead of searching on past its cold budget.
+    """
 
     def __init__(self, cache_dir: str) -> None:
         self.path = Path(cache_dir).expanduser() / _FILE
@@ -57,6 +61,19 @@ class CostCache:
                 (key, ms, cost.reason, time.time()),
             )
 
+    def get_text(self, key: str) -> str | None:
+        """A stored search outcome (e.g. a refined placement), or None."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM outcomes WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def put_text(self, key: str, value: str) -> None:
+        with self._lock, self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO outcomes(key, value, created) VALUES (?, ?, ?)",
+                (key, value, time.time()),
+            )
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -77,6 +94,7 @@ class CostCache:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS costs (key TEXT PRIMARY KEY, ms REAL, reason TEXT, created REAL)"
             )
+            db.execute("CREATE TABLE IF NOT EXISTS outcomes (key TEXT PRIMARY KEY, value TEXT, created REAL)")
             row = db.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone()
             if row is None:
                 with db:

@@ -61,6 +61,22 @@ def test_warm_cache_measures_nothing(tmp_path):
     assert [p.backend for p in warm.partitions] == [p.backend for p in cold.partitions]
 
 
+def test_warm_compile_replays_the_refinement(tmp_path, monkeypatch):
+    """A refinement cut off by its time budget must not go on searching when compiled warm."""
+    from torch_collage import place
+
+    calls = []
+    real = place.refine
+    monkeypatch.setattr(place, "refine", lambda *a, **k: calls.append(1) or real(*a, **k))
+    opts = {"backends": ["eager", "inductor"], "cache_dir": str(tmp_path), "search": "dp+refine", **_FAST}
+    x = torch.randn(4, 16)
+    cold = torch_collage.explain(_mlp().eval(), x, **opts)
+    assert len(calls) == 1
+    warm = torch_collage.explain(_mlp().eval(), x, **opts)
+    assert len(calls) == 1  # replayed from the cache, not refined again
+    assert [(p.backend, p.nodes) for p in warm.partitions] == [(p.backend, p.nodes) for p in cold.partitions]
+
+
 def test_explain_report_and_picture(tmp_path):
     report = torch_collage.explain(
         _mlp().eval(), torch.randn(4, 16), backends=["eager", "inductor"], cache_dir=str(tmp_path), **_FAST
