@@ -2,6 +2,7 @@
 
     python benchmarks/bench_collage.py                         # all models, full size, default batch
     python benchmarks/bench_collage.py --models mlp --size tiny --backends eager,inductor
+    python benchmarks/bench_collage.py --hardware h200         # CUDA inputs, the GPU backends
 
 For each (model, batch): compile and check every single backend (whole graph) as
 ``bench_baselines.py`` does, compile with ``torch.compile(backend="collage")`` (cold, then warm from the
@@ -48,6 +49,10 @@ from torch_collage.zoo import ZooModel, get_model, list_models
 __all__ = ["main", "parse_args", "run"]
 
 SINGLE = ("eager", "inductor", "onnxruntime", "openvino")
+# --hardware naming an NVIDIA GPU: CUDA model and inputs, and the GPU backends (inductor on CUDA is
+# what the triton backend runs, so it is not listed twice)
+GPU_HARDWARE = ("h200", "h100", "a100", "l40s", "v100", "rtx", "gpu", "cuda")
+GPU_SINGLE = ("eager", "triton", "tensorrt", "cutlass", "onnxruntime_cuda")
 COLUMNS = (
     *BASELINE_COLUMNS[:-1],
     Column("placement", "placement"),
@@ -65,7 +70,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--models", type=_csv, default=None, help="comma-separated zoo names (default: all)")
     p.add_argument("--size", choices=("tiny", "full"), default="full")
     p.add_argument("--batches", type=_csv, default=["default"])
-    p.add_argument("--backends", type=_csv, default=list(SINGLE))
+    p.add_argument("--backends", type=_csv, default=None, help="default: the CPU or the GPU backends")
     p.add_argument("--search", default="dp+refine", choices=("dp", "dp+refine"))
     p.add_argument("--max-depth", type=int, default=3)
     p.add_argument("--time-budget-s", type=float, default=300.0)
@@ -74,8 +79,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--cache-dir", default=None, help="default: a fresh temporary directory (cold search)")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
-    p.add_argument("--hardware", default="cpu")
-    return p.parse_args(argv)
+    p.add_argument("--hardware", default="cpu", help="results name; a GPU name (h200, ...) runs on CUDA")
+    args = p.parse_args(argv)
+    args.device = _device(args.hardware)
+    if args.backends is None:
+        args.backends = list(GPU_SINGLE if args.device == "cuda" else SINGLE)
+    return args
+
+
+def _device(hardware: str) -> str:
+    """The device to run on: "cuda" when ``hardware`` names an NVIDIA GPU (then it must be there), else "cpu"."""
+    if not hardware.lower().startswith(GPU_HARDWARE):
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise SystemExit(f"--hardware {hardware} runs on CUDA, but torch sees no CUDA device")
+    return "cuda"
+
+
+def _synchronized(fn: Any) -> Any:
+    """``fn`` followed by a CUDA synchronisation, so that timing a call times its kernels."""
+
+    def call(*args: Any) -> Any:
+        out = fn(*args)
+        torch.cuda.synchronize()
+        return out
+
+    return call
 
 
 def _collage(
@@ -116,9 +145,10 @@ def _collage_row(model: ZooModel, batch: int, module, inputs, check, reference, 
 
 def _run_group(model: ZooModel, batch: int, args: argparse.Namespace, opts: CollageOptions) -> list:
     torch._dynamo.reset()
-    module = model.build(args.size, seed=0)
-    inputs = model.example_inputs(args.size, batch, seed=0)
-    check = model.example_inputs(args.size, batch, seed=1)
+    device = getattr(args, "device", "cpu")
+    module = model.build(args.size, seed=0).to(device)
+    inputs = tuple(t.to(device) for t in model.example_inputs(args.size, batch, seed=0))
+    check = tuple(t.to(device) for t in model.example_inputs(args.size, batch, seed=1))
     reference = (float64_reference(module, check), module(*check))
     rows, fns = [], {}
     for name in args.backends:
@@ -131,6 +161,8 @@ def _run_group(model: ZooModel, batch: int, args: argparse.Namespace, opts: Coll
     if fn is not None:
         fns["collage"] = fn
     progress(f"{model.name} b={batch}: collage {row['status']} {row.get('placement', '')}")
+    if device == "cuda":
+        fns = {name: _synchronized(fn) for name, fn in fns.items()}
     _time_group(rows, fns, inputs, args)
     return rows
 

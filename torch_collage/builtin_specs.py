@@ -1,4 +1,5 @@
-"""Capability specs of the built-in CPU backends, wrapping the whole-module runners in ``backends/``."""
+"""Capability specs of the built-in backends, wrapping the whole-module runners in ``backends/``: the
+CPU ones, and the optional NVIDIA GPU ones (listed always, placed only where available)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ from torch import fx
 
 from torch_collage.backends import get_backend
 from torch_collage.backends.base import Backend
-from torch_collage.spec import BackendSpec, CompileFn
+from torch_collage.backends.cutlass import CUTLASS_PATTERNS, cutlass_claims
+from torch_collage.backends.onnxruntime_cuda import ort_cuda_claims
+from torch_collage.backends.tensorrt import tensorrt_claims
+from torch_collage.backends.triton import triton_claims
+from torch_collage.spec import BackendSpec, CompileFn, Fusion, NodePredicate
 
 __all__ = ["builtin_specs"]
 
@@ -47,8 +52,47 @@ def _spec(name: str) -> BackendSpec:
     )
 
 
+def _gpu_spec(
+    name: str,
+    claims: NodePredicate,
+    fusion: Fusion = "region",
+    patterns: tuple[tuple[str, ...], ...] = (),
+    max_depth: int | None = None,
+) -> BackendSpec:
+    backend = get_backend(name)
+    return BackendSpec(
+        name=name,
+        compile=_runner_compile(backend),
+        supports=claims,
+        fusion=fusion,
+        max_depth=max_depth,
+        patterns=patterns,
+        available=backend.available,
+        version=backend.version,
+    )
+
+
+def gpu_specs() -> list[BackendSpec]:
+    """The NVIDIA GPU backends: what each claims is documented on its predicate.
+
+    - ``tensorrt``: deterministic ops on CUDA tensors, not float64; convex regions.
+    - ``cutlass``: mm/addmm/bmm/2-D convolution with an epilogue of adds and one last activation
+      (relu/gelu/sigmoid/tanh), float32/float16/bfloat16; elementwise-epilogue fusion, up to 4 ops.
+    - ``triton``: deterministic ops on CUDA tensors (Inductor, Triton codegen), torch_cp's decode
+      attention where its Triton kernel fits; convex regions.
+    - ``onnxruntime_cuda``: deterministic ops on CUDA tensors, float32/float16/integer/bool; regions.
+    """
+    return [
+        _gpu_spec("tensorrt", tensorrt_claims),
+        _gpu_spec("cutlass", cutlass_claims, "elementwise_epilogue", CUTLASS_PATTERNS, max_depth=4),
+        _gpu_spec("triton", triton_claims),
+        _gpu_spec("onnxruntime_cuda", ort_cuda_claims),
+    ]
+
+
 def builtin_specs() -> list[BackendSpec]:
-    """eager (every node, so a cover always exists), inductor, onnxruntime, openvino."""
+    """eager (every node, so a cover always exists), inductor, onnxruntime, openvino, then the GPU
+    backends (tensorrt, cutlass, triton, onnxruntime_cuda), which are unavailable without CUDA."""
     eager = BackendSpec(
         name="eager",
         compile=_eager_compile,
@@ -57,4 +101,4 @@ def builtin_specs() -> list[BackendSpec]:
         version=lambda: f"torch {torch.__version__}",
         mutating_ok=True,
     )
-    return [eager, *(_spec(name) for name in ("inductor", "onnxruntime", "openvino"))]
+    return [eager, *(_spec(name) for name in ("inductor", "onnxruntime", "openvino")), *gpu_specs()]

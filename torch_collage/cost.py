@@ -100,6 +100,7 @@ class CostModel:
             cache,
         )
         self.threads = options.threads or torch.get_num_threads()
+        self.device = _device_of(values.values())
         self.versions = {name: spec.version() for name, spec in specs.items()}
         self.measured = 0  # timings run by this model (cache misses)
         self.reasons: dict[tuple[int, str], str] = {}  # rejected candidates and why
@@ -114,7 +115,7 @@ class CostModel:
             sub.structure,
             tensor_signature(inputs),
             str(self.threads),
-            "cpu",
+            device_label(self.device),
         )
 
     def cost(self, cand: Candidate) -> float:
@@ -182,7 +183,10 @@ class CostModel:
         """Extra ms of calling a ``b`` partition right after an ``a`` one, beyond their own times."""
         if a == b:
             return 0.0
-        key = digest("switch", a, self.versions[a], b, self.versions[b], str(self.threads), str(_PROBE_SHAPE))
+        key = digest(
+            "switch", a, self.versions[a], b, self.versions[b], str(self.threads), str(_PROBE_SHAPE),
+            device_label(self.device),
+        )  # fmt: skip
         cached = self.cache.get(key)
         if cached is None:
             cached = CachedCost(self._measure_switch(a, b), "")
@@ -190,7 +194,7 @@ class CostModel:
         return cached.ms if cached.ok else 0.0
 
     def _measure_switch(self, a: str, b: str) -> float:
-        x = torch.randn(_PROBE_SHAPE)
+        x = torch.randn(_PROBE_SHAPE, device=self.device)
         for name in (a, b):
             if name not in self._probes:
                 self._probes[name] = _probe(self.specs[name], x)
@@ -200,6 +204,21 @@ class CostModel:
         both = self.time_call(lambda: fb(fa(x)[0])[0])
         alone = self.time_call(lambda: fa(x)) + self.time_call(lambda: fb(x))
         return max(0.0, both - alone)
+
+
+def _device_of(values: Any) -> torch.device:
+    """The device of the graph's tensors (the first one found; CPU when there is none)."""
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return v.device
+    return torch.device("cpu")
+
+
+def device_label(device: torch.device) -> str:
+    """The device part of cache keys: ``cpu``, or ``cuda:<model name>`` (costs differ by GPU model)."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
 
 
 def _probe(spec: BackendSpec, x: torch.Tensor) -> Callable[..., Any] | None:

@@ -117,8 +117,20 @@ def measure(
     max_time_s: float | None = None,
     threads: int | None = None,
 ) -> Measurement:
-    """Time ``fn()`` per call; see [Note: timing protocol]. Returns the samples in milliseconds."""
+    """Time ``fn()`` per call; see [Note: timing protocol]. Returns the samples in milliseconds.
+
+    When CUDA is in use in this process, each call is followed by ``torch.cuda.synchronize()`` inside
+    the timed interval, so a sample is the kernels' time, not their launch.
+    """
     _validate(warmup, repeats, min_time_s, max_time_s)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        inner = fn
+
+        def fn() -> Any:
+            out = inner()
+            torch.cuda.synchronize()
+            return out
+
     deadline = None if max_time_s is None else time.perf_counter_ns() + int(max_time_s * 1e9)
     min_total_ns = int(min_time_s * 1e9)
     samples_ns: list[int] = []

@@ -1,5 +1,5 @@
-"""``torch.export`` step shared by the runtimes that take a whole exported graph (ONNX Runtime,
-OpenVINO), and the static signature their compiled callables check each call against."""
+"""``torch.export`` step shared by the runtimes that take a whole exported graph (ONNX Runtime on CPU
+and CUDA, OpenVINO, TensorRT), and the static signature their compiled callables check each call against."""
 
 from __future__ import annotations
 
@@ -21,14 +21,15 @@ __all__ = ["ExportedGraph", "StaticSignature", "export_graph"]
 
 @dataclass(frozen=True)
 class StaticSignature:
-    """The shapes and dtypes a compiled callable was specialised to (CPU tensors only)."""
+    """The shapes, dtypes and device type a compiled callable was specialised to."""
 
     shapes: tuple[torch.Size, ...]
     dtypes: tuple[torch.dtype, ...]
+    device: str = "cpu"  # device type every input must be on: "cpu" or "cuda"
 
     @classmethod
-    def of(cls, tensors: Sequence[torch.Tensor]) -> StaticSignature:
-        return cls(tuple(t.shape for t in tensors), tuple(t.dtype for t in tensors))
+    def of(cls, tensors: Sequence[torch.Tensor], device: str = "cpu") -> StaticSignature:
+        return cls(tuple(t.shape for t in tensors), tuple(t.dtype for t in tensors), device)
 
     def prepare(self, args: Sequence[Any]) -> list[torch.Tensor]:
         """Check ``args`` against the signature; return them detached and contiguous."""
@@ -43,8 +44,10 @@ class StaticSignature:
                 raise ValueError(
                     f"input {i}: compiled for shape {tuple(shape)} {dtype}, got {got}; compile again for new shapes"
                 )
-            if arg.device.type != "cpu":
-                raise ValueError(f"input {i}: expected a CPU tensor, got one on {arg.device}")
+            if arg.device.type != self.device:
+                raise ValueError(
+                    f"input {i}: expected a {self.device.upper()} tensor, got one on {arg.device}"
+                )
             out.append(arg.detach().contiguous())
         return out
 
@@ -88,6 +91,14 @@ class ExportedGraph:
                 )
         return positions
 
+    def output_meta(self) -> list[tuple[torch.Size, torch.dtype]]:
+        """Shape and dtype of each distinct output, in the runtime's output order (from the program's
+        fake values), so that callers can allocate output buffers before running."""
+        nodes = {n.name: n for n in self.program.graph.nodes}
+        specs = [s for s in self.program.graph_signature.output_specs if s.kind == OutputKind.USER_OUTPUT]
+        vals = [nodes[spec.arg.name].meta["val"] for spec in specs]
+        return [(v.shape, v.dtype) for v in vals]
+
     def unflatten(self, runtime_outputs: Sequence[torch.Tensor]) -> Any:
         return pytree.tree_unflatten([runtime_outputs[i] for i in self.output_map], self.out_spec)
 
@@ -105,10 +116,13 @@ class _DistinctOutputs(nn.Module):
         return tuple(leaves[i] for i in self.keep)
 
 
-def export_graph(backend: str, module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> ExportedGraph:
+def export_graph(
+    backend: str, module: nn.Module, example_inputs: tuple[torch.Tensor, ...], device: str = "cpu"
+) -> ExportedGraph:
     """``torch.export.export`` ``module`` on ``example_inputs`` (twice when it returns a tensor more
-    than once); failures become ``BackendCompileError``."""
-    _check_example_inputs(backend, example_inputs)
+    than once); failures become ``BackendCompileError``. Every input must be on ``device`` ("cpu" or
+    "cuda"), and the compiled callable's signature checks each call's inputs against it."""
+    _check_example_inputs(backend, example_inputs, device)
     program = _export(backend, module, example_inputs)
     out_spec = program.call_spec.out_spec
     output_map, keep = _distinct(_user_output_names(backend, program))
@@ -119,7 +133,7 @@ def export_graph(backend: str, module: nn.Module, example_inputs: tuple[torch.Te
         input_names=tuple(program.graph_signature.user_inputs),
         output_map=output_map,
         out_spec=out_spec,
-        signature=StaticSignature.of(example_inputs),
+        signature=StaticSignature.of(example_inputs, device),
     )
 
 
@@ -149,9 +163,10 @@ def _distinct(names: Sequence[str]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(first[name] for name in names), keep
 
 
-def _check_example_inputs(backend: str, example_inputs: tuple[torch.Tensor, ...]) -> None:
+def _check_example_inputs(backend: str, example_inputs: tuple[torch.Tensor, ...], device: str) -> None:
     for i, t in enumerate(example_inputs):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"example_inputs[{i}] must be a torch.Tensor, got {type(t).__name__}")
-        if t.device.type != "cpu":
-            raise BackendCompileError(backend, f"runs on CPU only; example_inputs[{i}] is on {t.device}")
+        if t.device.type != device:
+            where = "CPU" if device == "cpu" else device.upper()
+            raise BackendCompileError(backend, f"runs on {where} only; example_inputs[{i}] is on {t.device}")

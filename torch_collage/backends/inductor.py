@@ -16,7 +16,7 @@ from torch import nn
 
 from torch_collage.backends.base import BackendCompileError
 
-__all__ = ["InductorBackend"]
+__all__ = ["InductorBackend", "inductor_compile"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,20 +51,32 @@ class InductorBackend:
         return f"torch {torch.__version__} inductor"
 
     def compile(self, module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Callable[..., Any]:
-        start = time.perf_counter()
-        options: dict[str, str | int | bool | Callable[..., Any]] = {"freezing": self.freezing}
-        compiled = torch.compile(_fresh_entry(module), backend="inductor", options=options, dynamic=False)
-        runner: Callable[..., Any] = _NoGradRunner(compiled) if self.freezing else compiled
-        try:
-            # Inductor compiles lazily, on the first call: do it now. [Note: freezing needs the global flag]
-            with torch._inductor.config.patch(freezing=self.freezing):
-                runner(*example_inputs)
-        except Exception as exc:
-            raise BackendCompileError.from_exception(self.name, exc, _OP_PATTERNS) from exc
-        logger.debug(
-            "%s: compiled %s in %.2f s", self.name, type(module).__name__, time.perf_counter() - start
-        )
-        return runner
+        return inductor_compile(self.name, module, example_inputs, freezing=self.freezing)
+
+
+def inductor_compile(
+    backend: str,
+    module: nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    *,
+    freezing: bool = False,
+    options: dict[str, str | int | bool | Callable[..., Any]] | None = None,
+) -> Callable[..., Any]:
+    """``torch.compile(module, backend="inductor", dynamic=False)``, compiled now (on ``example_inputs``)
+    rather than on the first call; failures become ``BackendCompileError`` of ``backend``. Inductor
+    generates C++ for CPU inputs and Triton for CUDA inputs; ``options`` are Inductor config options."""
+    start = time.perf_counter()
+    all_options: dict[str, str | int | bool | Callable[..., Any]] = {"freezing": freezing, **(options or {})}
+    compiled = torch.compile(_fresh_entry(module), backend="inductor", options=all_options, dynamic=False)
+    runner: Callable[..., Any] = _NoGradRunner(compiled) if freezing else compiled
+    try:
+        # Inductor compiles lazily, on the first call: do it now. [Note: freezing needs the global flag]
+        with torch._inductor.config.patch(freezing=freezing):
+            runner(*example_inputs)
+    except Exception as exc:
+        raise BackendCompileError.from_exception(backend, exc, _OP_PATTERNS) from exc
+    logger.debug("%s: compiled %s in %.2f s", backend, type(module).__name__, time.perf_counter() - start)
+    return runner
 
 
 # [Note: one code object per compile]

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 _NAME = "onnxruntime"
 _REQUIRED = ("onnxruntime", "onnx", "onnxscript")
-_OP_PATTERNS = (
+OP_PATTERNS = (
     re.compile(r"No ONNX function found for <OpOverload\(op='([\w.]+)', overload='(\w+)'\)>"),
     re.compile(r"call_function\[target=torch\.ops\.([\w.]+)\]"),
     re.compile(r"Could not find an implementation for (\w+)\("),  # ORT: a kernel missing for an ONNX op
@@ -77,13 +77,13 @@ class OnnxRuntimeBackend:
         start = time.perf_counter()
         graph = export_graph(_NAME, module, example_inputs)
         try:
-            session = self._session(_to_onnx(graph))
+            session = self._session(to_onnx(graph))
             runner = _OrtRunner(session, graph, self.io_binding)
             runner.warm_up(example_inputs)
         except BackendCompileError:
             raise
         except Exception as exc:
-            raise BackendCompileError.from_exception(_NAME, exc, _OP_PATTERNS) from exc
+            raise BackendCompileError.from_exception(_NAME, exc, OP_PATTERNS) from exc
         logger.debug(
             "%s: compiled %s in %.2f s", self.name, type(module).__name__, time.perf_counter() - start
         )
@@ -92,14 +92,23 @@ class OnnxRuntimeBackend:
     def _session(self, model: bytes) -> ort.InferenceSession:
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.num_threads or torch.get_num_threads()
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3  # errors only: unused-initializer warnings are noise here
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.allow_spinning else "0")
+        opts = session_options(self.num_threads or torch.get_num_threads(), self.allow_spinning)
         return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def session_options(num_threads: int, allow_spinning: bool) -> ort.SessionOptions:
+    """Session options shared by the CPU and CUDA backends: sequential execution, every graph
+    optimisation, ``num_threads`` intra-op threads, errors-only logging, spinning as asked."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = num_threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3  # errors only: unused-initializer warnings are noise here
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+    return opts
 
 
 # [Note: ORT call path]
@@ -122,20 +131,20 @@ class OnnxRuntimeBackend:
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
-def _to_onnx(graph: ExportedGraph) -> bytes:
+def to_onnx(graph: ExportedGraph, backend: str = _NAME) -> bytes:
     """Export in memory (no files): the serialised ONNX model. Failures keep torch.onnx's message,
-    whose summary names the ATen op that has no ONNX function."""
+    whose summary names the ATen op that has no ONNX function; they are reported as ``backend``'s."""
     try:
         with warnings.catch_warnings():  # torch's own exporter trips torch's own LeafSpec deprecation
             warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec", category=FutureWarning)
             program = torch.onnx.export(graph.program, dynamo=True, verbose=False)
     except Exception as exc:
-        raise BackendCompileError.from_exception(_NAME, exc, _OP_PATTERNS) from exc
+        raise BackendCompileError.from_exception(backend, exc, OP_PATTERNS) from exc
     assert program is not None
     return program.model_proto.SerializeToString()
 
 
-def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+def numpy_dtype(dtype: torch.dtype) -> np.dtype:
     return torch.empty((), dtype=dtype).numpy().dtype
 
 
@@ -149,7 +158,7 @@ class _OrtRunner:
         sig = graph.signature
         names = [i.name for i in session.get_inputs()]
         self._inputs = list(zip(names, graph.match_inputs([[n] for n in names]), strict=True))
-        self._input_np_dtypes = {pos: _numpy_dtype(sig.dtypes[pos]) for _, pos in self._inputs}
+        self._input_np_dtypes = {pos: numpy_dtype(sig.dtypes[pos]) for _, pos in self._inputs}
         self._output_names = [o.name for o in session.get_outputs()]
         if len(self._output_names) != graph.num_outputs:
             raise BackendCompileError(
@@ -161,7 +170,7 @@ class _OrtRunner:
     def warm_up(self, example_inputs: Sequence[torch.Tensor]) -> None:
         """One run through ``session.run``: records the outputs' shapes and dtypes for IOBinding."""
         outs = self._run_numpy(self._graph.signature.prepare(example_inputs))
-        self._outputs = [(o.shape, o.dtype, _numpy_dtype(o.dtype)) for o in outs]
+        self._outputs = [(o.shape, o.dtype, numpy_dtype(o.dtype)) for o in outs]
         if self._binding is not None:
             self._run_bound(self._graph.signature.prepare(example_inputs))
 
