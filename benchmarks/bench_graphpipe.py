@@ -334,9 +334,14 @@ def _notes(args: argparse.Namespace, info: dict[str, Any], rows: list[dict[str, 
         f"(micro-batch {args.profile_microbatch}, one thread); all scaled to a mean stage time of "
         f"{args.target_ms} ms per micro-batch. Planning assumed messages of {PLAN_COMM.alpha_ms} ms + bytes / 1 GB/s.",
         "GraphPipe (DAG, planner) is torch_graphpipe.plan_graph(stage_graph='dag'): the better (by simulation) of "
-        "the series-parallel DAG search and the best chain split laid out as a DAG. On two_branch neither finds "
-        "the one-block-per-stage partition (the DAG search cannot put the tail of one branch with the join; the "
-        "chain split cuts between a Linear and its free tanh), so the explicit partition is shown beside it.",
+        "the series-parallel DAG search and the best chain split laid out as a DAG. On two_branch the DAG search "
+        "finds the one-block-per-stage partition (the last block of one branch with the free join, see [Note: "
+        "branch tail with the join] in torch_graphpipe/partition.py); the explicit partition is shown beside it. "
+        "two_branch cannot reach 1.3x in this cost model: with 8 unit blocks on 8 stages every stage holds one "
+        "block and the join's stage holds one branch's last block, so the other branch's 4 stages precede it; the "
+        "join stage starts after 4 forwards, does 8 x (1 + 2) and its last gradient needs 4 backwards more: "
+        "36 units vs the chain's (8 + 7) x 3 = 45, at most 1.25x, and some stage has in-flight 5 (stage 0's is 4 "
+        "or 5 by which branch keeps the join).",
         f"Simulated = the discrete-event simulator on the executed plan with the same costs and the measured gloo "
         f"latency per message ({', '.join(map(str, alphas))} ms, one value per workload).",
         f"Median of {args.rounds} rounds x {args.steps} steps per runtime, runtimes in rotating order; a step is timed "

@@ -3,7 +3,9 @@
 Per series-parallel tree node: the node as one stage; for a series node every run ``C_i..C_j`` of
 children; for a parallel node (children sorted by compute, largest first) every suffix of branches
 merged; for a parallel child ``C_i`` of a series node, every branch suffix merged with a following run
-``C_i+1..C_j`` (the branches' join absorbed into the stage that consumes them).
+``C_i+1..C_j`` (the branches' join absorbed into the stage that consumes them), and every *tail* of a
+series branch (its last children ``S_t..``), with the branches after it in the order, merged with such
+a run (the end of one branch stays with the join; see [Note: branch tail with the join]).
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 from torch_graphpipe.sp import SPNode
 from torch_graphpipe.stage_cost import StageCost, StageCostModel
 
-__all__ = ["CandidateTree"]
+__all__ = ["CandidateTree", "Tail"]
+
+Tail = tuple[int, int, int, list[StageCost]]  # (idx, t, joint mask without the run, costs per run end)
 
 
 class CandidateTree:
@@ -26,6 +30,9 @@ class CandidateTree:
         self.suffix_mask: dict[int, list[int]] = {}  # parallel: bitset of union of order[idx:]
         # series id -> position i -> idx -> costs of suffix_i(idx) | C_i+1..C_j for j = i+1..
         self.absorb: dict[int, dict[int, dict[int, list[StageCost]]]] = {}
+        # series id -> position i -> [(idx, t, mask of tail_t(order[idx - 1]) | order[idx:], costs of
+        # that mask | C_i+1..C_j for j = i+1..)], per idx the tails growing (t descending)
+        self.tails: dict[int, dict[int, list[Tail]]] = {}
         self.leaves: dict[int, int] = {}
         self.compute: dict[int, float] = {}
         self._visit(root)
@@ -40,6 +47,7 @@ class CandidateTree:
             self.runs[id(node)] = [self.model.runs(masks[i:]) for i in range(len(masks))]
             self.whole[id(node)] = self.runs[id(node)][0][-1]
             self.absorb[id(node)] = self._absorb(node)
+            self.tails[id(node)] = self._tails(node)
         elif node.kind == "parallel":
             kids = sorted(node.children, key=lambda c: -self.compute[id(c)])
             self.order[id(node)] = tuple(kids)
@@ -64,6 +72,25 @@ class CandidateTree:
             }
         return out
 
+    def _tails(self, node: SPNode) -> dict[int, list[Tail]]:
+        out: dict[int, list[Tail]] = {}
+        masks = [c.mask for c in node.children]
+        for i, child in enumerate(node.children[:-1]):
+            if child.kind != "parallel":
+                continue
+            order, suffixes = self.order[id(child)], [*self.suffix_mask[id(child)], 0]
+            rows = out[i] = []
+            for idx in range(1, len(order) + 1):
+                branch = order[idx - 1]
+                if branch.kind != "series":
+                    continue
+                tail = 0
+                for t in range(len(branch.children) - 1, 0, -1):
+                    tail |= branch.children[t].mask
+                    head = tail | suffixes[idx]
+                    rows.append((idx, t, head, self.model.runs([head, *masks[i + 1 :]])[1:]))
+        return out
+
     def candidate_times(self) -> list[float]:
         times = {c.time_ms for c in self.whole.values()}
         for table in self.runs.values():
@@ -73,5 +100,9 @@ class CandidateTree:
         for per_series in self.absorb.values():
             for per_child in per_series.values():
                 for row in per_child.values():
+                    times.update(c.time_ms for c in row)
+        for per_series in self.tails.values():
+            for rows in per_series.values():
+                for *_, row in rows:
                     times.update(c.time_ms for c in row)
         return sorted(times)

@@ -14,7 +14,21 @@ stages and the others ``d - d_1``; the depth is the larger of the two.
 The search is exact over this family of partitions: the smallest bottleneck is found by binary search
 over the sorted times of every stage the family can form, then the fewest in-flight micro-batches at
 that bottleneck. Not in the family: a stage holding part of a series component together with its
-neighbour, or an arbitrary (non-suffix) group of parallel branches.
+neighbour (except a branch tail with the join, below), or an arbitrary (non-suffix) group of parallel
+branches.
+
+[Note: branch tail with the join]
+A join (``a(x) + b(x)``) is usually free, so a stage of its own wastes a device, and merging it with
+whole branches makes a stage as slow as those branches. The balanced plan keeps the *end* of one
+branch with the join: for two branches of four unit blocks on eight stages, ``a0..a3`` and ``b0..b2``
+one block each and ``b3 + join`` one stage. So at series position ``i`` whose child is a parallel
+``P`` (branches in cost order ``B_0..B_m-1``), a stage may also be ``tail_t(B_idx-1) | B_idx.. |
+C_i+1..C_j``, where ``tail_t`` is the series children ``t..`` of branch ``B_idx-1`` (``idx`` up to
+``m``, so no whole branch need be merged). The head of that branch (children ``..t-1``) is solved
+as a shorter series (``series(node, k, end=t)``), the branches before it separately, both followed by
+the joint stage and the rest; the depth is the larger of the two plus the joint stage and the rest.
+Only the last separately split branch in the cost order gets a tail: trying every branch would need a
+prefix table per excluded branch.
 """
 
 from __future__ import annotations
@@ -55,6 +69,8 @@ class _Search:
         self.series = cache(self._series)
         self.parallel = cache(self._parallel)
         self.prefix = cache(self._prefix)
+        self.tail_group = cache(self._tail_group)
+        self.head_table = cache(self._head_table)
 
     def fits(self, cost: StageCost, in_flight: int) -> bool:
         if cost.time_ms > self.target:
@@ -71,24 +87,24 @@ class _Search:
             return INF
         if node.kind == "leaf":
             return 1 if self.fits(self.tree.whole[id(node)], 1 + k) else INF
-        table = self.series(node, k) if node.kind == "series" else self.parallel(node, k)
-        return table[0][d][0]
+        if node.kind == "series":
+            return self.series(node, k, len(node.children))[0][d][0]
+        return self.parallel(node, k)[0][d][0]
 
-    def _series(self, node: SPNode, k: int) -> list[list[tuple[float, tuple]]]:
-        """``table[i][d] = (depth, choice)`` for children ``i..`` split into ``d`` stages."""
-        kids = node.children
-        n, dmax = len(kids), min(self.max_d, self.tree.leaves[id(node)])
-        table = [[(INF, ())] * (dmax + 1) for _ in range(n + 1)]
-        table[n][0] = (0, ())
-        for i in range(n - 1, -1, -1):
+    def _series(self, node: SPNode, k: int, end: int) -> list[list[tuple[float, tuple]]]:
+        """``table[i][d] = (depth, choice)`` for children ``i..end-1`` split into ``d`` stages."""
+        dmax = min(self.max_d, self.tree.leaves[id(node)])
+        table = [[(INF, ())] * (dmax + 1) for _ in range(end + 1)]
+        table[end][0] = (0, ())
+        for i in range(end - 1, -1, -1):
             for d in range(1, dmax + 1):
-                table[i][d] = min(self._series_options(node, table, i, d, k), default=(INF, ()))
+                table[i][d] = min(self._series_options(node, table, i, d, k, end), default=(INF, ()))
         return table
 
-    def _series_options(self, node: SPNode, table: list, i: int, d: int, k: int):
+    def _series_options(self, node: SPNode, table: list, i: int, d: int, k: int, end: int):
         kids, runs = node.children, self.tree.runs[id(node)]
         for j, cost in enumerate(runs[i], start=i):
-            if cost.fwd_ms + cost.bwd_ms > self.target:
+            if j >= end or cost.fwd_ms + cost.bwd_ms > self.target:
                 break
             rest = table[j + 1][d - 1][0]
             if rest < INF and self.fits(cost, int(1 + rest + k)):
@@ -102,14 +118,15 @@ class _Search:
                 inner = self.solve(child, di, self.k_key(int(rest + k)))
                 if inner < INF:
                     yield (inner + rest, ("split", di))
-        yield from self._absorb_options(node, table, i, d, k)
+        yield from self._absorb_options(node, table, i, d, k, end)
+        yield from self._tail_options(node, table, i, d, k, end)
 
-    def _absorb_options(self, node: SPNode, table: list, i: int, d: int, k: int):
+    def _absorb_options(self, node: SPNode, table: list, i: int, d: int, k: int, end: int):
         """Branches ``idx..`` of parallel ``C_i`` merged with the run ``C_i+1..C_j`` into one stage."""
         kids = node.children
         for idx, row in self.tree.absorb[id(node)].get(i, {}).items():
             for j, cost in enumerate(row, start=i + 1):
-                if cost.fwd_ms + cost.bwd_ms > self.target:
+                if j >= end or cost.fwd_ms + cost.bwd_ms > self.target:
                     break
                 for dp in range(1, min(d, self.tree.leaves[id(kids[i])])):
                     rest = table[j + 1][d - 1 - dp][0]
@@ -118,6 +135,53 @@ class _Search:
                     prefix = self.prefix(kids[i], self.k_key(int(1 + rest + k)))[idx][dp][0]
                     if prefix < INF:
                         yield (prefix + 1 + rest, ("absorb", j, idx, dp))
+
+    def _tail_options(self, node: SPNode, table: list, i: int, d: int, k: int, end: int):
+        """A branch tail of parallel ``C_i`` (and the branches after it) with ``C_i+1..C_j``; see
+        [Note: branch tail with the join]. Yields only the best of these options (they are many)."""
+        par, skip, best = node.children[i], 0, (INF, ())
+        for idx, t, _, row in self.tree.tails[id(node)].get(i, ()):
+            if idx == skip or row[0].fwd_ms + row[0].bwd_ms > self.target:
+                skip = idx  # the tails of one branch come growing: the longer ones cost more still
+                continue
+            group = self.tail_group(par, idx, t, 0) if self.budget is None else None
+            for j, cost in enumerate(row, start=i + 1):
+                if j >= end or cost.fwd_ms + cost.bwd_ms > self.target:
+                    break
+                if cost.time_ms > self.target:
+                    continue
+                after = table[j + 1]
+                for dd in range(1, d):
+                    rest = after[d - 1 - dd][0]
+                    if rest == INF:
+                        continue
+                    if group is None or self.budget is not None:
+                        if not self.fits(cost, int(1 + rest + k)):
+                            continue
+                        group = self.tail_group(par, idx, t, self.k_key(int(1 + rest + k)))
+                    if dd < len(group) and group[dd][0] + 1 + rest < best[0]:
+                        best = (group[dd][0] + 1 + rest, ("tail", j, idx, t, dd))
+        if best[0] < INF:
+            yield best
+
+    def _tail_group(self, par: SPNode, idx: int, t: int, k: int) -> list[tuple[float, int]]:
+        """``[dd] = (depth, stages of the head)``: the head ``..t-1`` of branch ``idx - 1`` and the
+        branches before it, split separately into ``dd`` stages in all."""
+        branch = self.tree.order[id(par)][idx - 1]
+        if self.budget is None:
+            head = self.head_table(branch)[t]
+        else:
+            head = [row[0] for row in self.series(branch, k, t)[0]]
+        before = [row[0] for row in self.prefix(par, k)[idx - 1]]
+        out: list[tuple[float, int]] = [(INF, 0)] * len(before)
+        for dh in range(1, len(head)):
+            if head[dh] == INF:
+                continue
+            for dp in range(len(before) - dh):
+                value = max(head[dh], before[dp])
+                if value < out[dh + dp][0]:
+                    out[dh + dp] = (value, dh)
+        return out
 
     def _parallel(self, node: SPNode, k: int) -> list[list[tuple[float, tuple]]]:
         """``table[0][d] = (depth, choice)``: branches split separately, or a suffix of them merged."""
@@ -132,6 +196,60 @@ class _Search:
                     options.append((max(1, pre[idx][d - 1][0]), ("merge", idx)))
             row[d] = min(options)
         return [row]
+
+    def _head_table(self, node: SPNode) -> list[list[float]]:
+        """``[t][d]``: depth of series children ``..t-1`` split into ``d`` stages, without a budget.
+
+        [Note: forward head table] Every tail ``t`` of a branch needs the head ``..t-1`` solved; a
+        table per ``t`` (``series(node, k, end=t)``) made planning 10x slower on the zoo's MMT. Without
+        a memory budget a stage's fit does not depend on what follows, so a series' depth is the sum
+        of its segments' depths and one forward pass over the same options as ``_series_options``
+        (runs, split children, absorbed and tail-joined branches) gives every head at once. With a
+        budget the exact per-``t`` table is used."""
+        kids, runs = node.children, self.tree.runs[id(node)]
+        n, dmax = len(kids), min(self.max_d, self.tree.leaves[id(node)])
+        table = [[INF] * (dmax + 1) for _ in range(n + 1)]
+        table[0][0] = 0
+        for i in range(n):
+            here = table[i]
+            if min(here) == INF:
+                continue
+            segments: list[tuple[int, int, float]] = []  # (last child, stages, depth)
+            for j, cost in enumerate(runs[i], start=i):
+                if cost.fwd_ms + cost.bwd_ms > self.target:
+                    break
+                if cost.time_ms <= self.target:
+                    segments.append((j, 1, 1))
+            child = kids[i]
+            if child.kind != "leaf":
+                for di in range(2, min(dmax, self.tree.leaves[id(child)]) + 1):
+                    segments.append((i, di, self.solve(child, di, 0)))
+            for idx, row in self.tree.absorb[id(node)].get(i, {}).items():
+                prefix = self.prefix(child, 0)[idx]
+                for j, cost in enumerate(row, start=i + 1):
+                    if cost.fwd_ms + cost.bwd_ms > self.target:
+                        break
+                    if cost.time_ms <= self.target:
+                        segments.extend((j, 1 + dp, prefix[dp][0] + 1) for dp in range(1, len(prefix)))
+            skip = 0
+            for idx, t, _, row in self.tree.tails[id(node)].get(i, ()):
+                if idx == skip or row[0].fwd_ms + row[0].bwd_ms > self.target:
+                    skip = idx
+                    continue
+                for j, cost in enumerate(row, start=i + 1):
+                    if cost.fwd_ms + cost.bwd_ms > self.target:
+                        break
+                    if cost.time_ms <= self.target:
+                        group = self.tail_group(child, idx, t, 0)
+                        segments.extend((j, 1 + dd, group[dd][0] + 1) for dd in range(1, len(group)))
+            for j, dseg, value in segments:
+                if value == INF:
+                    continue
+                nxt = table[j + 1]
+                for d in range(dmax + 1 - dseg):
+                    if here[d] + value < nxt[d + dseg]:
+                        nxt[d + dseg] = here[d] + value
+        return table
 
     def _prefix(self, node: SPNode, k: int) -> list[list[tuple[float, tuple]]]:
         """``pre[idx][d] = (depth, choice)``: branches ``0..idx-1``, each split on its own, ``d`` stages."""
@@ -153,7 +271,7 @@ class _Search:
         if node.kind == "leaf":
             return [node.mask]
         if node.kind == "series":
-            return self._series_stages(node, d, self.k_key(k))
+            return self._series_stages(node, d, self.k_key(k), len(node.children))
         k = self.k_key(k)
         choice = self.parallel(node, k)[0][d][1]
         if choice[0] == "separate":
@@ -170,9 +288,9 @@ class _Search:
         assert d == 0
         return out
 
-    def _series_stages(self, node: SPNode, d: int, k: int) -> list[int]:
-        table, out, i = self.series(node, k), [], 0
-        while i < len(node.children):
+    def _series_stages(self, node: SPNode, d: int, k: int, end: int) -> list[int]:
+        table, out, i = self.series(node, k, end), [], 0
+        while i < end:
             choice = table[i][d][1]
             if choice[0] == "run":
                 j = choice[1]
@@ -183,6 +301,17 @@ class _Search:
                 rest = table[i + 1][d - di][0]
                 out.extend(self.stages(node.children[i], di, int(rest + k)))
                 i, d = i + 1, d - di
+            elif choice[0] == "tail":
+                _, j, idx, t, dd = choice
+                rest = table[j + 1][d - 1 - dd][0]
+                par = node.children[i]
+                head = next(h for x, y, h, _ in self.tree.tails[id(node)][i] if (x, y) == (idx, t))
+                out.append(head | _union(node.children[i + 1 : j + 1]))
+                kk = self.k_key(int(1 + rest + k))
+                dh = self.tail_group(par, idx, t, kk)[dd][1]
+                out.extend(self._series_stages(self.tree.order[id(par)][idx - 1], dh, kk, t))
+                out.extend(self._prefix_stages(par, idx - 1, dd - dh, kk))
+                i, d = j + 1, d - 1 - dd
             else:
                 _, j, idx, dp = choice
                 rest = table[j + 1][d - 1 - dp][0]

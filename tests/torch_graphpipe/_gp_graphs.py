@@ -17,6 +17,7 @@ __all__ = [
     "in_family",
     "integer_costs",
     "random_dag",
+    "random_fork_join",
     "random_sp_graph",
     "two_chains",
 ]
@@ -63,6 +64,31 @@ def random_sp_graph(n: int, rng: random.Random, skip_prob: float = 0.2) -> OpGra
 
     build(names)
     return OpGraph.from_edges(names, sorted(edges))
+
+
+def random_fork_join(rng: random.Random, max_nodes: int = 8) -> OpGraph:
+    """Optional stem -> 2 or 3 chains -> join -> optional tail op: where a branch tail may go with the join."""
+    names: list[str] = []
+    edges: list[tuple[str, str]] = []
+    stem = rng.random() < 0.3
+    if stem:
+        names.append("stem")
+    lengths = [rng.randint(1, 3) for _ in range(rng.choice((2, 2, 3)))]
+    while sum(lengths) + 2 + stem > max_nodes:
+        lengths[lengths.index(max(lengths))] -= 1
+    for b, length in enumerate(lengths):
+        prev = "stem" if stem else None
+        for i in range(max(1, length)):
+            names.append(f"b{b}_{i}")
+            if prev is not None:
+                edges.append((prev, f"b{b}_{i}"))
+            prev = f"b{b}_{i}"
+        edges.append((prev, "join"))
+    names.append("join")
+    if len(names) < max_nodes and rng.random() < 0.5:
+        names.append("post")
+        edges.append(("join", "post"))
+    return OpGraph.from_edges(names, edges)
 
 
 def random_dag(n: int, rng: random.Random, p: float = 0.3) -> OpGraph:
@@ -159,11 +185,43 @@ def _run_end(rest: int, kids: tuple[SPNode, ...], start: int) -> int | None:
 
 def _absorb_ok(inside: list[int], joint: int, head: int, par: SPNode, tree: CandidateTree) -> bool:
     suffixes = tree.suffix_mask[id(par)]
-    if head not in suffixes[1:]:
-        return False
-    idx = suffixes.index(head)
     others = [m for m in inside if m != joint]
-    return _separate_ok(others, tree.order[id(par)][:idx], tree)
+    if head in suffixes[1:]:
+        idx = suffixes.index(head)
+        return _separate_ok(others, tree.order[id(par)][:idx], tree)
+    return _tail_ok(others, head, par, tree)
+
+
+def _tail_ok(others: list[int], head: int, par: SPNode, tree: CandidateTree) -> bool:
+    """The joint stage holds a tail of branch ``order[idx - 1]`` and the branches ``order[idx:]``."""
+    order, suffixes = tree.order[id(par)], [*tree.suffix_mask[id(par)], 0]
+    for idx in range(1, len(order) + 1):
+        branch = order[idx - 1]
+        if (
+            branch.kind != "series"
+            or head & ~(branch.mask | suffixes[idx])
+            or head & suffixes[idx] != suffixes[idx]
+        ):
+            continue
+        tail = head & branch.mask
+        for t in range(1, len(branch.children)):
+            if tail != _mask_of(branch.children[t:]):
+                continue
+            front = branch.children[:t]
+            mine = [m for m in others if m & _mask_of(front)]
+            rest = [m for m in others if not m & _mask_of(front)]
+            if any(m & ~_mask_of(front) for m in mine):
+                return False
+            head_node = front[0] if t == 1 else SPNode(kind="series", mask=_mask_of(front), children=front)
+            return in_family(mine, head_node, tree) and _separate_ok(rest, order[: idx - 1], tree)
+    return False
+
+
+def _mask_of(nodes) -> int:
+    mask = 0
+    for node in nodes:
+        mask |= node.mask
+    return mask
 
 
 def _parallel_ok(here: list[int], node: SPNode, tree: CandidateTree) -> bool:

@@ -1,8 +1,17 @@
+import dataclasses
 import random
 import time
 
 import pytest
-from _gp_graphs import brute_force, in_family, integer_costs, random_dag, random_sp_graph, two_chains
+from _gp_graphs import (
+    brute_force,
+    in_family,
+    integer_costs,
+    random_dag,
+    random_fork_join,
+    random_sp_graph,
+    two_chains,
+)
 
 from torch_graphpipe import CostTable, OpCost, OpGraph, plan_graph
 from torch_graphpipe.candidates import CandidateTree
@@ -150,3 +159,51 @@ def test_bad_arguments(kwargs, match):
     args = {"num_stages": 2, "num_microbatches": 2, "stage_graph": "dag", **kwargs}
     with pytest.raises(ValueError, match=match):
         plan_graph(graph, integer_costs(graph, random.Random(0)), **args)
+
+
+def _free_join(graph, rng):
+    """Integer costs with a free join (``a + b`` costs nothing), where a branch tail may join it."""
+    costs = integer_costs(graph, rng)
+    return dataclasses.replace(costs, ops={**costs.ops, "join": OpCost(out_bytes=1000)})
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_dag_search_is_exact_over_its_family_with_branch_tails(seed):
+    """[Note: branch tail with the join]: on fork-join graphs, every stage count, with and without a
+    memory budget (the per-``t`` head tables and the forward head table must agree)."""
+    rng = random.Random(1000 + seed)
+    graph = random_fork_join(rng)
+    costs = _free_join(graph, rng)
+    root = decompose(graph)
+    tree = CandidateTree(root, StageCostModel(graph, costs))
+    family = lambda m: in_family(m, root, tree)
+    for stages in range(2, len(graph)):
+        for budget in (None, 9000, 1e9):
+            expected = brute_force(graph, costs, stages, budget=budget, keep=family)
+            if expected is None:
+                with pytest.raises(ValueError, match="memory_budget_bytes"):
+                    _dag_value(graph, costs, stages, budget)
+                continue
+            result, sg, value = _dag_value(graph, costs, stages, budget)
+            assert in_family(list(result.stages), root, tree)
+            assert value == expected, (stages, budget)
+            assert result.depth == max(sg.in_flight)
+
+
+def test_branch_tail_goes_with_the_join():
+    """Two branches of 4 unit ops and a free join on 8 stages: the balanced plan keeps a branch's last op
+    with the join (path of 5 stages), which the old family could not form (its best had a bottleneck of
+    2 ops or a chain of 8)."""
+    names = [f"{b}{i}" for b in "ab" for i in range(4)] + ["join"]
+    edges = [(f"{b}{i}", f"{b}{i + 1}") for b in "ab" for i in range(3)] + [("a3", "join"), ("b3", "join")]
+    graph = OpGraph.from_edges(names, edges)
+    costs = CostTable(ops={n: OpCost(fwd_ms=1, bwd_ms=2) for n in names} | {"join": OpCost()})
+    result, _, (bottleneck, depth) = _dag_value(graph, costs, 8)
+    assert (bottleneck, depth) == (3, 5)
+    joint = next(m for m in result.stages if m >> graph.index["join"] & 1)
+    assert bin(joint).count("1") == 2  # the join and one branch's last op
+    dag = plan_graph(graph, costs, 8, 8, "dag")
+    chain = plan_graph(graph, costs, 8, 8, "chain")
+    assert sorted(s.in_flight for s in dag.stages) == [1, 2, 2, 3, 3, 4, 4, 5]
+    # 1F1B lower bound: 4 forwards to reach the join stage, 8 x (1 + 2) there, 4 backwards back: 36
+    assert dag.simulate().iteration_time == 36 and chain.simulate().iteration_time == 45
