@@ -110,16 +110,26 @@ def _measure_all(
 ) -> dict[Candidate, float]:
     """Cost of every candidate: whole graphs first (the single-backend placements must always be
     known), then eager singletons (they keep a cover reachable), then the rest smallest first. Past
-    the time budget or ``max_candidates`` only the first two groups are still measured."""
+    the time budget or ``max_candidates`` only the first two groups are still measured. Where the
+    budget cut a cold search short, a warm one stops at the same candidate ([Note: replayed refinement])."""
     order = sorted(cands, key=lambda c: (c.mask != full, not _essential(c), c.size, c.mask))
+    key = _search_key(model, "measure", f"{options.time_budget_s}:{options.max_candidates}:{len(order)}")
+    stored = model.cache.get_text(key)
+    limit = int(stored) if stored is not None and stored.isdigit() else None
     deadline = time.perf_counter() + options.time_budget_s
     costs: dict[Candidate, float] = {}
+    reached = len(order)
     with _progress(len(order), options) as bar:
         for i, cand in enumerate(order):
             essential = cand.mask == full or _essential(cand)
-            if essential or (time.perf_counter() < deadline and i < options.max_candidates):
+            within = i < limit if limit is not None else time.perf_counter() < deadline
+            if reached == len(order) and not within:
+                reached = i
+            if essential or (within and i < options.max_candidates):
                 costs[cand] = model.cost(cand)
             bar.update(1)
+    if limit is None:
+        model.cache.put_text(key, str(reached))
     return costs
 
 
@@ -166,7 +176,7 @@ def _refine(
     # budget ran out again (22-27 s warm on residual_mlp and dcgan, against a 10%-of-cold target).
     # The outcome is therefore cached under the starting placement, and a warm compile reuses it.
     budget = max(1.0, options.time_budget_s / 4)
-    key = refine_key(model, graph, placement, budget)
+    key = _search_key(model, "refine", placement.describe(graph), f"{budget:.1f}")
     stored = model.cache.get_text(key)
     if stored is not None:
         try:
@@ -178,14 +188,11 @@ def _refine(
     return refined
 
 
-def refine_key(model: CostModel, graph: DataflowGraph, start: Placement, budget_s: float) -> str:
-    """Cache key of a refinement: the graph, its inputs, the start, the backends and the budget."""
+def _search_key(model: CostModel, *parts: str) -> str:
+    """Cache key of a budgeted search step: the graph, its inputs, the backends, threads and ``parts``."""
     args = [model.values[n] for n in model.gm.graph.nodes if n.op == "placeholder"]
     backends = ",".join(f"{b}={model.versions[b]}" for b in sorted(model.specs))
-    return digest(
-        "refine", str(model.gm.graph), tensor_signature(args), start.describe(graph), backends,
-        str(model.threads), f"{budget_s:.1f}",
-    )  # fmt: skip
+    return digest("search", str(model.gm.graph), tensor_signature(args), backends, str(model.threads), *parts)
 
 
 def _placement_from_json(text: str, cost: Callable[[Candidate], float], model: CostModel) -> Placement:

@@ -61,6 +61,18 @@ def test_warm_cache_measures_nothing(tmp_path):
     assert [p.backend for p in warm.partitions] == [p.backend for p in cold.partitions]
 
 
+def test_warm_compile_stops_where_the_cold_budget_did(tmp_path):
+    """Past its time budget a cold search measures only the essential candidates; replaying it
+    from the cache is fast, and must not measure the candidates the cold search skipped."""
+    opts = {"backends": ["eager", "inductor"], "cache_dir": str(tmp_path), "search": "dp", **_FAST}
+    x = torch.randn(4, 16)
+    cold = torch_collage.explain(_mlp().eval(), x, time_budget_s=0.05, **opts)
+    assert cold.candidates_measured > 0
+    before = torch_collage.measurement_count()
+    warm = torch_collage.explain(_mlp().eval(), x, time_budget_s=0.05, **opts)
+    assert torch_collage.measurement_count() == before and warm.candidates_measured == 0
+
+
 def test_warm_compile_replays_the_refinement(tmp_path, monkeypatch):
     """A refinement cut off by its time budget must not go on searching when compiled warm."""
     from torch_collage import place
