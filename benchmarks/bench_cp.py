@@ -196,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"Part 1 uses {args.threads} threads for every implementation; part 2 one thread per rank.",
         "'of read ceiling' divides by the GB/s of k.sum() + v.sum() over the same cache in the same run.",
         "'model ms' is torch_cp.perf_model.attention_time with the measured 1-thread read bandwidth and "
-        "the 'cpu' preset's efficiency (0.35) and collective latency (0.2 ms).",
+        "the 'cpu' preset's efficiency (0.45) and collective latency (0.2 ms).",
         load_note(info),
     ]
     plot = PlotSpec(group_keys=("part", "context"), series_key="impl", baseline=None,
