@@ -392,7 +392,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                   out_dir=args.out_dir, extra={"args": {k: str(v) for k, v in vars(args).items()}})  # fmt: skip
     print(
         json.dumps(
-            {r["model"] + " / " + r["runtime"]: round(r["median_ms"], 1) for r in table.rows}, indent=1
+            {
+                r["model"] + " / " + r["runtime"]: round(r["median_ms"], 1)
+                if "median_ms" in r
+                else r.get("error")
+                for r in table.rows
+            },
+            indent=1,
         )
     )
 

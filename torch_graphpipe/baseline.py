@@ -13,7 +13,8 @@ which also shrinks gradients accumulated by earlier steps (two steps without ``z
 with ``scale_grads=False``), as GraphPipe does. It also allocates a stage's gradient receive buffer
 with the strides of the gradient its successor computed, which gloo rejects when that gradient is a
 non-contiguous view (the gradient of a ``torch.cat`` input is); the adapter makes the gradients of
-received tensors contiguous.
+received tensors contiguous, and the tensors it sends (a stage may end in a transpose, as an mmt
+split did once its profiled costs moved the boundary).
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ class _PipeliningStage(torch.nn.Module):
             return output
         by_name = dict(zip(self.route.out_values, sent))
         leaves = [x for v in self.route.send[0][1] for x in pytree.tree_leaves(by_name[v])]
-        return (*(inputs[k] for k in self.carry_out), *(x for x in leaves if isinstance(x, torch.Tensor)))
+        sends = (*(inputs[k] for k in self.carry_out), *(x for x in leaves if isinstance(x, torch.Tensor)))
+        return tuple(x.contiguous() for x in sends)  # gloo sends only contiguous tensors
 
 
 def _input_reads(gm: fx.GraphModule, stages: Sequence[StageRoute]) -> list[set[int]]:

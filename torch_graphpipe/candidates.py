@@ -49,7 +49,11 @@ class CandidateTree:
             self.absorb[id(node)] = self._absorb(node)
             self.tails[id(node)] = self._tails(node)
         elif node.kind == "parallel":
-            kids = sorted(node.children, key=lambda c: -self.compute[id(c)])
+            # costliest first; among equals the earliest branch last, so that it is the one that may
+            # keep its tail with the join ([Note: branch tail with the join]) and the first stage of
+            # the graph sits on the shortest path to the sink
+            order = sorted(enumerate(node.children), key=lambda ic: (-self.compute[id(ic[1])], -ic[0]))
+            kids = [c for _, c in order]
             self.order[id(node)] = tuple(kids)
             masks = [0] * (len(kids) + 1)
             for idx in range(len(kids) - 1, -1, -1):
