@@ -58,16 +58,38 @@ def record_values(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[fx.Node, An
 
 
 def outputs_match(got: Sequence[Any], want: Sequence[Any], rtol: float, atol: float) -> str:
-    """Empty when ``got`` equals ``want`` within tolerance, else why not."""
+    """Empty when ``got`` equals ``want`` within tolerance, else why not.
+
+    [Note: tolerance at the tensor's scale]
+    Floating outputs pass when ``max|got - want| <= atol + rtol * max|want|``: the error of a
+    reordered float32 sum grows with the magnitude of what was summed, not with the element, so an
+    elementwise ``rtol`` rejected every backend's whole resnext50 (near-zero outputs off by 5e-4
+    beside values in the hundreds) and collage fell back to eager, 1.3x slower than OpenVINO. A wrong
+    op still shows as an error at the scale of the output. Other tensors must be equal.
+    """
     if len(got) != len(want):
         return f"returned {len(got)} values, expected {len(want)}"
     for i, (g, w) in enumerate(zip(got, want)):
         if not isinstance(w, torch.Tensor):
             continue
-        try:
-            torch.testing.assert_close(g, w, rtol=rtol, atol=atol, equal_nan=True, check_stride=False)
-        except (AssertionError, TypeError) as exc:
-            return f"output {i} differs from eager: {str(exc).splitlines()[0]}"
+        if not isinstance(g, torch.Tensor) or g.shape != w.shape or g.dtype != w.dtype:
+            got_desc = f"{tuple(g.shape)} {g.dtype}" if isinstance(g, torch.Tensor) else type(g).__name__
+            return f"output {i} is {got_desc}, eager's is {tuple(w.shape)} {w.dtype}"
+        if not w.is_floating_point() or w.numel() == 0:
+            if not torch.equal(g.cpu(), w.cpu()):
+                return f"output {i} differs from eager"
+            continue
+        g64, w64 = g.detach().double().cpu(), w.detach().double().cpu()
+        if not torch.equal(g64.isnan(), w64.isnan()) or not torch.equal(g64.isinf(), w64.isinf()):
+            return f"output {i}: NaN or infinity where eager has none (or the reverse)"
+        finite = torch.isfinite(w64)
+        if not torch.equal(g64[~finite], w64[~finite]):
+            return f"output {i}: infinities of the other sign than eager's"
+        if finite.any():
+            err = (g64[finite] - w64[finite]).abs().max().item()
+            bound = atol + rtol * w64[finite].abs().max().item()
+            if err > bound:
+                return f"output {i} differs from eager: max abs error {err:.3g} > {bound:.3g} (atol + rtol * max|eager|)"
     return ""
 
 

@@ -231,3 +231,22 @@ def test_patterns_add_fused_chains_beyond_the_fusion_style():
     cands = enumerate_candidates(g, [spec], max_depth=4)
     multi = [g.names(c.mask) for c in cands if c.size > 1]
     assert multi == [["sin", "add", "cos"]]
+
+
+def test_outputs_match_at_the_tensors_scale():
+    """[Note: tolerance at the tensor's scale]: summation-order error passes, wrong results do not."""
+    from torch_collage.cost import outputs_match
+
+    g = torch.Generator().manual_seed(3)
+    want = torch.randn(64, 64, generator=g) * 300
+    want[0, :8] = 1e-6  # near-zero outputs beside values in the hundreds
+    reordered = want + torch.randn(64, 64, generator=g) * 5e-4  # fp32-sum-order sized noise
+    assert outputs_match([reordered], [want], rtol=1e-3, atol=1e-4) == ""
+    wrong = want.clone()
+    wrong[3, 5] = -wrong[3, 5] + 50.0  # one wrong element, at the output's scale
+    assert "differs from eager" in outputs_match([wrong], [want], rtol=1e-3, atol=1e-4)
+    nan = want.clone()
+    nan[1, 1] = float("nan")
+    assert "NaN" in outputs_match([nan], [want], rtol=1e-3, atol=1e-4)
+    assert "differs" in outputs_match([torch.tensor([1, 2])], [torch.tensor([1, 3])], rtol=1e-3, atol=1e-4)
+    assert "is (2,)" in outputs_match([torch.zeros(2)], [torch.zeros(3)], rtol=1e-3, atol=1e-4)
