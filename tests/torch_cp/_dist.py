@@ -22,6 +22,9 @@ def _entry(rank, world, port, body, args):
     torch.set_num_threads(1)
     try:
         body(rank, world, *args)
+        # no rank tears its side of the group down while a peer still talks to it: gloo aborted a
+        # process ("terminate called without an active exception") when one left first
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
