@@ -22,17 +22,24 @@ TORCH_CP_INLINE float dot(const float* a, const float* b, int64_t n) {
 // exp(x) = 2^n · exp(r), n = round(x / ln 2), |r| <= ln2 / 2, exp(r) by a degree-7 Taylor polynomial
 // (relative error < 2e-8 before rounding, so about 1 ulp in float32). Inputs below -87.3
 // (including -inf, a masked score) give exactly 0; inputs here are always <= 0.
-TORCH_CP_INLINE float exp_nonpositive(float x) {
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  float p = 1.f / 5040.f;
+// The reduction r = x - n·ln2 (ln2 split in two for precision) and the polynomial for exp(r), for a
+// float or a vector of them.
+template <typename T>
+TORCH_CP_INLINE T exp_reduced(T x, T n) {
+  const T r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  T p = T{} + 1.f / 5040.f;
   p = p * r + 1.f / 720.f;
   p = p * r + 1.f / 120.f;
   p = p * r + 1.f / 24.f;
   p = p * r + 1.f / 6.f;
   p = p * r + 0.5f;
   p = p * r + 1.f;
-  p = p * r + 1.f;
+  return p * r + 1.f;
+}
+
+TORCH_CP_INLINE float exp_nonpositive(float x) {
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float p = exp_reduced(x, n);
   const int32_t bits = (static_cast<int32_t>(std::max(n, -126.f)) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
@@ -205,16 +212,7 @@ TORCH_CP_INLINE float add_lanes(Vec v) {
 TORCH_CP_INLINE Vec exp_vec(Vec x) {
   constexpr float kMagic = 12582912.f;  // 1.5 * 2^23
   const Vec t = x * 1.44269504088896341f + kMagic;
-  const Vec n = t - kMagic;
-  const Vec r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  Vec p = splat(1.f / 5040.f);
-  p = p * r + 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
+  const Vec p = exp_reduced(x, t - kMagic);
   const IVec bits = ((IVec)t - (IVec)splat(kMagic) + 127) << 23;
   return x < -87.3f ? splat(0.f) : p * (Vec)bits;
 }
