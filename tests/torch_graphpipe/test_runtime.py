@@ -23,6 +23,7 @@ import torch.nn as nn
 from _gp_models import CASES, Case, Untraceable
 
 import torch_graphpipe
+from tests.torch_cp._dist import exit_after
 from torch_graphpipe import CommModel, CostTable, GraphCaptureError, GraphPipe, OpCost, PeerError, capture
 from torch_graphpipe.baseline import ChainBaseline
 
@@ -43,7 +44,8 @@ def _spawn(fn, world: int, *args) -> None:
     """Run ``fn(rank, world, init, *args)`` in ``world`` processes; the rendezvous is a fresh file store
     (no TCP port to collide with other tests running on the machine)."""
     with tempfile.TemporaryDirectory(prefix="gp_test_") as tmp:
-        mp.spawn(fn, args=(world, "file://" + os.path.join(tmp, "store"), *args), nprocs=world)
+        init = "file://" + os.path.join(tmp, "store")
+        mp.spawn(exit_after, args=(fn, world, init, *args), nprocs=world)
 
 
 def _assert_grads(gp: GraphPipe, ref: nn.Module, what: str) -> None:
