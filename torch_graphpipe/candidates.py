@@ -105,8 +105,8 @@ class CandidateTree:
             for per_child in per_series.values():
                 for row in per_child.values():
                     times.update(c.time_ms for c in row)
-        for per_series in self.tails.values():
-            for rows in per_series.values():
-                for *_, row in rows:
+        for tails in self.tails.values():
+            for options in tails.values():
+                for *_, row in options:
                     times.update(c.time_ms for c in row)
         return sorted(times)

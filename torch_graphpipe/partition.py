@@ -139,7 +139,8 @@ class _Search:
     def _tail_options(self, node: SPNode, table: list, i: int, d: int, k: int, end: int):
         """A branch tail of parallel ``C_i`` (and the branches after it) with ``C_i+1..C_j``; see
         [Note: branch tail with the join]. Yields only the best of these options (they are many)."""
-        par, skip, best = node.children[i], 0, (INF, ())
+        par, skip = node.children[i], 0
+        best: tuple[float, tuple] = (INF, ())
         for idx, t, _, row in self.tree.tails[id(node)].get(i, ()):
             if idx == skip or row[0].fwd_ms + row[0].bwd_ms > self.target:
                 skip = idx  # the tails of one branch come growing: the longer ones cost more still
