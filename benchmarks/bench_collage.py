@@ -152,7 +152,7 @@ def _collage_row(model: ZooModel, batch: int, module, inputs, check, reference, 
 # [Note: torch.compile baselines]
 # The single backends above are called directly, without dynamo. Collage is a torch.compile backend,
 # so each call also runs dynamo's guards (on dlrm, 945 guards: ~0.15 ms of a 2.4 ms call) — a cost
-# any torch.compile backend pays, and collage's own call path adds ~10 us (see [Note: call overhead]
+# any torch.compile backend pays, and collage's own call path adds ~3 us (see [Note: call overhead]
 # in torch_collage/entry.py). A backend's own torch.compile integration is timed beside it for that
 # reason: OpenVINO ships one (``backend="openvino"`` after ``import openvino.torch``).
 def _dynamo_baseline(name: str, module: torch.nn.Module, inputs: tuple, threads: int) -> Any:

@@ -81,7 +81,7 @@ HARDWARE = {
     "h200": Hardware(name="h200", mem_bw=4.8e12, mem_capacity=141e9, link_bw=450e9, collective_latency=8e-6),
     # The project's 2-core test machine, gloo over loopback, as measured by benchmarks/bench_cp.py:
     # one core reads ~37 GB/s, the C++ kernel on one core ~40-50% of it (14-19 ms at 32K tokens: it is
-    # compute-bound on one core; 64% of the 2-core read ceiling with both), and an all-gather
+    # compute-bound on one core; 59-64% of the 2-core read ceiling with both), and an all-gather
     # of a few KB between 2 processes takes ~0.2 ms.
     "cpu": Hardware(
         name="cpu",

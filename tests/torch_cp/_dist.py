@@ -1,13 +1,13 @@
 """Runs a test body on several real gloo processes (torch.multiprocessing spawn, a fresh port each time)."""
 
 import datetime
-import os
 import socket
-import sys
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from tests._spawn import exit_after
 
 
 def _free_port() -> int:
@@ -29,19 +29,6 @@ def _entry(rank, world, port, body, args):
         dist.barrier()
     finally:
         dist.destroy_process_group()
-
-
-def exit_after(rank, fn, *args) -> None:
-    """``fn(rank, *args)`` in a spawned process, then exit at once when it returned.
-
-    A worker that passed could still die in interpreter teardown: gloo's threads, torn down there,
-    call std::terminate ("terminate called without an active exception", SIGABRT) now and then,
-    even after a barrier and destroy_process_group. A failure still raises, so mp.spawn reports it.
-    """
-    fn(rank, *args)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def run_on_ranks(body, world: int, *args) -> None:

@@ -23,7 +23,7 @@ import torch.nn as nn
 from _gp_models import CASES, Case, Untraceable
 
 import torch_graphpipe
-from tests.torch_cp._dist import exit_after
+from tests._spawn import exit_after
 from torch_graphpipe import CommModel, CostTable, GraphCaptureError, GraphPipe, OpCost, PeerError, capture
 from torch_graphpipe.baseline import ChainBaseline
 
