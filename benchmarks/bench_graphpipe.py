@@ -154,7 +154,15 @@ def _runners(job: Job, wl: Workload, rank: int) -> tuple[dict[str, Callable[[], 
     pipes, runners = {}, {}
     for key, p in job.plans.items():
         gp = GraphPipe(copy.deepcopy(model), partition=p, **kw)
-        gp.module = Sleepy(gp.module, p.stages[rank].cost.fwd_ms, p.stages[rank].cost.bwd_ms)
+        stage = gp.plan.stages[rank]
+        if gp.parts is not None and stage.late_cost is not None:  # split stage: each part sleeps its share
+            late = stage.late_cost
+            gp.parts.early = Sleepy(
+                gp.parts.early, stage.cost.fwd_ms - late.fwd_ms, stage.cost.bwd_ms - late.bwd_ms
+            )
+            gp.parts.late = Sleepy(gp.parts.late, late.fwd_ms, late.bwd_ms)
+        else:
+            gp.module = Sleepy(gp.module, stage.cost.fwd_ms, stage.cost.bwd_ms)
         pipes[LABELS[key]] = gp
         runners[LABELS[key]] = lambda gp=gp: gp.step(*inputs, target=target)
     cost = job.plans["chain"].stages[rank].cost
@@ -219,7 +227,7 @@ def _worker(rank: int, world: int, init: str, job: Job) -> None:
 def _simulate(p: Plan, alpha_ms: float) -> SimulationResult:
     fwd = [s.cost.fwd_ms for s in p.stages]
     bwd = [s.cost.bwd_ms for s in p.stages]
-    return simulate(p.schedule, fwd, bwd, dict.fromkeys(p.edges, alpha_ms))
+    return simulate(p.schedule, fwd, bwd, dict.fromkeys(p.edges, alpha_ms), p.late_cost())
 
 
 # [Note: calibrated simulation]
@@ -250,9 +258,11 @@ def _calibration(events: list[list[tuple[str, int, float, float]]], plan: Plan) 
 
 
 def _simulate_calibrated(p: Plan, overrun_ms: float, latency_ms: float) -> SimulationResult:
-    fwd = [s.cost.fwd_ms + overrun_ms for s in p.stages]
-    bwd = [s.cost.bwd_ms + overrun_ms for s in p.stages]
-    return simulate(p.schedule, fwd, bwd, dict.fromkeys(p.edges, latency_ms))
+    """Every compute action overruns by ``overrun_ms`` (a split stage runs two per direction)."""
+    actions = [2 if s.late_cost is not None else 1 for s in p.stages]
+    fwd = [s.cost.fwd_ms + n * overrun_ms for s, n in zip(p.stages, actions)]
+    bwd = [s.cost.bwd_ms + n * overrun_ms for s, n in zip(p.stages, actions)]
+    return simulate(p.schedule, fwd, bwd, dict.fromkeys(p.edges, latency_ms), p.late_cost(overrun_ms))
 
 
 def _measured(events: list[list[tuple[str, int, float, float]]]) -> SimulationResult:
@@ -263,7 +273,7 @@ def _measured(events: list[list[tuple[str, int, float, float]]]) -> SimulationRe
                                             end=(e - t0) * 1e3) for k, m, s, e in row))  # fmt: skip
         live = peak = 0
         for kind, *_ in row:
-            live += 1 if kind == "F" else -1
+            live += {"F": 1, "B": -1}.get(kind, 0)  # FL / BL: the late part of a micro-batch already counted
             peak = max(peak, live)
         peaks.append(peak)
     total = max(e.end for row in timeline for e in row)
@@ -380,11 +390,12 @@ def _notes(args: argparse.Namespace, info: dict[str, Any], rows: list[dict[str, 
         "the series-parallel DAG search and the best chain split laid out as a DAG. On two_branch the DAG search "
         "finds the one-block-per-stage partition (the last block of one branch with the free join, see [Note: "
         "branch tail with the join] in torch_graphpipe/partition.py); the explicit partition is shown beside it. "
-        "two_branch cannot reach 1.3x in this cost model: with 8 unit blocks on 8 stages every stage holds one "
-        "block and the join's stage holds one branch's last block, so the other branch's 4 stages precede it; the "
-        "join stage starts after 4 forwards, does 8 x (1 + 2) and its last gradient needs 4 backwards more: "
-        "36 units vs the chain's (8 + 7) x 3 = 45, at most 1.25x, and some stage has in-flight 5 (stage 0's is 4 "
-        "or 5 by which branch keeps the join).",
+        "A stage that joins branches is split at its late input (see [Note: late inputs] in "
+        "torch_graphpipe/schedule.py): on two_branch the join stage runs its own branch's block before the other "
+        "branch's value arrives and sends that branch its gradient before the block's backward, so each branch "
+        "pipelines like a 4-stage chain: (8 + 3) x 3 = 33 units vs the chain's (8 + 7) x 3 = 45 (1.36x); run as "
+        "one piece the join stage would start after 4 forwards and release the other branch's gradient 2 units "
+        "later: 36 units (1.25x). Split stages are timed as two actions (F/FL, BL/B) in the traces.",
         f"Simulated = the discrete-event simulator on the executed plan with the same costs and the measured gloo "
         f"latency per message ({', '.join(map(str, alphas))} ms, one value per workload).",
         "Calibrated sim = the same simulation with a per-action overrun and a message latency fitted on one "

@@ -1,6 +1,9 @@
 """One step of a stage's schedule, with a string form that round-trips.
 
-``"3F2"``: stage 3 runs the forward of micro-batch 2; ``"3B2"`` its backward.
+``"3F2"``: stage 3 runs the forward of micro-batch 2; ``"3B2"`` its backward. A stage split at a late
+input (see [Note: late inputs] in torch_graphpipe/schedule.py) runs its forward in two parts, ``"3F2"``
+then ``"3FL2"`` (the part that reads the late input), and its backward in the reverse order,
+``"3BL2"`` then ``"3B2"``.
 ``"3SEND_F2>5"``: stage 3 sends the activations of micro-batch 2 to stage 5;
 ``"5RECV_F2<3"``: stage 5 receives them from stage 3. ``SEND_B`` / ``RECV_B`` carry gradients back.
 """
@@ -13,9 +16,10 @@ from typing import Literal, cast
 
 __all__ = ["Action", "ActionKind"]
 
-ActionKind = Literal["F", "B", "SEND_F", "RECV_F", "SEND_B", "RECV_B"]
-_COMPUTE = ("F", "B")
-_PATTERN = re.compile(r"^(\d+)(F|B|SEND_F|RECV_F|SEND_B|RECV_B)(\d+)(?:([<>])(\d+))?$")
+ActionKind = Literal["F", "B", "FL", "BL", "SEND_F", "RECV_F", "SEND_B", "RECV_B"]
+_COMPUTE = ("F", "B", "FL", "BL")
+_FORWARD = ("F", "FL", "SEND_F", "RECV_F")
+_PATTERN = re.compile(r"^(\d+)(FL|BL|F|B|SEND_F|RECV_F|SEND_B|RECV_B)(\d+)(?:([<>])(\d+))?$")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -23,14 +27,14 @@ class Action:
     """What ``stage`` does to ``microbatch``; sends and receives name the ``peer`` stage."""
 
     stage: int  # stage that performs the action
-    kind: ActionKind  # F / B compute, or a send / receive of activations (F) or gradients (B)
+    kind: ActionKind  # F / B compute (FL / BL: late part), or a send / receive of activations (F) or gradients (B)
     microbatch: int  # micro-batch index, from 0
     peer: int | None = None  # the other stage of a send or receive; None for compute
 
     def __post_init__(self) -> None:
         if self.stage < 0 or self.microbatch < 0:
             raise ValueError(f"stage and microbatch must be >= 0, got {self.stage}, {self.microbatch}")
-        if self.kind not in ("F", "B", "SEND_F", "RECV_F", "SEND_B", "RECV_B"):
+        if self.kind not in (*_COMPUTE, "SEND_F", "RECV_F", "SEND_B", "RECV_B"):
             raise ValueError(f"unknown action kind {self.kind!r}")
         if (self.kind in _COMPUTE) != (self.peer is None):
             raise ValueError(f"{self.kind} action needs {'no' if self.kind in _COMPUTE else 'a'} peer")
@@ -52,7 +56,7 @@ class Action:
     @property
     def phase(self) -> Literal["F", "B"]:
         """ "F" for forward traffic and compute, "B" for backward."""
-        return "F" if self.kind.endswith("F") else "B"
+        return "F" if self.kind in _FORWARD else "B"
 
     def __str__(self) -> str:
         base = f"{self.stage}{self.kind}{self.microbatch}"

@@ -19,7 +19,7 @@ from torch_graphpipe.schedule import Schedule, build_1f1b
 from torch_graphpipe.simulate import SimulationResult, simulate
 from torch_graphpipe.sp import decompose
 from torch_graphpipe.stage_cost import StageCost, StageCostModel
-from torch_graphpipe.stage_graph import build_stage_graph
+from torch_graphpipe.stage_graph import LateSplit, build_stage_graph, late_splits
 
 __all__ = ["Plan", "StagePlan", "plan", "plan_graph", "plan_stages", "split_microbatches"]
 
@@ -37,6 +37,9 @@ class StagePlan:
     module_names: tuple[str, ...]  # qualified names of the leaf modules it calls
     cost: StageCost  # per micro-batch
     in_flight: int  # micro-batches it holds at most (stages on its longest path to a sink)
+    late_pred: int | None = None  # the predecessor it is split at (see [Note: late inputs]), if any
+    late_node_names: tuple[str, ...] = ()  # its operators that depend on the late predecessor's values
+    late_cost: StageCost | None = None  # their cost (a share of ``cost``)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -67,7 +70,15 @@ class Plan:
         delay = {e: self.comm.time_ms(b) for e, b in zip(self.edges, self.edge_bytes)}
         fwd = [s.cost.fwd_ms for s in self.stages]
         bwd = [s.cost.bwd_ms for s in self.stages]
-        return simulate(self.schedule, fwd, bwd, delay)
+        return simulate(self.schedule, fwd, bwd, delay, self.late_cost())
+
+    def late_cost(self, overrun_ms: float = 0.0) -> dict[int, tuple[float, float]]:
+        """``{stage: (forward, backward) ms of its late part}`` for :func:`simulate` (plus ``overrun_ms``)."""
+        return {
+            s.index: (s.late_cost.fwd_ms + overrun_ms, s.late_cost.bwd_ms + overrun_ms)
+            for s in self.stages
+            if s.late_cost is not None
+        }
 
     def __str__(self) -> str:
         lines = [
@@ -79,6 +90,7 @@ class Plan:
             lines.append(
                 f"  stage {s.index}: {len(s.node_names)} ops, {s.cost.time_ms:.4g} ms, "
                 f"in-flight {s.in_flight}, modules {_short(s.module_names)}"
+                + (f", late input from stage {s.late_pred}" if s.late_pred is not None else "")
             )
         return "\n".join(lines)
 
@@ -207,10 +219,12 @@ def _simulated_ms(
     graph: OpGraph, model: StageCostModel, costs: CostTable, masks: Sequence[int], num_microbatches: int
 ) -> float:
     sg = build_stage_graph(graph, model, masks)
-    schedule = build_1f1b(len(masks), sg.edges, num_microbatches)
+    splits = late_splits(graph, model, sg.stages)
+    schedule = build_1f1b(len(masks), sg.edges, num_microbatches, [(x.stage, x.pred) for x in splits])
     delay = {e: costs.comm.time_ms(b) for e, b in zip(sg.edges, sg.edge_bytes)}
+    late = {x.stage: (model.of_mask(x.late_mask).fwd_ms, model.of_mask(x.late_mask).bwd_ms) for x in splits}
     return simulate(
-        schedule, [c.fwd_ms for c in sg.costs], [c.bwd_ms for c in sg.costs], delay
+        schedule, [c.fwd_ms for c in sg.costs], [c.bwd_ms for c in sg.costs], delay, late
     ).iteration_time
 
 
@@ -232,12 +246,13 @@ def _assemble(
 ) -> Plan:
     num_stages = len(masks)
     sg = build_stage_graph(graph, model, masks, chain=stage_graph == "chain")
-    schedule = build_1f1b(num_stages, sg.edges, num_microbatches)
+    splits = {x.stage: x for x in late_splits(graph, model, sg.stages)} if stage_graph == "dag" else {}
+    schedule = build_1f1b(num_stages, sg.edges, num_microbatches, [(s, x.pred) for s, x in splits.items()])
     elapsed = time.perf_counter() - start
     log.info("planned %d operators into %d %s stages in %.3f s", len(graph), num_stages, stage_graph, elapsed)
     return Plan(
         stages=tuple(
-            _stage_plan(graph, i, m, c, f)
+            _stage_plan(graph, model, i, m, c, f, splits.get(i))
             for i, (m, c, f) in enumerate(zip(sg.stages, sg.costs, sg.in_flight))
         ),
         edges=sg.edges,
@@ -258,15 +273,29 @@ def _short(names: tuple[str, ...], limit: int = 4) -> str:
     return f"{', '.join(names[:limit])}, ... ({len(names)} modules)"
 
 
-def _stage_plan(graph: OpGraph, index: int, mask: int, cost: StageCost, in_flight: int) -> StagePlan:
+def _stage_plan(
+    graph: OpGraph,
+    model: StageCostModel,
+    index: int,
+    mask: int,
+    cost: StageCost,
+    in_flight: int,
+    split: LateSplit | None,
+) -> StagePlan:
     nodes = [graph.nodes[v] for v in members(mask)]
     modules = tuple(dict.fromkeys(n.target for n in nodes if n.kind == "module"))
+    late = {} if split is None else {
+        "late_pred": split.pred,
+        "late_node_names": tuple(graph.nodes[v].name for v in members(split.late_mask)),
+        "late_cost": model.of_mask(split.late_mask),
+    }  # fmt: skip
     return StagePlan(
         index=index,
         node_names=tuple(n.name for n in nodes),
         module_names=modules,
         cost=cost,
         in_flight=in_flight,
+        **late,  # type: ignore[arg-type]
     )
 
 

@@ -81,7 +81,7 @@ def with_routing(plan: Plan, routing: Routing, edge_bytes: dict[tuple[int, int],
         return dataclasses.replace(plan, edge_bytes=bytes_)
     added = sorted(set(routing.edges) - set(plan.edges))
     log.info("runtime adds stage edges %s to bring the model outputs to the loss stage", added)
-    schedule = build_1f1b(plan.num_stages, routing.edges, plan.num_microbatches)
+    schedule = build_1f1b(plan.num_stages, routing.edges, plan.num_microbatches, plan.schedule.late)
     return dataclasses.replace(plan, edges=routing.edges, edge_bytes=bytes_, schedule=schedule)
 
 

@@ -10,6 +10,13 @@ accumulate the gradient of the batch loss ``mean_j loss_j`` (on top of what they
 ``loss.backward()``). The gradients of the received activations then go back to their senders
 (zeros for an activation that did not influence anything). The sends and receives between two
 computations are posted together (see [Note: one message per edge] for the transport).
+
+A split stage (see [Note: late inputs]) runs its two parts (``StageParts``): ``F j`` runs the early
+part on the values received so far and keeps its boundary values, detached into fresh leaves; ``FL j``
+runs the late part on them and on every received value, and computes the loss. ``BL j`` runs the
+backward of the late part (the roots above), which leaves gradients on the boundary leaves and on the
+received values, and sends the late predecessor its gradients; ``B j`` backpropagates the boundary
+gradients through the early part and sends the other predecessors theirs.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from torch_graphpipe.action import Action
 from torch_graphpipe.routing import StageRoute
 from torch_graphpipe.schedule import Schedule
 from torch_graphpipe.spec import Specs, TensorSpec
+from torch_graphpipe.stage_module import StageParts
 from torch_graphpipe.wire import P2P, pack, packed_size, unpack
 
 __all__ = ["StageRuntime"]
@@ -47,6 +55,7 @@ class _Step:
     losses: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
     outputs: list[Any] = dataclasses.field(default_factory=list)
     loss_sum: torch.Tensor | None = None
+    boundary: dict[int, tuple[list[Any], list[Any]]] = dataclasses.field(default_factory=dict)  # split stages
 
 
 class StageRuntime:
@@ -55,27 +64,42 @@ class StageRuntime:
     def __init__(self, route: StageRoute, schedule: Schedule, p2p: P2P, loss_fn: LossFn | None) -> None:
         self.route, self.p2p, self.loss_fn = route, p2p, loss_fn
         self.program = schedule.programs[route.stage]
+        self.late = schedule.late_pred(route.stage)  # the late predecessor of a split stage
         self.num_microbatches = schedule.num_microbatches
         self.events: list[tuple[str, int, float, float]] | None = None  # (kind, mb, start, end) when set
         self._peers = dict(route.recv) | dict(route.send)
 
     def train(
-        self, module: torch.nn.Module, inputs: Sequence[Sequence[Any]], targets: Any, specs: Specs
+        self,
+        module: torch.nn.Module | StageParts,
+        inputs: Sequence[Sequence[Any]],
+        targets: Any,
+        specs: Specs,
     ) -> Any:
-        """One training step; returns the mean micro-batch loss on the loss stage, else ``None``."""
+        """One training step; returns the mean micro-batch loss on the loss stage, else ``None``.
+
+        ``module`` is the stage module, or its two parts on a stage split at a late input."""
         step = _Step(inputs=inputs, targets=targets, specs=specs)
         self._run(self.program, module, step, training=True)
         return None if step.loss_sum is None else step.loss_sum / self.num_microbatches
 
     @torch.no_grad()
-    def infer(self, module: torch.nn.Module, inputs: Sequence[Sequence[Any]], specs: Specs) -> list[Any]:
+    def infer(
+        self, module: torch.nn.Module | StageParts, inputs: Sequence[Sequence[Any]], specs: Specs
+    ) -> list[Any]:
         """Forward of every micro-batch; the loss stage returns the outputs, others ``[]``."""
         step = _Step(inputs=inputs, targets=None, specs=specs)
         program = [a for a in self.program if a.phase == "F"]
         self._run(program, module, step, training=False)
         return step.outputs
 
-    def _run(self, program: Sequence[Action], module: torch.nn.Module, step: _Step, training: bool) -> None:
+    def _run(
+        self, program: Sequence[Action], module: torch.nn.Module | StageParts, step: _Step, training: bool
+    ) -> None:
+        if isinstance(module, StageParts) != (self.late is not None):
+            raise ValueError(
+                f"stage {self.route.stage}: the schedule and the stage module disagree on the split"
+            )
         i = 0
         while i < len(program):
             a = program[i]
@@ -87,10 +111,20 @@ class StageRuntime:
                 i = j
                 continue
             start = time.perf_counter()
-            if a.kind == "F":
-                self._forward(module, a.microbatch, step, training)
+            if isinstance(module, StageParts) and a.kind == "F":
+                self._forward_early(module, a.microbatch, step, training)
+            elif a.kind in ("F", "FL"):
+                late = module.late if isinstance(module, StageParts) else module
+                self._forward(late, a.microbatch, step, training)
+            elif a.kind == "BL":
+                assert self.late is not None
+                self._backward(a.microbatch, step)
+                self._grad_messages(a.microbatch, step, [self.late], keep=True)
+            elif isinstance(module, StageParts):
+                self._backward_early(a.microbatch, step)
             else:
                 self._backward(a.microbatch, step)
+                self._grad_messages(a.microbatch, step, [p for p, _ in self.route.recv])
             if self.events is not None:
                 self.events.append((a.kind, a.microbatch, start, time.perf_counter()))
             i += 1
@@ -144,9 +178,20 @@ class StageRuntime:
 
     # -- compute ------------------------------------------------------------------------------
 
+    def _forward_early(self, parts: StageParts, mb: int, step: _Step, training: bool) -> None:
+        received = step.received.get(mb, {})
+        values = parts.early(*step.inputs[mb], *(received[v] for v in parts.early_in))
+        leaves = [
+            pytree.tree_map(lambda x: _fresh_leaf(x, training) if isinstance(x, torch.Tensor) else x, v)
+            for v in values
+        ]
+        step.boundary[mb] = (list(values), leaves)
+
     def _forward(self, module: torch.nn.Module, mb: int, step: _Step, training: bool) -> None:
         received = step.received.get(mb, {})
-        args = (*step.inputs[mb], *(received[v] for v in self.route.in_values))
+        kept = step.boundary.get(mb) if training else step.boundary.pop(mb, None)
+        boundary = kept[1] if kept is not None else []
+        args = (*step.inputs[mb], *boundary, *(received[v] for v in self.route.in_values))
         sent, output = module(*args)
         step.sent[mb] = dict(zip(self.route.out_values, sent))
         if not self.route.holds_output:
@@ -161,6 +206,7 @@ class StageRuntime:
         step.loss_sum = loss.detach() if step.loss_sum is None else step.loss_sum + loss.detach()
 
     def _backward(self, mb: int, step: _Step) -> None:
+        """Backward from the sent values that received gradients and from the scaled loss."""
         roots: list[torch.Tensor] = []
         grads: list[torch.Tensor] = []
         received_grads = step.grads.pop(mb, {})
@@ -176,12 +222,28 @@ class StageRuntime:
             grads.append(torch.ones_like(loss))
         if roots:
             torch.autograd.backward(roots, grads)
-        self._grad_messages(mb, step)
 
-    def _grad_messages(self, mb: int, step: _Step) -> None:
-        received = step.received.pop(mb, {})
-        msgs = {}
+    def _backward_early(self, mb: int, step: _Step) -> None:
+        outs, leaves = step.boundary.pop(mb)
+        roots: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        for out, leaf in zip(outs, leaves):
+            for o, x in zip(_tensor_leaves(out), _tensor_leaves(leaf)):
+                if o.requires_grad and x.grad is not None:
+                    roots.append(o)
+                    grads.append(x.grad)
+        if roots:
+            torch.autograd.backward(roots, grads)
+        self._grad_messages(mb, step, [p for p, _ in self.route.recv if p != self.late])
+
+    def _grad_messages(self, mb: int, step: _Step, peers: Sequence[int], keep: bool = False) -> None:
+        """Pack the gradients of the values received from ``peers``; ``keep`` the received values
+        (the early part's backward still adds to the gradients of the others)."""
+        received = step.received.get(mb, {}) if keep else step.received.pop(mb, {})
+        msgs = step.grad_msgs.setdefault(mb, {})
         for peer, values in self.route.recv:
+            if peer not in peers:
+                continue
             tensors = []
             for v in values:
                 leaves = _tensor_leaves(received[v])
@@ -190,12 +252,16 @@ class StageRuntime:
                         tensors.append(leaf.grad if leaf.grad is not None else torch.zeros_like(leaf))
             tspecs = self._tensor_specs(values, step.specs, grads_only=True)
             msgs[peer] = pack(tensors, tspecs, self.p2p.device)
-        step.grad_msgs[mb] = msgs
 
 
 def _peer(a: Action) -> int:
     assert a.peer is not None, f"{a} has no peer"
     return a.peer
+
+
+def _fresh_leaf(x: torch.Tensor, training: bool) -> torch.Tensor:
+    leaf = x.detach()
+    return leaf.requires_grad_() if training and x.requires_grad else leaf
 
 
 def _tensor_leaves(value: Any) -> list[torch.Tensor]:

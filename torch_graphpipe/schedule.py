@@ -8,6 +8,17 @@ the backwards. The backward of micro-batch ``j`` is placed as early as the warm-
 holds at most ``w_s`` micro-batches. Around each forward the stage receives from every predecessor
 and sends to every successor; around each backward it receives gradients from every successor and
 sends gradients to every predecessor, peers in ascending order.
+
+[Note: late inputs]
+A stage that joins several predecessors would otherwise wait for the last of them before starting,
+and send gradients to all of them only after its whole backward. On two branches of four unit blocks
+joined by a free sum (DESIGN's worked example) that costs the join stage a forward of fill and the
+other branch a backward of drain: 36 units instead of 33. So such a stage may be split at one *late*
+predecessor (``Schedule.late``, chosen by the plan: the one whose values the fewest of the stage's
+operators depend on): the forward ``F`` runs the operators that do not depend on the late values
+as soon as the other predecessors' values are in, then the stage receives the late values and runs
+the rest (``FL``) and sends; the backward runs that late part first (``BL``), sends the late
+predecessor its gradients at once, then runs the early part (``B``) and sends the other gradients.
 """
 
 from __future__ import annotations
@@ -33,10 +44,17 @@ class Schedule:
     num_microbatches: int  # micro-batches per step
     edges: tuple[tuple[int, int], ...]  # stage DAG edges (producer, consumer)
     programs: tuple[tuple[Action, ...], ...]  # per stage, the actions in execution order
+    late: tuple[tuple[int, int], ...] = ()  # (stage, its late predecessor); see [Note: late inputs]
+
+    def late_pred(self, stage: int) -> int | None:
+        """The predecessor at which ``stage`` is split, or ``None``."""
+        return next((p for s, p in self.late if s == stage), None)
 
     def __str__(self) -> str:
         edges = ",".join(f"{a}>{b}" for a, b in self.edges)
         head = f"schedule stages={self.num_stages} microbatches={self.num_microbatches} edges={edges}"
+        if self.late:
+            head += " late=" + ",".join(f"{s}<{p}" for s, p in self.late)
         lines = [f"{s}: " + " ".join(str(a) for a in prog) for s, prog in enumerate(self.programs)]
         return "\n".join([head, *lines])
 
@@ -48,6 +66,7 @@ class Schedule:
         try:
             edges = tuple(tuple(int(x) for x in e.split(">")) for e in fields["edges"].split(",") if e)
             num_stages, num_mb = int(fields["stages"]), int(fields["microbatches"])
+            late = tuple(tuple(int(x) for x in e.split("<")) for e in fields.get("late", "").split(",") if e)
         except (KeyError, ValueError) as exc:
             raise ScheduleError(f"bad schedule header {head!r}") from exc
         programs = []
@@ -59,6 +78,7 @@ class Schedule:
             num_microbatches=num_mb,
             edges=edges,  # type: ignore[arg-type]
             programs=tuple(programs),
+            late=late,  # type: ignore[arg-type]
         )
 
     def validate(self) -> None:
@@ -72,13 +92,23 @@ class Schedule:
         return [str(a) for a in self.programs[stage] if a.is_compute]
 
 
-def build_1f1b(num_stages: int, edges: Sequence[tuple[int, int]], num_microbatches: int) -> Schedule:
-    """DAG 1F1B schedule; see [Note: DAG 1F1B]. Stages must be numbered topologically."""
+def build_1f1b(
+    num_stages: int,
+    edges: Sequence[tuple[int, int]],
+    num_microbatches: int,
+    late: Sequence[tuple[int, int]] = (),
+) -> Schedule:
+    """DAG 1F1B schedule; see [Note: DAG 1F1B]. Stages must be numbered topologically. ``late``
+    lists ``(stage, predecessor)`` pairs at which a stage is split (see [Note: late inputs])."""
     if num_stages < 1:
         raise ValueError(f"num_stages must be >= 1, got {num_stages}")
     if num_microbatches < 1:
         raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
     edges = tuple(sorted(set(edges)))
+    late = tuple(sorted(set(late)))
+    late_of = dict(late)
+    if len(late_of) != len(late) or any((p, s) not in edges for s, p in late):
+        raise ValueError(f"late must name at most one predecessor per stage along an edge, got {list(late)}")
     depth = longest_path_depths(num_stages, edges)
     preds = [sorted(a for a, b in edges if b == s) for s in range(num_stages)]
     succs = [sorted(b for a, b in edges if a == s) for s in range(num_stages)]
@@ -86,10 +116,14 @@ def build_1f1b(num_stages: int, edges: Sequence[tuple[int, int]], num_microbatch
     for s in range(num_stages):
         prog: list[Action] = []
         for kind, mb in _compute_order(min(depth[s], num_microbatches), num_microbatches):
-            prog.extend(_around(s, kind, mb, preds[s], succs[s]))
+            prog.extend(_around(s, kind, mb, preds[s], succs[s], late_of.get(s)))
         programs.append(tuple(prog))
     return Schedule(
-        num_stages=num_stages, num_microbatches=num_microbatches, edges=edges, programs=tuple(programs)
+        num_stages=num_stages,
+        num_microbatches=num_microbatches,
+        edges=edges,
+        programs=tuple(programs),
+        late=late,
     )
 
 
@@ -102,11 +136,19 @@ def _compute_order(warmup: int, num_microbatches: int) -> list[tuple[str, int]]:
     return order
 
 
-def _around(stage: int, kind: str, mb: int, preds: list[int], succs: list[int]) -> list[Action]:
+def _around(
+    stage: int, kind: str, mb: int, preds: list[int], succs: list[int], late: int | None
+) -> list[Action]:
+    def act(k: str, peer: int | None = None) -> Action:
+        return Action(stage=stage, kind=k, microbatch=mb, peer=peer)  # type: ignore[arg-type]
+
+    early = [p for p in preds if p != late]
     if kind == "F":
-        recv = [Action(stage=stage, kind="RECV_F", microbatch=mb, peer=p) for p in preds]
-        send = [Action(stage=stage, kind="SEND_F", microbatch=mb, peer=t) for t in succs]
-    else:
-        recv = [Action(stage=stage, kind="RECV_B", microbatch=mb, peer=t) for t in succs]
-        send = [Action(stage=stage, kind="SEND_B", microbatch=mb, peer=p) for p in preds]
-    return [*recv, Action(stage=stage, kind=kind, microbatch=mb), *send]  # type: ignore[arg-type]
+        out = [*(act("RECV_F", p) for p in early), act("F")]
+        if late is not None:
+            out += [act("RECV_F", late), act("FL")]
+        return out + [act("SEND_F", t) for t in succs]
+    out = [act("RECV_B", t) for t in succs]
+    if late is not None:
+        out += [act("BL"), act("SEND_B", late)]
+    return [*out, act("B"), *(act("SEND_B", p) for p in early)]

@@ -3,6 +3,8 @@
 Every stage runs its program in order on its own device. A forward or backward occupies the stage
 for its cost; a send does not block the sender and its message arrives ``edge_delay`` later; a
 receive waits for that arrival. Times are in the unit of the costs given (milliseconds for plans).
+On a stage split at a late input (see [Note: late inputs]) ``FL`` and ``BL`` cost that stage's late
+part and ``F`` and ``B`` the rest.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ class TimelineEntry:
     """One forward or backward box of the timeline."""
 
     stage: int  # stage index
-    kind: str  # "F" or "B"
+    kind: str  # "F" or "B" ("FL" / "BL": the late part of a split stage)
     microbatch: int  # micro-batch index
     start: float  # start time
     end: float  # end time
@@ -52,18 +54,34 @@ def simulate(
     fwd: Sequence[float],
     bwd: Sequence[float],
     edge_delay: Mapping[tuple[int, int], float] | None = None,
+    late_cost: Mapping[int, tuple[float, float]] | None = None,
 ) -> SimulationResult:
-    """Simulate ``schedule`` with per-stage forward/backward costs and per-edge message delays."""
+    """Simulate ``schedule`` with per-stage forward/backward costs and per-edge message delays.
+
+    ``late_cost[s] = (fwd, bwd)`` is the share of stage ``s``'s costs in its late part (``FL``/``BL``);
+    a split stage missing from it puts all of its cost in ``F`` and ``B``.
+    """
     if len(fwd) != schedule.num_stages or len(bwd) != schedule.num_stages:
         raise ValueError(f"need {schedule.num_stages} forward and backward costs, got {len(fwd)}, {len(bwd)}")
-    engine = _Engine(schedule, fwd, bwd, edge_delay or {})
+    late_cost = dict(late_cost or {})
+    for s, (lf, lb) in late_cost.items():
+        if not (0 <= lf <= fwd[s] + 1e-9 and 0 <= lb <= bwd[s] + 1e-9):
+            raise ValueError(
+                f"late_cost[{s}] = {(lf, lb)} is not within stage {s}'s costs {(fwd[s], bwd[s])}"
+            )
+    engine = _Engine(schedule, fwd, bwd, edge_delay or {}, late_cost)
     engine.run()
     return engine.result()
 
 
 class _Engine:
-    def __init__(self, schedule, fwd, bwd, edge_delay) -> None:
-        self.schedule, self.fwd, self.bwd, self.delay = schedule, fwd, bwd, edge_delay
+    def __init__(self, schedule, fwd, bwd, edge_delay, late_cost) -> None:
+        self.schedule, self.delay = schedule, edge_delay
+        self.cost: dict[tuple[int, str], float] = {}
+        for s in range(schedule.num_stages):
+            lf, lb = late_cost.get(s, (0.0, 0.0))
+            self.cost.update({(s, "F"): max(0.0, fwd[s] - lf), (s, "FL"): lf})
+            self.cost.update({(s, "B"): max(0.0, bwd[s] - lb), (s, "BL"): lb})
         n = schedule.num_stages
         self.clock = [0.0] * n
         self.pc = [0] * n
@@ -104,13 +122,13 @@ class _Engine:
         return True
 
     def _compute(self, s: int, a: Action) -> None:
-        cost = self.fwd[s] if a.kind == "F" else self.bwd[s]
+        cost = self.cost[(s, a.kind)]
         start = self.clock[s]
         self.clock[s] = start + cost
         self.boxes[s].append(
             TimelineEntry(stage=s, kind=a.kind, microbatch=a.microbatch, start=start, end=start + cost)
         )
-        self.in_flight[s] += 1 if a.kind == "F" else -1
+        self.in_flight[s] += {"F": 1, "B": -1}.get(a.kind, 0)
         self.peak[s] = max(self.peak[s], self.in_flight[s])
 
     def result(self) -> SimulationResult:

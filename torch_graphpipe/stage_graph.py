@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from torch_graphpipe.graph import OpGraph, members
 from torch_graphpipe.stage_cost import StageCost, StageCostModel
 
-__all__ = ["StageGraph", "build_stage_graph", "longest_path_depths"]
+__all__ = ["LateSplit", "StageGraph", "build_stage_graph", "late_splits", "longest_path_depths"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,6 +56,36 @@ def build_stage_graph(
         costs=tuple(model.of_mask(m) for m in ordered),
         in_flight=longest_path_depths(len(ordered), edges),
     )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LateSplit:
+    """A stage split at a late predecessor; see [Note: late inputs] in torch_graphpipe/schedule.py."""
+
+    stage: int  # the split stage
+    pred: int  # its late predecessor stage
+    late_mask: int  # the stage's operators that depend (within the stage) on that predecessor's values
+
+
+def late_splits(graph: OpGraph, model: StageCostModel, stages: Sequence[int]) -> tuple[LateSplit, ...]:
+    """For every stage with two or more predecessors, the predecessor whose values the cheapest part of
+    the stage depends on (the highest-numbered on a tie), when the rest of the stage costs something."""
+    owner = {v: s for s, m in enumerate(stages) for v in members(m)}
+    out = []
+    for s, mask in enumerate(stages):
+        preds = sorted({owner[p] for v in members(mask) for p in graph.preds[v]} - {s})
+        best: tuple[float, int, int] | None = None
+        for pred in preds if len(preds) > 1 else ():
+            late = 0
+            for v in members(mask):
+                if any(owner[p] == pred for p in graph.preds[v]) or model.pred_mask[v] & late:
+                    late |= 1 << v
+            early_ms = model.compute_ms(mask & ~late)
+            if early_ms > 0 and (best is None or (early_ms, pred) >= best[:2]):
+                best = (early_ms, pred, late)
+        if best is not None:
+            out.append(LateSplit(stage=s, pred=best[1], late_mask=best[2]))
+    return tuple(out)
 
 
 def _topological(graph: OpGraph, masks: list[int]) -> list[int]:

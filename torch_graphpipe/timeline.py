@@ -12,7 +12,7 @@ __all__ = ["plot_timeline"]
 
 
 def plot_timeline(result: SimulationResult, path: str | Path, *, title: str = "") -> Path:
-    """One row per stage; forward boxes light, backward boxes dark, hue by micro-batch."""
+    """One row per stage; forward boxes (F, FL) light, backward boxes (B, BL) dark, hue by micro-batch."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,7 +32,7 @@ def plot_timeline(result: SimulationResult, path: str | Path, *, title: str = ""
                 left=e.start,
                 height=0.8,
                 color=colour,
-                alpha=0.55 if e.kind == "F" else 1.0,
+                alpha=0.55 if e.kind in ("F", "FL") else 1.0,
                 edgecolor="black",
                 linewidth=0.5,
             )

@@ -17,7 +17,10 @@ def validate_schedule(schedule: Schedule) -> None:
     forward and one backward per micro-batch per stage, forward first; around every stage edge and
     micro-batch exactly one send of activations after the producer's forward and one receive before
     the consumer's forward, and the same for gradients in the other direction; no unmatched messages;
-    no deadlock when sends never block and receives wait.
+    no deadlock when sends never block and receives wait. A stage split at a late predecessor (see
+    [Note: late inputs]) also runs one ``FL`` and one ``BL`` per micro-batch, in the order ``F``,
+    ``FL``, ``BL``, ``B``; it receives the late predecessor's activations before ``FL``, sends its own
+    after ``FL``, receives gradients before ``BL`` and sends the late predecessor's after ``BL``.
     """
     _check_shape(schedule)
     for s, prog in enumerate(schedule.programs):
@@ -37,8 +40,16 @@ def _check_shape(schedule: Schedule) -> None:
     for src, dst in schedule.edges:
         if not 0 <= src < dst < schedule.num_stages:
             raise ScheduleError(f"edge {src}>{dst} is not between stages in topological order")
+    late_stages = [s for s, _ in schedule.late]
+    if len(set(late_stages)) != len(late_stages):
+        raise ScheduleError(f"a stage has two late predecessors in late={list(schedule.late)}")
+    for s, p in schedule.late:
+        if (p, s) not in schedule.edges:
+            raise ScheduleError(f"late input {s}<{p} is not a stage edge")
     for s, prog in enumerate(schedule.programs):
         for a in prog:
+            if a.kind in ("FL", "BL") and schedule.late_pred(s) is None:
+                raise ScheduleError(f"action {a}: stage {s} is not split at a late input")
             if a.stage != s:
                 raise ScheduleError(f"action {a} is in the program of stage {s}")
             if a.microbatch >= schedule.num_microbatches:
@@ -54,12 +65,16 @@ def _check_compute(schedule: Schedule, s: int, prog: tuple[Action, ...]) -> None
             if (a.kind, a.microbatch) in position:
                 raise ScheduleError(f"stage {s}: {a} appears twice")
             position[(a.kind, a.microbatch)] = i
+    kinds = ("F", "FL", "BL", "B") if schedule.late_pred(s) is not None else ("F", "B")
     for mb in range(schedule.num_microbatches):
-        for kind in ("F", "B"):
+        for kind in kinds:
             if (kind, mb) not in position:
                 raise ScheduleError(f"stage {s}: no {kind} for micro-batch {mb} ({s}{kind}{mb} missing)")
         if position[("B", mb)] < position[("F", mb)]:
             raise ScheduleError(f"stage {s}: backward of micro-batch {mb} comes before its forward")
+        order = [position[(kind, mb)] for kind in kinds]
+        if order != sorted(order):
+            raise ScheduleError(f"stage {s}: micro-batch {mb} must run {', '.join(kinds)} in this order")
 
 
 def _expected_messages(schedule: Schedule) -> Counter[Action]:
@@ -82,12 +97,27 @@ def _check_messages(schedule: Schedule) -> None:
                 f"{a} appears {actual[a]} times, expected {expected[a]} (stage edges {list(schedule.edges)})"
             )
     for s, prog in enumerate(schedule.programs):
-        position = {(a.kind, a.microbatch, a.peer): i for i, a in enumerate(prog)}
+        position: dict[tuple[str, int, int | None], int] = {
+            (a.kind, a.microbatch, a.peer): i for i, a in enumerate(prog)
+        }
+        late = schedule.late_pred(s)
         for a in prog:
             if a.is_compute:
                 continue
-            compute = position[("F" if a.phase == "F" else "B", a.microbatch, None)]
+            anchor = _anchor(a, late)
+            compute = position[(anchor, a.microbatch, None)]
             before = a.is_recv
             if (position[(a.kind, a.microbatch, a.peer)] < compute) != before:
                 where = "before" if before else "after"
-                raise ScheduleError(f"stage {s}: {a} must come {where} {s}{a.phase}{a.microbatch}")
+                raise ScheduleError(f"stage {s}: {a} must come {where} {s}{anchor}{a.microbatch}")
+
+
+def _anchor(a: Action, late: int | None) -> str:
+    """The computation a message must follow (sends) or precede (receives) on a stage."""
+    if late is None:
+        return a.phase
+    if a.kind == "RECV_F":
+        return "FL" if a.peer == late else "F"
+    if a.kind == "SEND_B":
+        return "BL" if a.peer == late else "B"
+    return "FL" if a.kind == "SEND_F" else "BL"

@@ -17,6 +17,7 @@ from torch_graphpipe.plan import Plan
 from torch_graphpipe.profile import CostTable
 from torch_graphpipe.runtime import StageRuntime
 from torch_graphpipe.spec import TensorSpec, ValueSpec
+from torch_graphpipe.stage_module import StageParts, split_stage_module
 from torch_graphpipe.wire import P2P, pack, packed_size, unpack
 
 __all__ = ["GraphPipe"]
@@ -81,6 +82,8 @@ class GraphPipe(torch.nn.Module):
         self.route = setup.routing.stages[self.rank]
         self.loss_stage = setup.routing.loss_stage
         self.module = setup.stage.to(self.device)
+        self.parts: StageParts | None = None  # a split stage's two parts (see [Note: late inputs])
+        self._split_parts()
         self.runtime = StageRuntime(self.route, self._plan.schedule, P2P(self._group, self.device), loss_fn)
         self.train(module.training)
         dist.barrier(
@@ -114,7 +117,7 @@ class GraphPipe(torch.nn.Module):
         if target is not None and self.rank == self.loss_stage:
             targets = [_to(t, self.device) for t in split_batch(target, self.num_microbatches, "target")]
         specs = self._oracle.specs(micro[0])
-        loss = self.runtime.train(self.module, micro, targets, specs)
+        loss = self.runtime.train(self._executable(), micro, targets, specs)
         value = torch.zeros(1, dtype=torch.float64, device=self.device)
         if loss is not None:
             value.fill_(float(loss))
@@ -125,7 +128,7 @@ class GraphPipe(torch.nn.Module):
         """Inference: the model output for the batch ``inputs``, on every rank (no autograd)."""
         micro = self._split(inputs)
         specs = self._oracle.specs(micro[0])
-        outputs = self.runtime.infer(self.module, micro, specs)
+        outputs = self.runtime.infer(self._executable(), micro, specs)
         joined = join_outputs(outputs) if outputs else None
         return self._broadcast_output(joined, specs.output)
 
@@ -155,11 +158,22 @@ class GraphPipe(torch.nn.Module):
             )
         part = {k: state_dict[k] for k in self.module.state_dict() if k in state_dict}
         self.module.load_state_dict(part, strict=False, assign=assign)
+        if assign:
+            self._split_parts()  # the parts must share the newly assigned tensors
         with torch.no_grad():
             for k, t in self._unowned.items():
                 if k in state_dict:
                     t.copy_(state_dict[k])
         return _IncompatibleKeys(missing, unexpected)
+
+    def _split_parts(self) -> None:
+        stage = self._plan.stages[self.rank]
+        if stage.late_pred is not None:
+            assert isinstance(self.module, torch.fx.GraphModule)
+            self.parts = split_stage_module(self.module, self.route, stage.late_node_names, stage.late_pred)
+
+    def _executable(self) -> torch.nn.Module | StageParts:
+        return self.parts if self.parts is not None else self.module
 
     def _split(self, inputs: Sequence[Any]) -> list[tuple[Any, ...]]:
         micro = split_batch(tuple(inputs), self.num_microbatches, "inputs")

@@ -128,6 +128,13 @@ CASES: dict[str, Case] = {
         _mse,
         [["stem"], ["left"], ["right"], ["head"]],
     ),
+    # the last stage joins the branches and holds one of them: it is split at the other (late) branch
+    "fork_join_tail": Case(
+        ForkJoin,
+        lambda b, g: ((_rand(b, 8, g=g),), _rand(b, 4, g=g)),
+        _mse,
+        [["stem"], ["left"], ["right", "head"]],
+    ),
     "concat": Case(
         Concat,
         lambda b, g: (tuple(_rand(b, 4, g=g) for _ in range(3)), _rand(b, 2, g=g)),

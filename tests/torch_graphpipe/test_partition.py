@@ -13,7 +13,7 @@ from _gp_graphs import (
     two_chains,
 )
 
-from torch_graphpipe import CostTable, OpCost, OpGraph, plan_graph
+from torch_graphpipe import CostTable, OpCost, OpGraph, build_1f1b, plan_graph, simulate
 from torch_graphpipe.candidates import CandidateTree
 from torch_graphpipe.chain import partition_chain
 from torch_graphpipe.partition import partition_dag
@@ -205,5 +205,13 @@ def test_branch_tail_goes_with_the_join():
     dag = plan_graph(graph, costs, 8, 8, "dag")
     chain = plan_graph(graph, costs, 8, 8, "chain")
     assert sorted(s.in_flight for s in dag.stages) == [1, 2, 2, 3, 3, 4, 4, 5]
-    # 1F1B lower bound: 4 forwards to reach the join stage, 8 x (1 + 2) there, 4 backwards back: 36
-    assert dag.simulate().iteration_time == 36 and chain.simulate().iteration_time == 45
+    # the join stage is split at the other branch (see [Note: late inputs]): its branch op runs before
+    # the other branch's value arrives and the other branch gets its gradient before that op's
+    # backward, so each branch pipelines like a 4-stage chain, (8 + 3) x 3 = 33 (DESIGN's worked
+    # example); unsplit it would be 4 forwards of fill + 8 x (1 + 2) + 4 backwards of drain = 36
+    joint_stage = next(s for s in dag.stages if "join" in s.node_names)
+    assert joint_stage.late_node_names == ("join",) and joint_stage.late_pred is not None
+    assert dag.simulate().iteration_time == 33 and chain.simulate().iteration_time == 45
+    unsplit = build_1f1b(8, dag.edges, 8)
+    fwd, bwd = [s.cost.fwd_ms for s in dag.stages], [s.cost.bwd_ms for s in dag.stages]
+    assert simulate(unsplit, fwd, bwd).iteration_time == 36

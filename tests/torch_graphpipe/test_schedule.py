@@ -8,7 +8,7 @@ DIAMOND = [(0, 1), (0, 2), (1, 3), (2, 3)]
 
 
 @pytest.mark.parametrize(
-    "text", ["3F2", "0B0", "3SEND_F2>5", "5RECV_F2<3", "1SEND_B7>0", "0RECV_B7<1", "12F10"]
+    "text", ["3F2", "0B0", "3SEND_F2>5", "5RECV_F2<3", "1SEND_B7>0", "0RECV_B7<1", "12F10", "3FL2", "3BL0"]
 )
 def test_action_round_trip(text):
     action = Action.parse(text)
@@ -16,7 +16,9 @@ def test_action_round_trip(text):
     assert Action.parse(str(action)) == action
 
 
-@pytest.mark.parametrize("text", ["F2", "3X2", "3SEND_F2", "3F2>1", "3SEND_F2<1", "3RECV_B1>2", "2SEND_F1>2"])
+@pytest.mark.parametrize(
+    "text", ["F2", "3X2", "3SEND_F2", "3F2>1", "3SEND_F2<1", "3RECV_B1>2", "2SEND_F1>2", "3FL2>1"]
+)
 def test_action_parse_rejects(text):
     with pytest.raises(ValueError):
         Action.parse(text)
@@ -97,3 +99,46 @@ def test_bad_builder_arguments():
         build_1f1b(2, [(0, 1)], 0)
     with pytest.raises(ValueError, match="num_stages"):
         build_1f1b(0, [], 2)
+
+
+# -- stages split at a late input ([Note: late inputs]) --------------------------------------------
+
+
+def test_split_stage_program_and_round_trip():
+    schedule = build_1f1b(4, DIAMOND, 3, late=[(3, 2)])
+    schedule.validate()
+    assert Schedule.parse(str(schedule)) == schedule and "late=3<2" in str(schedule)
+    prog = [str(a) for a in schedule.programs[3]]
+    assert prog[:8] == ["3RECV_F0<1", "3F0", "3RECV_F0<2", "3FL0", "3BL0", "3SEND_B0>2", "3B0", "3SEND_B0>1"]
+    assert schedule.late_pred(3) == 2 and schedule.late_pred(1) is None
+
+
+def test_split_builder_rejects_a_late_input_that_is_not_an_edge():
+    with pytest.raises(ValueError, match="late"):
+        build_1f1b(4, DIAMOND, 2, late=[(3, 0)])
+    with pytest.raises(ValueError, match="late"):
+        build_1f1b(4, DIAMOND, 2, late=[(3, 1), (3, 2)])
+
+
+def test_split_rejects_late_part_out_of_order():
+    schedule = build_1f1b(4, DIAMOND, 1, late=[(3, 2)])
+    prog = [str(a) for a in schedule.programs[3]]
+    swapped = [*prog[:4], "3B0", "3SEND_B0>2", "3BL0", "3SEND_B0>1"]  # early backward before the late one
+    with pytest.raises(ScheduleError, match="F, FL, BL, B in this order"):
+        _replace_program(schedule, 3, swapped).validate()
+
+
+def test_split_rejects_gradient_sent_to_late_peer_before_its_backward():
+    schedule = build_1f1b(4, DIAMOND, 1, late=[(3, 2)])
+    program = ["3RECV_F0<1", "3F0", "3RECV_F0<2", "3FL0", "3SEND_B0>2", "3BL0", "3B0", "3SEND_B0>1"]
+    with pytest.raises(ScheduleError, match="3SEND_B0>2 must come after 3BL0"):
+        _replace_program(schedule, 3, program).validate()
+
+
+def test_split_actions_need_a_split_stage():
+    schedule = build_1f1b(4, DIAMOND, 1)
+    prog = [str(a) for a in schedule.programs[3]]
+    with pytest.raises(ScheduleError, match="not split"):
+        _replace_program(schedule, 3, [*prog[:3], "3FL0", *prog[3:]]).validate()
+    with pytest.raises(ScheduleError, match="not a stage edge"):
+        dataclasses.replace(schedule, late=((3, 0),)).validate()

@@ -57,3 +57,19 @@ def test_timeline_png(tmp_path):
 def test_cost_count_mismatch():
     with pytest.raises(ValueError, match="need 2"):
         simulate(build_1f1b(2, [(0, 1)], 1), [1.0], [1.0])
+
+
+def test_late_part_costs_are_taken_from_the_stage():
+    """Branch A is stage 0 then stage 3, branch B stages 1 and 2, and stage 3 also joins them for free.
+    Split at stage 2, stage 3 starts A's unit before B's value arrives and B gets its gradient before
+    that unit's backward: 2 x 2 blocks pipeline like 2-stage chains, (4 + 1) x 3 = 15, vs 18 unsplit
+    (and 21 as a 4-stage chain). The costs add up the same."""
+    edges, fwd, bwd = [(0, 3), (1, 2), (2, 3)], [1.0] * 4, [2.0] * 4
+    whole = simulate(build_1f1b(4, edges, 4), fwd, bwd)
+    split = simulate(build_1f1b(4, edges, 4, late=[(3, 2)]), fwd, bwd, late_cost={3: (0.0, 0.0)})
+    assert (whole.iteration_time, split.iteration_time) == (18.0, 15.0)
+    assert split.busy_time(3) == whole.busy_time(3) == 12.0
+    kinds = {e.kind for e in split.timeline[3]}
+    assert kinds == {"F", "FL", "B", "BL"}
+    with pytest.raises(ValueError, match="late_cost"):
+        simulate(build_1f1b(4, edges, 4, late=[(3, 2)]), fwd, bwd, late_cost={3: (2.0, 0.0)})
