@@ -69,8 +69,12 @@ def setup_pipeline(
     partition: Partition,
     group: dist.ProcessGroup,
     options: PlanOptions,
+    agree_group: dist.ProcessGroup | None = None,
 ) -> PipelineSetup:
-    """Plan once for all ranks and build this rank's stage; see [Note: one plan on every rank]."""
+    """Plan once for all ranks and build this rank's stage; see [Note: one plan on every rank].
+
+    ``group`` is this pipeline (group rank = stage); ``agree_group`` (default ``group``) holds every
+    rank that must run the same plan (all replicas, see [Note: data parallel stages])."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     micro = split_batch(tuple(example_inputs), num_microbatches, "example_inputs")
     captured = capture(module, options.leaf_modules)
@@ -78,7 +82,7 @@ def setup_pipeline(
     if isinstance(partition, Plan):
         the_plan = partition
     else:
-        the_plan = _agree(group, lambda: _make_plan(module, captured, example_inputs, micro[0], masks, world,
+        the_plan = _agree(agree_group or group, lambda: _make_plan(module, captured, example_inputs, micro[0], masks, world,
                                                     num_microbatches, options))  # fmt: skip
     routing = route(the_plan, captured.graph)
     oracle = ShapeOracle(captured.graph_module)

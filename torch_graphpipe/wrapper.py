@@ -12,6 +12,13 @@ import torch.distributed as dist
 from torch.nn.modules.module import _IncompatibleKeys
 
 from torch_graphpipe.build import Partition, PlanOptions, setup_pipeline
+from torch_graphpipe.data_parallel import (
+    average_gradients,
+    broadcast_state,
+    check_layout,
+    gather_batch,
+    make_groups,
+)
 from torch_graphpipe.microbatch import join_outputs, split_batch
 from torch_graphpipe.plan import Plan
 from torch_graphpipe.profile import CostTable
@@ -29,11 +36,13 @@ class GraphPipe(torch.nn.Module):
     """Graph pipeline-parallel training: this rank's stage of ``module``, run by a DAG 1F1B schedule.
 
     Call it on every rank of an initialised process group (gloo on CPU, NCCL on GPU) whose size is
-    the number of stages. ``example_inputs`` is one batch (split into ``num_microbatches`` along
-    dim 0) used to trace, profile and plan; ``loss_fn(output, target)`` returns the mean loss of a
-    micro-batch. ``partition`` is ``"auto"`` (the planner), a list of module-name lists, one per
-    stage (see [Note: explicit partition]), or a :class:`Plan`. ``self.module`` holds this stage's
-    operators and parameters only; ``parameters()`` are this rank's, for any optimizer.
+    the number of stages times ``data_parallel`` (replicas of every stage, see [Note: data parallel
+    stages]; rank ``r`` runs stage ``r // data_parallel``). ``example_inputs`` is one batch (split
+    into ``data_parallel`` shards of ``num_microbatches`` micro-batches along dim 0) used to trace,
+    profile and plan; ``loss_fn(output, target)`` returns the mean loss of a micro-batch.
+    ``partition`` is ``"auto"`` (the planner), a list of module-name lists, one per stage (see
+    [Note: explicit partition]), or a :class:`Plan`. ``self.module`` holds this stage's operators and
+    parameters only; ``parameters()`` are this rank's, for any optimizer.
     """
 
     def __init__(
@@ -50,6 +59,7 @@ class GraphPipe(torch.nn.Module):
         costs: CostTable | None = None,
         memory_budget_bytes: float | None = None,
         device: torch.device | str | None = None,
+        data_parallel: int = 1,
     ) -> None:
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
@@ -66,9 +76,14 @@ class GraphPipe(torch.nn.Module):
             raise TypeError(f"example_inputs must be a tuple of inputs, got {type(example_inputs).__name__}")
         group = process_group if process_group is not None else dist.group.WORLD
         assert group is not None
-        self._group: dist.ProcessGroup = group
-        self.rank = dist.get_rank(self._group)
-        self.device = torch.device(device) if device is not None else _default_device(self._group)
+        check_layout(group, data_parallel)
+        _check_batch(tuple(example_inputs), data_parallel, num_microbatches)
+        self.rank = dist.get_rank(group)  # in the process group
+        self._groups = make_groups(group, data_parallel)
+        self._group: dist.ProcessGroup = self._groups.pipe  # this replica's pipeline: group rank = stage
+        self.stage, self.replica = self._groups.stage, self._groups.replica
+        self.data_parallel = self._groups.data_parallel
+        self.device = torch.device(device) if device is not None else _default_device(group)
         self.num_microbatches = num_microbatches
         options = PlanOptions(
             stage_graph=stage_graph,
@@ -76,20 +91,23 @@ class GraphPipe(torch.nn.Module):
             costs=costs,
             memory_budget_bytes=memory_budget_bytes,
         )
-        setup = setup_pipeline(module, example_inputs, num_microbatches, partition, self._group, options)
+        shard = split_batch(tuple(example_inputs), self.data_parallel, "example_inputs")[0]
+        setup = setup_pipeline(module, shard, num_microbatches, partition, self._group, options, group)
         self._plan, self._oracle = setup.plan, setup.oracle
         self._unowned, self._state_keys = setup.unowned, setup.state_keys
-        self.route = setup.routing.stages[self.rank]
+        self.route = setup.routing.stages[self.stage]
         self.loss_stage = setup.routing.loss_stage
         self.module = setup.stage.to(self.device)
         self.parts: StageParts | None = None  # a split stage's two parts (see [Note: late inputs])
+        broadcast_state(self.module, self._groups)
         self._split_parts()
         self.runtime = StageRuntime(self.route, self._plan.schedule, P2P(self._group, self.device), loss_fn)
         self.train(module.training)
-        dist.barrier(
-            group=self._group
-        )  # every rank has built its stage (and NCCL's first call is collective)
-        log.info("rank %d runs stage %d: %d operators", self.rank, self.rank, len(self.route.node_names))
+        dist.barrier(group=group)  # every rank has built its stage (and NCCL's first call is collective)
+        log.info(
+            "rank %d runs stage %d (replica %d of %d): %d operators",
+            self.rank, self.stage, self.replica, self.data_parallel, len(self.route.node_names),
+        )  # fmt: skip
 
     @property
     def plan(self) -> Plan:
@@ -111,17 +129,25 @@ class GraphPipe(torch.nn.Module):
         The returned loss (a float) is the same on every rank.
         """
         micro = self._split(inputs)
-        if self.rank == self.loss_stage and target is None:
-            raise ValueError(f"rank {self.rank} computes the loss: pass target= to step() on this rank")
+        if self.stage == self.loss_stage and target is None:
+            raise ValueError(
+                f"rank {self.rank} (stage {self.stage}) computes the loss: pass target= to step() on this rank"
+            )
         targets = None
-        if target is not None and self.rank == self.loss_stage:
-            targets = [_to(t, self.device) for t in split_batch(target, self.num_microbatches, "target")]
+        if target is not None and self.stage == self.loss_stage:
+            _check_batch(target, self.data_parallel, self.num_microbatches, "target")
+            shard = split_batch(target, self.data_parallel, "target")[self.replica]
+            targets = [_to(t, self.device) for t in split_batch(shard, self.num_microbatches, "target")]
         specs = self._oracle.specs(micro[0])
         loss = self.runtime.train(self._executable(), micro, targets, specs)
+        average_gradients(self.module.parameters(), self._groups)
         value = torch.zeros(1, dtype=torch.float64, device=self.device)
         if loss is not None:
             value.fill_(float(loss))
         dist.broadcast(value, group=self._group, group_src=self.loss_stage)
+        if self._groups.replicas is not None:  # the mean of the replicas' (equal-sized) shard losses
+            dist.all_reduce(value, group=self._groups.replicas)
+            value /= self.data_parallel
         return float(value.item())
 
     def forward(self, *inputs: Any) -> Any:
@@ -130,7 +156,7 @@ class GraphPipe(torch.nn.Module):
         specs = self._oracle.specs(micro[0])
         outputs = self.runtime.infer(self._executable(), micro, specs)
         joined = join_outputs(outputs) if outputs else None
-        return self._broadcast_output(joined, specs.output)
+        return gather_batch(self._broadcast_output(joined, specs.output), self._groups)
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
         """The FULL model's state (CPU tensors, the plain module's keys), gathered on every rank."""
@@ -167,7 +193,7 @@ class GraphPipe(torch.nn.Module):
         return _IncompatibleKeys(missing, unexpected)
 
     def _split_parts(self) -> None:
-        stage = self._plan.stages[self.rank]
+        stage = self._plan.stages[self.stage]
         if stage.late_pred is not None:
             assert isinstance(self.module, torch.fx.GraphModule)
             self.parts = split_stage_module(self.module, self.route, stage.late_node_names, stage.late_pred)
@@ -176,7 +202,9 @@ class GraphPipe(torch.nn.Module):
         return self.parts if self.parts is not None else self.module
 
     def _split(self, inputs: Sequence[Any]) -> list[tuple[Any, ...]]:
-        micro = split_batch(tuple(inputs), self.num_microbatches, "inputs")
+        _check_batch(tuple(inputs), self.data_parallel, self.num_microbatches, "inputs")
+        shard = split_batch(tuple(inputs), self.data_parallel, "inputs")[self.replica]
+        micro = split_batch(shard, self.num_microbatches, "inputs")
         return [_to(m, self.device) for m in micro]
 
     def _broadcast_output(self, joined: Any, spec: ValueSpec) -> Any:
@@ -195,7 +223,25 @@ class GraphPipe(torch.nn.Module):
         return joined if joined is not None else spec.build([t.clone() for t in unpack(buf, full)])
 
     def __repr__(self) -> str:
-        return f"GraphPipe(rank={self.rank}, stages={self._plan.num_stages}, module={self.module!r})"
+        replica = f", replica={self.replica}/{self.data_parallel}" if self.data_parallel > 1 else ""
+        return (
+            f"GraphPipe(rank={self.rank}, stage={self.stage}{replica}, stages={self._plan.num_stages}, "
+            f"module={self.module!r})"
+        )
+
+
+def _check_batch(value: Any, data_parallel: int, num_microbatches: int, what: str = "example_inputs") -> None:
+    """A batch must split into replica shards of micro-batches (checked before any message)."""
+    if data_parallel == 1:
+        split_batch(value, num_microbatches, what)
+        return
+    parts = data_parallel * num_microbatches
+    for x in torch.utils._pytree.tree_leaves(value):
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] % parts:
+            raise ValueError(
+                f"{what} has batch size {x.shape[0]}, which does not split into data_parallel="
+                f"{data_parallel} replica shards of num_microbatches={num_microbatches} micro-batches each"
+            )
 
 
 def _to(value: Any, device: torch.device) -> Any:

@@ -55,8 +55,9 @@ def _assert_grads(gp: GraphPipe, ref: nn.Module, what: str) -> None:
         torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=RTOL, atol=ATOL, msg=f"{what}: {name}")
     names: list = [None] * dist.get_world_size()
     dist.all_gather_object(names, sorted(n for n, _ in gp.module.named_parameters()))
-    held = [n for part in names for n in part]
-    assert sorted(held) == sorted(ref_params), f"{what}: ranks hold {held}, model has {sorted(ref_params)}"
+    held = [n for part in names for n in part]  # every parameter once per replica
+    expected = sorted(ref_params) * gp.data_parallel
+    assert sorted(held) == sorted(expected), f"{what}: ranks hold {held}, model has {sorted(ref_params)}"
 
 
 def _check_training(case: Case, partition, num_microbatches: int, seed: int, **kwargs) -> GraphPipe:
@@ -84,7 +85,7 @@ def _check_training(case: Case, partition, num_microbatches: int, seed: int, **k
         opt.step(), opt.zero_grad()
     ref_opt.step(), ref_opt.zero_grad()
     inputs, target = batches[2]
-    loss = gp.step(*inputs, target=target if dist.get_rank() == gp.loss_stage else None)
+    loss = gp.step(*inputs, target=target if gp.stage == gp.loss_stage else None)
     ref_loss = case.loss(ref(*inputs), target)
     ref_loss.backward()
     torch.testing.assert_close(loss, ref_loss.item(), rtol=RTOL, atol=0, msg=what)
@@ -227,6 +228,25 @@ def _zoo_worker(rank: int, world: int, init: str) -> None:
         dist.destroy_process_group()
 
 
+def _data_parallel_worker(rank: int, world: int, init: str) -> None:
+    """3 stages (the last split at a late input) x 2 replicas: each replica trains half of every batch."""
+    _init(rank, world, init)
+    try:
+        case = CASES["skip"]
+        for seed, m in enumerate((1, 3)):
+            gp = _check_training(case, case.partition, m, seed, data_parallel=2)
+            assert (gp.stage, gp.replica) == divmod(rank, 2) and gp.plan.num_stages == 3
+            assert (gp.parts is not None) == (gp.stage == 2)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_stages_match_one_process():
+    """Losses, gradients (averaged over the replicas), inference and checkpoints equal one process."""
+    _spawn(_data_parallel_worker, 6)
+
+
 def test_zoo_multi_branch_models_train():
     pytest.importorskip("torch_collage.zoo")
     _spawn(_zoo_worker, 3)
@@ -248,6 +268,12 @@ def _errors_worker(rank: int, world: int, init: str) -> None:
             GraphPipe(
                 Untraceable(), num_microbatches=2, example_inputs=(torch.randn(4, 4),), loss_fn=case.loss
             )
+        with pytest.raises(ValueError, match="2 ranks, which do not split into data_parallel=3"):
+            GraphPipe(case.build(), num_microbatches=2, data_parallel=3, **kw)
+        with pytest.raises(ValueError, match="data_parallel=2 replica shards of num_microbatches=3"):
+            GraphPipe(case.build(), num_microbatches=3, data_parallel=2, **kw)
+        with pytest.raises(ValueError, match="data_parallel must be an int"):
+            GraphPipe(case.build(), num_microbatches=2, data_parallel=0, **kw)
         with pytest.raises(ValueError, match="no operator calls"):
             GraphPipe(case.build(), num_microbatches=2, partition=[["stem", "left"], ["rite", "head"]], **kw)
         gp = GraphPipe(
