@@ -3,6 +3,7 @@
     torchrun --standalone --nproc-per-node 4 examples/graphpipe_train.py
     python examples/graphpipe_train.py            # without torchrun: spawns the 4 local processes itself
     python examples/graphpipe_train.py --steps 20 --microbatches 8
+    python examples/graphpipe_train.py --nproc 8 --data-parallel 2   # 4 stages x 2 replicas each
 
 Rank 0 prints the plan (stages, stage edges, in-flight micro-batches, the schedule of stage 0), the
 simulator's prediction, the loss of every step, and checks at the end that the gathered checkpoint
@@ -63,7 +64,10 @@ def train(args: argparse.Namespace) -> None:
     reference = Branchy()
     reference.load_state_dict(model.state_dict())
     x, y = data(args.batch, 0)
-    gp = GraphPipe(model, example_inputs=(x,), loss_fn=F.cross_entropy, num_microbatches=args.microbatches)
+    gp = GraphPipe(
+        model, example_inputs=(x,), loss_fn=F.cross_entropy, num_microbatches=args.microbatches,
+        data_parallel=args.data_parallel,
+    )  # fmt: skip
     del model  # this rank keeps only its stage's parameters (gp.parameters())
     if rank == 0:
         print(gp.plan)
@@ -116,6 +120,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--microbatches", type=int, default=8)
     p.add_argument("--nproc", type=int, default=4, help="processes to spawn when not under torchrun")
+    p.add_argument(
+        "--data-parallel", type=int, default=1, help="replicas of every stage (processes = stages x this)"
+    )
     args = p.parse_args()
     if "RANK" in os.environ:  # torchrun
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))

@@ -1,8 +1,12 @@
 """Per-operator costs: measured forward / backward time, activation and parameter bytes.
 
 Every operator runs on the real activations of one micro-batch (recorded by running the traced module
-once); its forward and backward are timed separately, a few repeats, median. A fixed
-:class:`CostTable` can be built by hand instead, for unit tests of the planner.
+once); its forward and backward are timed separately, a few repeats, median. Operators doing the
+same work (same module type and configuration, or the same function, on inputs of the same shapes
+and dtypes; e.g. the blocks of parallel branches) pool their samples and get one median: timings on a
+shared machine are noisy, and identical branches measured apart came out up to 1.3x apart, which
+made the planner treat them differently from run to run. A fixed :class:`CostTable` can be built by
+hand instead, for unit tests of the planner.
 """
 
 from __future__ import annotations
@@ -137,16 +141,42 @@ def _profile_ops(
         interp.run(*microbatch_inputs)
     env = interp.env
     fx_nodes = {n.name: n for n in gm.graph.nodes}
-    ops = {}
+    samples: dict[str, tuple[list[float], list[float]]] = {}  # signature -> pooled (fwd, bwd) samples
+    signature = {}
     for node in graph.nodes:
         fx_node = fx_nodes[node.name]
         fn = _callable(gm, fx_node)
         args, kwargs = fx.node.map_arg((fx_node.args, fx_node.kwargs), lambda a: env[a])
+        signature[node.name] = _signature(fn, fx_node, args, kwargs)
         fwd, bwd = _time_node(fn, args, kwargs, repeats)
+        pooled = samples.setdefault(signature[node.name], ([], []))
+        pooled[0].extend(fwd)
+        pooled[1].extend(bwd)
+    ops = {}
+    for node in graph.nodes:
+        fwd, bwd = samples[signature[node.name]]
+        fx_node = fx_nodes[node.name]
         ops[node.name] = OpCost(
-            fwd_ms=fwd, bwd_ms=bwd, out_bytes=_nbytes(env[fx_node]), param_bytes=_param_bytes(gm, fx_node)
+            fwd_ms=statistics.median(fwd),
+            bwd_ms=statistics.median(bwd),
+            out_bytes=_nbytes(env[fx_node]),
+            param_bytes=_param_bytes(gm, fx_node),
         )
     return ops
+
+
+def _signature(fn: Callable[..., Any], node: fx.Node, args: Any, kwargs: Any) -> str:
+    """Equal for operators that do the same work (see the module docstring)."""
+    if isinstance(fn, torch.nn.Module):
+        params = [(tuple(p.shape), p.dtype, p.requires_grad) for p in fn.parameters()]
+        what = f"{type(fn).__qualname__}({fn.extra_repr()}) {params}"
+    else:
+        what = f"{node.op}:{getattr(node.target, '__qualname__', node.target)!s}"
+
+    def describe(x: Any) -> Any:
+        return ("T", tuple(x.shape), x.dtype, x.stride()) if isinstance(x, torch.Tensor) else repr(x)
+
+    return f"{what} {pytree.tree_map(describe, (args, kwargs))}"
 
 
 def _callable(gm: fx.GraphModule, node: fx.Node) -> Callable[..., Any]:
@@ -159,7 +189,10 @@ def _callable(gm: fx.GraphModule, node: fx.Node) -> Callable[..., Any]:
     return target
 
 
-def _time_node(fn: Callable[..., Any], args: Any, kwargs: Any, repeats: int) -> tuple[float, float]:
+def _time_node(
+    fn: Callable[..., Any], args: Any, kwargs: Any, repeats: int
+) -> tuple[list[float], list[float]]:
+    """``repeats`` forward and backward times (ms) after one warm-up."""
     fwd_times, bwd_times = [], []
     for _ in range(repeats + 1):  # first round warms up
         a, k = pytree.tree_map(_leaf_input, (args, kwargs))
@@ -174,7 +207,7 @@ def _time_node(fn: Callable[..., Any], args: Any, kwargs: Any, repeats: int) -> 
         start = time.perf_counter()
         torch.autograd.backward(outs, grads)
         bwd_times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(fwd_times[1:]), statistics.median(bwd_times[1:])
+    return fwd_times[1:], bwd_times[1:]
 
 
 def _leaf_input(x: Any) -> Any:

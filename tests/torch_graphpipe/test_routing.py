@@ -137,3 +137,14 @@ def test_profiling_leaves_the_model_alone():
     profile_graph(captured.graph_module, captured.graph, (x,), repeats=1)
     assert all(p.grad is None for p in model.parameters())
     assert torch.equal(torch.rand(1), expected)
+
+
+def test_profiling_pools_operators_doing_the_same_work():
+    """The four Linear(16, 16) of ForkJoin's two branches read (4, 16) inputs: one pooled cost; the stem
+    (Linear(8, 16)) and the two activations (ReLU, Tanh) are measured on their own."""
+    captured = capture(CASES["fork_join"].build())
+    costs = profile_graph(captured.graph_module, captured.graph, (torch.randn(4, 8),), repeats=2)
+    by_target = {n.target: costs.of(n.name) for n in captured.graph.nodes}
+    same = [by_target[t] for t in ("left.0", "left.2", "right.0", "right.2")]
+    assert all(c == same[0] for c in same) and same[0].fwd_ms > 0
+    assert by_target["stem"] != same[0] and by_target["left.1"] != by_target["right.1"]
