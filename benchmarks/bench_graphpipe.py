@@ -234,17 +234,21 @@ def _simulate(p: Plan, alpha_ms: float) -> SimulationResult:
 # The simulator is given the planned costs and the gloo latency measured between two idle processes.
 # Under emulation, 8 processes share 2 cores, so every action overruns its cost a little and a message
 # takes longer than between idle processes; measured steps came out 1.02-1.18x the simulation. The
-# calibrated column fits those two numbers on one traced step of GraphPipe running the *chain* plan
-# (the median overrun per action, and the median wait from a message's producer finishing to its
-# waiting consumer starting) and simulates every plan with them: out of sample for the DAG plans.
-def _calibration(events: list[list[tuple[str, int, float, float]]], plan: Plan) -> tuple[float, float]:
-    """(overrun ms per action, message latency ms) fitted on a traced step of ``plan``."""
+# calibrated column fits three numbers on one traced step of GraphPipe running the *chain* plan and
+# simulates every plan with them (out of sample for the DAG plans): the median overrun per compute
+# action; the median time a send or receive occupies its stage (the gap between two computations on
+# a stage whose messages had already arrived, per message posted in between), which matters where a
+# stage exchanges several messages per micro-batch (DAG plans); and the message latency (the median
+# wait from a producer finishing to its waiting consumer starting, less one send and one receive).
+def _calibration(events: list[list[tuple[str, int, float, float]]], plan: Plan) -> tuple[float, float, float]:
+    """(overrun ms per action, ms per message on its stage, message latency ms) fitted on a traced step."""
     ends = {(stage, kind, m): end for stage, row in enumerate(events) for kind, m, _, end in row}
-    overruns, waits = [], []
+    overruns, waits, per_message = [], [], []
     for stage, row in enumerate(events):
         cost = plan.stages[stage].cost
+        between = _messages_between_computes(plan.schedule.programs[stage])
         prev_end = None
-        for kind, m, start, end in row:
+        for i, (kind, m, start, end) in enumerate(row):
             overruns.append((end - start) * 1e3 - (cost.fwd_ms if kind == "F" else cost.bwd_ms))
             if kind == "F":
                 deps = [ends.get((src, "F", m)) for src, dst in plan.edges if dst == stage]
@@ -253,16 +257,35 @@ def _calibration(events: list[list[tuple[str, int, float, float]]], plan: Plan) 
             known = [d for d in deps if d is not None]
             if known and (prev_end is None or prev_end <= max(known)):  # it was waiting for the message
                 waits.append((start - max(known)) * 1e3)
+            elif prev_end is not None and between[i]:  # busy with its own messages only
+                per_message.append((start - prev_end) * 1e3 / between[i])
             prev_end = end
-    return max(0.0, statistics.median(overruns)), max(0.0, statistics.median(waits)) if waits else 0.0
+    message_ms = max(0.0, statistics.median(per_message)) if per_message else 0.0
+    latency = max(0.0, statistics.median(waits) - 2 * message_ms) if waits else 0.0
+    return max(0.0, statistics.median(overruns)), message_ms, latency
 
 
-def _simulate_calibrated(p: Plan, overrun_ms: float, latency_ms: float) -> SimulationResult:
+def _messages_between_computes(program: Sequence[Any]) -> list[int]:
+    """For each compute action of a stage program, the sends and receives since the previous one."""
+    counts, n = [], 0
+    for a in program:
+        if a.is_compute:
+            counts.append(n)
+            n = 0
+        else:
+            n += 1
+    return counts
+
+
+def _simulate_calibrated(
+    p: Plan, overrun_ms: float, message_ms: float, latency_ms: float
+) -> SimulationResult:
     """Every compute action overruns by ``overrun_ms`` (a split stage runs two per direction)."""
     actions = [2 if s.late_cost is not None else 1 for s in p.stages]
     fwd = [s.cost.fwd_ms + n * overrun_ms for s, n in zip(p.stages, actions)]
     bwd = [s.cost.bwd_ms + n * overrun_ms for s, n in zip(p.stages, actions)]
-    return simulate(p.schedule, fwd, bwd, dict.fromkeys(p.edges, latency_ms), p.late_cost(overrun_ms))
+    delay = dict.fromkeys(p.edges, latency_ms)
+    return simulate(p.schedule, fwd, bwd, delay, p.late_cost(overrun_ms), message_cost=message_ms)
 
 
 def _measured(events: list[list[tuple[str, int, float, float]]]) -> SimulationResult:
@@ -293,13 +316,15 @@ def _rows(
     plans[BASELINE] = plans[LABELS["chain"]]
     base = statistics.median(result["times"][BASELINE])
     chain = LABELS["chain"]
-    overrun, latency = (
-        _calibration(result["events"][chain], plans[chain]) if chain in result["events"] else (0.0, alpha)
+    overrun, message_ms, latency = (
+        _calibration(result["events"][chain], plans[chain])
+        if chain in result["events"]
+        else (0.0, 0.0, alpha)
     )
     rows = []
     for label, samples in result["times"].items():
         sim = _simulate(plans[label], alpha)
-        sim_cal = _simulate_calibrated(plans[label], overrun, latency).iteration_time
+        sim_cal = _simulate_calibrated(plans[label], overrun, message_ms, latency).iteration_time
         measured = _measured(result["events"][label]) if label in result["events"] else None
         pngs = []
         if "DAG" in label or label == BASELINE:
@@ -316,7 +341,7 @@ def _rows(
             "model": name, "runtime": label, "stages": plans[label].num_stages, "microbatches": job.microbatches,
             "median_ms": median, "iqr_ms": q[2] - q[0], "sim_ms": sim.iteration_time,
             "meas_over_sim": median / sim.iteration_time, "speedup": base / median,
-            "sim_cal_ms": sim_cal, "meas_over_cal": median / sim_cal, "overrun_ms": overrun, "latency_ms": latency,
+            "sim_cal_ms": sim_cal, "meas_over_cal": median / sim_cal, "overrun_ms": overrun, "message_ms": message_ms, "latency_ms": latency,
             "plan_s": plans[label].planning_time_s, "profile_s": profile_s,
             "peak_sim": "/".join(map(str, sim.peak_in_flight)),
             "peak_meas": "/".join(map(str, measured.peak_in_flight)) if measured is not None else None,
@@ -398,12 +423,14 @@ def _notes(args: argparse.Namespace, info: dict[str, Any], rows: list[dict[str, 
         "later: 36 units (1.25x). Split stages are timed as two actions (F/FL, BL/B) in the traces.",
         f"Simulated = the discrete-event simulator on the executed plan with the same costs and the measured gloo "
         f"latency per message ({', '.join(map(str, alphas))} ms, one value per workload).",
-        "Calibrated sim = the same simulation with a per-action overrun and a message latency fitted on one "
-        "traced step of GraphPipe (chain) (see [Note: calibrated simulation]); per workload: "
+        "Calibrated sim = the same simulation with a per-action overrun, a per-message cost on the stage and "
+        "a message latency fitted on one traced step of GraphPipe (chain) (see [Note: calibrated "
+        "simulation]); per workload: "
         + "; ".join(
             sorted(
                 {
-                    f"{r['model']} +{r['overrun_ms']:.2f} ms/action, {r['latency_ms']:.2f} ms/message"
+                    f"{r['model']} +{r['overrun_ms']:.2f} ms/action, {r['message_ms']:.2f} ms/message on "
+                    f"its stage, {r['latency_ms']:.2f} ms latency"
                     for r in rows
                     if "overrun_ms" in r
                 }

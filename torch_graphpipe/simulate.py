@@ -4,7 +4,8 @@ Every stage runs its program in order on its own device. A forward or backward o
 for its cost; a send does not block the sender and its message arrives ``edge_delay`` later; a
 receive waits for that arrival. Times are in the unit of the costs given (milliseconds for plans).
 On a stage split at a late input (see [Note: late inputs]) ``FL`` and ``BL`` cost that stage's late
-part and ``F`` and ``B`` the rest.
+part and ``F`` and ``B`` the rest. ``message_cost`` is the time a send or a receive occupies its own
+stage (packing, posting, unpacking), on top of the message's ``edge_delay`` in flight.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def simulate(
     bwd: Sequence[float],
     edge_delay: Mapping[tuple[int, int], float] | None = None,
     late_cost: Mapping[int, tuple[float, float]] | None = None,
+    message_cost: float = 0.0,
 ) -> SimulationResult:
     """Simulate ``schedule`` with per-stage forward/backward costs and per-edge message delays.
 
@@ -69,7 +71,10 @@ def simulate(
             raise ValueError(
                 f"late_cost[{s}] = {(lf, lb)} is not within stage {s}'s costs {(fwd[s], bwd[s])}"
             )
+    if message_cost < 0:
+        raise ValueError(f"message_cost must be >= 0, got {message_cost}")
     engine = _Engine(schedule, fwd, bwd, edge_delay or {}, late_cost)
+    engine.message_cost = message_cost
     engine.run()
     return engine.result()
 
@@ -89,6 +94,7 @@ class _Engine:
         self.peak = [0] * n
         self.boxes: list[list[TimelineEntry]] = [[] for _ in range(n)]
         self.messages: dict[tuple[str, int, int, int], float] = {}
+        self.message_cost = 0.0
 
     def run(self) -> None:
         progress = True
@@ -110,12 +116,13 @@ class _Engine:
             key = (a.phase, peer, s, a.microbatch)
             if key not in self.messages:
                 return False
-            self.clock[s] = max(self.clock[s], self.messages.pop(key))
+            self.clock[s] = max(self.clock[s], self.messages.pop(key)) + self.message_cost
         elif a.is_send:
             key = (a.phase, s, peer, a.microbatch)
             if key in self.messages:
                 raise ScheduleError(f"{a}: the previous identical message was never received")
             edge = (s, peer) if a.phase == "F" else (peer, s)
+            self.clock[s] += self.message_cost
             self.messages[key] = self.clock[s] + self.delay.get(edge, 0.0)
         else:
             self._compute(s, a)

@@ -73,3 +73,13 @@ def test_late_part_costs_are_taken_from_the_stage():
     assert kinds == {"F", "FL", "B", "BL"}
     with pytest.raises(ValueError, match="late_cost"):
         simulate(build_1f1b(4, edges, 4, late=[(3, 2)]), fwd, bwd, late_cost={3: (2.0, 0.0)})
+
+
+def test_message_cost_occupies_both_stages():
+    """Two stages, one micro-batch: F0, send | recv, F1, B1, send | recv, B0 = 6 units + 4 messages."""
+    schedule = build_1f1b(2, [(0, 1)], 1)
+    assert simulate(schedule, [1.0, 1.0], [2.0, 2.0]).iteration_time == 6.0
+    assert simulate(schedule, [1.0, 1.0], [2.0, 2.0], message_cost=0.25).iteration_time == 7.0
+    assert simulate(schedule, [1.0, 1.0], [2.0, 2.0], {(0, 1): 0.5}, message_cost=0.25).iteration_time == 8.0
+    with pytest.raises(ValueError, match="message_cost"):
+        simulate(schedule, [1.0, 1.0], [2.0, 2.0], message_cost=-1.0)
