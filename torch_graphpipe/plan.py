@@ -19,7 +19,7 @@ from torch_graphpipe.schedule import Schedule, build_1f1b
 from torch_graphpipe.simulate import SimulationResult, simulate
 from torch_graphpipe.sp import decompose
 from torch_graphpipe.stage_cost import StageCost, StageCostModel
-from torch_graphpipe.stage_graph import LateSplit, build_stage_graph, late_splits
+from torch_graphpipe.stage_graph import LateSplit, StageGraph, build_stage_graph, late_splits
 
 __all__ = ["Plan", "StagePlan", "plan", "plan_graph", "plan_stages", "split_microbatches"]
 
@@ -219,10 +219,9 @@ def _simulated_ms(
     graph: OpGraph, model: StageCostModel, costs: CostTable, masks: Sequence[int], num_microbatches: int
 ) -> float:
     sg = build_stage_graph(graph, model, masks)
-    splits = late_splits(graph, model, sg.stages)
-    schedule = build_1f1b(len(masks), sg.edges, num_microbatches, [(x.stage, x.pred) for x in splits])
+    splits, schedule = _schedule(graph, model, sg, num_microbatches, "dag")
     delay = {e: costs.comm.time_ms(b) for e, b in zip(sg.edges, sg.edge_bytes)}
-    late = {x.stage: (model.of_mask(x.late_mask).fwd_ms, model.of_mask(x.late_mask).bwd_ms) for x in splits}
+    late = {s: (c.fwd_ms, c.bwd_ms) for s, c in ((s, model.of_mask(x.late_mask)) for s, x in splits.items())}
     return simulate(
         schedule, [c.fwd_ms for c in sg.costs], [c.bwd_ms for c in sg.costs], delay, late
     ).iteration_time
@@ -246,8 +245,7 @@ def _assemble(
 ) -> Plan:
     num_stages = len(masks)
     sg = build_stage_graph(graph, model, masks, chain=stage_graph == "chain")
-    splits = {x.stage: x for x in late_splits(graph, model, sg.stages)} if stage_graph == "dag" else {}
-    schedule = build_1f1b(num_stages, sg.edges, num_microbatches, [(s, x.pred) for s, x in splits.items()])
+    splits, schedule = _schedule(graph, model, sg, num_microbatches, stage_graph)
     elapsed = time.perf_counter() - start
     log.info("planned %d operators into %d %s stages in %.3f s", len(graph), num_stages, stage_graph, elapsed)
     return Plan(
@@ -265,6 +263,15 @@ def _assemble(
         bottleneck_ms=max(c.time_ms for c in sg.costs),
         planning_time_s=elapsed,
     )
+
+
+def _schedule(
+    graph: OpGraph, model: StageCostModel, sg: StageGraph, num_microbatches: int, stage_graph: StageGraphKind
+) -> tuple[dict[int, LateSplit], Schedule]:
+    """The DAG 1F1B schedule, with join stages split at their late input on a DAG plan."""
+    splits = {x.stage: x for x in late_splits(graph, model, sg.stages)} if stage_graph == "dag" else {}
+    late = [(s, x.pred) for s, x in splits.items()]
+    return splits, build_1f1b(len(sg.stages), sg.edges, num_microbatches, late)
 
 
 def _short(names: tuple[str, ...], limit: int = 4) -> str:

@@ -231,9 +231,9 @@ class GraphPipe(torch.nn.Module):
 
 
 def _check_batch(value: Any, data_parallel: int, num_microbatches: int, what: str = "example_inputs") -> None:
-    """A batch must split into replica shards of micro-batches (checked before any message)."""
+    """With replicas, a batch must split into replica shards of micro-batches (checked before any
+    message); without, ``split_batch`` says what is wrong when it splits the batch."""
     if data_parallel == 1:
-        split_batch(value, num_microbatches, what)
         return
     parts = data_parallel * num_microbatches
     for x in torch.utils._pytree.tree_leaves(value):
