@@ -4,6 +4,7 @@ CPU ones, and the optional NVIDIA GPU ones (listed always, placed only where ava
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +36,12 @@ def _runner_compile(backend: Backend) -> CompileFn:
     return compile_fn
 
 
+def _save_runner(fn: Callable[..., Any], directory: Path) -> bool:
+    """A runner's own ``save(directory)``, where it has one (see [Note: compiled artifacts])."""
+    save = getattr(fn, "save", None)
+    return bool(save(directory)) if callable(save) else False
+
+
 def _deterministic(node: fx.Node) -> bool:
     name = str(node.target)
     return not any(tag in name for tag in _RANDOM_OPS)
@@ -49,6 +56,8 @@ def _spec(name: str) -> BackendSpec:
         fusion="region",
         available=backend.available,
         version=backend.version,
+        save=_save_runner if hasattr(backend, "load") else None,
+        load=getattr(backend, "load", None),
     )
 
 

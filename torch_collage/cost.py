@@ -15,12 +15,13 @@ from typing import Any
 import torch
 from torch import fx
 
+from torch_collage.artifacts import ArtifactStore
 from torch_collage.cache import CachedCost, CostCache
 from torch_collage.candidates import Candidate
 from torch_collage.graph import DataflowGraph
 from torch_collage.options import CollageOptions
 from torch_collage.spec import BackendSpec
-from torch_collage.subgraph import Subgraph, digest, extract, tensor_signature
+from torch_collage.subgraph import Subgraph, constants_digest, digest, extract, tensor_signature
 from torch_collage.timing import measure
 
 __all__ = ["CompiledPart", "CostModel", "measurement_count", "outputs_match", "record_values"]
@@ -127,6 +128,10 @@ class CostModel:
         self.measured = 0  # timings run by this model (cache misses)
         self.reasons: dict[tuple[int, str], str] = {}  # rejected candidates and why
         self._probes: dict[str, Callable[..., Any] | None] = {}  # one-op graphs for switch costs
+        self.artifacts = ArtifactStore(options.cache_dir, options.compiled_cache_mb)
+        self.loaded = 0  # partitions loaded from the artifact store instead of compiled
+        # whole-graph callables compiled while measuring, handed to assembly instead of compiling again
+        self._kept: dict[str, Callable[..., Any]] = {}
 
     def key(self, kind: str, backend: str, sub: Subgraph) -> str:
         inputs = [self.values[n] for n in sub.inputs]
@@ -146,24 +151,68 @@ class CostModel:
         key = self.key("candidate", cand.backend, sub)
         cached = self.cache.get(key)
         if cached is None:
-            cached = self._measure(sub, cand.backend)
+            cached = self._measure(sub, cand.backend, keep=cand.mask == self.graph.full)
             self.cache.put(key, cached)
         if not cached.ok:
             self.reasons[(cand.mask, cand.backend)] = cached.reason
         return cached.ms
 
     def compile(self, mask: int, backend: str) -> CompiledPart:
-        """Compile units ``mask`` on ``backend`` and check it against eager (used by assembly)."""
+        """Units ``mask`` compiled on ``backend`` and checked against eager (used by assembly): the
+        whole graph as compiled while measuring, else loaded from the artifact store, else compiled
+        (and saved there). See [Note: compiled artifacts] in artifacts.py."""
         sub = extract(self.gm, self.graph.nodes(mask))
+        fn: Callable[..., Any] | None = self._kept.pop(self._kept_key(backend, sub), None)
+        if fn is None:
+            fn = self._load(sub, backend)
+        if fn is not None:
+            self._save(sub, backend, fn)
+            return CompiledPart(sub, backend, fn, "")
         fn, reason = self._compile_checked(sub, backend)
+        if fn is not None:
+            self._save(sub, backend, fn)
         return CompiledPart(sub, backend, fn, reason)
 
-    def _measure(self, sub: Subgraph, backend: str) -> CachedCost:
+    def _measure(self, sub: Subgraph, backend: str, keep: bool = False) -> CachedCost:
         fn, reason = self._compile_checked(sub, backend)
         if fn is None:
             return CachedCost(math.inf, reason)
         inputs = [self.values[n] for n in sub.inputs]
-        return CachedCost(self.time_call(lambda: fn(*inputs)), "")
+        cost = CachedCost(self.time_call(lambda: fn(*inputs)), "")
+        if keep:
+            self._kept[self._kept_key(backend, sub)] = fn
+        return cost
+
+    def _kept_key(self, backend: str, sub: Subgraph) -> str:
+        return f"{backend}\x1f{sub.structure}"
+
+    def _artifact_key(self, backend: str, sub: Subgraph) -> str:
+        return digest(self.key("artifact", backend, sub), constants_digest(sub))
+
+    def _load(self, sub: Subgraph, backend: str) -> Callable[..., Any] | None:
+        spec = self.specs[backend]
+        if spec.load is None or not self.artifacts.enabled:
+            return None
+        key = self._artifact_key(backend, sub)
+        inputs = tuple(self.values[n] for n in sub.inputs)
+        with torch.no_grad():
+            fn = self.artifacts.load(key, lambda directory: spec.load(directory, inputs))  # type: ignore[misc]
+        if fn is None:
+            return None
+        reason = self._check(fn, sub)
+        if reason:
+            logger.warning(
+                "torch_collage: saved %s partition differs from eager (%s); compiling again", backend, reason
+            )
+            self.artifacts.discard(key)
+            return None
+        self.loaded += 1
+        return fn
+
+    def _save(self, sub: Subgraph, backend: str, fn: Callable[..., Any]) -> None:
+        save = self.specs[backend].save
+        if save is not None and self.artifacts.enabled:
+            self.artifacts.save(self._artifact_key(backend, sub), lambda directory: save(fn, directory))
 
     def time_call(self, call: Callable[[], Any]) -> float:
         """Median ms of ``call()`` under the timing protocol and thread count (counted as a measurement)."""
@@ -179,19 +228,22 @@ class CostModel:
         try:
             with torch.no_grad():
                 fn = self.specs[backend].compile(sub.module, inputs)
-                got = fn(*inputs)
+            reason = self._check(fn, sub)
         except Exception as exc:
             return None, self._failed(
                 backend, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", exc
             )
-        got = tuple(got) if isinstance(got, (list, tuple)) else (got,)
-        reason = outputs_match(
-            got, [self.values[n] for n in sub.outputs], self.options.rtol, self.options.atol
-        )
         if reason:
             logger.info("torch_collage: %s candidate rejected: %s", backend, reason)
             return None, f"mismatch: {reason}"
         return fn, ""
+
+    def _check(self, fn: Callable[..., Any], sub: Subgraph) -> str:
+        """Why ``fn``'s outputs on the recorded inputs differ from eager's; empty when they match."""
+        with torch.no_grad():
+            got = fn(*[self.values[n] for n in sub.inputs])
+        got = tuple(got) if isinstance(got, (list, tuple)) else (got,)
+        return outputs_match(got, [self.values[n] for n in sub.outputs], self.options.rtol, self.options.atol)
 
     def _failed(self, backend: str, reason: str, exc: Exception) -> str:
         if self.options.on_backend_failure == "raise":

@@ -48,6 +48,11 @@ class ExplainReport:
         return sum(g.measured for g in self.graphs)
 
     @property
+    def partitions_loaded(self) -> int:
+        """Partitions loaded from the compiled cache (see [Note: compiled artifacts]), not compiled."""
+        return sum(g.loaded for g in self.graphs)
+
+    @property
     def search_s(self) -> float:
         return sum(g.search_s for g in self.graphs)
 
@@ -55,7 +60,7 @@ class ExplainReport:
         lines = [
             f"**Collage placement**: backends {', '.join(self.backends_used) or '-'}; predicted "
             f"{self.predicted_ms:.3f} ms, measured {self.measured_ms:.3f} ms; {self.candidates_measured} "
-            f"timings, search {self.search_s:.1f} s",
+            f"timings, {self.partitions_loaded} partitions loaded compiled, search {self.search_s:.1f} s",
             "",
         ]
         for i, g in enumerate(self.graphs):

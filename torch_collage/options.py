@@ -32,6 +32,7 @@ class CollageOptions:
         "fallback"  # a failing candidate: infinite cost or raise
     )
     cache_dir: str = field(default_factory=default_cache_dir)  # where the SQLite cost cache lives
+    compiled_cache_mb: int = 2048  # compiled partitions kept under cache_dir/compiled (0: none); LRU
     threads: int | None = None  # torch/runtime threads while timing; None: torch.get_num_threads()
     warmup: int = 2  # untimed calls before timing a candidate
     repeats: int = 15  # timed calls per candidate (median of them is its cost)
@@ -50,6 +51,8 @@ class CollageOptions:
         for name in ("time_budget_s", "rtol", "atol"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.compiled_cache_mb < 0:
+            raise ValueError(f"compiled_cache_mb must be >= 0, got {self.compiled_cache_mb!r}")
         for name in ("max_depth", "repeats", "max_candidates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")

@@ -312,6 +312,7 @@ def _report(
         time.perf_counter() - start,
         rejected,
         usable,
+        model.loaded,
     )
 
 

@@ -32,3 +32,4 @@ class GraphReport:
     search_s: float  # wall-clock seconds placing this graph
     rejected: dict[str, str] = field(default_factory=dict)  # "backend: nodes" -> why
     usable: dict[str, int] = field(default_factory=dict)  # backend -> candidates it ran correctly
+    loaded: int = 0  # partitions loaded from the compiled cache instead of compiled

@@ -4,15 +4,28 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import fx
 
-__all__ = ["BackendInfo", "BackendSpec", "CompileFn", "Fusion", "OpRule", "node_tensor_meta", "op_name"]
+__all__ = [
+    "BackendInfo",
+    "BackendSpec",
+    "CompileFn",
+    "Fusion",
+    "LoadFn",
+    "OpRule",
+    "SaveFn",
+    "node_tensor_meta",
+    "op_name",
+]
 
 Fusion = Literal["single", "elementwise_epilogue", "region"]
 CompileFn = Callable[[fx.GraphModule, tuple[torch.Tensor, ...]], Callable[..., Any]]
+SaveFn = Callable[[Callable[..., Any], Path], bool]  # (compiled callable, empty directory) -> saved?
+LoadFn = Callable[[Path, tuple[torch.Tensor, ...]], Callable[..., Any]]  # (directory, example inputs)
 NodePredicate = Callable[[fx.Node], bool]
 
 
@@ -72,6 +85,10 @@ class BackendSpec:
         tuple[str, ...], ...
     ] = ()  # op chains fused as one candidate, e.g. ("aten.mm", "aten.relu")
     mutating_ok: bool = False  # may run ops that mutate inputs or return non-tensors (eager does)
+    # Optional: write a compiled callable into a directory (False: this one cannot be saved), and
+    # rebuild it from there, so that a warm compile skips compiling; see [Note: compiled artifacts].
+    save: SaveFn | None = None
+    load: LoadFn | None = None
     rules: tuple[OpRule, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:

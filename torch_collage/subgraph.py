@@ -17,7 +17,7 @@ from torch import fx
 
 from torch_collage.freeze import FROZEN_PREFIX
 
-__all__ = ["Subgraph", "digest", "extract", "tensor_signature"]
+__all__ = ["Subgraph", "constants_digest", "digest", "extract", "tensor_signature"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,16 @@ def extract(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> Subgraph:
     return Subgraph(fx.GraphModule(root, graph), tuple(inputs), outputs, "\n".join(lines))
 
 
+def constants_digest(sub: Subgraph) -> str:
+    """A digest of the values of ``sub``'s constants (frozen weights included), for keys of what a
+    backend compiled with those values baked in; see [Note: compiled artifacts] in artifacts.py."""
+    parts = []
+    for node in sub.module.graph.nodes:
+        if node.op == "get_attr":
+            parts.append(_const_digest(_fetch_attr(sub.module, str(node.target))))
+    return digest(*parts)
+
+
 def tensor_signature(values: Iterable[Any]) -> str:
     """Shapes, dtypes, strides and devices of ``values`` (other values by repr), for cache keys."""
     parts = []
@@ -108,8 +118,8 @@ def _const_digest(value: Any, *, by_value: bool = True) -> str:
     if isinstance(value, torch.Tensor) and not by_value:
         return f"{tuple(value.shape)}:{value.dtype}:{value.stride()}"
     if isinstance(value, torch.Tensor):
-        data = value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-        return f"{tuple(value.shape)}:{value.dtype}:{hashlib.sha256(data).hexdigest()[:16]}"
+        data = value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+        return f"{tuple(value.shape)}:{value.dtype}:{hashlib.sha256(data.data).hexdigest()[:16]}"
     return repr(value)
 
 

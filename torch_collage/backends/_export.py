@@ -3,6 +3,7 @@ and CUDA, OpenVINO, TensorRT), and the static signature their compiled callables
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from torch.utils import _pytree as pytree
 
 from torch_collage.backends.base import BackendCompileError
 
-__all__ = ["ExportedGraph", "StaticSignature", "export_graph"]
+__all__ = ["ExportedGraph", "GraphIO", "StaticSignature", "export_graph"]
 
 
 @dataclass(frozen=True)
@@ -53,15 +54,15 @@ class StaticSignature:
 
 
 @dataclass(frozen=True)
-class ExportedGraph:
-    """A module exported with ``torch.export`` for fixed example inputs.
+class GraphIO:
+    """How a compiled runtime's flat inputs and outputs map to the module's: enough to call a runtime
+    model that was saved and loaded again, without the program it was exported from.
 
-    The program returns each distinct output tensor once, as a flat tuple (OpenVINO's converter
-    fails on a graph that returns one tensor twice, as aot_autograd's forward graphs do when a user
-    output is also saved for backward); ``unflatten`` rebuilds what the module returns.
+    The runtime returns each distinct output tensor once, as a flat tuple (OpenVINO's converter fails
+    on a graph that returns one tensor twice, as aot_autograd's forward graphs do when a user output is
+    also saved for backward); ``unflatten`` rebuilds what the module returns.
     """
 
-    program: ExportedProgram
     input_names: tuple[str, ...]  # the program's user-input placeholder names, in positional order
     output_map: tuple[int, ...]  # for each leaf of the module's output, the index of its runtime output
     out_spec: pytree.TreeSpec  # how those leaves fold back into what the module returns
@@ -91,6 +92,53 @@ class ExportedGraph:
                 )
         return positions
 
+    def unflatten(self, runtime_outputs: Sequence[torch.Tensor]) -> Any:
+        return pytree.tree_unflatten([runtime_outputs[i] for i in self.output_map], self.out_spec)
+
+    def to_json(self) -> str:
+        """Everything but the program, as JSON (``from_json`` reads it back)."""
+        sig = self.signature
+        return json.dumps(
+            {
+                "input_names": list(self.input_names),
+                "output_map": list(self.output_map),
+                "out_spec": pytree.treespec_dumps(self.out_spec),
+                "shapes": [list(s) for s in sig.shapes],
+                "dtypes": [str(d).removeprefix("torch.") for d in sig.dtypes],
+                "device": sig.device,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> GraphIO:
+        """Read ``to_json``'s output; ``ValueError`` when it is not that."""
+        try:
+            d = json.loads(text)
+            dtypes = [getattr(torch, name) for name in d["dtypes"]]
+            if not all(isinstance(t, torch.dtype) for t in dtypes):
+                raise TypeError(f"not dtypes: {d['dtypes']}")
+            signature = StaticSignature(tuple(torch.Size(s) for s in d["shapes"]), tuple(dtypes), d["device"])
+            return cls(
+                tuple(d["input_names"]),
+                tuple(d["output_map"]),
+                pytree.treespec_loads(d["out_spec"]),
+                signature,
+            )
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"not a saved graph interface: {type(exc).__name__}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class ExportedGraph(GraphIO):
+    """A module exported with ``torch.export`` for fixed example inputs, with its runtime interface."""
+
+    program: ExportedProgram
+
+    @property
+    def io(self) -> GraphIO:
+        """The interface without the program (what a saved runtime model keeps)."""
+        return GraphIO(self.input_names, self.output_map, self.out_spec, self.signature)
+
     def output_meta(self) -> list[tuple[torch.Size, torch.dtype]]:
         """Shape and dtype of each distinct output, in the runtime's output order (from the program's
         fake values), so that callers can allocate output buffers before running."""
@@ -98,9 +146,6 @@ class ExportedGraph:
         specs = [s for s in self.program.graph_signature.output_specs if s.kind == OutputKind.USER_OUTPUT]
         vals = [nodes[spec.arg.name].meta["val"] for spec in specs]
         return [(v.shape, v.dtype) for v in vals]
-
-    def unflatten(self, runtime_outputs: Sequence[torch.Tensor]) -> Any:
-        return pytree.tree_unflatten([runtime_outputs[i] for i in self.output_map], self.out_spec)
 
 
 class _DistinctOutputs(nn.Module):

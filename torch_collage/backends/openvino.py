@@ -12,17 +12,19 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import importlib.util
+import io
 import logging
 import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from torch_collage.backends._export import ExportedGraph, export_graph
+from torch_collage.backends._export import ExportedGraph, GraphIO, export_graph
 from torch_collage.backends.base import BackendCompileError
 
 if TYPE_CHECKING:
@@ -89,6 +91,17 @@ class OpenVinoBackend:
         )
         return runner
 
+    def load(self, directory: Path, example_inputs: tuple[torch.Tensor, ...]) -> _OvRunner:
+        """The runner ``_OvRunner.save`` wrote to ``directory``, compiled for this backend's threads
+        and precision (an import, no conversion or compilation); run once on ``example_inputs``."""
+        graph = GraphIO.from_json((directory / _IO_FILE).read_text())
+        graph.signature.prepare(example_inputs)  # ValueError unless it was saved for these shapes
+        blob = io.BytesIO((directory / _BLOB_FILE).read_bytes())
+        compiled = _core().import_model(blob, "CPU", self._config())
+        runner = _OvRunner(compiled, graph)
+        runner(*example_inputs)
+        return runner
+
     def _config(self) -> dict[str, Any]:
         config: dict[str, Any] = {
             "PERFORMANCE_HINT": "LATENCY",
@@ -121,14 +134,19 @@ def _convert(graph: ExportedGraph, example_inputs: tuple[torch.Tensor, ...]) -> 
     return model
 
 
+_IO_FILE = "io.json"
+_BLOB_FILE = "model.blob"
+
+
 class _OvRunner:
     """Calls one compiled model through a reused infer request, sharing memory with torch tensors."""
 
-    def __init__(self, compiled: ov.CompiledModel, graph: ExportedGraph) -> None:
+    def __init__(self, compiled: ov.CompiledModel, graph: GraphIO) -> None:
         import openvino as ov
 
         self._tensor = ov.Tensor
-        self._graph = graph
+        self._graph = graph.io if isinstance(graph, ExportedGraph) else graph  # running needs no program
+        self._compiled = compiled
         self._request = compiled.create_infer_request()
         self._positions = graph.match_inputs([port.get_names() for port in compiled.inputs])
         self._n_outputs = len(compiled.outputs)
@@ -144,6 +162,15 @@ class _OvRunner:
             request.set_input_tensor(index, self._tensor(tensors[pos].numpy(), shared_memory=True))
         request.infer()
         return self._graph.unflatten(self._copy_outputs())
+
+    def save(self, directory: Path) -> bool:
+        """Write the compiled model (``export_model``'s blob) and its interface to ``directory``;
+        ``OpenVinoBackend.load`` reads them back. See [Note: compiled artifacts] in artifacts.py."""
+        blob = io.BytesIO()  # export_model and import_model take BytesIO only
+        self._compiled.export_model(blob)
+        (directory / _BLOB_FILE).write_bytes(blob.getbuffer())
+        (directory / _IO_FILE).write_text(self._graph.to_json())
+        return True
 
     def _copy_outputs(self) -> Sequence[torch.Tensor]:
         # the request's output buffers are reused by the next call: copy them out
