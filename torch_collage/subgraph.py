@@ -7,6 +7,7 @@ key names nodes by position, so two structurally equal subgraphs (repeated block
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,10 +23,17 @@ __all__ = ["Subgraph", "constants_digest", "digest", "extract", "tensor_signatur
 
 @dataclass(frozen=True)
 class Subgraph:
-    module: fx.GraphModule  # standalone; returns a tuple
+    root: torch.nn.Module  # holds the constants the graph's get_attr nodes read
+    graph: fx.Graph  # standalone; returns a tuple
     inputs: tuple[fx.Node, ...]  # nodes of the parent graph feeding it, positionally
     outputs: tuple[fx.Node, ...]  # nodes of the parent graph it returns, in order
     structure: str  # canonical text of its ops (no names), the structural part of cache keys
+
+    @functools.cached_property
+    def module(self) -> fx.GraphModule:
+        """The graph as a module, built on first use: generating its code costs ~1 ms, and a warm
+        compile looks up hundreds of candidates by ``structure`` without ever running them."""
+        return fx.GraphModule(self.root, self.graph)
 
 
 def extract(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> Subgraph:
@@ -61,16 +69,16 @@ def extract(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> Subgraph:
     outputs = tuple(n for n in ordered if any(u not in inside for u in n.users))
     graph.output(tuple(env[n] for n in outputs))
     lines.append(f"out {[local[n] for n in outputs]}")
-    return Subgraph(fx.GraphModule(root, graph), tuple(inputs), outputs, "\n".join(lines))
+    return Subgraph(root, graph, tuple(inputs), outputs, "\n".join(lines))
 
 
 def constants_digest(sub: Subgraph) -> str:
     """A digest of the values of ``sub``'s constants (frozen weights included), for keys of what a
     backend compiled with those values baked in; see [Note: compiled artifacts] in artifacts.py."""
     parts = []
-    for node in sub.module.graph.nodes:
+    for node in sub.graph.nodes:
         if node.op == "get_attr":
-            parts.append(_const_digest(_fetch_attr(sub.module, str(node.target))))
+            parts.append(_const_digest(_fetch_attr(sub.root, str(node.target))))
     return digest(*parts)
 
 
