@@ -103,7 +103,7 @@ def _canon(value: Any, local: dict[fx.Node, int]) -> str:
     return repr(value)
 
 
-def _fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+def _fetch_attr(gm: torch.nn.Module, target: str) -> Any:
     obj: Any = gm
     for part in target.split("."):
         obj = getattr(obj, part)
