@@ -309,7 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes = [
         f"size {args.size}; inference under no_grad; {args.threads} threads; collage search={args.search}, "
         f"max_depth={args.max_depth}, cold cache; compile s = cold search + first call, warm compile s = "
-        "after torch._dynamo.reset() with the cost cache filled.",
+        "after torch._dynamo.reset() with the cost cache and the saved compiled partitions "
+        "(cache_dir/compiled, [Note: compiled artifacts]) filled.",
         "All callables timed interleaved, order rotated per round; median and IQR.",
         "Single backends are called directly; collage and '<backend> (torch.compile)' go through dynamo, "
         "whose guards cost each call ~0.1-0.2 ms on these models (see [Note: torch.compile baselines]); "

@@ -6,8 +6,10 @@ Also measures the cost of switching from one backend to another between two cons
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import platform
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -289,10 +291,34 @@ def _device_of(values: Any) -> torch.device:
 
 
 def device_label(device: torch.device) -> str:
-    """The device part of cache keys: ``cpu``, or ``cuda:<model name>`` (costs differ by GPU model)."""
+    """The device part of cache keys: ``cpu:<model>:<features>`` or ``cuda:<model name>``. Costs
+    differ from one processor to another, and a compiled partition saved on one CPU may use
+    instructions another lacks, so a cache directory shared between machines keeps them apart."""
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
+    if device.type == "cpu":
+        return f"cpu:{_cpu_identity()}"
     return device.type
+
+
+@functools.cache
+def _cpu_identity() -> str:
+    """The processor's model name and a digest of its feature flags (Linux), else what ``platform`` knows."""
+    model, flags = platform.processor() or platform.machine(), ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and not flags:
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = " ".join(sorted(value.split()))
+                if flags and model:
+                    break
+    except OSError:
+        pass
+    return f"{model}:{digest(flags)[:12]}"
 
 
 def _probe(spec: BackendSpec, x: torch.Tensor) -> Callable[..., Any] | None:

@@ -92,9 +92,12 @@ def test_graph_io_json_round_trip():
         GraphIO.from_json(bad)
 
 
-@needs_openvino
-def test_openvino_runner_saves_and_loads(tmp_path):
-    backend = get_backend("openvino")
+@pytest.mark.parametrize("name", ["openvino", "onnxruntime"])
+def test_runtime_runner_saves_and_loads(tmp_path, name):
+    backend = get_backend(name)
+    ok, reason = backend.available()
+    if not ok:
+        pytest.skip(reason)
     x, y = torch.randn(3, 4), torch.randn(3, 4)
     runner = backend.compile(_Twice(), (x, y))
     assert runner.save(tmp_path)

@@ -13,13 +13,14 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from torch_collage.backends._export import ExportedGraph, export_graph
+from torch_collage.backends._export import ExportedGraph, GraphIO, export_graph
 from torch_collage.backends.base import BackendCompileError
 
 if TYPE_CHECKING:
@@ -77,8 +78,8 @@ class OnnxRuntimeBackend:
         start = time.perf_counter()
         graph = export_graph(_NAME, module, example_inputs)
         try:
-            session = self._session(to_onnx(graph))
-            runner = _OrtRunner(session, graph, self.io_binding)
+            model = to_onnx(graph)
+            runner = _OrtRunner(self._session(model), graph, self.io_binding, model)
             runner.warm_up(example_inputs)
         except BackendCompileError:
             raise
@@ -87,6 +88,16 @@ class OnnxRuntimeBackend:
         logger.debug(
             "%s: compiled %s in %.2f s", self.name, type(module).__name__, time.perf_counter() - start
         )
+        return runner
+
+    def load(self, directory: Path, example_inputs: tuple[torch.Tensor, ...]) -> _OrtRunner:
+        """The runner ``_OrtRunner.save`` wrote to ``directory`` (a session on the saved ONNX model: no
+        export), for this backend's threads; run once on ``example_inputs``."""
+        graph = GraphIO.from_json((directory / _IO_FILE).read_text())
+        graph.signature.prepare(example_inputs)  # ValueError unless it was saved for these shapes
+        model = (directory / _MODEL_FILE).read_bytes()
+        runner = _OrtRunner(self._session(model), graph, self.io_binding)
+        runner.warm_up(example_inputs)
         return runner
 
     def _session(self, model: bytes) -> ort.InferenceSession:
@@ -148,13 +159,24 @@ def numpy_dtype(dtype: torch.dtype) -> np.dtype:
     return torch.empty((), dtype=dtype).numpy().dtype
 
 
+_IO_FILE = "io.json"
+_MODEL_FILE = "model.onnx"
+
+
 class _OrtRunner:
     """Calls one ``InferenceSession`` with torch tensors; inputs are matched by name because the
-    exporter may drop inputs the graph does not use."""
+    exporter may drop inputs the graph does not use.
 
-    def __init__(self, session: ort.InferenceSession, graph: ExportedGraph, io_binding: bool) -> None:
+    ``model`` (the serialised ONNX model) is kept for ``save`` and dropped once saved: a session
+    cannot give its model back, and exporting again is what saving is meant to spare.
+    """
+
+    def __init__(
+        self, session: ort.InferenceSession, graph: GraphIO, io_binding: bool, model: bytes | None = None
+    ) -> None:
         self._session = session
-        self._graph = graph
+        self._graph = graph.io if isinstance(graph, ExportedGraph) else graph  # running needs no program
+        self._model = model
         sig = graph.signature
         names = [i.name for i in session.get_inputs()]
         self._inputs = list(zip(names, graph.match_inputs([[n] for n in names]), strict=True))
@@ -173,6 +195,16 @@ class _OrtRunner:
         self._outputs = [(o.shape, o.dtype, numpy_dtype(o.dtype)) for o in outs]
         if self._binding is not None:
             self._run_bound(self._graph.signature.prepare(example_inputs))
+
+    def save(self, directory: Path) -> bool:
+        """Write the ONNX model and its interface to ``directory`` (False if already saved once);
+        ``OnnxRuntimeBackend.load`` reads them back. See [Note: compiled artifacts] in artifacts.py."""
+        if self._model is None:
+            return False
+        (directory / _MODEL_FILE).write_bytes(self._model)
+        (directory / _IO_FILE).write_text(self._graph.to_json())
+        self._model = None
+        return True
 
     def __call__(self, *args: torch.Tensor) -> Any:
         tensors = self._graph.signature.prepare(args)
