@@ -2,7 +2,8 @@
 
 ``torch.compile(model, backend="collage", options={...})`` (registered through the
 ``torch_dynamo_backends`` entry point, no import needed); ``torch_collage.explain(model, *inputs)``
-to see the placement; ``torch_collage.register_backend(...)`` to add a backend.
+to see the placement; ``torch_collage.compile_exported(model, *inputs)`` for a placed model called
+without dynamo (captured by ``torch.export``); ``torch_collage.register_backend(...)`` to add a backend.
 
 Subpackages: ``torch_collage.backends`` (the runners), ``torch_collage.zoo`` (benchmark models with
 random weights), ``torch_collage.timing`` (the timing core shared by the cost model and benchmarks).
@@ -16,6 +17,7 @@ local search); ``place`` (one graph end to end); ``assembly``; ``report``, ``exp
 from torch_collage.cost import measurement_count
 from torch_collage.entry import collage_backend
 from torch_collage.explain import ExplainReport, explain
+from torch_collage.exported import ExportedCollage, compile_exported
 from torch_collage.options import CollageOptions
 from torch_collage.registry import (
     list_backends,
@@ -32,9 +34,11 @@ __all__ = [
     "BackendSpec",
     "CollageOptions",
     "ExplainReport",
+    "ExportedCollage",
     "OpRule",
     "__version__",
     "collage_backend",
+    "compile_exported",
     "explain",
     "list_backends",
     "measurement_count",
