@@ -215,9 +215,12 @@ def test_warm_compile_through_torch_compile_loads_what_it_saved(tmp_path):
             with torch.no_grad():
                 torch.testing.assert_close(compiled(x), model(x))
     cold, warm = reports
-    saving = sum(p.backend == "saving" for p in cold.partitions)
+    # eager and "saving" run the same graph: either may win end to end, and the warm compile must
+    # load every "saving" partition of whatever was chosen
+    assert [p.backend for p in warm.partitions] == [p.backend for p in cold.partitions]
+    saving = sum(p.backend == "saving" for p in warm.partitions)
     assert warm.measured == 0 and warm.loaded == saving == backend.loads
-    assert len(list((tmp_path / "compiled").glob("*"))) == saving
+    assert backend.compiles > 0 and len(list((tmp_path / "compiled").glob("*"))) >= 1
 
 
 @pytest.mark.parametrize("wrong", [False, True])

@@ -201,7 +201,11 @@ def test_mixed_placement_only_chosen_when_faster_end_to_end(tmp_path, monkeypatc
             Partition(1 << i, "mm_only" if graph.units[i][0].name.startswith("addmm") else "eager", 1.0)
             for i in range(graph.size)
         ]
-        monkeypatch.setattr(place, "e2e_many_ms", lambda *a, **k: [mixed_ms, 2.0])
+        monkeypatch.setattr(
+            place,
+            "e2e_many_ms",
+            lambda m, g, items, **k: [mixed_ms if len(p.partitions) > 1 else 2.0 for p, _ in items],
+        )
         assembled, ms, chosen = place._choose(gm, graph, Placement(tuple(parts), 1.0), {"eager": 2.0}, cost)
     assert chosen == want and ms == min(mixed_ms, 2.0)
     torch.testing.assert_close(assembled(x), model(x))
@@ -216,3 +220,36 @@ def test_new_input_shapes_are_placed_again(tmp_path):
         for batch in (4, 6, 9):
             x = torch.randn(batch, 16)
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_close_single_backends_are_timed_again_side_by_side(tmp_path, monkeypatch):
+    """One cost measurement per whole graph is noisy: backends within CLOSE_FACTOR of the best are
+    timed again end to end, and the fastest there wins; a far slower one is not timed at all."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from torch_collage import place
+    from torch_collage.cost import CostModel, record_values
+    from torch_collage.graph import DataflowGraph
+    from torch_collage.options import CollageOptions
+    from torch_collage.registry import get_spec
+
+    model, x = _mlp().eval(), torch.randn(4, 16)
+    gm = make_fx(model)(x)
+    graph = DataflowGraph.from_graph(gm.graph)
+    timed: list[list[str]] = []
+    e2e = {"eager": 1.0, "copy": 0.8}  # end to end, "copy" is faster though measured slower alone
+
+    def fake_e2e(m, g, items, **k):
+        timed.append([p.partitions[0].backend for p, _ in items])
+        return [e2e[p.partitions[0].backend] for p, _ in items]
+
+    with registered_backend("copy", compile=_mm_compile), registered_backend("slow", compile=_mm_compile):
+        specs = {name: get_spec(name) for name in ("eager", "copy", "slow")}
+        cost = CostModel(gm, graph, record_values(gm, [x]), specs, CollageOptions(cache_dir=str(tmp_path)),
+                         CostCache(str(tmp_path)))  # fmt: skip
+        monkeypatch.setattr(place, "e2e_many_ms", fake_e2e)
+        searched = place._single(graph, "eager", 1.0)
+        singles = {"eager": 1.0, "copy": 1.2, "slow": 1.0 * place.CLOSE_FACTOR + 0.1}
+        assembled, ms, chosen = place._choose(gm, graph, searched, singles, cost)
+    assert timed == [["copy", "eager"]] and chosen == "copy" and ms == 0.8
+    torch.testing.assert_close(assembled(x), model(x))
