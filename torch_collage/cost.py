@@ -164,15 +164,22 @@ class CostModel:
         whole graph as compiled while measuring, else loaded from the artifact store, else compiled
         (and saved there). See [Note: compiled artifacts] in artifacts.py."""
         sub = extract(self.gm, self.graph.nodes(mask))
+        spec = self.specs[backend]
+        # the key hashes every constant (0.3 s for gpt2's weights): computed once, only if used
+        key = (
+            self._artifact_key(backend, sub) if self.artifacts.enabled and (spec.save or spec.load) else None
+        )
         fn: Callable[..., Any] | None = self._kept.pop(self._kept_key(backend, sub), None)
+        reason = ""
+        if fn is None and key is not None:
+            fn = self._load(sub, backend, key)
+            if fn is not None:
+                return CompiledPart(sub, backend, fn, "")
         if fn is None:
-            fn = self._load(sub, backend)
-        if fn is not None:
-            self._save(sub, backend, fn)
-            return CompiledPart(sub, backend, fn, "")
-        fn, reason = self._compile_checked(sub, backend)
-        if fn is not None:
-            self._save(sub, backend, fn)
+            fn, reason = self._compile_checked(sub, backend)
+        if fn is not None and key is not None and spec.save is not None:
+            save = spec.save
+            self.artifacts.save(key, lambda directory: save(fn, directory))
         return CompiledPart(sub, backend, fn, reason)
 
     def _measure(self, sub: Subgraph, backend: str, keep: bool = False) -> CachedCost:
@@ -191,14 +198,13 @@ class CostModel:
     def _artifact_key(self, backend: str, sub: Subgraph) -> str:
         return digest(self.key("artifact", backend, sub), constants_digest(sub))
 
-    def _load(self, sub: Subgraph, backend: str) -> Callable[..., Any] | None:
-        spec = self.specs[backend]
-        if spec.load is None or not self.artifacts.enabled:
+    def _load(self, sub: Subgraph, backend: str, key: str) -> Callable[..., Any] | None:
+        load = self.specs[backend].load
+        if load is None:
             return None
-        key = self._artifact_key(backend, sub)
         inputs = tuple(self.values[n] for n in sub.inputs)
         with torch.no_grad():
-            fn = self.artifacts.load(key, lambda directory: spec.load(directory, inputs))  # type: ignore[misc]
+            fn = self.artifacts.load(key, lambda directory: load(directory, inputs))
         if fn is None:
             return None
         reason = self._check(fn, sub)
@@ -210,11 +216,6 @@ class CostModel:
             return None
         self.loaded += 1
         return fn
-
-    def _save(self, sub: Subgraph, backend: str, fn: Callable[..., Any]) -> None:
-        save = self.specs[backend].save
-        if save is not None and self.artifacts.enabled:
-            self.artifacts.save(self._artifact_key(backend, sub), lambda directory: save(fn, directory))
 
     def time_call(self, call: Callable[[], Any]) -> float:
         """Median ms of ``call()`` under the timing protocol and thread count (counted as a measurement)."""
