@@ -25,6 +25,7 @@ from torch import nn
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
+from torch_collage.backends._export import StaticSignature
 from torch_collage.entry import _LazyPlacer
 from torch_collage.explain import ExplainReport
 from torch_collage.options import CollageOptions
@@ -49,7 +50,7 @@ class ExportedCollage:
     ) -> None:  # fmt: skip
         self._placer, self._template, self._user = placer, template, tuple(user)
         self._in_spec, self._out_spec = in_spec, out_spec
-        self._signature = tuple((t.shape, t.dtype, t.device) for t in example)
+        self._signature = StaticSignature.of(example, example[0].device.type if example else "cpu")
         self._reports = reports
 
     @property
@@ -62,16 +63,7 @@ class ExportedCollage:
         if spec != self._in_spec:
             raise TypeError(f"called with inputs structured as {spec}, compiled for {self._in_spec}")
         values = self._template.copy()
-        for i, (pos, arg, (shape, dtype, device)) in enumerate(zip(self._user, flat, self._signature)):
-            if not isinstance(arg, torch.Tensor) or arg.shape != shape or arg.dtype != dtype:
-                got = (
-                    f"{tuple(arg.shape)} {arg.dtype}" if isinstance(arg, torch.Tensor) else type(arg).__name__
-                )
-                raise ValueError(
-                    f"input {i}: compiled for shape {tuple(shape)} {dtype}, got {got}; compile again for new shapes"
-                )
-            if arg.device != device:
-                raise ValueError(f"input {i}: compiled for {device}, got a tensor on {arg.device}")
+        for pos, arg in zip(self._user, self._signature.prepare(flat)):  # ValueError naming the input
             values[pos] = arg
         with torch.no_grad():
             out = self._placer(*values)
