@@ -79,15 +79,16 @@ class ModelShape:
 HARDWARE = {
     "h100": Hardware(name="h100", mem_bw=3.35e12, mem_capacity=80e9, link_bw=450e9, collective_latency=8e-6),
     "h200": Hardware(name="h200", mem_bw=4.8e12, mem_capacity=141e9, link_bw=450e9, collective_latency=8e-6),
-    # The project's 2-core test machine, gloo over loopback, as measured by benchmarks/bench_cp.py:
-    # one core reads ~37 GB/s, the C++ kernel on one core ~40-50% of it (14-19 ms at 32K tokens: it is
-    # compute-bound on one core; 59-64% of the 2-core read ceiling with both), and an all-gather
-    # of a few KB between 2 processes takes ~0.2 ms.
+    # The project's 2-core test machine, gloo over loopback, as measured by benchmarks/bench_cp.py
+    # (Dec 2026, an Intel Xeon with AVX-512): one core reads ~12-13 GB/s, the C++ kernel on one core
+    # ~83% of that (26.6 ms at 32K tokens, Hq 32, Hkv 8, D 128, fp32), and an all-gather of a few KB
+    # between 2 processes takes ~0.2-0.5 ms. (The AMD EPYC it replaced read ~37 GB/s per core, and the
+    # kernel, compute-bound there, reached ~45% of it.)
     "cpu": Hardware(
         name="cpu",
-        mem_bw=37e9,
+        mem_bw=12.5e9,
         mem_capacity=24e9,
-        efficiency=0.45,
+        efficiency=0.83,
         link_bw=5e9,
         collective_latency=200e-6,
         launch_floor=2e-6,
