@@ -185,7 +185,9 @@ def distributed_rows(length: int, repeats: int) -> list[dict]:
     # that row, a prediction for the 2-rank step and the merge
     eta = min(1.0, single["read"].median_ms / single["one rank, whole cache"].median_ms)
     hw = dataclasses.replace(perf_model.HARDWARE["cpu"], mem_bw=bw, efficiency=eta)
-    progress(f"perf model: 1-thread read {bw / 1e9:.1f} GB/s, fitted eta {eta:.2f} (preset {perf_model.HARDWARE['cpu'].efficiency})")
+    progress(
+        f"perf model: 1-thread read {bw / 1e9:.1f} GB/s, fitted eta {eta:.2f} (preset {perf_model.HARDWARE['cpu'].efficiency})"
+    )
     predict = {
         "one rank, whole cache": perf_model.attention_time(shape, hw, context_len=length, batch=1, ranks=1),
         "whole step, 2 ranks": perf_model.attention_time(shape, hw, context_len=length, batch=1, ranks=2),

@@ -17,7 +17,9 @@ def test_verdicts_only_from_32k_and_name_the_bound():
     rows = _rows(16384, 1.0, 10.0, 0.5) + _rows(32768, 12.5, 35.0, 10.4) + _rows(65536, 8.0, 50.0, 6.0)
     lines = target_lines(rows)
     assert len(lines) == 2  # 16K is below the targets' range
-    assert lines[0].startswith("L=32768: C++ kernel 83% of the read ceiling (meets 60%), 2.80x SDPA (MISSES 5x")
+    assert lines[0].startswith(
+        "L=32768: C++ kernel 83% of the read ceiling (meets 60%), 2.80x SDPA (MISSES 5x"
+    )
     assert "unreachable here: reading the cache at the ceiling is only 3.37x SDPA" in lines[0]
     assert lines[1] == (
         "L=65536: C++ kernel 75% of the read ceiling (meets 60%), 6.25x SDPA (meets 5x; the ceiling allows 8.33x)"

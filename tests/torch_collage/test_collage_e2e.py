@@ -253,3 +253,53 @@ def test_close_single_backends_are_timed_again_side_by_side(tmp_path, monkeypatc
         assembled, ms, chosen = place._choose(gm, graph, searched, singles, cost)
     assert timed == [["copy", "eager"]] and chosen == "copy" and ms == 0.8
     torch.testing.assert_close(assembled(x), model(x))
+
+
+def _drifting_compile(gm: fx.GraphModule, example_inputs):
+    """Right on its first call (the check after compiling), then off by 1%: a backend whose results
+    change after warm-up, which only the check of the assembled placement can catch."""
+    calls = [0]
+
+    def run(*args):
+        calls[0] += 1
+        out = gm(*args)
+        return out if calls[0] == 1 else tuple(o * 1.01 for o in out)
+
+    return run
+
+
+@pytest.mark.parametrize(("backend", "want"), [(_drifting_compile, "eager"), (_mm_compile, "mixed")])
+def test_assembled_placement_is_checked_against_eager(tmp_path, caplog, backend, want):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from torch_collage import place
+    from torch_collage.cost import CostModel, record_values
+    from torch_collage.graph import DataflowGraph
+    from torch_collage.options import CollageOptions
+    from torch_collage.registry import get_spec
+    from torch_collage.search import Partition, Placement
+
+    model, x = _mlp().eval(), torch.randn(4, 16)
+    gm = make_fx(model)(x)
+    graph = DataflowGraph.from_graph(gm.graph)
+    with (
+        registered_backend("mm_part", compile=backend, supports=["aten.addmm"]),
+        caplog.at_level(logging.WARNING),
+    ):
+        specs = {"eager": get_spec("eager"), "mm_part": get_spec("mm_part")}
+        cost = CostModel(gm, graph, record_values(gm, [x]), specs, CollageOptions(cache_dir=str(tmp_path)),
+                         CostCache(str(tmp_path)))  # fmt: skip
+        parts = [
+            Partition(1 << i, "mm_part" if graph.units[i][0].name.startswith("addmm") else "eager", 1.0)
+            for i in range(graph.size)
+        ]
+        mixed = place._assemble(gm, Placement(tuple(parts), 1.0), cost)
+        assert len(mixed.steps) > 1  # the candidate check passed: the drift shows only afterwards
+        assembled, chosen = place._verify(gm, graph, mixed, "mixed", cost, [x])
+    assert chosen == want
+    assert [s.backend for s in assembled.steps] == (
+        ["eager"] if want == "eager" else [s.backend for s in mixed.steps]
+    )
+    drift_warned = any("differs from eager" in r.getMessage() for r in caplog.records)
+    assert drift_warned == (want == "eager")
+    torch.testing.assert_close(assembled(x), model(x))
