@@ -77,3 +77,25 @@ def test_exported_model_rejects_other_shapes_structures_and_state_mutation(tmp_p
         torch_collage.compile_exported(lambda t: t, x)
     with pytest.raises(ValueError, match="unknown collage option"):
         torch_collage.compile_exported(_TwoHeads(), x, extra, bogus=1)
+
+
+def test_exported_model_with_plain_tensor_inputs_and_one_output(tmp_path):
+    """The common call (tensors in, one tensor out) takes the short path; other calls still fail clearly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4)).eval()
+    compiled = torch_collage.compile_exported(
+        model, torch.randn(4, 16), backends=["eager"], cache_dir=str(tmp_path), **_FAST
+    )
+    assert compiled._flat_call and compiled._single_output
+    x = torch.randn(4, 16)
+    got = compiled(x)
+    assert isinstance(got, torch.Tensor) and not got.requires_grad
+    torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(TypeError, match="structured as"):
+        compiled(x.tolist())
+    with pytest.raises(TypeError, match="structured as"):
+        compiled(x, x)
+    with pytest.raises(TypeError, match="structured as"):
+        compiled(input=x)
+    with pytest.raises(ValueError, match=r"input 0: compiled for shape \(4, 16\)"):
+        compiled(torch.randn(2, 16))
