@@ -341,8 +341,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(cache_dir/compiled, [Note: compiled artifacts]) filled.",
         "All callables timed interleaved, order rotated per round; median and IQR.",
         "Single backends are called directly; collage and '<backend> (torch.compile)' go through dynamo, "
-        "whose frame (guards and the bytecode gathering parameters as graph inputs) costs each call "
-        "~0.05-0.3 ms on these models (see [Note: torch.compile baselines] and [Note: exported entry]); "
+        "whose frame and aot_autograd's runtime wrapper cost each call "
+        "~0.07-0.5 ms at the default batches and ~1.2-1.8 ms on mmt at batch 1 (it grows with the number of "
+        "parameters) (see [Note: torch.compile baselines] and [Note: exported entry]); "
         f"'{_EXPORT}' is torch_collage.compile_exported on the same cost cache: the model captured by "
         "torch.export and placed the same way, called without dynamo.",
         f"wall time {time.perf_counter() - start:.0f} s.",

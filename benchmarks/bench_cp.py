@@ -227,14 +227,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.no_distributed:
         for row in distributed_rows(args.distributed_context, args.repeats):
             table.add(**row)
-    for line in target_lines(table.rows):
+    verdicts = target_lines(table.rows)
+    for line in verdicts:
         print(line)
     notes = [
         f"Part 1 uses {args.threads} threads for every implementation; part 2 one thread per rank.",
         "'of read ceiling' divides by the GB/s of k.sum() + v.sum() over the same cache in the same run; "
         "the read-ceiling row's 'speedup vs SDPA' is the most a kernel reading the cache once at that speed "
         "could gain over SDPA.",
-        *target_lines(table.rows),
+        *verdicts,
         "'model ms' is torch_cp.perf_model.attention_time with the measured 1-thread read bandwidth, the "
         "efficiency eta fitted on the one-rank row (so that row matches by construction; the 2-rank step "
         "and the merge are predictions) and the 'cpu' preset's collective latency (0.2 ms).",
