@@ -30,7 +30,8 @@ from benchmarks.harness import (
     ResultTable,
     load_note,
     machine_info,
-    measure_interleaved,
+    measure_rounds,
+    pool,
     print_header,
     progress,
     write_results,
@@ -144,21 +145,24 @@ def _compile_and_check(
 def _time_group(
     rows: list[dict[str, Any]], fns: dict[str, Callable], inputs: tuple, args: argparse.Namespace
 ) -> None:
-    """Time the compiled callables side by side; add median, IQR, p20 and speedup to their rows."""
+    """Time the compiled callables side by side; add median, IQR, p20, speedup and the per-round
+    medians (``round_ms``, for [Note: paired ratio]) to their rows."""
     calls = {name: (lambda fn=fn: fn(*inputs)) for name, fn in fns.items()}
-    stats = measure_interleaved(
+    blocks = measure_rounds(
         calls,
-        rounds=_ROUNDS,
+        rounds=getattr(args, "rounds", _ROUNDS),
         repeats=args.repeats,
         warmup=2,
         threads=args.threads,
         max_time_s=args.max_block_s,
     )
+    stats = {name: pool(ms) for name, ms in blocks.items()}
     eager = stats["eager"].median_ms if "eager" in stats else None
     for row in rows:
         m = stats.get(row["backend"])
         if m is not None:
             row.update(median_ms=m.median_ms, iqr_ms=m.iqr_ms, p20_ms=m.p20_ms, n=len(m.samples_ms))
+            row["round_ms"] = [b.median_ms for b in blocks[row["backend"]]]
             row["speedup"] = eager / m.median_ms if eager else None
 
 

@@ -28,7 +28,7 @@ from benchmarks.report import (
     invocation,
     write_results,
 )
-from torch_collage.timing import Measurement, measure, torch_threads
+from torch_collage.timing import Measurement, measure, quantile, torch_threads
 
 __all__ = [
     "BASELINE_COLUMNS",
@@ -40,6 +40,9 @@ __all__ = [
     "load_note",
     "machine_info",
     "measure_interleaved",
+    "measure_rounds",
+    "paired_ratio",
+    "pool",
     "print_header",
     "progress",
     "rotated_orders",
@@ -156,6 +159,36 @@ def rotated_orders(names: Sequence[str], rounds: int) -> list[list[str]]:
     return [[names[(r + i) % n] for i in range(n)] for r in range(rounds)] if n else []
 
 
+def measure_rounds(
+    fns: Mapping[str, Callable[[], Any]],
+    *,
+    rounds: int = 3,
+    repeats: int = 20,
+    warmup: int = 3,
+    threads: int | None = None,
+    max_time_s: float | None = None,
+) -> dict[str, list[Measurement]]:
+    """Time several callables side by side on a noisy machine; one Measurement per round each.
+
+    Each callable is measured in ``rounds`` blocks (``warmup`` untimed calls absorb the previous
+    block's thread-pool hand-over, then ``ceil(repeats / rounds)`` timed calls); the order rotates
+    every round (``rotated_orders``). ``max_time_s`` bounds each block. Returns {name: [one
+    Measurement per round]} in the order of ``fns``; ``paired_ratio`` compares two of them.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats!r}")
+    orders = rotated_orders(list(fns), rounds)
+    per_round = -(-repeats // rounds)
+    blocks: dict[str, list[Measurement]] = {name: [] for name in fns}
+    with torch_threads(threads):
+        for order in orders:
+            for name in order:
+                blocks[name].append(
+                    measure(fns[name], warmup=warmup, repeats=per_round, max_time_s=max_time_s)
+                )
+    return blocks
+
+
 def measure_interleaved(
     fns: Mapping[str, Callable[[], Any]],
     *,
@@ -165,21 +198,25 @@ def measure_interleaved(
     threads: int | None = None,
     max_time_s: float | None = None,
 ) -> dict[str, Measurement]:
-    """Time several callables side by side on a noisy machine.
+    """``measure_rounds`` with the samples of all rounds pooled per name."""
+    blocks = measure_rounds(
+        fns, rounds=rounds, repeats=repeats, warmup=warmup, threads=threads, max_time_s=max_time_s
+    )
+    return {name: pool(ms) for name, ms in blocks.items()}
 
-    Each callable is measured in ``rounds`` blocks (``warmup`` untimed calls absorb the previous
-    block's thread-pool hand-over, then ``ceil(repeats / rounds)`` timed calls); the order rotates
-    every round (``rotated_orders``). The samples of all blocks are pooled per name. ``max_time_s``
-    bounds each block. Returns {name: Measurement} in the order of ``fns``.
-    """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats!r}")
-    orders = rotated_orders(list(fns), rounds)
-    per_round = -(-repeats // rounds)
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    with torch_threads(threads):
-        for order in orders:
-            for name in order:
-                m = measure(fns[name], warmup=warmup, repeats=per_round, max_time_s=max_time_s)
-                samples[name].extend(m.samples_ms)
-    return {name: Measurement(samples_ms=tuple(s)) for name, s in samples.items()}
+
+def pool(blocks: Sequence[Measurement]) -> Measurement:
+    """The samples of several Measurements of one callable as one."""
+    return Measurement(samples_ms=tuple(s for m in blocks for s in m.samples_ms))
+
+
+# [Note: paired ratio]
+# On a shared 2-core VM a callable's speed drifts by more than the 3% a verdict needs (IQRs of
+# 5-25% of the median in one run). Two callables timed in the same round saw the same drift, so the
+# ratio of their medians within a round is steadier than the ratio of medians pooled over rounds;
+# the median of those per-round ratios is what a verdict uses.
+def paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:
+    """Median over rounds of ``a[r] / b[r]``: two callables' per-round medians (``measure_rounds``)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired_ratio needs equally many rounds, at least one; got {len(a)} and {len(b)}")
+    return quantile([x / y for x, y in zip(a, b)], 0.5)

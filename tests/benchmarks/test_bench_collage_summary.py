@@ -30,3 +30,20 @@ def test_summary_ratios_verdicts_and_geomeans():
 def test_summary_without_collage_says_so():
     lines = summary([_row("eager", 1.0), {**_row("collage", 0.0), "status": "fail"}])
     assert lines == ["m b=8: no comparison (collage or every single backend failed)"]
+
+
+def test_summary_pairs_rounds_when_rows_carry_them():
+    # openvino's pooled median is lower, but collage was within 1% of it in every round
+    ov = [4.0, 4.0, 8.0, 8.0]
+    rows = [
+        _row("openvino", 5.0, round_ms=ov),
+        _row("collage", 6.0, round_ms=[x * 1.01 for x in ov]),
+        _row("collage (export)", 6.0, round_ms=[x * 1.05 for x in ov]),
+        _row("openvino (torch.compile)", 9.0, round_ms=[x * 1.5 for x in ov]),
+    ]
+    lines = summary(rows)
+    assert "= 1.01x best single (openvino 5.000 ms); meets" in lines[0]
+    assert "4 rounds paired (pooled medians: 1.20x)" in lines[0]
+    assert "export entry 1.05x (misses 1.03x)" in lines[0]
+    assert "openvino (torch.compile): 1.49x slower than collage" in lines[0]
+    assert "0.990x (target >= 1.10x)" in lines[1]

@@ -118,6 +118,25 @@ def test_measure_interleaved_pools_rounds_in_rotated_order() -> None:
     assert calls == ["x"] * 3 + ["y"] * 3 + ["y"] * 3 + ["x"] * 3
 
 
+def test_measure_rounds_keeps_one_measurement_per_round() -> None:
+    fns = {"x": lambda: None, "y": lambda: sum(range(1000))}
+    blocks = harness.measure_rounds(fns, rounds=3, repeats=7, warmup=0)
+    assert [len(blocks[n]) for n in ("x", "y")] == [3, 3]
+    assert all(len(m.samples_ms) == 3 for m in blocks["x"])  # ceil(7 / 3) per round
+    assert len(harness.pool(blocks["y"]).samples_ms) == 9
+
+
+def test_paired_ratio_cancels_a_drift_the_pooled_medians_do_not() -> None:
+    # the machine slows 2x, then 4x, in later rounds; b is 5% faster than a in every round
+    a = [1.0, 2.0, 4.0, 4.0]
+    b = [x / 1.05 for x in a]
+    b = [b[0], b[1], b[2] * 0.5, b[3]]  # one round where b happened to run before the slowdown
+    assert harness.paired_ratio(a, b) == pytest.approx(1.05)
+    assert quantile(a, 0.5) / quantile(b, 0.5) != pytest.approx(1.05)
+    with pytest.raises(ValueError, match="equally many rounds"):
+        harness.paired_ratio([1.0], [1.0, 2.0])
+
+
 def test_machine_info_and_header(capsys: pytest.CaptureFixture[str]) -> None:
     info = harness.machine_info()
     assert info["cores"] >= 1 and info["torch_threads"] >= 1 and "torch" in info["versions"]
