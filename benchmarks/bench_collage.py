@@ -161,10 +161,10 @@ def _collage_row(model: ZooModel, batch: int, module, inputs, check, reference, 
 # [Note: torch.compile baselines]
 # The single backends above are called directly, without dynamo. Collage is a torch.compile backend,
 # so each call also runs dynamo's frame: its guards and the bytecode that gathers the parameters as
-# graph inputs (on dlrm, 0.22-0.28 ms of a 2.4 ms call; skipping every guard did not change it) — a
-# cost any torch.compile backend pays; collage's own path (aot_autograd's wrapper, the placer)
-# adds 30-60 us there. A backend's own torch.compile integration is timed beside it for that reason:
-# OpenVINO ships one (``backend="openvino"`` after ``import openvino.torch``). The export entry
+# graph inputs (dlrm at batch 32: 0.17-0.21 ms of a 3.7 ms call; mmt at batch 1: 1.1-1.2 ms, most of
+# it guards; [Note: exported entry]) — a cost any torch.compile backend pays. A backend's own
+# torch.compile integration is timed beside it for that reason: OpenVINO ships one
+# (``backend="openvino"`` after ``import openvino.torch``). The export entry
 # (``torch_collage.compile_exported``, [Note: exported entry]) runs the same placement without dynamo.
 def _dynamo_baseline(name: str, module: torch.nn.Module, inputs: tuple, threads: int) -> Any:
     if name != "openvino":
@@ -369,9 +369,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "of all samples. The ratios below are medians of per-round ratios ([Note: paired ratio]): the "
         "machine's drift hits both sides of a ratio within a round.",
         "Single backends are called directly; collage and '<backend> (torch.compile)' go through dynamo, "
-        "whose frame and aot_autograd's runtime wrapper cost each call "
-        "~0.07-0.5 ms at the default batches and ~1.2-1.8 ms on mmt at batch 1 (it grows with the number of "
-        "parameters) (see [Note: torch.compile baselines] and [Note: exported entry]); "
+        "whose frame (guards, the bytecode gathering the parameters) and aot_autograd's runtime wrapper cost "
+        "each call 0.17-0.21 ms on dlrm at batch 32 and 1.1-1.2 ms on mmt at batch 1 (it grows with the "
+        "number of parameters; mostly guards) (see [Note: torch.compile baselines] and [Note: exported entry]); "
         f"'{_EXPORT}' is torch_collage.compile_exported on the same cost cache: the model captured by "
         "torch.export and placed the same way, called without dynamo.",
         f"wall time {time.perf_counter() - start:.0f} s.",

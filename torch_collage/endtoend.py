@@ -29,16 +29,18 @@ def e2e_many_ms(
     model: CostModel, graph: DataflowGraph, items: Sequence[tuple[Placement, Assemble]], rounds: int = 2
 ) -> list[float]:
     """End-to-end median ms of each assembled placement; uncached ones are timed alternating over
-    ``rounds`` rounds (the best round counts), so they see the same machine state."""
+    ``rounds`` rounds in rotated order (the best round counts), so they see the same machine state."""
     placeholders = [n for n in model.gm.graph.nodes if n.op == "placeholder"]
     args = [model.values[n] for n in placeholders]
     keys = [_e2e_key(model, graph, p, args) for p, _ in items]
     cached = [model.cache.get(k) for k in keys]
     built = {i: items[i][1]() for i, c in enumerate(cached) if c is None}
     samples: dict[int, list[float]] = {i: [] for i in built}
-    for _ in range(rounds):
-        for i, assembled in built.items():
-            samples[i].append(model.time_call(functools.partial(_call, assembled, args)))
+    order = list(built)
+    for r in range(rounds if order else 0):
+        k = r % len(order)  # the order rotates: none is always first after the previous compile
+        for i in order[k:] + order[:k]:
+            samples[i].append(model.time_call(functools.partial(_call, built[i], args)))
     out = []
     for i, (key, hit) in enumerate(zip(keys, cached)):
         if hit is None:

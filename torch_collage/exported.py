@@ -2,11 +2,14 @@
 
 [Note: exported entry]
 Through ``torch.compile`` every call first runs dynamo's frame: its guards and the bytecode that
-gathers the module's parameters as graph inputs. On dlrm (70 graph inputs, 56 of them parameters)
-that is 0.22-0.28 ms of a 2.4 ms call, measured side by side with the same placement called
-directly (which matched OpenVINO called directly within 0.03 ms), and skipping every guard
-(``guard_filter_fn=torch.compiler.skip_all_guards_unsafe``) did not change it. Any torch.compile
-backend pays it; a deployed inference model need not. ``compile_exported`` captures the model once
+gathers the module's parameters as graph inputs. Timed from inside collage's placer on the Intel
+machine (OpenVINO placement, 2 threads), the frame and aot_autograd's wrapper cost 0.17-0.21 ms of
+dlrm's 3.7 ms call at batch 32 (70 graph inputs), and 1.1-1.2 ms of mmt's 13 ms call at batch 1
+(540 graph inputs), where the guards are 0.65-0.75 ms of it
+(``set_stance(skip_guard_eval_unsafe=True)`` left 0.36 ms); inside the placer, its check of the
+536 frozen weights adds 0.15-0.27 ms. Guards and check cost several times more after the model has
+run than hot (mmt's guards: 0.58 against 0.15 ms): the run evicts the parameters' metadata from the
+caches. Any torch.compile backend pays the frame; a deployed inference model need not. ``compile_exported`` captures the model once
 with ``torch.export`` (static shapes, like the runtimes it places on), lowers it to the same ATen
 level as aot_autograd's inference graphs (``run_decompositions({})``), and places that graph with
 the same machinery as the dynamo backend (``entry._LazyPlacer``: frozen parameters, re-placed from

@@ -255,6 +255,40 @@ def test_close_single_backends_are_timed_again_side_by_side(tmp_path, monkeypatc
     torch.testing.assert_close(assembled(x), model(x))
 
 
+def test_end_to_end_timing_rotates_the_order_and_keeps_the_best_round(tmp_path):
+    """e2e_many_ms: no placement is always timed first (right after the previous compile); each
+    one's cost is its best round."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from torch_collage.cost import CostModel, record_values
+    from torch_collage.endtoend import e2e_many_ms
+    from torch_collage.graph import DataflowGraph
+    from torch_collage.options import CollageOptions
+    from torch_collage.place import _single
+    from torch_collage.registry import get_spec
+
+    model, x = _mlp().eval(), torch.randn(4, 16)
+    gm = make_fx(model)(x)
+    graph = DataflowGraph.from_graph(gm.graph)
+    with registered_backend("copy", compile=_mm_compile), registered_backend("slow", compile=_mm_compile):
+        specs = {name: get_spec(name) for name in ("eager", "copy", "slow")}
+        cost = CostModel(gm, graph, record_values(gm, [x]), specs, CollageOptions(cache_dir=str(tmp_path)),
+                         CostCache(str(tmp_path)))  # fmt: skip
+        order: list[str] = []
+        times = {"eager": iter([3.0, 1.0, 2.0]), "copy": iter([2.0, 2.5, 4.0]), "slow": iter([9.0, 8.0, 7.0])}
+
+        def fake_time_call(call):
+            name = call.args[0]  # the "assembled graph" the item's assemble returned: its name here
+            order.append(name)
+            return next(times[name])
+
+        cost.time_call = fake_time_call
+        items = [(_single(graph, b, 1.0), lambda b=b: b) for b in ("eager", "copy", "slow")]
+        got = e2e_many_ms(cost, graph, items, rounds=3)
+    assert order == ["eager", "copy", "slow", "copy", "slow", "eager", "slow", "eager", "copy"]
+    assert got == [1.0, 2.0, 7.0]
+
+
 def _drifting_compile(gm: fx.GraphModule, example_inputs):
     """Right on its first call (the check after compiling), then off by 1%: a backend whose results
     change after warm-up, which only the check of the assembled placement can catch."""
