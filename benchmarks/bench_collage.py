@@ -42,6 +42,7 @@ from benchmarks.harness import (
     write_results,
 )
 from benchmarks.report import Column
+from torch_collage.backends.openvino import pause_openvino_telemetry
 from torch_collage.cost import measurement_count
 from torch_collage.entry import make_backend
 from torch_collage.exported import compile_exported
@@ -178,7 +179,8 @@ def _dynamo_baseline(name: str, module: torch.nn.Module, inputs: tuple, threads:
     }
     torch._dynamo.reset()
     fn = torch.compile(module, backend="openvino", options={"config": config})
-    fn(*inputs)
+    with pause_openvino_telemetry():  # its forks slow what runs next; [Note: OpenVINO telemetry]
+        fn(*inputs)
     return fn
 
 

@@ -272,3 +272,26 @@ def test_compile_error_message_and_parsing() -> None:
     assert parsed.op == "aten.foo" and "aten::bar" in parsed.reason
     plain = BackendCompileError.from_exception("openvino", RuntimeError("boom\nmore"), [pattern])
     assert plain.op is None and plain.reason == "RuntimeError: boom"
+
+
+def test_openvino_conversion_sends_no_telemetry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """[Note: OpenVINO telemetry]: collage's conversions queue no telemetry event (each would fork
+    the process); the opt-in variable lets them through, which shows the counter sees them."""
+    from torch_collage.backends.openvino import TELEMETRY_ENV
+
+    utils = pytest.importorskip("openvino.tools.ovc.telemetry_utils")
+    telemetry = utils.init_ovc_telemetry()
+    if not hasattr(telemetry, "sender"):
+        pytest.skip("openvino_telemetry is not installed (OpenVINO uses its stub)")
+    sent: list[Any] = []
+    monkeypatch.setattr(telemetry, "consent", True)  # a user who has not opted out
+    monkeypatch.setattr(telemetry.sender, "send", lambda backend, message: sent.append(message))
+    monkeypatch.delenv(TELEMETRY_ENV, raising=False)
+    x = torch.randn(5, 32)
+    model = MLP().eval()
+    torch.testing.assert_close(_compile("openvino", model, (x,))(x), model(x), **TOL)
+    assert sent == []
+    assert telemetry.consent is True  # restored after the conversion
+    monkeypatch.setenv(TELEMETRY_ENV, "1")
+    _compile("openvino", model, (x,))
+    assert sent, "with the opt-in variable set, convert_model's events are sent"

@@ -9,11 +9,13 @@ the CPU plugin refuses a Convolution whose weight (a graph input in ATen graphs)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import importlib.util
 import io
 import logging
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -30,7 +32,7 @@ from torch_collage.backends.base import BackendCompileError
 if TYPE_CHECKING:
     import openvino as ov
 
-__all__ = ["OpenVinoBackend"]
+__all__ = ["OpenVinoBackend", "pause_openvino_telemetry"]
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +125,8 @@ def _convert(graph: ExportedGraph, example_inputs: tuple[torch.Tensor, ...]) -> 
     """The ExportedProgram as an OpenVINO model with every input's shape fixed to the example's."""
     import openvino as ov
 
-    model = ov.convert_model(graph.program, example_input=example_inputs)
+    with pause_openvino_telemetry():
+        model = ov.convert_model(graph.program, example_input=example_inputs)
     positions = graph.match_inputs([port.get_names() for port in model.inputs])
     model.reshape(
         {
@@ -132,6 +135,48 @@ def _convert(graph: ExportedGraph, example_inputs: tuple[torch.Tensor, ...]) -> 
         }
     )
     return model
+
+
+# Set to 1 to let OpenVINO send its usage telemetry for collage's conversions too.
+TELEMETRY_ENV = "TORCH_COLLAGE_OPENVINO_TELEMETRY"
+
+
+@contextlib.contextmanager
+def pause_openvino_telemetry() -> Any:
+    """Pause OpenVINO's usage telemetry while collage converts a graph.
+
+    [Note: OpenVINO telemetry]
+    Unless the user opted out (``opt_in_out --opt_out``) or runs in CI, every ``convert_model``
+    queues analytics events, and openvino_telemetry sends each from a background thread by
+    *forking the whole process* (``multiprocessing.Process``, so a request with no network cannot
+    hang it) and joining the child with a timeout. A collage search converts hundreds of graphs:
+    each fork of a multi-GB process copies its page tables and leaves every page copy-on-write
+    while the child lives, so calls timed in the parent meanwhile ran 2-4x slower in bursts
+    (OpenVINO's whole resnext50: 79, 78, 199, 235, 124, 84 ms on consecutive calls of an 80 ms
+    graph in a benchmark process; 317-460 ms measured in the search against 202 ms side by side
+    afterwards, so the search chose another backend). The events describe collage's internal
+    conversions, not the user's, so collage turns consent off on the telemetry singleton for the
+    conversion and restores it after; ``TORCH_COLLAGE_OPENVINO_TELEMETRY=1`` leaves it alone.
+    """
+    if os.environ.get(TELEMETRY_ENV) == "1":
+        yield
+        return
+    try:
+        from openvino.tools.ovc.telemetry_utils import init_ovc_telemetry
+
+        # the singleton convert_model will use, initialised under the name it uses ("OVC"), so
+        # that convert_model does not initialise it again (which would recompute the consent)
+        telemetry = init_ovc_telemetry()
+        consent = telemetry.consent
+    except Exception as exc:  # a telemetry stub or another layout: nothing to pause
+        logger.debug("torch_collage: OpenVINO telemetry not paused: %s", exc)
+        yield
+        return
+    telemetry.consent = False
+    try:
+        yield
+    finally:
+        telemetry.consent = consent
 
 
 _IO_FILE = "io.json"
