@@ -10,10 +10,10 @@ one cost measurement each, taken minutes apart on a shared 2-core machine, picke
 dlrm at 3.6 ms where OpenVINO runs it in 2.5 ms (the benchmark then timed collage 1.53x the best
 backend). The factor is wide because such outliers are large: during one benchmark run OpenVINO's
 whole resnext50 measured 361 ms in the search and 240 ms side by side afterwards; at 1.25x it was
-not timed again and collage ran Inductor at 1.19x the best backend. (That outlier's cause was found
-later: OpenVINO's telemetry forking the process, now paused; [Note: OpenVINO telemetry].) The whole graphs were compiled
-while measuring and are reused, and the end-to-end times are cached too, so a warm compile measures
-nothing.
+not timed again and collage ran Inductor at 1.19x the best backend (that outlier's cause, found
+later: OpenVINO's telemetry forking the process, now paused; [Note: OpenVINO telemetry]). The whole
+graphs were compiled while measuring and are reused, and the end-to-end times are cached too, so a
+warm compile measures nothing.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -142,7 +142,7 @@ TELEMETRY_ENV = "TORCH_COLLAGE_OPENVINO_TELEMETRY"
 
 
 @contextlib.contextmanager
-def pause_openvino_telemetry() -> Any:
+def pause_openvino_telemetry() -> Iterator[None]:
     """Pause OpenVINO's usage telemetry while collage converts a graph.
 
     [Note: OpenVINO telemetry]
@@ -152,9 +152,9 @@ def pause_openvino_telemetry() -> Any:
     hang it) and joining the child with a timeout. A collage search converts hundreds of graphs:
     each fork of a multi-GB process copies its page tables and leaves every page copy-on-write
     while the child lives, so calls timed in the parent meanwhile ran 2-4x slower in bursts
-    (OpenVINO's whole resnext50: 79, 78, 199, 235, 124, 84 ms on consecutive calls of an 80 ms
-    graph in a benchmark process; 317-460 ms measured in the search against 202 ms side by side
-    afterwards, so the search chose another backend). The events describe collage's internal
+    (OpenVINO's whole resnet18 in a benchmark process: 82, 78, 78, 199, 235, 124, 84 ms on
+    consecutive calls of an 80 ms graph; its whole resnext50 measured 317-460 ms in the search
+    against 202 ms side by side afterwards, so the search chose another backend). The events describe collage's internal
     conversions, not the user's, so collage turns consent off on the telemetry singleton for the
     conversion and restores it after; ``TORCH_COLLAGE_OPENVINO_TELEMETRY=1`` leaves it alone.
     """
