@@ -256,6 +256,16 @@ def _run_group(model: ZooModel, batch: int, args: argparse.Namespace, opts: Coll
     return rows
 
 
+# [Note: like for like]
+# The targets compare collage through torch.compile with single backends called directly, so collage
+# pays dynamo's frame and they do not. The like-for-like comparison is with the backends that are
+# themselves torch.compile backends: the "inductor" and "triton" rows (``torch.compile(model,
+# backend="inductor")`` on CPU and CUDA inputs, backends/inductor.py) and the '<backend>
+# (torch.compile)' rows. The summary reports both (the Collage paper, per issue 3: 1.10x over the
+# best single backend on a Xeon CPU, its headline 1.40x over the best framework).
+_DYNAMO_SINGLES = ("inductor", "triton")
+
+
 def _ratio(a: dict[str, Any], b: dict[str, Any]) -> float:
     """Row ``a``'s time over row ``b``'s: the paired per-round ratio ([Note: paired ratio]) when both
     rows carry per-round medians, else the ratio of pooled medians."""
@@ -298,9 +308,13 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[str]:
             extra.append(f"export entry {export_ratio:.2f}x ({verdict_export} 1.03x)")
             export_gains.append(1 / export_ratio)
         for b, r in dynamo.items():
-            slower = _ratio(r, crow)
-            vs_dynamo.append(slower)
-            extra.append(f"{b}: {slower:.2f}x slower than collage")
+            extra.append(f"{b}: {_ratio(r, crow):.2f}x slower than collage")
+        compiled = {b: r for b, r in ok.items() if b in _DYNAMO_SINGLES} | dynamo
+        if compiled:  # [Note: like for like]
+            best_compiled = min(compiled, key=lambda b: compiled[b]["median_ms"])
+            faster = _ratio(compiled[best_compiled], crow)
+            vs_dynamo.append(faster)
+            extra.append(f"vs the best torch.compile backend ({best_compiled}): {faster:.2f}x faster")
         if crow.get("predicted_ms"):
             extra.append(
                 f"predicted {crow['predicted_ms']:.3f} ms ({crow['predicted_ms'] / crow['median_ms'] - 1:+.0%})"
@@ -325,7 +339,8 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[str]:
         )
     if vs_dynamo:
         lines.append(
-            f"geomean speedup of collage over the torch.compile baselines: {_geomean(vs_dynamo):.2f}x"
+            "geomean speedup of collage over the per-model best torch.compile backend (like for like, "
+            f"both through dynamo): {_geomean(vs_dynamo):.3f}x"
         )
     return lines
 

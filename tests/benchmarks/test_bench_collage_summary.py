@@ -23,6 +23,7 @@ def test_summary_ratios_verdicts_and_geomeans():
     assert "export entry 1.02x (meets 1.03x)" in lines[0]
     assert "predicted 4.000 ms (-9%)" in lines[0] and "warm 5.0 s (5% of cold)" in lines[0]
     assert "openvino (torch.compile): 1.36x slower than collage" in lines[0]
+    assert "vs the best torch.compile backend (openvino (torch.compile)): 1.36x faster" in lines[0]
     assert "0.909x (target >= 1.10x)" in lines[1]
     assert "export entry over the per-model best single backend: 0.980x" in lines[2]
 
@@ -47,3 +48,15 @@ def test_summary_pairs_rounds_when_rows_carry_them():
     assert "export entry 1.05x (misses 1.03x)" in lines[0]
     assert "openvino (torch.compile): 1.49x slower than collage" in lines[0]
     assert "0.990x (target >= 1.10x)" in lines[1]
+
+
+def test_summary_like_for_like_counts_inductor_as_a_torch_compile_backend():
+    rows = [
+        _row("openvino", 4.0),
+        _row("inductor", 5.0),  # torch.compile(backend="inductor"): through dynamo, like collage
+        _row("openvino (torch.compile)", 6.0),
+        _row("collage", 4.0),
+    ]
+    lines = summary(rows)
+    assert "vs the best torch.compile backend (inductor): 1.25x faster" in lines[0]
+    assert lines[-1].endswith("(like for like, both through dynamo): 1.250x")
