@@ -19,7 +19,6 @@ the export's, and runs the placement: tens of microseconds.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,7 +27,7 @@ from torch import nn
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
-from torch_collage.backends._export import StaticSignature
+from torch_collage.backends._export import StaticSignature, quiet_treespec_deprecation
 from torch_collage.entry import _LazyPlacer
 from torch_collage.explain import ExplainReport
 from torch_collage.options import CollageOptions
@@ -108,8 +107,7 @@ def compile_exported(model: nn.Module, *example_inputs: Any, **options: Any) -> 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     parsed = CollageOptions.from_mapping(options)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec", category=FutureWarning)
+    with torch.no_grad(), quiet_treespec_deprecation():
         program = torch.export.export(model, tuple(example_inputs)).run_decompositions({})
     sig = program.graph_signature
     side_effects = [s for s in sig.output_specs if s.kind != OutputKind.USER_OUTPUT]

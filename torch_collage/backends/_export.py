@@ -3,9 +3,10 @@ and CUDA, OpenVINO, TensorRT), and the static signature their compiled callables
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ from torch.utils import _pytree as pytree
 
 from torch_collage.backends.base import BackendCompileError
 
-__all__ = ["ExportedGraph", "GraphIO", "StaticSignature", "export_graph"]
+__all__ = ["ExportedGraph", "GraphIO", "StaticSignature", "export_graph", "quiet_treespec_deprecation"]
 
 
 @dataclass(frozen=True)
@@ -182,10 +183,19 @@ def export_graph(
     )
 
 
+@contextlib.contextmanager
+def quiet_treespec_deprecation() -> Iterator[None]:
+    """Silence the FutureWarning about ``LeafSpec`` that torch's own export code trips (torch.export,
+    ``run_decompositions``, the ONNX exporter, OpenVINO's converter through them): it names no user
+    code, and a collage search would print it once per candidate."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec", category=FutureWarning)
+        yield
+
+
 def _export(backend: str, module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> ExportedProgram:
     try:
-        with warnings.catch_warnings():  # torch.export trips torch's own LeafSpec deprecation
-            warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec", category=FutureWarning)
+        with quiet_treespec_deprecation():
             return torch.export.export(module, tuple(example_inputs))
     except Exception as exc:
         raise BackendCompileError.from_exception(backend, exc) from exc

@@ -10,7 +10,6 @@ import importlib.util
 import logging
 import re
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from torch_collage.backends._export import ExportedGraph, GraphIO, export_graph
+from torch_collage.backends._export import ExportedGraph, GraphIO, export_graph, quiet_treespec_deprecation
 from torch_collage.backends.base import BackendCompileError
 
 if TYPE_CHECKING:
@@ -146,8 +145,7 @@ def to_onnx(graph: ExportedGraph, backend: str = _NAME) -> bytes:
     """Export in memory (no files): the serialised ONNX model. Failures keep torch.onnx's message,
     whose summary names the ATen op that has no ONNX function; they are reported as ``backend``'s."""
     try:
-        with warnings.catch_warnings():  # torch's own exporter trips torch's own LeafSpec deprecation
-            warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec", category=FutureWarning)
+        with quiet_treespec_deprecation():
             program = torch.onnx.export(graph.program, dynamo=True, verbose=False)
     except Exception as exc:
         raise BackendCompileError.from_exception(backend, exc, OP_PATTERNS) from exc

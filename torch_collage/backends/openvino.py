@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from torch_collage.backends._export import ExportedGraph, GraphIO, export_graph
+from torch_collage.backends._export import ExportedGraph, GraphIO, export_graph, quiet_treespec_deprecation
 from torch_collage.backends.base import BackendCompileError
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ def _convert(graph: ExportedGraph, example_inputs: tuple[torch.Tensor, ...]) -> 
     """The ExportedProgram as an OpenVINO model with every input's shape fixed to the example's."""
     import openvino as ov
 
-    with pause_openvino_telemetry():
+    with pause_openvino_telemetry(), quiet_treespec_deprecation():
         model = ov.convert_model(graph.program, example_input=example_inputs)
     positions = graph.match_inputs([port.get_names() for port in model.inputs])
     model.reshape(
