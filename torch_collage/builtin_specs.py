@@ -49,9 +49,10 @@ def _deterministic(node: fx.Node) -> bool:
 
 def _spec(name: str) -> BackendSpec:
     backend = get_backend(name)
+    compile_graph = getattr(backend, "compile_graph", None)  # ATen graphs without the module path
     return BackendSpec(
         name=name,
-        compile=_runner_compile(backend),
+        compile=compile_graph if compile_graph is not None else _runner_compile(backend),
         supports=_deterministic,
         fusion="region",
         available=backend.available,
