@@ -44,7 +44,6 @@ def test_partition_runs_without_dynamo_and_matches_eager():
     assert isinstance(got, (tuple, list)) and len(got) == 2
     for g, e in zip(got, want):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
-    assert spec.compile(gm, (x, w)) is not fn  # each compile is its own callable
 
 
 def test_partition_with_one_output_returns_it_like_the_graph():

@@ -1,4 +1,5 @@
-"""TorchInductor through ``torch.compile(backend="inductor")``, optionally with weight freezing."""
+"""TorchInductor: whole modules through ``torch.compile(backend="inductor")``, Collage partitions (ATen
+graphs) through ``compile_fx`` without a dynamo frame of their own; optionally with weight freezing."""
 
 from __future__ import annotations
 
