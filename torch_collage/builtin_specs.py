@@ -56,7 +56,7 @@ def _spec(name: str) -> BackendSpec:
         supports=_deterministic,
         fusion="region",
         available=backend.available,
-        version=backend.version,
+        version=getattr(backend, "graph_version", backend.version),  # compile_graph may differ
         save=_save_runner if hasattr(backend, "load") else None,
         load=getattr(backend, "load", None),
     )

@@ -12,6 +12,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch_collage.backends import get_backend
 from torch_collage.builtin_specs import builtin_specs
 from torch_collage.entry import make_backend
+from torch_collage.freeze import freeze_inputs
 from torch_collage.options import CollageOptions
 
 _FAST = {"max_depth": 2, "repeats": 3, "warmup": 1, "progress": False}
@@ -72,3 +73,37 @@ def test_training_on_inductor_alone_gives_eager_gradients(tmp_path):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
     used = {part.backend for r in reports for part in r.partitions}
     assert "inductor" in used and sorted(r.kind for r in reports) == ["backward", "forward"]
+
+
+def test_partition_folds_its_frozen_weights():
+    """[Note: frozen partitions]: a partition's tensor attributes are compiled in, not read per call
+    (the check of frozen weights, not the kernels, follows later updates)."""
+    spec = _inductor_spec()
+    w, b, x = torch.randn(8, 16), torch.randn(8), torch.randn(4, 16)
+
+    def fn(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(torch.nn.functional.linear(x, w, b))
+
+    gm = freeze_inputs(make_fx(fn)(w, b, x), (w, b, x), (0, 1))
+    compiled = spec.compile(gm, (x,))
+    x2 = torch.randn(4, 16)
+    before = compiled(x2)
+    torch.testing.assert_close(before, fn(w, b, x2), rtol=1e-5, atol=1e-5)
+    w.add_(1.0)  # compiled without freezing, the kernel reads w on every call and this shows
+    torch.testing.assert_close(compiled(x2), before, rtol=0, atol=0)
+
+
+def test_inference_on_inductor_alone_follows_weight_updates(tmp_path):
+    _inductor_spec()
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8)).eval()
+    opts = CollageOptions(backends=("inductor",), cache_dir=str(tmp_path), **_FAST)
+    reports = []
+    compiled = torch.compile(model, backend=make_backend(opts, reports.append))
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+        model[0].weight.mul_(-0.5)  # as optimizer.step() does: the frozen partition must not be reused
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+    assert len(reports) == 2 and all("inductor" in {p.backend for p in r.partitions} for r in reports)
