@@ -107,3 +107,19 @@ def test_inference_on_inductor_alone_follows_weight_updates(tmp_path):
         model[0].weight.mul_(-0.5)  # as optimizer.step() does: the frozen partition must not be reused
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
     assert len(reports) == 2 and all("inductor" in {p.backend for p in r.partitions} for r in reports)
+
+
+def test_whole_module_freezes_only_when_asked():
+    """Partitions always freeze ([Note: frozen partitions]); the whole-module runner follows its field."""
+    _inductor_spec()
+    torch.manual_seed(0)
+    x = torch.randn(4, 16)
+    outs = {}
+    for freezing in (False, True):
+        model = nn.Sequential(nn.Linear(16, 8), nn.ReLU()).eval()
+        fn = get_backend("inductor_freezing" if freezing else "inductor").compile(model, (x,))
+        with torch.no_grad():
+            before = fn(x)
+            model[0].weight.add_(1.0)
+            outs[freezing] = torch.equal(fn(x), before)
+    assert outs == {False: False, True: True}

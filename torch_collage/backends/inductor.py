@@ -53,7 +53,7 @@ class InductorBackend:
         return f"torch {torch.__version__} inductor"
 
     def compile(self, module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Callable[..., Any]:
-        return inductor_compile(self.name, module, example_inputs, freezing=True)
+        return inductor_compile(self.name, module, example_inputs, freezing=self.freezing)
 
     def compile_graph(self, gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> Callable[..., Any]:
         """An ATen graph (a Collage partition), called without a dynamo frame of its own
