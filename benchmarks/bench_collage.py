@@ -6,7 +6,7 @@
 
 For each (model, batch): compile and check every single backend (whole graph) as
 ``bench_baselines.py`` does, compile with ``torch.compile(backend="collage")`` (cold, then warm from the
-cost cache after ``torch._dynamo.reset()``), then time all of them interleaved. Writes
+cost cache, dynamo tracing afresh), then time all of them interleaved. Writes
 ``benchmarks/results/collage_<hardware>.{json,md,png}``. Targets (issue 3): collage <= 1.03x the best
 single backend on every model; geomean >= 1.10x faster than the per-model best. The summary also
 compares collage with the best backend that is itself a torch.compile backend ([Note: like for like]).
@@ -47,6 +47,7 @@ from torch_collage.backends.openvino import pause_openvino_telemetry
 from torch_collage.cost import measurement_count
 from torch_collage.entry import make_backend
 from torch_collage.exported import compile_exported
+from torch_collage.fresh_entry import fresh_entry
 from torch_collage.options import CollageOptions
 from torch_collage.report import GraphReport
 from torch_collage.timing import torch_threads
@@ -128,12 +129,14 @@ def _collage(
     module: torch.nn.Module, inputs: tuple, opts: CollageOptions
 ) -> tuple[Any, float, list[GraphReport]]:
     reports: list[GraphReport] = []
-    torch._dynamo.reset()
+    # a code object of its own makes dynamo trace afresh; torch._dynamo.reset() would also throw
+    # away the Inductor baselines' code, which then re-traced unfrozen ([Note: one code object per
+    # compile] in torch_collage/fresh_entry.py)
     # The previous compile leaves cyclic garbage (graphs, compiled candidates) whose collection
     # otherwise lands inside this one: gpt2's warm compile took 13.5 s after mobilenet_v2's cold one,
     # 1.4 s with this collection (0.8 s) done first. The compile is timed, not the previous one's garbage.
     gc.collect()
-    fn = torch.compile(module, backend=make_backend(opts, reports.append))
+    fn = torch.compile(fresh_entry(module, "bench_collage"), backend=make_backend(opts, reports.append))
     start = time.perf_counter()
     fn(*inputs)
     return fn, time.perf_counter() - start, reports
@@ -183,8 +186,7 @@ def _dynamo_baseline(name: str, module: torch.nn.Module, inputs: tuple, threads:
         "INFERENCE_PRECISION_HINT": "f32",
         "INFERENCE_NUM_THREADS": threads,
     }
-    torch._dynamo.reset()
-    fn = torch.compile(module, backend="openvino", options={"config": config})
+    fn = torch.compile(fresh_entry(module, "bench_openvino"), backend="openvino", options={"config": config})
     with pause_openvino_telemetry():  # its forks slow what runs next; [Note: OpenVINO telemetry]
         fn(*inputs)
     return fn
@@ -388,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes = [
         f"size {args.size}; inference under no_grad; {args.threads} threads; collage search={args.search}, "
         f"max_depth={args.max_depth}, cold cache; compile s = cold search + first call, warm compile s = "
-        "after torch._dynamo.reset() with the cost cache and the saved compiled partitions "
+        "with dynamo tracing afresh and the cost cache and the saved compiled partitions "
         "(cache_dir/compiled, [Note: compiled artifacts]) filled.",
         f"All callables timed interleaved in {args.rounds} rounds, order rotated per round; median and IQR "
         "of all samples. The ratios below are medians of per-round ratios ([Note: paired ratio]): the "

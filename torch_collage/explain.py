@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,12 +12,11 @@ import torch
 from torch import nn
 
 from torch_collage.entry import make_backend
+from torch_collage.fresh_entry import fresh_entry
 from torch_collage.options import CollageOptions
 from torch_collage.report import GraphReport, PartitionReport
 
 __all__ = ["ExplainReport", "explain"]
-
-_ENTRY_IDS = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -91,17 +89,9 @@ def explain(model: nn.Module | Callable[..., Any], *example_inputs: Any, **optio
     (the keys of ``torch.compile(..., backend="collage", options=...)``) and report the placement."""
     parsed = CollageOptions.from_mapping(options)
     graphs: list[GraphReport] = []
-    compiled = torch.compile(_fresh_entry(model), backend=make_backend(parsed, graphs.append), dynamic=False)
+    compiled = torch.compile(
+        fresh_entry(model, "collage_explain"), backend=make_backend(parsed, graphs.append), dynamic=False
+    )
     with torch.no_grad():
         compiled(*example_inputs)
     return ExplainReport(graphs)
-
-
-def _fresh_entry(model: Callable[..., Any]) -> Callable[..., Any]:
-    """A wrapper with its own code object, so dynamo compiles it afresh for this explain call."""
-
-    def entry(*args: Any) -> Any:
-        return model(*args)
-
-    entry.__code__ = entry.__code__.replace(co_name=f"collage_explain_{next(_ENTRY_IDS)}")
-    return entry

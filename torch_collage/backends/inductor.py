@@ -4,7 +4,6 @@ graphs) through ``compile_fx`` without a dynamo frame of their own; optionally w
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
 import re
 import shutil
@@ -17,6 +16,7 @@ import torch
 from torch import fx, nn
 
 from torch_collage.backends.base import BackendCompileError
+from torch_collage.fresh_entry import fresh_entry
 
 __all__ = ["InductorBackend", "inductor_compile", "inductor_compile_graph"]
 
@@ -79,7 +79,9 @@ def inductor_compile(
     generates C++ for CPU inputs and Triton for CUDA inputs; ``options`` are Inductor config options."""
     start = time.perf_counter()
     all_options: dict[str, str | int | bool | Callable[..., Any]] = {"freezing": freezing, **(options or {})}
-    compiled = torch.compile(_fresh_entry(module), backend="inductor", options=all_options, dynamic=False)
+    compiled = torch.compile(
+        fresh_entry(module, "collage_inductor_entry"), backend="inductor", options=all_options, dynamic=False
+    )
     runner: Callable[..., Any] = _NoGradRunner(compiled) if freezing else compiled
     try:
         # Inductor compiles lazily, on the first call: do it now. [Note: freezing needs the global flag]
@@ -142,24 +144,6 @@ def inductor_compile_graph(
         "%s: compiled a %d-node graph in %.2f s", backend, len(gm.graph.nodes), time.perf_counter() - start
     )
     return runner
-
-
-# [Note: one code object per compile]
-# Dynamo keeps compiled code, and counts recompiles (limit 8), per Python code object. Compiled
-# through `module.forward`, every instance of a class shares one; frozen graphs guard on their
-# parameters' identity, so the 9th instance of a class compiled with freezing silently ran eager,
-# and the frozen weights of the 8 before stayed alive in the cache. Calling the module from a
-# function whose code object is new per compile gives each compile its own cache, freed with it.
-# (Graph breaks inside the module still resume in the class's own code.)
-_ENTRY_IDS = itertools.count()
-
-
-def _fresh_entry(module: nn.Module) -> Callable[..., Any]:
-    def entry(*args: Any) -> Any:
-        return module(*args)
-
-    entry.__code__ = entry.__code__.replace(co_name=f"collage_inductor_entry_{next(_ENTRY_IDS)}")
-    return entry
 
 
 # [Note: freezing needs the global flag]
