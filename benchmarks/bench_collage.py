@@ -126,7 +126,7 @@ def _synchronized(fn: Any) -> Any:
 
 
 def _collage(
-    module: torch.nn.Module, inputs: tuple, opts: CollageOptions
+    module: torch.nn.Module, inputs: tuple, opts: CollageOptions, guard_filter_fn: Any = None
 ) -> tuple[Any, float, list[GraphReport]]:
     reports: list[GraphReport] = []
     # a code object of its own makes dynamo trace afresh; torch._dynamo.reset() would also throw
@@ -136,7 +136,10 @@ def _collage(
     # otherwise lands inside this one: gpt2's warm compile took 13.5 s after mobilenet_v2's cold one,
     # 1.4 s with this collection (0.8 s) done first. The compile is timed, not the previous one's garbage.
     gc.collect()
-    fn = torch.compile(fresh_entry(module, "bench_collage"), backend=make_backend(opts, reports.append))
+    extra = {"options": {"guard_filter_fn": guard_filter_fn}} if guard_filter_fn else {}
+    fn = torch.compile(
+        fresh_entry(module, "bench_collage"), backend=make_backend(opts, reports.append), **extra
+    )
     start = time.perf_counter()
     fn(*inputs)
     return fn, time.perf_counter() - start, reports
@@ -229,6 +232,24 @@ def _exported_row(model: ZooModel, batch: int, module, inputs, check, reference,
     }, fn  # fmt: skip
 
 
+_UNGUARDED = "collage (module guards skipped)"
+
+
+def _unguarded_row(model: ZooModel, batch: int, module, inputs, check, reference, opts) -> tuple[dict, Any]:
+    """Collage through torch.compile with ``guard_filter_fn=skip_guard_on_all_nn_modules_unsafe``, on
+    the costs already measured ([Note: skipping dynamo's module guards] in torch_collage/entry.py)."""
+    row = _row_base(model, batch, _UNGUARDED) | {"backend_version": "collage, nn-module guards skipped"}
+    try:
+        fn, compile_s, _ = _collage(module, inputs, opts, torch.compiler.skip_guard_on_all_nn_modules_unsafe)
+        result = compare_to_float64(reference[0], reference[1], fn(*check))
+    except Exception as exc:  # record and go on
+        return row | {"status": "fail", "error": f"{type(exc).__name__}: {str(exc)[:300]}"}, None
+    status = "ok" if result.ok else "mismatch"
+    return row | {
+        "status": status, "compile_s": compile_s, "max_abs_err": result.max_abs_err, "error": result.message,
+    }, fn  # fmt: skip
+
+
 def _run_group(model: ZooModel, batch: int, args: argparse.Namespace, opts: CollageOptions) -> list:
     torch._dynamo.reset()
     device = getattr(args, "device", "cpu")
@@ -257,6 +278,11 @@ def _run_group(model: ZooModel, batch: int, args: argparse.Namespace, opts: Coll
         rows.append(export_row)
         if export_fn is not None:
             fns[_EXPORT] = export_fn
+    if fn is not None:  # the same placement with dynamo's module guards skipped
+        unguarded_row, unguarded_fn = _unguarded_row(model, batch, module, inputs, check, reference, opts)
+        rows.append(unguarded_row)
+        if unguarded_fn is not None:
+            fns[_UNGUARDED] = unguarded_fn
     progress(f"{model.name} b={batch}: collage {row['status']} {row.get('placement', '')}")
     if device == "cuda":
         fns = {name: _synchronized(fn) for name, fn in fns.items()}
@@ -289,7 +315,7 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[str]:
     collage ([Note: like for like]). Ratios are paired per round where the rows
     carry per-round medians ([Note: paired ratio]); the best single backend is the one with the
     lowest pooled median."""
-    lines, gains, vs_dynamo, export_gains = [], [], [], []
+    lines, gains, vs_dynamo, export_gains, unguarded_gains = [], [], [], [], []
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["model"], row["batch"]), []).append(row)
@@ -317,6 +343,11 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[str]:
             verdict_export = "meets" if export_ratio <= 1.03 else "misses"
             extra.append(f"export entry {export_ratio:.2f}x ({verdict_export} 1.03x)")
             export_gains.append(1 / export_ratio)
+        if _UNGUARDED in ok:
+            unguarded_ratio = _ratio(ok[_UNGUARDED], brow)
+            verdict_unguarded = "meets" if unguarded_ratio <= 1.03 else "misses"
+            extra.append(f"module guards skipped {unguarded_ratio:.2f}x ({verdict_unguarded} 1.03x)")
+            unguarded_gains.append(1 / unguarded_ratio)
         for b, r in dynamo.items():
             extra.append(f"{b}: {_ratio(r, crow):.2f}x slower than collage")
         compiled = {b: r for b, r in ok.items() if b in _DYNAMO_SINGLES} | dynamo
@@ -346,6 +377,11 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[str]:
     if export_gains:
         lines.append(
             f"geomean speedup of the export entry over the per-model best single backend: {_geomean(export_gains):.3f}x"
+        )
+    if unguarded_gains:
+        lines.append(
+            "geomean speedup of collage with dynamo's module guards skipped over the per-model best single "
+            f"backend: {_geomean(unguarded_gains):.3f}x"
         )
     if vs_dynamo:
         lines.append(
@@ -401,6 +437,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "number of parameters; mostly guards) (see [Note: torch.compile baselines] and [Note: exported entry]); "
         f"'{_EXPORT}' is torch_collage.compile_exported on the same cost cache: the model captured by "
         "torch.export and placed the same way, called without dynamo.",
+        f"'{_UNGUARDED}' is collage through torch.compile on the same cost cache with "
+        "guard_filter_fn=torch.compiler.skip_guard_on_all_nn_modules_unsafe: dynamo's frame without its "
+        "guards on the module ([Note: skipping dynamo's module guards] in torch_collage/entry.py).",
         f"wall time {time.perf_counter() - start:.0f} s.",
         load_note(info),
         *lines,

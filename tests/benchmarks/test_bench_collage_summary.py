@@ -60,3 +60,15 @@ def test_summary_like_for_like_counts_inductor_as_a_torch_compile_backend():
     lines = summary(rows)
     assert "best torch.compile backend (inductor): 1.25x collage's time" in lines[0]
     assert lines[-1].endswith("(like for like, both through dynamo): 1.250x")
+
+
+def test_summary_reports_the_unguarded_entry():
+    rows = [
+        _row("openvino", 4.0),
+        _row("collage", 4.4),
+        _row("collage (module guards skipped)", 4.2),
+    ]
+    lines = summary(rows)
+    assert "best single (openvino 4.000 ms)" in lines[0]  # the unguarded row is not a single backend
+    assert "module guards skipped 1.05x (misses 1.03x)" in lines[0]
+    assert lines[-1].endswith("best single backend: 0.952x")

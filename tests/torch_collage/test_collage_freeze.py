@@ -39,3 +39,26 @@ def test_compiled_inference_follows_weight_updates(tmp_path):
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
         model[0].weight.mul_(-0.5)  # an in-place update, as optimizer.step() does
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_weight_checks_hold_with_dynamo_module_guards_skipped(tmp_path):
+    """[Note: skipping dynamo's module guards]: collage's own identity and version checks on the
+    frozen weights still see in-place updates and replaced parameters when dynamo no longer guards
+    on the module."""
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).eval()
+    opts = {
+        "backends": ["eager", "onnxruntime"],
+        "cache_dir": str(tmp_path),
+        "max_depth": 1,
+        "progress": False,
+        "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+    }
+    compiled = torch.compile(model, backend="collage", options=opts)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+        model[0].weight.mul_(-0.5)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+        model[2].weight = torch.nn.Parameter(torch.randn(8, 32))
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
