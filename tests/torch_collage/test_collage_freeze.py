@@ -24,8 +24,7 @@ def test_frozen_inputs_notice_in_place_updates_and_new_tensors():
     assert not frozen.still_valid((w, b, x))
 
 
-def test_compiled_inference_follows_weight_updates(tmp_path):
-    torch._dynamo.reset()
+def _mlp_and_options(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).eval()
     opts = {
         "backends": ["eager", "onnxruntime"],
@@ -33,6 +32,12 @@ def test_compiled_inference_follows_weight_updates(tmp_path):
         "max_depth": 1,
         "progress": False,
     }
+    return model, opts
+
+
+def test_compiled_inference_follows_weight_updates(tmp_path):
+    torch._dynamo.reset()
+    model, opts = _mlp_and_options(tmp_path)
     compiled = torch.compile(model, backend="collage", options=opts)
     x = torch.randn(4, 16)
     with torch.no_grad():
@@ -46,14 +51,8 @@ def test_weight_checks_hold_with_dynamo_module_guards_skipped(tmp_path):
     frozen weights still see in-place updates and replaced parameters when dynamo no longer guards
     on the module."""
     torch._dynamo.reset()
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).eval()
-    opts = {
-        "backends": ["eager", "onnxruntime"],
-        "cache_dir": str(tmp_path),
-        "max_depth": 1,
-        "progress": False,
-        "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
-    }
+    model, opts = _mlp_and_options(tmp_path)
+    opts["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
     compiled = torch.compile(model, backend="collage", options=opts)
     x = torch.randn(4, 16)
     with torch.no_grad():
