@@ -21,7 +21,7 @@ import math
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,29 +145,54 @@ def _collage(
     return fn, time.perf_counter() - start, reports
 
 
-def _collage_row(model: ZooModel, batch: int, module, inputs, check, reference, opts) -> tuple[dict, Any]:
-    row = _row_base(model, batch, "collage") | {"backend_version": "collage"}
+def _checked_row(row: dict, build: Callable[[], tuple[Any, dict]], check, reference) -> tuple[dict, Any]:
+    """Run ``build`` (compile; returns the callable and the row fields it measured), check the callable
+    against the float64 reference on ``check`` and fill in ``row``; any exception becomes a "fail" row
+    (recorded, and the benchmark goes on) with no callable."""
     try:
-        fn, cold_s, reports = _collage(module, inputs, opts)
-        before = measurement_count()
-        fn, warm_s, _ = _collage(module, inputs, opts)
+        fn, fields = build()
         result = compare_to_float64(reference[0], reference[1], fn(*check))
     except Exception as exc:  # record and go on
         return row | {"status": "fail", "error": f"{type(exc).__name__}: {str(exc)[:300]}"}, None
-    placement = "; ".join(
-        f"{g.chosen}: " + " ".join(f"{p.backend}[{len(p.nodes)}]" for p in g.partitions) for g in reports
+    status = "ok" if result.ok else "mismatch"
+    return row | {"status": status, "max_abs_err": result.max_abs_err, "error": result.message} | fields, fn
+
+
+def _placement(graphs: list[GraphReport]) -> str:
+    return "; ".join(
+        f"{g.chosen}: " + " ".join(f"{p.backend}[{len(p.nodes)}]" for p in g.partitions) for g in graphs
     )
-    return row | {
-        "status": "ok" if result.ok else "mismatch",
-        "compile_s": cold_s,
-        "warm_s": warm_s,
-        "warm_measurements": measurement_count() - before,
-        "max_abs_err": result.max_abs_err,
-        "error": result.message,
-        "placement": placement,
-        "predicted_ms": sum(g.predicted_ms for g in reports),
-        "search_s": sum(g.search_s for g in reports),
-    }, fn
+
+
+def _search_singles(graphs: list[GraphReport]) -> dict[str, float]:
+    """Each backend's whole-graph time as the search measured it, summed over the graphs (a backend
+    missing from any graph is left out): set beside the directly timed single-backend rows, it shows
+    whether the search saw the same ranking the benchmark times."""
+    names = set.intersection(*(set(g.single_backend_ms) for g in graphs)) if graphs else set()
+    totals = {b: sum(g.single_backend_ms[b] for g in graphs) for b in sorted(names)}
+    return {b: ms for b, ms in totals.items() if math.isfinite(ms)}
+
+
+def _collage_row(model: ZooModel, batch: int, module, inputs, check, reference, opts) -> tuple[dict, Any]:
+    """Collage through torch.compile: a cold compile (it measures), then a warm one from the cost cache."""
+
+    def build() -> tuple[Any, dict]:
+        _, cold_s, reports = _collage(module, inputs, opts)
+        before = measurement_count()
+        fn, warm_s, _ = _collage(module, inputs, opts)
+        return fn, {
+            "compile_s": cold_s,
+            "warm_s": warm_s,
+            "warm_measurements": measurement_count() - before,
+            "placement": _placement(reports),
+            "predicted_ms": sum(g.predicted_ms for g in reports),
+            "search_s": sum(g.search_s for g in reports),
+            "search_singles_ms": _search_singles(reports),
+            "search_e2e_ms": sum(g.measured_ms for g in reports),
+        }
+
+    row = _row_base(model, batch, "collage") | {"backend_version": "collage"}
+    return _checked_row(row, build, check, reference)
 
 
 # [Note: torch.compile baselines]
@@ -198,16 +223,13 @@ def _dynamo_baseline(name: str, module: torch.nn.Module, inputs: tuple, threads:
 def _dynamo_row(
     name: str, model: ZooModel, batch: int, module, inputs, check, reference, threads: int
 ) -> tuple[dict, Any]:
-    row = _row_base(model, batch, f"{name} (torch.compile)") | {"backend_version": f"{name} torch.compile"}
-    try:
+    def build() -> tuple[Any, dict]:
         start = time.perf_counter()
         fn = _dynamo_baseline(name, module, inputs, threads)
-        compile_s = time.perf_counter() - start
-        result = compare_to_float64(reference[0], reference[1], fn(*check))
-    except Exception as exc:  # record and go on
-        return row | {"status": "fail", "error": f"{type(exc).__name__}: {str(exc)[:300]}"}, None
-    status = "ok" if result.ok else "mismatch"
-    return row | {"status": status, "compile_s": compile_s, "max_abs_err": result.max_abs_err}, fn
+        return fn, {"compile_s": time.perf_counter() - start}
+
+    row = _row_base(model, batch, f"{name} (torch.compile)") | {"backend_version": f"{name} torch.compile"}
+    return _checked_row(row, build, check, reference)
 
 
 _EXPORT = "collage (export)"
@@ -215,21 +237,20 @@ _EXPORT = "collage (export)"
 
 def _exported_row(model: ZooModel, batch: int, module, inputs, check, reference, opts) -> tuple[dict, Any]:
     """``torch_collage.compile_exported`` on the same cost cache: the placement called without dynamo."""
-    row = _row_base(model, batch, _EXPORT) | {"backend_version": "collage export"}
-    try:
+
+    def build() -> tuple[Any, dict]:
         start = time.perf_counter()
         fn = compile_exported(module, *inputs, **dataclasses.asdict(opts))
         compile_s = time.perf_counter() - start
-        result = compare_to_float64(reference[0], reference[1], fn(*check))
-    except Exception as exc:  # record and go on
-        return row | {"status": "fail", "error": f"{type(exc).__name__}: {str(exc)[:300]}"}, None
-    graph = fn.report.graphs[0]
-    placement = f"{graph.chosen}: " + " ".join(f"{p.backend}[{len(p.nodes)}]" for p in graph.partitions)
-    status = "ok" if result.ok else "mismatch"
-    return row | {
-        "status": status, "compile_s": compile_s, "max_abs_err": result.max_abs_err, "placement": placement,
-        "error": result.message, "predicted_ms": graph.predicted_ms,
-    }, fn  # fmt: skip
+        graphs = fn.report.graphs[:1]
+        return fn, {
+            "compile_s": compile_s,
+            "placement": _placement(graphs),
+            "predicted_ms": graphs[0].predicted_ms,
+        }
+
+    row = _row_base(model, batch, _EXPORT) | {"backend_version": "collage export"}
+    return _checked_row(row, build, check, reference)
 
 
 _UNGUARDED = "collage (module guards skipped)"
@@ -238,16 +259,13 @@ _UNGUARDED = "collage (module guards skipped)"
 def _unguarded_row(model: ZooModel, batch: int, module, inputs, check, reference, opts) -> tuple[dict, Any]:
     """Collage through torch.compile with ``guard_filter_fn=skip_guard_on_all_nn_modules_unsafe``, on
     the costs already measured ([Note: skipping dynamo's module guards] in torch_collage/entry.py)."""
-    row = _row_base(model, batch, _UNGUARDED) | {"backend_version": "collage, nn-module guards skipped"}
-    try:
+
+    def build() -> tuple[Any, dict]:
         fn, compile_s, _ = _collage(module, inputs, opts, torch.compiler.skip_guard_on_all_nn_modules_unsafe)
-        result = compare_to_float64(reference[0], reference[1], fn(*check))
-    except Exception as exc:  # record and go on
-        return row | {"status": "fail", "error": f"{type(exc).__name__}: {str(exc)[:300]}"}, None
-    status = "ok" if result.ok else "mismatch"
-    return row | {
-        "status": status, "compile_s": compile_s, "max_abs_err": result.max_abs_err, "error": result.message,
-    }, fn  # fmt: skip
+        return fn, {"compile_s": compile_s}
+
+    row = _row_base(model, batch, _UNGUARDED) | {"backend_version": "collage, nn-module guards skipped"}
+    return _checked_row(row, build, check, reference)
 
 
 def _run_group(model: ZooModel, batch: int, args: argparse.Namespace, opts: CollageOptions) -> list:
@@ -356,6 +374,9 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[str]:
             faster = _ratio(compiled[best_compiled], crow)
             vs_dynamo.append(faster)
             extra.append(f"best torch.compile backend ({best_compiled}): {faster:.2f}x collage's time")
+        searched = crow.get("search_singles_ms") or {}
+        if searched and min(searched, key=searched.get) != _COLLAGE_NAME.get(best, best):
+            extra.append(_ranking_note(searched, singles))
         if crow.get("predicted_ms"):
             extra.append(
                 f"predicted {crow['predicted_ms']:.3f} ms ({crow['predicted_ms'] / crow['median_ms'] - 1:+.0%})"
@@ -389,6 +410,18 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[str]:
             f"both through dynamo): {_geomean(vs_dynamo):.3f}x"
         )
     return lines
+
+
+def _ranking_note(searched: dict[str, float], singles: dict[str, dict[str, Any]]) -> str:
+    """Where the search's fastest whole-graph backend is not the benchmark's: both rankings side by
+    side, the search's time first, then the time timed here (Inductor: the frozen row, as collage
+    compiles its partitions frozen)."""
+    timed = {_COLLAGE_NAME.get(b, b): r["median_ms"] for b, r in singles.items()}
+    ranked = sorted(searched, key=searched.get)
+    parts = [
+        f"{b} {searched[b]:.3f}" + (f"/{timed[b]:.3f}" if b in timed else "") for b in ranked if b != "eager"
+    ]
+    return "search and bench rank the single backends differently (search/bench ms): " + ", ".join(parts)
 
 
 def _geomean(values: Sequence[float]) -> float:

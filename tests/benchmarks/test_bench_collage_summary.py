@@ -72,3 +72,48 @@ def test_summary_reports_the_unguarded_entry():
     assert "best single (openvino 4.000 ms)" in lines[0]  # the unguarded row is not a single backend
     assert "module guards skipped 1.05x (misses 1.03x)" in lines[0]
     assert lines[-1].endswith("best single backend: 0.952x")
+
+
+def test_summary_shows_both_rankings_when_the_search_ranked_the_backends_otherwise():
+    rows = [
+        _row("openvino", 4.0),
+        _row("inductor", 6.0),
+        _row("inductor_freezing", 3.0),  # collage's Inductor partitions are frozen: this row stands for them
+        _row("collage", 4.1, search_singles_ms={"eager": 9.0, "inductor": 3.5, "openvino": 3.2}),
+    ]
+    lines = summary(rows)
+    assert "best single (inductor_freezing 3.000 ms)" in lines[0]
+    assert (
+        "rank the single backends differently (search/bench ms): openvino 3.200/4.000, inductor 3.500/3.000"
+        in lines[0]
+    )
+
+
+def test_summary_says_nothing_of_rankings_when_they_agree():
+    rows = [
+        _row("openvino", 4.0),
+        _row("onnxruntime", 5.0),
+        _row("collage", 4.1, search_singles_ms={"onnxruntime": 4.9, "openvino": 3.9}),
+    ]
+    assert "rank" not in summary(rows)[0]
+
+
+def test_checked_row_records_a_failing_compile_and_checks_the_callable():
+    import torch
+
+    from benchmarks.bench_collage import _checked_row
+
+    x = torch.randn(5, 3)
+    reference = (x.double() * 2, x * 2)
+
+    def broken():
+        raise RuntimeError("backend exploded")
+
+    row, fn = _checked_row({"backend": "b"}, broken, (x,), reference)
+    assert fn is None and row["status"] == "fail" and row["error"] == "RuntimeError: backend exploded"
+
+    row, fn = _checked_row({"backend": "b"}, lambda: (lambda t: t * 2, {"compile_s": 1.5}), (x,), reference)
+    assert row["status"] == "ok" and row["compile_s"] == 1.5 and fn is not None
+
+    row, _ = _checked_row({"backend": "b"}, lambda: (lambda t: t * 3, {}), (x,), reference)
+    assert row["status"] == "mismatch" and row["max_abs_err"] > 0
