@@ -255,9 +255,9 @@ def test_close_single_backends_are_timed_again_side_by_side(tmp_path, monkeypatc
     torch.testing.assert_close(assembled(x), model(x))
 
 
-def test_end_to_end_timing_rotates_the_order_and_keeps_the_best_round(tmp_path):
-    """e2e_many_ms: no placement is always timed first (right after the previous compile); each
-    one's cost is its best round."""
+def _fake_timed_e2e(tmp_path, times: dict[str, list[float]]) -> tuple[list[float], list[str]]:
+    """e2e_many_ms over single-backend placements of a small MLP whose end-to-end timings are
+    ``times[backend]``, served in order; returns its result and the order the calls were timed in."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from torch_collage.cost import CostModel, record_values
@@ -275,18 +275,38 @@ def test_end_to_end_timing_rotates_the_order_and_keeps_the_best_round(tmp_path):
         cost = CostModel(gm, graph, record_values(gm, [x]), specs, CollageOptions(cache_dir=str(tmp_path)),
                          CostCache(str(tmp_path)))  # fmt: skip
         order: list[str] = []
-        times = {"eager": iter([3.0, 1.0, 2.0]), "copy": iter([2.0, 2.5, 4.0]), "slow": iter([9.0, 8.0, 7.0])}
+        served = {name: iter(ms) for name, ms in times.items()}
 
         def fake_time_call(call):
             name = call.args[0]  # the "assembled graph" the item's assemble returned: its name here
             order.append(name)
-            return next(times[name])
+            return next(served[name])
 
         cost.time_call = fake_time_call
-        items = [(_single(graph, b, 1.0), lambda b=b: b) for b in ("eager", "copy", "slow")]
-        got = e2e_many_ms(cost, graph, items, rounds=3)
+        items = [(_single(graph, b, 1.0), lambda b=b: b) for b in times]
+        return e2e_many_ms(cost, graph, items, rounds=3), order
+
+
+def test_end_to_end_timing_rotates_the_order_and_compares_rounds_paired(tmp_path):
+    """No placement is always timed first (right after the previous compile); the machine's speed
+    halves in round 2, and "copy" wins round 3 alone: paired round by round, eager is 5% faster,
+    where the best round would have picked "copy" ([Note: paired end-to-end rounds])."""
+    times = {"eager": [2.0, 4.0, 2.0], "copy": [2.1, 4.2, 1.9], "slow": [9.0, 18.0, 9.0]}
+    got, order = _fake_timed_e2e(tmp_path, times)
     assert order == ["eager", "copy", "slow", "copy", "slow", "eager", "slow", "eager", "copy"]
-    assert got == [1.0, 2.0, 7.0]
+    assert got[0] < got[1] < got[2]
+    assert got[1] / got[0] == pytest.approx(1.05) and got[2] / got[0] == pytest.approx(4.5)
+    assert 2.0 <= got[0] <= 4.0
+
+
+def test_end_to_end_run_off_between_the_two_closest(tmp_path):
+    """Eager and "copy" are within 1% over three rounds: those two alone run more rounds until they
+    separate (after three here); "slow" is not timed again."""
+    times = {"eager": [2.0] * 6, "copy": [2.02, 1.99, 2.01, 2.2, 2.2, 2.2], "slow": [5.0] * 3}
+    got, order = _fake_timed_e2e(tmp_path, times)
+    assert order[9:] == ["copy", "eager", "eager", "copy", "copy", "eager"]  # still rotating
+    assert order.count("slow") == 3
+    assert got[0] < got[1] < got[2] and got[1] / got[0] == pytest.approx(1.054, rel=1e-3)
 
 
 def _drifting_compile(gm: fx.GraphModule, example_inputs):
