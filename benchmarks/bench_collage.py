@@ -381,6 +381,17 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[str]:
             extra.append(
                 f"predicted {crow['predicted_ms']:.3f} ms ({crow['predicted_ms'] / crow['median_ms'] - 1:+.0%})"
             )
+        if crow.get("search_e2e_ms"):  # the same placement, timed by the search minutes earlier: drift
+            extra.append(
+                f"the search timed it {crow['search_e2e_ms']:.3f} ms end to end, without dynamo's frame "
+                f"({crow['search_e2e_ms'] / crow['median_ms'] - 1:+.0%})"
+            )
+        if _EXPORT in ok and ok[_EXPORT].get("predicted_ms"):  # a prediction without dynamo's frame
+            erow = ok[_EXPORT]
+            extra.append(
+                f"export entry predicted {erow['predicted_ms']:.3f} ms "
+                f"({erow['predicted_ms'] / erow['median_ms'] - 1:+.0%})"
+            )
         if crow.get("compile_s") and crow.get("warm_s") is not None:
             extra.append(
                 f"cold {crow['compile_s']:.0f} s, warm {crow['warm_s']:.1f} s "

@@ -117,3 +117,17 @@ def test_checked_row_records_a_failing_compile_and_checks_the_callable():
 
     row, _ = _checked_row({"backend": "b"}, lambda: (lambda t: t * 3, {}), (x,), reference)
     assert row["status"] == "mismatch" and row["max_abs_err"] > 0
+
+
+def test_summary_sets_the_predictions_beside_the_search_own_timing():
+    """The dynamo entry's prediction leaves out dynamo's frame; the export entry's and the search's own
+    end-to-end time show how much of the error is the frame and how much the machine's drift."""
+    rows = [
+        _row("openvino", 1.0),
+        _row("collage", 1.25, predicted_ms=1.0, search_e2e_ms=1.05),
+        _row("collage (export)", 1.1, predicted_ms=1.0),
+    ]
+    line = summary(rows)[0]
+    assert "predicted 1.000 ms (-20%)" in line
+    assert "the search timed it 1.050 ms end to end, without dynamo's frame (-16%)" in line
+    assert "export entry predicted 1.000 ms (-9%)" in line
