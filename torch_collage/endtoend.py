@@ -32,7 +32,7 @@ def e2e_ms(model: CostModel, placement: Placement, assemble: Assemble, graph: Da
 # machine state. Each one's cost was its best round, which let a single lucky round decide: on a
 # shared 2-core Xeon whose speed drifted by a third within minutes, the dynamo entry picked OpenVINO
 # for gpt2 at batch 8 on 20.54 against Inductor's 20.61 ms, though Inductor was faster in 11 of 12
-# three-round trials side by side (paired ratio 0.84-0.98; /tmp experiments, 2026-12-05) and the
+# three-round trials side by side (paired ratio 0.84-1.00; measured 2026-12-05) and the
 # benchmark then timed collage 1.11x frozen Inductor. So the rounds are compared paired: in each
 # round every contender's time is divided by that round's geometric mean over the contenders, and
 # a contender's cost is the median of those ratios over the rounds, scaled by the median round. When
