@@ -16,7 +16,7 @@ from torch_collage.graph import DataflowGraph
 from torch_collage.search import Placement
 from torch_collage.subgraph import digest, tensor_signature
 
-__all__ = ["e2e_many_ms", "e2e_ms", "paired_scores"]
+__all__ = ["e2e_many_ms", "e2e_ms"]
 
 
 Assemble = Callable[[], AssembledGraph]  # builds (compiles) the placement only when it must be timed
@@ -67,7 +67,7 @@ def e2e_many_ms(
 
     order = list(built)
     run_rounds(order, rounds)
-    ms = dict(zip(order, paired_scores([samples[i] for i in order]))) if order else {}
+    ms = dict(zip(order, _paired_scores([samples[i] for i in order]))) if order else {}
     if len(order) > 1:
         finalists = sorted(order, key=ms.__getitem__)[:2]
         for _ in range(RUNOFF_ROUNDS):
@@ -75,7 +75,7 @@ def e2e_many_ms(
             if max(a, b) > min(a, b) * (1 + RUNOFF_MARGIN):
                 break
             run_rounds(finalists, 1)
-            ms.update(zip(finalists, paired_scores([samples[i] for i in finalists])))
+            ms.update(zip(finalists, _paired_scores([samples[i] for i in finalists])))
     out = []
     for i, (key, hit) in enumerate(zip(keys, cached)):
         if hit is None:
@@ -85,7 +85,7 @@ def e2e_many_ms(
     return out
 
 
-def paired_scores(samples: Sequence[Sequence[float]]) -> list[float]:
+def _paired_scores(samples: Sequence[Sequence[float]]) -> list[float]:
     """Per contender, the median over rounds of its time over that round's geometric mean across the
     contenders, times the median round's geometric mean (rounds all contenders ran); see
     [Note: paired end-to-end rounds]. One contender: the median of its times."""
