@@ -5,16 +5,16 @@ Partition costs are measured alone; assembled, runtimes interfere (ONNX Runtime 
 pools hand cores over, tensors are converted at boundaries). So the searched placement is assembled
 and measured end to end beside every whole-graph single backend whose own cost was within
 ``CLOSE_FACTOR`` (1.5x) of the best one, alternating three rounds compared paired, with a run-off
-between the best two when they are within 3% ([Note: paired end-to-end rounds] in endtoend.py);
-the fastest is chosen, a single backend on a tie. Comparing the singles again matters as much as
+between the best two when they are within 3% ([Note: paired end-to-end rounds] in endtoend.py); the
+fastest is chosen, a single backend on a tie. Comparing the singles again matters as much as
 checking a mixed placement: one cost measurement each, taken minutes apart on a shared 2-core
-machine, picked ONNX Runtime for dlrm at 3.6 ms where OpenVINO runs it in 2.5 ms (the benchmark
-then timed collage 1.53x the best backend). The factor is wide because such outliers are large: during one benchmark run OpenVINO's
-whole resnext50 measured 361 ms in the search and 240 ms side by side afterwards; at 1.25x it was
-not timed again and collage ran Inductor at 1.19x the best backend (that outlier's cause, found
-later: OpenVINO's telemetry forking the process, now paused; [Note: OpenVINO telemetry]). The whole
-graphs were compiled while measuring and are reused, and the end-to-end times are cached too, so a
-warm compile measures nothing.
+machine, picked ONNX Runtime for dlrm at 3.6 ms where OpenVINO runs it in 2.5 ms (the benchmark then
+timed collage 1.53x the best backend). The factor is wide because such outliers are large: during
+one benchmark run OpenVINO's whole resnext50 measured 361 ms in the search and 240 ms side by side
+afterwards; at 1.25x it was not timed again and collage ran Inductor at 1.19x the best backend (that
+outlier's cause, found later: OpenVINO's telemetry forking the process, now paused;
+[Note: OpenVINO telemetry]). The whole graphs were compiled while measuring and are reused, and the
+end-to-end times are cached too, so a warm compile measures nothing.
 """
 
 from __future__ import annotations
