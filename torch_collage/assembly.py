@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import fx
 
+from torch_collage.freeze import fetch_attr
 from torch_collage.subgraph import Subgraph
 
 __all__ = ["AssembledGraph", "Step"]
@@ -51,7 +52,7 @@ class AssembledGraph:
         for node in gm.graph.nodes:
             if node.op == "get_attr":
                 slot[node] = len(template)
-                template.append(_fetch(gm, str(node.target)))
+                template.append(fetch_attr(gm, str(node.target)))
         program = []
         for step in self.steps:
             ins = tuple(slot[n] for n in step.subgraph.inputs)
@@ -84,10 +85,3 @@ class AssembledGraph:
 
     def __repr__(self) -> str:
         return "AssembledGraph(" + " -> ".join(s.backend for s in self.steps) + ")"
-
-
-def _fetch(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj

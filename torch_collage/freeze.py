@@ -20,7 +20,13 @@ from typing import Any
 import torch
 from torch import fx
 
-__all__ = ["FROZEN_PREFIX", "FrozenInputs", "freeze_inputs", "static_input_indices"]
+__all__ = [
+    "FROZEN_PREFIX",
+    "FrozenInputs",
+    "fetch_attr",
+    "freeze_inputs",
+    "static_input_indices",
+]
 
 FROZEN_PREFIX = "_collage_frozen_"  # attribute names of frozen inputs
 
@@ -90,3 +96,11 @@ def freeze_inputs(gm: fx.GraphModule, args: Sequence[Any], indices: Sequence[int
     frozen.graph = graph
     frozen.recompile()
     return frozen
+
+
+def fetch_attr(gm: torch.nn.Module, target: str) -> Any:
+    """The attribute a ``get_attr`` node with ``target`` (a dotted path) reads from ``gm``."""
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -3,17 +3,20 @@
 A *unit* is one ``call_function`` node together with the ``getitem`` nodes that unpack its tuple
 output, so a partition never splits a multi-output op from its outputs. Unit ``i`` is bit ``1 << i``.
 Ancestor and descendant sets are precomputed, so a convexity check is a few big-int operations.
+Nodes computed from constants alone are not units; see [Note: constant expressions].
 """
 
 from __future__ import annotations
 
 import operator
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import fx
 
-__all__ = ["DataflowGraph", "bits", "lowest_bit"]
+__all__ = ["DataflowGraph", "bits", "constant_expressions", "find_constant_expressions", "lowest_bit"]
 
 
 def bits(mask: int) -> Iterator[int]:
@@ -92,10 +95,69 @@ class DataflowGraph:
         return [self.units[i][0].name for i in bits(mask)]
 
 
+# [Note: constant expressions]
+# After freezing, an inference graph still computes some values from constants alone on every call:
+# the transposed weight ``t(W)`` in front of each ``addmm``, a view of a bias, a causal mask built by
+# ``arange``/``gt``. A backend given the whole graph folds them and pre-packs the weights. Were such a
+# node a unit of its own, a partition consuming it from another partition would receive ``t(W)`` as
+# an *input*, could not pre-pack it, and (ONNX Runtime, OpenVINO) would convert it on every call; the
+# partition producing it would copy it out on every call. On gpt2 at batch 8 (Xeon, 2026-12-05) an
+# OpenVINO partition of 16 ops holding the last block's MLP and the head ran 15.1 ms with its
+# transposed weights as inputs and 11.3 ms with them as constants (the whole model on OpenVINO: 18-19
+# ms); a partition that computed the 25 transposes for the others cost 5.8 ms on OpenVINO. So these
+# nodes are not units: ``extract`` copies the ones a partition reads into it, and each backend sees
+# ``addmm(b, x, t(W))`` with ``W`` constant, as in the whole graph. (Folding them into new constants
+# before placement was tried first: it made whole-graph Inductor and OpenVINO 3-4% slower on gpt2
+# and bert, whose pattern rewrites expect the transpose.) Random and mutating ops are never constant
+# expressions, nor are values the graph returns.
+_constant_expressions: weakref.WeakKeyDictionary[fx.Graph, frozenset[fx.Node]] = weakref.WeakKeyDictionary()
+
+
+def constant_expressions(graph: fx.Graph) -> frozenset[fx.Node]:
+    """The ``call_function`` nodes of ``graph`` computed from ``get_attr`` constants alone (computed
+    once per graph; the graph must not change afterwards). See [Note: constant expressions]."""
+    found = _constant_expressions.get(graph)
+    if found is None:
+        found = find_constant_expressions(graph)
+        _constant_expressions[graph] = found
+    return found
+
+
+def find_constant_expressions(graph: fx.Graph) -> frozenset[fx.Node]:
+    """``constant_expressions`` computed afresh (for a graph about to change)."""
+    consts: set[fx.Node] = set()
+    for node in graph.nodes:
+        pure = node.target is operator.getitem or (
+            isinstance(node.target, torch._ops.OpOverload)
+            and not node.target._schema.is_mutable
+            and torch.Tag.nondeterministic_seeded not in node.target.tags
+        )
+        if (
+            node.op == "call_function"
+            and pure
+            and all(a.op == "get_attr" or a in consts for a in node.all_input_nodes)
+            and not any(u.op == "output" for u in node.users)
+        ):
+            consts.add(node)
+    # a multi-output op stays whole (constant only if every getitem of it is), and what it fed
+    # then is not constant either
+    changed = True
+    while changed:
+        changed = False
+        for node in list(consts):
+            if any(a.op != "get_attr" and a not in consts for a in node.all_input_nodes) or any(
+                u.target is operator.getitem and u not in consts for u in node.users
+            ):
+                consts.discard(node)
+                changed = True
+    return frozenset(consts)
+
+
 def _units(graph: fx.Graph) -> list[tuple[fx.Node, ...]]:
     units: list[tuple[fx.Node, ...]] = []
+    consts = constant_expressions(graph)
     for node in graph.nodes:
-        if node.op != "call_function" or node.target is operator.getitem:
+        if node.op != "call_function" or node.target is operator.getitem or node in consts:
             continue
         getitems = tuple(u for u in node.users if u.op == "call_function" and u.target is operator.getitem)
         units.append((node, *getitems))

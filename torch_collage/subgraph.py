@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from torch import fx
 
-from torch_collage.freeze import FROZEN_PREFIX
+from torch_collage.freeze import FROZEN_PREFIX, fetch_attr
+from torch_collage.graph import constant_expressions, find_constant_expressions
 
-__all__ = ["Subgraph", "constants_digest", "digest", "extract", "tensor_signature"]
+__all__ = ["Subgraph", "constants_digest", "digest", "extract", "fold_constants", "tensor_signature"]
 
 
 @dataclass(frozen=True)
@@ -47,11 +48,17 @@ def extract(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> Subgraph:
     local: dict[fx.Node, int] = {}
     lines: list[str] = []
 
+    consts = constant_expressions(gm.graph)
+
     def lookup(arg: fx.Node) -> fx.Node:
         if arg not in env:
-            if arg.op == "get_attr":
+            if arg in consts:  # computed inside from its constants: [Note: constant expressions]
+                env[arg] = graph.node_copy(arg, lookup)
+                env[arg].meta = {}
+                lines.append(f"{arg.target} {_canon(arg.args, local)} {_canon(arg.kwargs, local)}")
+            elif arg.op == "get_attr":
                 name = f"c{len(env)}"
-                _attach(root, name, _fetch_attr(gm, str(arg.target)))
+                _attach(root, name, fetch_attr(gm, str(arg.target)))
                 env[arg] = graph.get_attr(name)
                 lines.append(f"const {_const_digest(getattr(root, name), by_value=not _is_frozen(arg))}")
             else:
@@ -72,13 +79,47 @@ def extract(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> Subgraph:
     return Subgraph(root, graph, tuple(inputs), outputs, "\n".join(lines))
 
 
+def fold_constants(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` with its constant expressions ([Note: constant expressions] in graph.py)
+    evaluated once into constants, for a backend that takes weights only as plain constants (CUTLASS
+    reads ``addmm(b, x, t(W))`` as a GEMM on a constant ``t(W)``). ``gm`` itself is left alone."""
+    consts = find_constant_expressions(gm.graph)
+    if not consts:
+        return gm
+    graph = fx.Graph()
+    attrs: dict[str, Any] = {}
+    values: dict[fx.Node, Any] = {}
+    env: dict[fx.Node, fx.Node] = {}
+
+    def lookup(arg: fx.Node) -> fx.Node:
+        if arg not in env:  # a constant expression read by a kept node: it becomes a constant
+            name = f"folded{len(attrs)}"
+            attrs[name] = values[arg]
+            env[arg] = graph.get_attr(name)
+        return env[arg]
+
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            values[node] = fetch_attr(gm, str(node.target))
+            attrs[str(node.target)] = values[node]
+            env[node] = graph.get_attr(str(node.target))
+        elif node in consts:
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), values.__getitem__)
+            with torch.no_grad():
+                values[node] = node.target(*args, **kwargs)  # type: ignore[operator]
+        else:
+            env[node] = graph.node_copy(node, lookup)
+    graph.eliminate_dead_code()
+    return fx.GraphModule(attrs, graph)
+
+
 def constants_digest(sub: Subgraph) -> str:
     """A digest of the values of ``sub``'s constants (frozen weights included), for keys of what a
     backend compiled with those values baked in; see [Note: compiled artifacts] in artifacts.py."""
     parts = []
     for node in sub.graph.nodes:
         if node.op == "get_attr":
-            parts.append(_const_digest(_fetch_attr(sub.root, str(node.target))))
+            parts.append(_const_digest(fetch_attr(sub.root, str(node.target))))
     return digest(*parts)
 
 
@@ -101,13 +142,6 @@ def _canon(value: Any, local: dict[fx.Node, int]) -> str:
     if isinstance(value, dict):
         return "{" + ",".join(f"{k}:{_canon(v, local)}" for k, v in sorted(value.items())) + "}"
     return repr(value)
-
-
-def _fetch_attr(gm: torch.nn.Module, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _attach(root: torch.nn.Module, name: str, value: Any) -> None:

@@ -55,6 +55,7 @@ from torch_collage.backends._gpu import (
 )
 from torch_collage.backends.base import BackendCompileError
 from torch_collage.spec import node_tensor_meta, op_name
+from torch_collage.subgraph import fold_constants
 
 __all__ = ["CUTLASS_PATTERNS", "CutlassBackend", "cutlass_claims"]
 
@@ -320,6 +321,7 @@ class CutlassBackend:
             raise BackendCompileError(
                 _NAME, f"takes ATen graphs (fx.GraphModule), got {type(module).__name__}"
             )
+        module = fold_constants(module)  # t(W) in front of addmm: a constant B, as CUTLASS takes it
         fused = match_fused(module)
         dtype = _dtype(module, fused, example_inputs)
         try:
