@@ -55,7 +55,7 @@ def extract(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> Subgraph:
             if arg in consts:  # computed inside from its constants: [Note: constant expressions]
                 env[arg] = graph.node_copy(arg, lookup)
                 env[arg].meta = {}
-                lines.append(f"{arg.target} {_canon(arg.args, local)} {_canon(arg.kwargs, local)}")
+                lines.append(_op_line(arg, local))
             elif arg.op == "get_attr":
                 name = f"c{len(env)}"
                 _attach(root, name, fetch_attr(gm, str(arg.target)))
@@ -71,7 +71,7 @@ def extract(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> Subgraph:
     for node in ordered:
         env[node] = graph.node_copy(node, lookup)
         env[node].meta = {}  # the parent's fake values and traces confuse re-tracing backends
-        lines.append(f"{node.target} {_canon(node.args, local)} {_canon(node.kwargs, local)}")
+        lines.append(_op_line(node, local))
         local[node] = len(lines) - 1
     outputs = tuple(n for n in ordered if any(u not in inside for u in n.users))
     graph.output(tuple(env[n] for n in outputs))
@@ -132,6 +132,11 @@ def tensor_signature(values: Iterable[Any]) -> str:
         else:
             parts.append(repr(v))
     return ";".join(parts)
+
+
+def _op_line(node: fx.Node, local: dict[fx.Node, int]) -> str:
+    """``node``'s line of a canonical key: its op and arguments, nodes named by position."""
+    return f"{node.target} {_canon(node.args, local)} {_canon(node.kwargs, local)}"
 
 
 def _canon(value: Any, local: dict[fx.Node, int]) -> str:
