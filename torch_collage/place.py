@@ -20,7 +20,6 @@ end-to-end times are cached too, so a warm compile measures nothing.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -35,7 +34,7 @@ from torch_collage.assembly import AssembledGraph, Step
 from torch_collage.cache import CostCache
 from torch_collage.candidates import Candidate, enumerate_candidates
 from torch_collage.cost import CostModel, outputs_match, record_values
-from torch_collage.endtoend import e2e_many_ms, e2e_ms
+from torch_collage.endtoend import e2e_many_ms, e2e_ms, e2e_pair_ms
 from torch_collage.graph import DataflowGraph, bits
 from torch_collage.options import CollageOptions
 from torch_collage.refine import refine
@@ -177,8 +176,14 @@ def _refine(
             costs[cand] = model.cost(cand)
         return costs[cand]
 
-    def measure_e2e(p: Placement) -> float:
-        return e2e_ms(model, p, functools.partial(_assemble, gm, p, model), graph)
+    built: dict[str, Callable[[], AssembledGraph]] = {}  # the last two compared: the best is one
+
+    def compare_e2e(a: Placement, b: Placement) -> tuple[float, float]:
+        ka, kb = a.describe(graph), b.describe(graph)
+        lazies = {ka: built.get(ka) or _lazy(gm, a, model), kb: built.get(kb) or _lazy(gm, b, model)}
+        built.clear()
+        built.update(lazies)
+        return e2e_pair_ms(model, graph, (a, lazies[ka]), (b, lazies[kb]))
 
     # [Note: replayed refinement]
     # Refinement stops at a time budget. Replaying it from cached costs is faster than measuring, so
@@ -193,7 +198,7 @@ def _refine(
             return _placement_from_json(stored, cost, model)
         except (ValueError, KeyError, TypeError) as exc:
             logger.warning("torch_collage: cached refinement unreadable (%s); refining again", exc)
-    refined = refine(placement, graph, list(model.specs), cost, model.switch_cost, measure_e2e, budget)
+    refined = refine(placement, graph, list(model.specs), cost, model.switch_cost, compare_e2e, budget)
     model.cache.put_text(key, json.dumps([[str(p.mask), p.backend] for p in refined.partitions]))
     return refined
 

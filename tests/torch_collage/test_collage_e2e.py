@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 
 import pytest
 import torch
@@ -287,6 +288,47 @@ def _fake_timed_e2e(tmp_path, times: dict[str, list[float]]) -> tuple[list[float
         cost.time_call = fake_time_call
         items = [(_single(graph, b, 1.0), lambda b=b: b) for b in times]
         return e2e_many_ms(cost, graph, items, rounds=3), order
+
+
+def test_end_to_end_times_are_reused_only_for_the_same_comparison(tmp_path):
+    """A placement's end-to-end time is compared only with times measured beside it: a new
+    comparison times every member again; the same comparison again (a warm compile) times nothing
+    ([Note: end-to-end times are cached per comparison])."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from torch_collage.cost import CostModel, record_values
+    from torch_collage.endtoend import e2e_many_ms
+    from torch_collage.graph import DataflowGraph
+    from torch_collage.options import CollageOptions
+    from torch_collage.place import _single
+    from torch_collage.registry import get_spec
+
+    model, x = _mlp().eval(), torch.randn(4, 16)
+    gm = make_fx(model)(x)
+    graph = DataflowGraph.from_graph(gm.graph)
+    with registered_backend("copy", compile=_mm_compile), registered_backend("slow", compile=_mm_compile):
+        specs = {name: get_spec(name) for name in ("eager", "copy", "slow")}
+        cost = CostModel(gm, graph, record_values(gm, [x]), specs, CollageOptions(cache_dir=str(tmp_path)),
+                         CostCache(str(tmp_path)))  # fmt: skip
+        timed: list[str] = []
+        speed = {"eager": random.uniform(1.0, 2.0), "copy": random.uniform(3.0, 4.0), "slow": 9.0}
+
+        def fake_time_call(call):
+            timed.append(call.args[0])
+            return speed[call.args[0]]
+
+        cost.time_call = fake_time_call
+        item = {b: (_single(graph, b, 1.0), lambda b=b: b) for b in speed}
+        first = e2e_many_ms(cost, graph, [item["eager"], item["copy"]])
+        assert sorted(set(timed)) == ["copy", "eager"] and first == pytest.approx(
+            [speed["eager"], speed["copy"]]
+        )
+        timed.clear()
+        speed["eager"] *= 2  # the machine slowed down: eager's earlier time is not comparable any more
+        second = e2e_many_ms(cost, graph, [item["eager"], item["slow"]])
+        assert sorted(set(timed)) == ["eager", "slow"] and second[0] == pytest.approx(speed["eager"])
+        timed.clear()
+        assert e2e_many_ms(cost, graph, [item["eager"], item["copy"]]) == first and timed == []
 
 
 def test_end_to_end_timing_rotates_the_order_and_compares_rounds_paired(tmp_path):

@@ -211,11 +211,21 @@ def test_refine_keeps_a_measured_improvement_only():
     g = _graph(_chain)
     start = Placement.priced([Partition(g.full, "a", 5.0)], lambda a, b: 0.0)
     cost = lambda c: 4.0 if c.backend == "b" else 5.0
-    faster = lambda p: 1.0 if p.backends == ("b",) else 3.0
-    slower = lambda p: 9.0 if p.backends == ("b",) else 3.0
     switch = lambda a, b: 0.0
-    assert refine(start, g, ["a", "b"], cost, switch, faster, budget_s=5).backends == ("b",)
-    assert refine(start, g, ["a", "b"], cost, switch, slower, budget_s=5).backends == ("a",)
+    compared: list[tuple[tuple[str, ...], tuple[str, ...]]] = []
+
+    def timed(b_ms: float):
+        def compare(p: Placement, q: Placement) -> tuple[float, float]:
+            compared.append((p.backends, q.backends))
+            ms = {("a",): 3.0, ("b",): b_ms}
+            return ms[p.backends], ms[q.backends]
+
+        return compare
+
+    assert refine(start, g, ["a", "b"], cost, switch, timed(1.0), budget_s=5).backends == ("b",)
+    # each move is timed beside the current placement ([Note: end-to-end times are cached per comparison])
+    assert compared[0] == (("a",), ("b",))
+    assert refine(start, g, ["a", "b"], cost, switch, timed(9.0), budget_s=5).backends == ("a",)
 
 
 def test_placement_priced_adds_switch_costs():
