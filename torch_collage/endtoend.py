@@ -57,12 +57,12 @@ RUNOFF_ROUNDS = 4
 # a move that measured faster than that old time; the end-to-end check then reused those cached,
 # unpaired times. In three benchmark runs (two on the Xeon, one on the EPYC) residual_mlp's search
 # found OpenVINO fastest alone, yet ended on ONNX Runtime or Inductor, which the benchmark timed
-# 1.16-1.45x OpenVINO (the search's own times of that comparison are not logged, so this is the
-# likely cause, not a proven one). Now every comparison times all its members afresh, side by side, and its
-# result is cached under the whole comparison (the graph, its inputs and every member's placement):
-# a warm compile replays the same comparisons and gets the same answers without timing anything.
-# In the first benchmark run after the change (EPYC, mlp and residual_mlp), residual_mlp kept
-# OpenVINO. Refinement pays for it: each move re-times the current placement beside it.
+# 1.16-1.45x OpenVINO (the search does not log its comparisons, so this is the likely cause, not a
+# proven one). Now every comparison times all its members afresh, side by side, and its result is
+# cached under the whole comparison (the graph, its inputs and every member's placement): a warm
+# compile replays the same comparisons and gets the same answers without timing anything. In the
+# three benchmark runs after the change (EPYC, 2026-12-06) residual_mlp kept OpenVINO. Refinement
+# pays for it: each move re-times the current placement beside it.
 
 
 def e2e_many_ms(
