@@ -74,7 +74,7 @@ def e2e_many_ms(
     for this comparison only ([Note: end-to-end times are cached per comparison])."""
     placeholders = [n for n in model.gm.graph.nodes if n.op == "placeholder"]
     args = [model.values[n] for n in placeholders]
-    group = digest("e2e-group", *(_e2e_key(model, graph, p, args) for p, _ in items))
+    group = _comparison_key(model, graph, [p for p, _ in items], args)
     stored = model.cache.get_text(group)  # [Note: end-to-end times are cached per comparison]
     if stored is not None:
         try:
@@ -123,13 +123,12 @@ def _call(assembled: AssembledGraph, args: Sequence[Any]) -> Any:
     return assembled(*args)
 
 
-def _e2e_key(model: CostModel, graph: DataflowGraph, placement: Placement, args: Sequence[Any]) -> str:
-    versions = ",".join(f"{b}={model.versions[b]}" for b in placement.backends)
-    return digest(
-        "e2e",
-        str(model.gm.graph),
-        tensor_signature(args),
-        placement.describe(graph),
-        versions,
-        str(model.threads),
-    )
+def _comparison_key(
+    model: CostModel, graph: DataflowGraph, placements: Sequence[Placement], args: Sequence[Any]
+) -> str:
+    """The cache key of one side-by-side comparison: the graph, its inputs, the threads and each
+    member's placement with its backends' versions, in order."""
+    members = [
+        f"{p.describe(graph)}|" + ",".join(f"{b}={model.versions[b]}" for b in p.backends) for p in placements
+    ]
+    return digest("e2e-group", str(model.gm.graph), tensor_signature(args), str(model.threads), *members)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 
@@ -258,13 +259,13 @@ def test_close_single_backends_are_timed_again_side_by_side(tmp_path, monkeypatc
     torch.testing.assert_close(assembled(x), model(x))
 
 
-def _fake_timed_e2e(tmp_path, times: dict[str, list[float]]) -> tuple[list[float], list[str]]:
-    """e2e_many_ms over single-backend placements of a small MLP whose end-to-end timings are
-    ``times[backend]``, served in order; returns its result and the order the calls were timed in."""
+@contextlib.contextmanager
+def _timed_mlp(tmp_path, time_call):
+    """A cost model of a small MLP with backends "eager", "copy" and "slow", whose ``time_call`` is
+    ``time_call(name)`` for an item built by ``items[name]``; yields ``(cost, graph, items)``."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from torch_collage.cost import CostModel, record_values
-    from torch_collage.endtoend import e2e_many_ms
     from torch_collage.graph import DataflowGraph
     from torch_collage.options import CollageOptions
     from torch_collage.place import _single
@@ -277,48 +278,41 @@ def _fake_timed_e2e(tmp_path, times: dict[str, list[float]]) -> tuple[list[float
         specs = {name: get_spec(name) for name in ("eager", "copy", "slow")}
         cost = CostModel(gm, graph, record_values(gm, [x]), specs, CollageOptions(cache_dir=str(tmp_path)),
                          CostCache(str(tmp_path)))  # fmt: skip
-        order: list[str] = []
-        served = {name: iter(ms) for name, ms in times.items()}
+        # the "assembled graph" an item's assemble returns is its backend's name
+        cost.time_call = lambda call: time_call(call.args[0])
+        yield cost, graph, {b: (_single(graph, b, 1.0), lambda b=b: b) for b in specs}
 
-        def fake_time_call(call):
-            name = call.args[0]  # the "assembled graph" the item's assemble returned: its name here
-            order.append(name)
-            return next(served[name])
 
-        cost.time_call = fake_time_call
-        items = [(_single(graph, b, 1.0), lambda b=b: b) for b in times]
-        return e2e_many_ms(cost, graph, items, rounds=3), order
+def _fake_timed_e2e(tmp_path, times: dict[str, list[float]]) -> tuple[list[float], list[str]]:
+    """e2e_many_ms over single-backend placements of a small MLP whose end-to-end timings are
+    ``times[backend]``, served in order; returns its result and the order the calls were timed in."""
+    from torch_collage.endtoend import e2e_many_ms
+
+    order: list[str] = []
+    served = {name: iter(ms) for name, ms in times.items()}
+
+    def fake_time_call(name: str) -> float:
+        order.append(name)
+        return next(served[name])
+
+    with _timed_mlp(tmp_path, fake_time_call) as (cost, graph, item):
+        return e2e_many_ms(cost, graph, [item[b] for b in times], rounds=3), order
 
 
 def test_end_to_end_times_are_reused_only_for_the_same_comparison(tmp_path):
     """A placement's end-to-end time is compared only with times measured beside it: a new
     comparison times every member again; the same comparison again (a warm compile) times nothing
     ([Note: end-to-end times are cached per comparison])."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    from torch_collage.cost import CostModel, record_values
     from torch_collage.endtoend import e2e_many_ms
-    from torch_collage.graph import DataflowGraph
-    from torch_collage.options import CollageOptions
-    from torch_collage.place import _single
-    from torch_collage.registry import get_spec
 
-    model, x = _mlp().eval(), torch.randn(4, 16)
-    gm = make_fx(model)(x)
-    graph = DataflowGraph.from_graph(gm.graph)
-    with registered_backend("copy", compile=_mm_compile), registered_backend("slow", compile=_mm_compile):
-        specs = {name: get_spec(name) for name in ("eager", "copy", "slow")}
-        cost = CostModel(gm, graph, record_values(gm, [x]), specs, CollageOptions(cache_dir=str(tmp_path)),
-                         CostCache(str(tmp_path)))  # fmt: skip
-        timed: list[str] = []
-        speed = {"eager": random.uniform(1.0, 2.0), "copy": random.uniform(3.0, 4.0), "slow": 9.0}
+    timed: list[str] = []
+    speed = {"eager": random.uniform(1.0, 2.0), "copy": random.uniform(3.0, 4.0), "slow": 9.0}
 
-        def fake_time_call(call):
-            timed.append(call.args[0])
-            return speed[call.args[0]]
+    def fake_time_call(name: str) -> float:
+        timed.append(name)
+        return speed[name]
 
-        cost.time_call = fake_time_call
-        item = {b: (_single(graph, b, 1.0), lambda b=b: b) for b in speed}
+    with _timed_mlp(tmp_path, fake_time_call) as (cost, graph, item):
         first = e2e_many_ms(cost, graph, [item["eager"], item["copy"]])
         assert sorted(set(timed)) == ["copy", "eager"] and first == pytest.approx(
             [speed["eager"], speed["copy"]]
