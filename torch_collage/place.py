@@ -199,6 +199,12 @@ def _refine(
         except (ValueError, KeyError, TypeError) as exc:
             logger.warning("torch_collage: cached refinement unreadable (%s); refining again", exc)
     refined = refine(placement, graph, list(model.specs), cost, model.switch_cost, compare_e2e, budget)
+    # [Note: refined regions are measured] A kept move may merge neighbouring partitions into a
+    # region no candidate covered, priced as the sum of its parts (``merge_consecutive``). Measuring
+    # it here gives the report a measured prediction, and lets the warm replay below find its cost
+    # in the cache: unmeasured, each such region cost a warm compile one timing (warm compiles in
+    # the zoo runs timed 1-3 things on residual_mlp, dcgan, dlrm and candle_uno).
+    refined = _remeasure_merged(refined, model, costs)
     model.cache.put_text(key, json.dumps([[str(p.mask), p.backend] for p in refined.partitions]))
     return refined
 

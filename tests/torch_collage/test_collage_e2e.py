@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 
 import pytest
@@ -89,6 +90,49 @@ def test_warm_compile_replays_the_refinement(tmp_path, monkeypatch):
     warm = torch_collage.explain(_mlp().eval(), x, **opts)
     assert len(calls) == 1  # replayed from the cache, not refined again
     assert [(p.backend, p.nodes) for p in warm.partitions] == [(p.backend, p.nodes) for p in cold.partitions]
+
+
+def test_warm_compile_measures_nothing_after_refinement_merged_partitions(tmp_path, monkeypatch):
+    """A move that refinement keeps can merge neighbouring partitions into a region no candidate
+    covered (its cost predicted as a sum). The cold compile measures such regions, so that
+    replaying the refined placement warm finds every cost cached. The search is steered with
+    fixed stand-ins (the DP starts from backends alternating per unit; a comparison prefers fewer
+    partitions short of the whole graph); compiling, measuring and the end-to-end check are real."""
+    from torch_collage import place
+    from torch_collage.candidates import Candidate
+    from torch_collage.search import Partition, Placement
+
+    def alternating(graph, cands, cost, switch):
+        parts = []
+        for i in range(len(graph.units)):
+            backend = ("eager", "inductor")[i % 2]
+            parts.append(Partition(1 << i, backend, cost(Candidate(1 << i, backend))))
+        return Placement.priced(parts, switch)
+
+    def fewer_partitions(model, graph, a, b):
+        def score(p):
+            return math.inf if any(q.mask == graph.full for q in p.partitions) else len(p.partitions)
+
+        return score(a[0]), score(b[0])
+
+    refined = []
+    real_refine = place.refine
+    monkeypatch.setattr(place, "search_cover", alternating)
+    monkeypatch.setattr(place, "e2e_pair_ms", fewer_partitions)
+    monkeypatch.setattr(place, "refine", lambda *a, **k: refined.append(real_refine(*a, **k)) or refined[-1])
+    opts = {
+        "backends": ["eager", "inductor"], "cache_dir": str(tmp_path), "search": "dp+refine", **_FAST,
+        "max_depth": 1,
+    }  # fmt: skip
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    x = torch.randn(4, 16)
+    torch_collage.explain(model.eval(), x, **opts)
+    assert len(refined) == 1
+    assert any(bin(p.mask).count("1") > 1 for p in refined[0].partitions)  # a merged region was kept
+    before = torch_collage.measurement_count()
+    warm = torch_collage.explain(model.eval(), x, **opts)
+    assert torch_collage.measurement_count() == before and warm.candidates_measured == 0
+    assert len(refined) == 1  # replayed, not refined again
 
 
 def test_explain_report_and_picture(tmp_path):
