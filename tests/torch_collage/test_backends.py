@@ -310,3 +310,57 @@ def test_whole_graph_runtimes_print_no_torch_treespec_deprecation(name: str) -> 
         warnings.simplefilter("always")
         torch.testing.assert_close(_compile(name, model, (x,))(x), model(x), **TOL)
     assert not [w for w in caught if "LeafSpec" in str(w.message)]
+
+
+def _openvino_or_skip() -> Any:
+    from torch_collage.backends import openvino
+
+    if not openvino.OpenVinoBackend().available()[0]:
+        pytest.skip("openvino unavailable")
+    return openvino
+
+
+def test_openvino_helper_compile_matches_in_process_compile() -> None:
+    """[Note: OpenVINO compiles in a helper process]: the blob compiled in the helper and imported
+    here computes exactly what an in-process compile computes, on fresh inputs."""
+    openvino = _openvino_or_skip()
+    model = ConvBN().eval()
+    example = (torch.randn(2, 3, 12, 12),)
+    with torch.no_grad():
+        helper = openvino.OpenVinoBackend(compile_in_helper=True).compile(model, example)
+        local = openvino.OpenVinoBackend(compile_in_helper=False).compile(model, example)
+        x = torch.randn(2, 3, 12, 12)
+        torch.testing.assert_close(helper(x), local(x), rtol=0, atol=0)
+        torch.testing.assert_close(helper(x), model(x), **TOL)
+
+
+def test_openvino_helper_crash_fails_the_graph_and_the_next_compile_recovers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A helper that dies by a signal while compiling (as OpenVINO's CPU plugin does on some graphs)
+    gives a ``BackendCompileError`` naming the signal, not a dead caller; the next compile starts a
+    new, real helper."""
+    import subprocess
+    import sys
+
+    openvino = _openvino_or_skip()
+    helper = openvino._CompileHelper()
+    crashing = [
+        sys.executable,
+        "-c",
+        "import os, signal, sys; sys.stdin.readline(); os.kill(os.getpid(), signal.SIGSEGV)",
+    ]
+    real_process = helper._process
+
+    def crash_once() -> subprocess.Popen[str]:
+        monkeypatch.setattr(helper, "_process", real_process)
+        helper._proc = subprocess.Popen(crashing, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        return helper._proc
+
+    monkeypatch.setattr(helper, "_process", crash_once)
+    monkeypatch.setattr(openvino, "_HELPER", helper)
+    model, x = MLP().eval(), torch.randn(4, 32)
+    with pytest.raises(BackendCompileError, match=r"crashed in the helper process.*SIGSEGV"):
+        _compile("openvino", model, (x,))
+    torch.testing.assert_close(_compile("openvino", model, (x,))(x), model(x), **TOL)
+    helper.close()

@@ -9,14 +9,21 @@ the CPU plugin refuses a Convolution whose weight (a graph input in ATen graphs)
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import importlib.metadata
 import importlib.util
 import io
+import json
 import logging
 import os
 import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -57,6 +64,9 @@ class OpenVinoBackend:
     # differed from eager by 4e-3; True leaves the plugin's default.
     allow_low_precision: bool = False
     num_threads: int | None = None  # INFERENCE_NUM_THREADS; None: torch.get_num_threads() at compile time
+    # compile in a helper process and import the result, so that a crash of OpenVINO's compiler
+    # fails this graph instead of killing the caller; [Note: OpenVINO compiles in a helper process]
+    compile_in_helper: bool = True
 
     def __post_init__(self) -> None:
         if self.num_threads is not None and self.num_threads < 1:
@@ -81,8 +91,13 @@ class OpenVinoBackend:
         start = time.perf_counter()
         graph = export_graph(_NAME, module, example_inputs)
         try:
-            compiled = _core().compile_model(_convert(graph, example_inputs), "CPU", self._config())
-            runner = _OvRunner(compiled, graph)
+            model = _convert(graph, example_inputs)
+            blob: bytes | None = None
+            if self.compile_in_helper:
+                compiled, blob = _HELPER.compile(model, self._config())
+            else:
+                compiled = _core().compile_model(model, "CPU", self._config())
+            runner = _OvRunner(compiled, graph, blob)
             runner(*example_inputs)  # warm-up: first-inference allocations happen here
         except BackendCompileError:
             raise
@@ -98,9 +113,9 @@ class OpenVinoBackend:
         and precision (an import, no conversion or compilation); run once on ``example_inputs``."""
         graph = GraphIO.from_json((directory / _IO_FILE).read_text())
         graph.signature.prepare(example_inputs)  # ValueError unless it was saved for these shapes
-        blob = io.BytesIO((directory / _BLOB_FILE).read_bytes())
-        compiled = _core().import_model(blob, "CPU", self._config())
-        runner = _OvRunner(compiled, graph)
+        data = (directory / _BLOB_FILE).read_bytes()
+        compiled = _core().import_model(io.BytesIO(data), "CPU", self._config())
+        runner = _OvRunner(compiled, graph, data)
         runner(*example_inputs)
         return runner
 
@@ -112,6 +127,99 @@ class OpenVinoBackend:
         if not self.allow_low_precision:
             config["INFERENCE_PRECISION_HINT"] = "f32"
         return config
+
+
+# [Note: OpenVINO compiles in a helper process]
+# OpenVINO's CPU plugin can crash the process compiling a graph it converted without complaint. On
+# the 2-core AMD EPYC (AVX-512) machine with openvino 2026.4.1, a LayerNorm residual MLP of two or
+# more blocks, reshaped to static shapes with a batch of 4 or 8 (widths 16 to 256; batches 2, 12,
+# 16 and 32 compile), dies with a segmentation fault inside ``compile_model``; with
+# ``SNIPPETS_MODE=DISABLE`` it compiles, so the fault is in the plugin's fused-subgraph code
+# generator. Disabling snippets everywhere would cost: whole models ran up to 4-5% slower without
+# them (residual_mlp at batch 32 1.046x, bert at batch 8 1.040x, paired medians of 6 rounds). A
+# collage search compiles hundreds of subgraphs, so a crash of one must not take the user's
+# process down. The backend therefore saves the converted model (``ov.save_model``, weights kept in
+# f32) to a scratch directory, a long-lived helper process (``_ov_compile_worker.py``: OpenVINO
+# only, no torch) compiles it with the same configuration and exports the compiled blob, and this
+# process imports the blob (``import_model``: no second compilation). When the helper dies, the
+# graph fails with a ``BackendCompileError`` naming the signal, collage gives the candidate an
+# infinite cost, and the next compile starts a new helper. ``compile_in_helper=False`` compiles in
+# process.
+
+
+class _CompileHelper:
+    """The helper process of [Note: OpenVINO compiles in a helper process], started on first use."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[str] | None = None
+        self._pid = 0  # the process that started it (a forked child starts its own)
+        self._lock = threading.Lock()
+
+    def compile(self, model: ov.Model, config: dict[str, Any]) -> tuple[ov.CompiledModel, bytes]:
+        """``model`` compiled for the CPU with ``config``, and the exported blob it was imported from."""
+        import openvino as ov
+
+        with self._lock, tempfile.TemporaryDirectory(prefix="collage-ov-", dir=_scratch_dir()) as tmp:
+            xml, blob = os.path.join(tmp, "model.xml"), os.path.join(tmp, "model.blob")
+            ov.save_model(model, xml, compress_to_fp16=False)
+            request = json.dumps({"xml": xml, "blob": blob, "config": {k: str(v) for k, v in config.items()}})
+            proc = self._process()
+            try:
+                assert proc.stdin is not None and proc.stdout is not None
+                proc.stdin.write(request + "\n")
+                proc.stdin.flush()
+                line = proc.stdout.readline()
+            except (BrokenPipeError, OSError):
+                line = ""
+            if not line:
+                self._proc = None
+                code = proc.wait()
+                raise BackendCompileError(
+                    _NAME, f"OpenVINO's compiler crashed in the helper process ({_exit_reason(code)})"
+                )
+            reply = json.loads(line)
+            if not reply["ok"]:
+                raise RuntimeError(reply["error"])
+            with open(blob, "rb") as f:
+                data = f.read()
+            return _core().import_model(io.BytesIO(data), "CPU", config), data
+
+    def _process(self) -> subprocess.Popen[str]:
+        if self._proc is None or self._pid != os.getpid() or self._proc.poll() is not None:
+            worker = os.path.join(os.path.dirname(__file__), "_ov_compile_worker.py")
+            self._proc = subprocess.Popen(
+                [sys.executable, worker], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            )
+            self._pid = os.getpid()
+        return self._proc
+
+    def close(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and self._pid == os.getpid() and proc.poll() is None:
+            assert proc.stdin is not None
+            proc.stdin.close()  # the helper's loop ends at end of input
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+_HELPER = _CompileHelper()
+atexit.register(_HELPER.close)
+
+
+def _scratch_dir() -> str | None:
+    """A memory-backed directory for the saved models when there is one (``/dev/shm``), else the default."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
 
 
 @functools.cache
@@ -186,12 +294,15 @@ _BLOB_FILE = "model.blob"
 class _OvRunner:
     """Calls one compiled model through a reused infer request, sharing memory with torch tensors."""
 
-    def __init__(self, compiled: ov.CompiledModel, graph: GraphIO) -> None:
+    def __init__(self, compiled: ov.CompiledModel, graph: GraphIO, blob: bytes | None = None) -> None:
         import openvino as ov
 
         self._tensor = ov.Tensor
         self._graph = graph.io if isinstance(graph, ExportedGraph) else graph  # running needs no program
         self._compiled = compiled
+        # the helper's export, which ``save`` writes as is: a model imported from a blob exports
+        # one that ``import_model`` then refuses ("Unable to read the model", openvino 2026.4.1)
+        self._blob = blob
         self._request = compiled.create_infer_request()
         self._positions = graph.match_inputs([port.get_names() for port in compiled.inputs])
         self._n_outputs = len(compiled.outputs)
@@ -211,9 +322,12 @@ class _OvRunner:
     def save(self, directory: Path) -> bool:
         """Write the compiled model (``export_model``'s blob) and its interface to ``directory``;
         ``OpenVinoBackend.load`` reads them back. See [Note: compiled artifacts] in artifacts.py."""
-        blob = io.BytesIO()  # export_model and import_model take BytesIO only
-        self._compiled.export_model(blob)
-        (directory / _BLOB_FILE).write_bytes(blob.getbuffer())
+        if self._blob is not None:
+            (directory / _BLOB_FILE).write_bytes(self._blob)
+        else:
+            blob = io.BytesIO()  # export_model and import_model take BytesIO only
+            self._compiled.export_model(blob)
+            (directory / _BLOB_FILE).write_bytes(blob.getbuffer())
         (directory / _IO_FILE).write_text(self._graph.to_json())
         return True
 
