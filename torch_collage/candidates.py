@@ -15,7 +15,7 @@ from torch import fx
 from torch_collage.graph import DataflowGraph, bits, lowest_bit
 from torch_collage.spec import BackendSpec, op_name
 
-__all__ = ["Candidate", "enumerate_candidates", "is_elementwise"]
+__all__ = ["Candidate", "enumerate_candidates", "is_elementwise", "supported_mask"]
 
 
 @dataclass(frozen=True, order=True)
@@ -44,7 +44,7 @@ def enumerate_candidates(
     """All candidates of all ``specs``: singletons always, unions up to each backend's depth."""
     out: list[Candidate] = []
     for spec in specs:
-        supported = _supported_mask(graph, spec)
+        supported = supported_mask(graph, spec)
         depth = 1 if spec.fusion == "single" else (spec.max_depth or max_depth)
         growable = supported
         if spec.fusion == "elementwise_epilogue":
@@ -80,7 +80,8 @@ def _match_chain(graph: DataflowGraph, unit: int, pattern: tuple[str, ...], supp
     return mask
 
 
-def _supported_mask(graph: DataflowGraph, spec: BackendSpec) -> int:
+def supported_mask(graph: DataflowGraph, spec: BackendSpec) -> int:
+    """The units whose op ``spec`` supports, as a bitset."""
     return sum(1 << i for i, unit in enumerate(graph.units) if spec.supports_node(unit[0]))
 
 

@@ -63,6 +63,9 @@ class ExplainReport:
         ]
         for i, g in enumerate(self.graphs):
             lines += [f"### Graph {i} ({g.kind}): chose {g.chosen}", "", _singles_line(g), ""]
+            if g.searched and math.isfinite(g.searched_ms):
+                lines += [f"The search's placement: {g.searched}, predicted {g.searched_ms:.3f} ms.", ""]
+            lines += _segment_lines(g)
             lines += ["| # | backend | ms | runner-up | nodes |", "|---|---|---|---|---|"]
             for k, p in enumerate(g.partitions):
                 up = f"{p.runner_up} ({p.runner_up_ms:.3f})" if p.runner_up and p.runner_up_ms else "-"
@@ -75,6 +78,21 @@ class ExplainReport:
         from torch_collage.render import render_placement
 
         render_placement(self.graphs, Path(path))
+
+
+def _segment_lines(g: GraphReport) -> list[str]:
+    """Each consecutive segment's time per backend ([Note: coarse segments]), best in bold."""
+    if not g.segments:
+        return []
+    names = sorted({b for s in g.segments for b in s.ms})
+    lines = [f"| segment | ops | {' | '.join(names)} |", "|---|---|" + "---|" * len(names)]
+    for s in g.segments:
+        cells = [
+            "-" if b not in s.ms else (f"**{s.ms[b]:.3f}**" if b == s.best else f"{s.ms[b]:.3f}")
+            for b in names
+        ]
+        lines.append(f"| {s.first} .. {s.last} | {s.units} | {' | '.join(cells)} |")
+    return [*lines, ""]
 
 
 def _singles_line(g: GraphReport) -> str:

@@ -39,6 +39,7 @@ class CollageOptions:
     rtol: float = 1e-3  # tolerance of a candidate's outputs against eager's
     atol: float = 1e-4
     max_candidates: int = 400  # most candidates measured per graph (beyond it, larger ones are dropped)
+    segments: int = 0  # also try intervals between K-1 cuts as candidates (0: none); [Note: coarse segments]
     progress: bool = True  # tqdm progress bar on searches that measure many candidates
     freeze: bool = True  # inference graphs: parameters become constants, re-placed if they change
 
@@ -56,6 +57,8 @@ class CollageOptions:
         for name in ("max_depth", "repeats", "max_candidates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.segments < 0 or self.segments == 1:
+            raise ValueError(f"segments must be 0 (off) or >= 2, got {self.segments!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 or None, got {self.threads!r}")
 

@@ -39,8 +39,9 @@ from torch_collage.graph import DataflowGraph, bits
 from torch_collage.options import CollageOptions
 from torch_collage.refine import refine
 from torch_collage.registry import get_spec
-from torch_collage.report import GraphReport, PartitionReport
+from torch_collage.report import GraphReport, PartitionReport, SegmentReport
 from torch_collage.search import Partition, Placement, merge_consecutive, search_cover
+from torch_collage.segments import consecutive_segments, segment_candidates
 from torch_collage.spec import BackendSpec
 from torch_collage.subgraph import digest, tensor_signature
 
@@ -92,7 +93,10 @@ def _place(
         return assembled, _report(kind, model, placement, 0.0, {}, "eager", 0, start)
     cands = enumerate_candidates(graph, list(model.specs.values()), options.max_depth)
     cands = _with_whole_graphs(graph, cands, model)
-    costs = _measure_all(cands, model, options, graph.full)
+    have = set(cands)
+    coarse = [c for c in segment_candidates(graph, model.specs.values(), options.segments) if c not in have]
+    cands += coarse
+    costs = _measure_all(cands, model, options, graph.full, set(coarse))
     placement = search_cover(graph, cands, lambda c: costs.get(c, math.inf), model.switch_cost)
     placement = _remeasure_merged(merge_consecutive(placement, graph), model, costs)
     if options.search == "dp+refine" and len(model.specs) > 1:
@@ -101,7 +105,8 @@ def _place(
     assembled, measured, chosen = _choose(gm, graph, placement, singles, model)
     if options.verify:
         assembled, chosen = _verify(gm, graph, assembled, chosen, model, inputs)
-    return assembled, _report(kind, model, placement, measured, singles, chosen, len(cands), start, costs)
+    report = _report(kind, model, placement, measured, singles, chosen, len(cands), start, costs)
+    return assembled, report
 
 
 def _with_whole_graphs(graph: DataflowGraph, cands: list[Candidate], model: CostModel) -> list[Candidate]:
@@ -115,13 +120,14 @@ def _with_whole_graphs(graph: DataflowGraph, cands: list[Candidate], model: Cost
 
 
 def _measure_all(
-    cands: list[Candidate], model: CostModel, options: CollageOptions, full: int
+    cands: list[Candidate], model: CostModel, options: CollageOptions, full: int, coarse: set[Candidate]
 ) -> dict[Candidate, float]:
     """Cost of every candidate: whole graphs first (the single-backend placements must always be
-    known), then eager singletons (they keep a cover reachable), then the rest smallest first. Past
-    the time budget or ``max_candidates`` only the first two groups are still measured. Where the
-    budget cut a cold search short, a warm one stops at the same candidate ([Note: replayed refinement])."""
-    order = sorted(cands, key=lambda c: (c.mask != full, not _essential(c), c.size, c.mask))
+    known), then eager singletons (they keep a cover reachable), then the ``coarse`` segments (a few
+    per backend, [Note: coarse segments]), then the rest smallest first. Past the time budget or
+    ``max_candidates`` only the first two groups are still measured. Where the budget cut a cold
+    search short, a warm one stops at the same candidate ([Note: replayed refinement])."""
+    order = sorted(cands, key=lambda c: (c.mask != full, not _essential(c), c not in coarse, c.size, c.mask))
     key = _search_key(model, "measure", f"{options.time_budget_s}:{options.max_candidates}:{len(order)}")
     stored = model.cache.get_text(key)
     limit = int(stored) if stored is not None and stored.isdigit() else None
@@ -352,6 +358,8 @@ def _report(
     costs: dict[Candidate, float] | None = None,
 ) -> GraphReport:
     graph, costs = model.graph, costs or {}
+    searched = " ".join(f"{p.backend}[{p.mask.bit_count()}]" for p in placement.partitions)
+    searched_ms = placement.predicted_ms
     if chosen != "mixed":  # a single backend won (end to end, or as the verification fallback)
         placement = _single(graph, chosen, singles.get(chosen, measured))
     parts = [_partition_report(graph, p, costs) for p in placement.partitions]
@@ -377,7 +385,24 @@ def _report(
         rejected,
         usable,
         model.loaded,
+        searched,
+        searched_ms,
+        _segment_reports(graph, model.options.segments, costs),
     )
+
+
+def _segment_reports(
+    graph: DataflowGraph, n_segments: int, costs: dict[Candidate, float]
+) -> list[SegmentReport]:
+    """Each consecutive segment's measured time per backend ([Note: coarse segments]); none when off."""
+    if n_segments < 2 or graph.size < 2:
+        return []
+    out = []
+    for mask in consecutive_segments(graph, n_segments):
+        ms = {c.backend: t for c, t in costs.items() if c.mask == mask and math.isfinite(t)}
+        names = graph.names(mask)
+        out.append(SegmentReport(names[0], names[-1], len(names), dict(sorted(ms.items()))))
+    return out
 
 
 def _partition_report(graph: DataflowGraph, p: Partition, costs: dict[Candidate, float]) -> PartitionReport:

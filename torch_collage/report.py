@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["GraphReport", "PartitionReport"]
+__all__ = ["GraphReport", "PartitionReport", "SegmentReport"]
 
 
 @dataclass(frozen=True)
@@ -14,6 +14,21 @@ class PartitionReport:
     measured_ms: float  # its own measured median time
     runner_up: str | None  # the next-best backend measured for the same nodes, if any
     runner_up_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class SegmentReport:
+    """One consecutive interval of the graph's ops with each backend's measured time for all of it
+    (option ``segments``; [Note: coarse segments])."""
+
+    first: str  # FX name of its first op
+    last: str  # FX name of its last op
+    units: int  # ops it holds (an op and the getitems unpacking it count once)
+    ms: dict[str, float]  # backend -> measured median time of the interval alone
+
+    @property
+    def best(self) -> str | None:
+        return min(self.ms, key=lambda b: self.ms[b]) if self.ms else None
 
 
 @dataclass(frozen=True)
@@ -33,3 +48,6 @@ class GraphReport:
     rejected: dict[str, str] = field(default_factory=dict)  # "backend: nodes" -> why
     usable: dict[str, int] = field(default_factory=dict)  # backend -> candidates it ran correctly
     loaded: int = 0  # partitions loaded from the compiled cache instead of compiled
+    searched: str = ""  # the searched placement before the end-to-end check: "backend[ops] ..."
+    searched_ms: float = float("nan")  # its predicted time (sum of partition and switch costs)
+    segments: list[SegmentReport] = field(default_factory=list)  # option ``segments``; else empty
