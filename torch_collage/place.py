@@ -94,8 +94,8 @@ def _place(
     cands = enumerate_candidates(graph, list(model.specs.values()), options.max_depth)
     cands = _with_whole_graphs(graph, cands, model)
     have = set(cands)
-    coarse = [c for c in segment_candidates(graph, model.specs.values(), options.segments) if c not in have]
-    cands += coarse
+    coarse = segment_candidates(graph, model.specs.values(), options.segments)
+    cands += [c for c in coarse if c not in have]  # a short segment may equal a fine candidate
     costs = _measure_all(cands, model, options, graph.full, set(coarse))
     placement = search_cover(graph, cands, lambda c: costs.get(c, math.inf), model.switch_cost)
     placement = _remeasure_merged(merge_consecutive(placement, graph), model, costs)
@@ -124,8 +124,9 @@ def _measure_all(
 ) -> dict[Candidate, float]:
     """Cost of every candidate: whole graphs first (the single-backend placements must always be
     known), then eager singletons (they keep a cover reachable), then the ``coarse`` segments (a few
-    per backend, [Note: coarse segments]), then the rest smallest first. Past the time budget or
-    ``max_candidates`` only the first two groups are still measured. Where the budget cut a cold
+    per backend, asked for by option ``segments``: [Note: coarse segments]), then the rest smallest
+    first. Past the time budget or ``max_candidates`` only the first three groups are still measured
+    (on bert at batch 8 the eager singletons alone took a 60 s budget). Where the budget cut a cold
     search short, a warm one stops at the same candidate ([Note: replayed refinement])."""
     order = sorted(cands, key=lambda c: (c.mask != full, not _essential(c), c not in coarse, c.size, c.mask))
     key = _search_key(model, "measure", f"{options.time_budget_s}:{options.max_candidates}:{len(order)}")
@@ -136,7 +137,7 @@ def _measure_all(
     reached = len(order)
     with _progress(len(order), options) as bar:
         for i, cand in enumerate(order):
-            essential = cand.mask == full or _essential(cand)
+            essential = cand.mask == full or _essential(cand) or cand in coarse
             within = i < limit if limit is not None else time.perf_counter() < deadline
             if reached == len(order) and not within:
                 reached = i

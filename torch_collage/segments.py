@@ -14,9 +14,11 @@ beside the fine ones with the same measured costs.
 
 The intervals also tell where the backends differ: ``GraphReport.segments`` lists the consecutive
 ones with each backend's time, and the best backend per segment bounds what a coarse mix could gain
-(boundaries cost extra). On the 2-core CPUs of benchmarks/results/collage_cpu_headroom.md that
-bound stayed within a few percent of the best single backend, which is why ``segments`` defaults
-to 0 there: K=4 costs about four whole-graph compiles per backend.
+(boundaries cost extra). On the 2-core EPYC of benchmarks/results/collage_segments_cpu_epyc.md,
+the best backend per segment added up to 0.87-1.06x the best whole graph on four of five models,
+while cutting a backend's graph into 4 segments alone cost it 1.06-1.43x (fusion and layouts end at
+each boundary), and no mix was kept. ``segments`` therefore defaults to 0: K=4 costs about four
+whole-graph compiles per backend.
 """
 
 from __future__ import annotations

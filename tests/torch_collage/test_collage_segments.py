@@ -189,3 +189,20 @@ def test_explain_reports_each_segment_on_each_backend(tmp_path):
             rtol=1e-4,
             atol=1e-4,
         )
+
+
+def test_segments_are_measured_even_past_the_time_budget(tmp_path):
+    """Asked for by name and few, segments are timed like the whole graphs: a zero budget (which
+    drops every fine candidate) still leaves each segment a measured time."""
+    from torch_collage.backends import get_backend
+
+    if not get_backend("onnxruntime").available()[0]:
+        pytest.skip("onnxruntime unavailable")
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    report = torch_collage.explain(
+        model, torch.randn(3, 8), backends=["onnxruntime"], segments=3, time_budget_s=0.0,
+        cache_dir=str(tmp_path), repeats=3, warmup=1,
+    )  # fmt: skip
+    (graph,) = report.graphs
+    assert len(graph.segments) == 3
+    assert all(math.isfinite(s.ms.get("onnxruntime", math.inf)) for s in graph.segments)
