@@ -105,8 +105,7 @@ def _place(
     assembled, measured, chosen = _choose(gm, graph, placement, singles, model)
     if options.verify:
         assembled, chosen = _verify(gm, graph, assembled, chosen, model, inputs)
-    report = _report(kind, model, placement, measured, singles, chosen, len(cands), start, costs)
-    return assembled, report
+    return assembled, _report(kind, model, placement, measured, singles, chosen, len(cands), start, costs)
 
 
 def _with_whole_graphs(graph: DataflowGraph, cands: list[Candidate], model: CostModel) -> list[Candidate]:

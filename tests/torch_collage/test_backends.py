@@ -364,3 +364,22 @@ def test_openvino_helper_crash_fails_the_graph_and_the_next_compile_recovers(
         _compile("openvino", model, (x,))
     torch.testing.assert_close(_compile("openvino", model, (x,))(x), model(x), **TOL)
     helper.close()
+
+
+def test_openvino_imported_runner_saves_its_blob_once(tmp_path) -> None:
+    """A runner compiled in the helper writes the helper's blob (loadable; an imported model's own
+    export is not) and then lets it go: a second save has nothing to write."""
+    openvino = _openvino_or_skip()
+    backend = openvino.OpenVinoBackend(compile_in_helper=True)
+    model, x = MLP().eval(), torch.randn(4, 32)
+    for name in "abc":
+        (tmp_path / name).mkdir()
+    with torch.no_grad():
+        runner = backend.compile(model, (x,))
+        assert runner.save(tmp_path / "a")
+        assert not runner.save(tmp_path / "b")
+        loaded = backend.load(tmp_path / "a", (x,))
+        assert loaded.save(tmp_path / "c")  # what it was loaded from, written again
+        again = backend.load(tmp_path / "c", (x,))
+        fresh = torch.randn(4, 32)
+        torch.testing.assert_close(again(fresh), model(fresh), **TOL)

@@ -169,7 +169,7 @@ class _CompileHelper:
                 proc.stdin.write(request + "\n")
                 proc.stdin.flush()
                 line = proc.stdout.readline()
-            except (BrokenPipeError, OSError):
+            except OSError:  # a broken pipe: the helper is gone
                 line = ""
             if not line:
                 self._proc = None
@@ -300,9 +300,11 @@ class _OvRunner:
         self._tensor = ov.Tensor
         self._graph = graph.io if isinstance(graph, ExportedGraph) else graph  # running needs no program
         self._compiled = compiled
-        # the helper's export, which ``save`` writes as is: a model imported from a blob exports
-        # one that ``import_model`` then refuses ("Unable to read the model", openvino 2026.4.1)
+        # the blob it was imported from, which ``save`` writes as is and then lets go (it is as
+        # large as the weights): a model imported from a blob exports one that ``import_model``
+        # then refuses ("Unable to read the model", openvino 2026.4.1)
         self._blob = blob
+        self._imported = blob is not None
         self._request = compiled.create_infer_request()
         self._positions = graph.match_inputs([port.get_names() for port in compiled.inputs])
         self._n_outputs = len(compiled.outputs)
@@ -321,9 +323,13 @@ class _OvRunner:
 
     def save(self, directory: Path) -> bool:
         """Write the compiled model (``export_model``'s blob) and its interface to ``directory``;
-        ``OpenVinoBackend.load`` reads them back. See [Note: compiled artifacts] in artifacts.py."""
-        if self._blob is not None:
+        ``OpenVinoBackend.load`` reads them back. See [Note: compiled artifacts] in artifacts.py.
+        An imported model saves once (its blob is let go after); False afterwards: nothing to save."""
+        if self._imported:
+            if self._blob is None:
+                return False
             (directory / _BLOB_FILE).write_bytes(self._blob)
+            self._blob = None
         else:
             blob = io.BytesIO()  # export_model and import_model take BytesIO only
             self._compiled.export_model(blob)
