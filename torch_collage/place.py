@@ -40,7 +40,7 @@ from torch_collage.options import CollageOptions
 from torch_collage.refine import refine
 from torch_collage.registry import get_spec
 from torch_collage.report import GraphReport, PartitionReport, SegmentReport
-from torch_collage.search import Partition, Placement, merge_consecutive, search_cover
+from torch_collage.search import Partition, Placement, merge_groups, search_cover
 from torch_collage.segments import consecutive_segments, segment_candidates
 from torch_collage.spec import BackendSpec
 from torch_collage.subgraph import digest, tensor_signature
@@ -98,7 +98,7 @@ def _place(
     cands += [c for c in coarse if c not in have]  # a short segment may equal a fine candidate
     costs = _measure_all(cands, model, options, graph.full, set(coarse))
     placement = search_cover(graph, cands, lambda c: costs.get(c, math.inf), model.switch_cost)
-    placement = _remeasure_merged(merge_consecutive(placement, graph), model, costs)
+    placement = _merge_measured(placement, graph, model, costs)
     if options.search == "dp+refine" and len(model.specs) > 1:
         placement = _refine(gm, graph, placement, model, costs, options)
     singles = {b: costs.get(Candidate(graph.full, b), math.inf) for b in model.specs}
@@ -156,6 +156,45 @@ def _progress(total: int, options: CollageOptions) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="collage: measuring candidates", disable=not options.progress or total < 50)
+
+
+def _merge_measured(
+    placement: Placement, graph: DataflowGraph, model: CostModel, costs: dict[Candidate, float]
+) -> Placement:
+    """The searched cover with each run of touching same-backend partitions merged into one region,
+    where that region measures no slower than its parts.
+
+    [Note: merged regions are measured]
+    Merging the cover's consecutive same-backend partitions saves calls and lets the backend fuse
+    across them, but a merged region is a new subgraph with a cost of its own, and it can be
+    slower than its parts summed: on dlrm with 4 segments the cover took two OpenVINO segments
+    whose sum beat ONNX Runtime's whole graph; merged, they were OpenVINO's whole graph, measured at
+    8.85 ms against ONNX Runtime's 7.74 ms (bench_collage_segments, EPYC), so the placement the
+    search handed on was worse than the one it found. Each merged region is therefore measured
+    (whole graphs and segments already were) and kept only where it is no slower than the sum of
+    its parts; otherwise, or where it fails to compile, the parts stay separate partitions run one
+    after the other on the same backend."""
+    parts: list[Partition] = []
+    for group in merge_groups(placement, graph):
+        if len(group) == 1:
+            parts.append(group[0])
+            continue
+        mask = 0
+        for p in group:
+            mask |= p.mask
+        cand = Candidate(mask, group[0].backend)
+        if cand not in costs:
+            costs[cand] = model.cost(cand)
+        apart = sum(p.cost_ms for p in group)
+        if costs[cand] <= apart:
+            parts.append(Partition(mask, cand.backend, costs[cand]))
+        else:
+            logger.info(
+                "torch_collage: %s region of %d partitions kept apart: %.3f ms merged, %.3f ms apart",
+                cand.backend, len(group), costs[cand], apart,
+            )  # fmt: skip
+            parts.extend(group)
+    return Placement.priced(parts, model.switch_cost)
 
 
 def _remeasure_merged(placement: Placement, model: CostModel, costs: dict[Candidate, float]) -> Placement:

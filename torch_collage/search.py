@@ -15,8 +15,10 @@ always reachable.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
+import operator
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from torch_collage.candidates import Candidate
 from torch_collage.graph import DataflowGraph, lowest_bit
 
-__all__ = ["Partition", "Placement", "brute_force_cover", "merge_consecutive", "search_cover"]
+__all__ = ["Partition", "Placement", "brute_force_cover", "merge_consecutive", "merge_groups", "search_cover"]
 
 CostFn = Callable[[Candidate], float]
 SwitchFn = Callable[[str, str], float]
@@ -114,18 +116,31 @@ def _unwind(
     return Placement(tuple(reversed(parts)), total)
 
 
+def merge_groups(placement: Placement, graph: DataflowGraph) -> list[tuple[Partition, ...]]:
+    """The placement's partitions in runs that ``merge_consecutive`` would make one partition each:
+    consecutive, on the same backend, each touching (sharing an edge with) the run before it."""
+    groups: list[list[Partition]] = []
+    run_mask = 0
+    for part in placement.partitions:
+        if groups and groups[-1][-1].backend == part.backend and graph.neighbours(run_mask) & part.mask:
+            groups[-1].append(part)
+            run_mask |= part.mask
+        else:
+            groups.append([part])
+            run_mask = part.mask
+    return [tuple(g) for g in groups]
+
+
 def merge_consecutive(placement: Placement, graph: DataflowGraph) -> Placement:
     """Merge partitions that run one after the other on the same backend and touch (share an edge).
 
     Running two consecutive partitions as one keeps execution order valid; the merged cost is
-    predicted as the sum (assembly measures the result end to end)."""
-    merged: list[Partition] = []
-    for part in placement.partitions:
-        prev = merged[-1] if merged else None
-        if prev and prev.backend == part.backend and graph.neighbours(prev.mask) & part.mask:
-            merged[-1] = Partition(prev.mask | part.mask, part.backend, prev.cost_ms + part.cost_ms)
-        else:
-            merged.append(part)
+    predicted as the sum (the caller may measure the merged region: [Note: merged regions are
+    measured] in place.py)."""
+    merged = []
+    for group in merge_groups(placement, graph):
+        mask = functools.reduce(operator.or_, (p.mask for p in group))
+        merged.append(Partition(mask, group[0].backend, sum(p.cost_ms for p in group)))
     return Placement(tuple(merged), placement.predicted_ms)
 
 

@@ -187,6 +187,43 @@ def test_merge_consecutive_same_backend():
     assert merged.partitions[0].mask == 0b111 and merged.partitions[0].cost_ms == 3.0
 
 
+class _FixedModel:
+    """What ``place._merge_measured`` asks of a cost model, with fixed costs; records what it measured."""
+
+    def __init__(self, table: dict[Candidate, float]):
+        self.table, self.measured = table, []
+
+    def cost(self, cand: Candidate) -> float:
+        self.measured.append(cand)
+        return self.table[cand]
+
+    def switch_cost(self, a: str, b: str) -> float:
+        return 0.0 if a == b else 0.25
+
+
+@pytest.mark.parametrize(("merged_ms", "kept_apart"), [(2.5, False), (3.5, True), (float("inf"), True)])
+def test_merged_region_kept_only_where_no_slower_than_its_parts(merged_ms, kept_apart):
+    """[Note: merged regions are measured]: a run of same-backend partitions becomes one region only
+    where that region measures no slower than its parts summed (or compiles at all)."""
+    from torch_collage.place import _merge_measured
+
+    g = _graph(_chain)  # 6 units in a chain
+    tail = g.full & ~0b111
+    parts = tuple(Partition(1 << i, "a" if i < 3 else "b", 1.0) for i in range(g.size))
+    model = _FixedModel({Candidate(0b111, "a"): merged_ms})
+    costs: dict[Candidate, float] = {Candidate(tail, "b"): 1.5}  # measured before: not again
+    out = _merge_measured(Placement(parts, 5.0), g, model, costs)
+    assert model.measured == [Candidate(0b111, "a")]
+    assert out.partitions[-1] == Partition(tail, "b", 1.5)
+    if kept_apart:
+        assert [p.mask for p in out.partitions] == [0b1, 0b10, 0b100, tail]
+        assert out.predicted_ms == pytest.approx(3.0 + 0.25 + 1.5)
+    else:
+        assert [p.mask for p in out.partitions] == [0b111, tail]
+        assert out.predicted_ms == pytest.approx(merged_ms + 0.25 + 1.5)
+    assert costs[Candidate(0b111, "a")] == merged_ms
+
+
 def test_every_cover_of_the_search_space_is_acyclic():
     g = _graph(_diamond)
     cands = enumerate_candidates(g, [_spec("a"), _spec("b", fusion="single")], max_depth=3)
