@@ -224,6 +224,8 @@ def test_non_contiguous_input_and_shape_check(backend: str, options: dict[str, A
         fn(torch.randn(5, 32))
     with pytest.raises(ValueError, match="expected 1 input"):
         fn(x, x)
+    leaf = torch.randn(4, 32, requires_grad=True)  # detached on the way in, not refused
+    torch.testing.assert_close(fn(leaf), module(leaf).detach(), **TOL)
 
 
 def test_freezing_many_instances_of_one_class() -> None:
