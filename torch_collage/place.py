@@ -189,7 +189,7 @@ def _merge_measured(
         if costs[cand] <= apart:
             parts.append(Partition(mask, cand.backend, costs[cand]))
         else:
-            logger.info(
+            logger.debug(  # eager's runs of a few ops are kept apart often, for microseconds
                 "torch_collage: %s region of %d partitions kept apart: %.3f ms merged, %.3f ms apart",
                 cand.backend, len(group), costs[cand], apart,
             )  # fmt: skip
