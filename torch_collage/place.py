@@ -40,7 +40,7 @@ from torch_collage.options import CollageOptions
 from torch_collage.refine import refine
 from torch_collage.registry import get_spec
 from torch_collage.report import GraphReport, PartitionReport, SegmentReport
-from torch_collage.search import Partition, Placement, merge_groups, search_cover
+from torch_collage.search import Partition, Placement, merge_groups, merge_run, search_cover
 from torch_collage.segments import consecutive_segments, segment_candidates
 from torch_collage.spec import BackendSpec
 from torch_collage.subgraph import digest, tensor_signature
@@ -179,15 +179,13 @@ def _merge_measured(
         if len(group) == 1:
             parts.append(group[0])
             continue
-        mask = 0
-        for p in group:
-            mask |= p.mask
-        cand = Candidate(mask, group[0].backend)
+        run = merge_run(group)  # priced as the sum of its parts
+        cand = Candidate(run.mask, run.backend)
         if cand not in costs:
             costs[cand] = model.cost(cand)
-        apart = sum(p.cost_ms for p in group)
+        apart = run.cost_ms
         if costs[cand] <= apart:
-            parts.append(Partition(mask, cand.backend, costs[cand]))
+            parts.append(Partition(run.mask, run.backend, costs[cand]))
         else:
             logger.debug(  # eager's runs of a few ops are kept apart often, for microseconds
                 "torch_collage: %s region of %d partitions kept apart: %.3f ms merged, %.3f ms apart",

@@ -26,7 +26,15 @@ from dataclasses import dataclass
 from torch_collage.candidates import Candidate
 from torch_collage.graph import DataflowGraph, lowest_bit
 
-__all__ = ["Partition", "Placement", "brute_force_cover", "merge_consecutive", "merge_groups", "search_cover"]
+__all__ = [
+    "Partition",
+    "Placement",
+    "brute_force_cover",
+    "merge_consecutive",
+    "merge_groups",
+    "merge_run",
+    "search_cover",
+]
 
 CostFn = Callable[[Candidate], float]
 SwitchFn = Callable[[str, str], float]
@@ -131,17 +139,20 @@ def merge_groups(placement: Placement, graph: DataflowGraph) -> list[tuple[Parti
     return [tuple(g) for g in groups]
 
 
+def merge_run(group: Sequence[Partition]) -> Partition:
+    """One partition covering a run of ``merge_groups``, priced as the sum of its parts."""
+    mask = functools.reduce(operator.or_, (p.mask for p in group))
+    return Partition(mask, group[0].backend, sum(p.cost_ms for p in group))
+
+
 def merge_consecutive(placement: Placement, graph: DataflowGraph) -> Placement:
     """Merge partitions that run one after the other on the same backend and touch (share an edge).
 
     Running two consecutive partitions as one keeps execution order valid; the merged cost is
     predicted as the sum (the caller may measure the merged region: [Note: merged regions are
     measured] in place.py)."""
-    merged = []
-    for group in merge_groups(placement, graph):
-        mask = functools.reduce(operator.or_, (p.mask for p in group))
-        merged.append(Partition(mask, group[0].backend, sum(p.cost_ms for p in group)))
-    return Placement(tuple(merged), placement.predicted_ms)
+    merged = tuple(merge_run(group) for group in merge_groups(placement, graph))
+    return Placement(merged, placement.predicted_ms)
 
 
 def brute_force_cover(

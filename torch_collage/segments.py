@@ -53,7 +53,7 @@ def crossings(graph: DataflowGraph) -> list[int]:
 def cut_points(graph: DataflowGraph, n_segments: int) -> list[int]:
     """``0``, up to ``n_segments - 1`` cut positions, and ``graph.size``, ascending and distinct.
 
-    Cut ``j`` lies within a quarter of a segment's length of ``j * size / n_segments``, at the
+    Cut ``j`` lies within half a segment's length of ``j * size / n_segments``, at the
     position with the fewest crossing values there (the nearest to the even split on a tie)."""
     if n_segments < 1:
         raise ValueError(f"n_segments must be >= 1, got {n_segments!r}")
