@@ -173,6 +173,13 @@ def _search_singles(graphs: list[GraphReport]) -> dict[str, float]:
     return {b: ms for b, ms in totals.items() if math.isfinite(ms)}
 
 
+def _search_compared(graphs: list[GraphReport]) -> dict[str, float]:
+    """The end-to-end check's contenders and times ([Note: end-to-end check] in place.py), summed over
+    the graphs (a contender missing from any graph is left out)."""
+    names = set.intersection(*(set(g.end_to_end_ms) for g in graphs)) if graphs else set()
+    return {b: sum(g.end_to_end_ms[b] for g in graphs) for b in sorted(names)}
+
+
 def _collage_row(model: ZooModel, batch: int, module, inputs, check, reference, opts) -> tuple[dict, Any]:
     """Collage through torch.compile: a cold compile (it measures), then a warm one from the cost cache."""
 
@@ -189,6 +196,7 @@ def _collage_row(model: ZooModel, batch: int, module, inputs, check, reference, 
             "search_s": sum(g.search_s for g in reports),
             "search_singles_ms": _search_singles(reports),
             "search_e2e_ms": sum(g.measured_ms for g in reports),
+            "search_compared_ms": _search_compared(reports),
         }
 
     row = _row_base(model, batch, "collage") | {"backend_version": "collage"}
@@ -377,6 +385,13 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[str]:
         searched = crow.get("search_singles_ms") or {}
         if searched and min(searched, key=searched.get) != _COLLAGE_NAME.get(best, best):
             extra.append(_ranking_note(searched, singles))
+        compared = crow.get("search_compared_ms") or {}
+        if compared and min(compared, key=compared.get) != _COLLAGE_NAME.get(best, best):
+            extra.append(
+                "the search's end-to-end check ranked "
+                + ", ".join(f"{b} {ms:.3f}" for b, ms in sorted(compared.items(), key=lambda kv: kv[1]))
+                + " ms"
+            )
         if crow.get("predicted_ms"):
             extra.append(
                 f"predicted {crow['predicted_ms']:.3f} ms ({crow['predicted_ms'] / crow['median_ms'] - 1:+.0%})"

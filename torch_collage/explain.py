@@ -65,6 +65,8 @@ class ExplainReport:
             lines += [f"### Graph {i} ({g.kind}): chose {g.chosen}", "", _singles_line(g), ""]
             if g.searched and math.isfinite(g.searched_ms):
                 lines += [f"The search's placement: {g.searched}, predicted {g.searched_ms:.3f} ms.", ""]
+            if g.end_to_end_ms:
+                lines += [_e2e_line(g), ""]
             lines += _segment_lines(g)
             lines += ["| # | backend | ms | runner-up | nodes |", "|---|---|---|---|---|"]
             for k, p in enumerate(g.partitions):
@@ -93,6 +95,12 @@ def _segment_lines(g: GraphReport) -> list[str]:
         ]
         lines.append(f"| {s.first} .. {s.last} | {s.units} | {' | '.join(cells)} |")
     return [*lines, ""]
+
+
+def _e2e_line(g: GraphReport) -> str:
+    """The end-to-end check's contenders, fastest first ([Note: end-to-end check] in place.py)."""
+    ranked = sorted(g.end_to_end_ms.items(), key=lambda kv: kv[1])
+    return "End to end, timed side by side: " + "; ".join(f"{name} {ms:.3f} ms" for name, ms in ranked)
 
 
 def _singles_line(g: GraphReport) -> str:

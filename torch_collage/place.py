@@ -20,6 +20,7 @@ end-to-end times are cached too, so a warm compile measures nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -102,10 +103,11 @@ def _place(
     if options.search == "dp+refine" and len(model.specs) > 1:
         placement = _refine(gm, graph, placement, model, costs, options)
     singles = {b: costs.get(Candidate(graph.full, b), math.inf) for b in model.specs}
-    assembled, measured, chosen = _choose(gm, graph, placement, singles, model)
+    assembled, measured, chosen, e2e = _choose(gm, graph, placement, singles, model)
     if options.verify:
         assembled, chosen = _verify(gm, graph, assembled, chosen, model, inputs)
-    return assembled, _report(kind, model, placement, measured, singles, chosen, len(cands), start, costs)
+    report = _report(kind, model, placement, measured, singles, chosen, len(cands), start, costs)
+    return assembled, dataclasses.replace(report, end_to_end_ms=e2e)
 
 
 def _with_whole_graphs(graph: DataflowGraph, cands: list[Candidate], model: CostModel) -> list[Candidate]:
@@ -320,9 +322,10 @@ def _choose(
     placement: Placement,
     singles: dict[str, float],
     model: CostModel,
-) -> tuple[AssembledGraph, float, str]:
+) -> tuple[AssembledGraph, float, str, dict[str, float]]:
     """The fastest end to end of the searched placement and the close single backends; see
-    [Note: end-to-end check]. Returns the assembled graph, its time and ``"mixed"`` or the backend."""
+    [Note: end-to-end check]. Returns the assembled graph, its time, ``"mixed"`` or the backend, and
+    each contender's end-to-end time (empty with a single contender)."""
     whole = len(placement.partitions) == 1 and placement.partitions[0].mask == graph.full
     searched = placement.partitions[0].backend if whole else "mixed"
     finite = {b: ms for b, ms in singles.items() if math.isfinite(ms)}
@@ -335,9 +338,11 @@ def _choose(
     contenders.append((searched, placement))  # last: a tie goes to a single backend
     if len(contenders) == 1:
         assembled = _assemble(gm, placement, model)
-        return assembled, e2e_ms(model, placement, lambda: assembled, graph), searched
+        return assembled, e2e_ms(model, placement, lambda: assembled, graph), searched, {}
     lazies = [_lazy(gm, p, model) for _, p in contenders]
     times = e2e_many_ms(model, graph, [(p, lazy) for (_, p), lazy in zip(contenders, lazies)], rounds=3)
+    compared = {name: ms for (name, _), ms in zip(contenders, times)}
+    logger.debug("torch_collage: end to end: %s", ", ".join(f"{n} {ms:.3f} ms" for n, ms in compared.items()))
     k = min(range(len(times)), key=lambda i: times[i])
     singles_timed = [i for i, (name, _) in enumerate(contenders) if name != "mixed"]
     if contenders[k][0] == "mixed" and singles_timed:
@@ -348,13 +353,13 @@ def _choose(
                 "torch_collage: mixed placement %.3f ms end to end, %s %.3f ms: less than %.0f%% faster; using %s",
                 times[k], name, times[fastest], 100 * MIXED_MARGIN, name,
             )  # fmt: skip
-            return lazies[fastest](), times[fastest], name
+            return lazies[fastest](), times[fastest], name, compared
     if contenders[k][0] != searched:
         logger.info(
             "torch_collage: %s placement %.3f ms end to end, %s %.3f ms; using %s",
             searched, times[-1], contenders[k][0], times[k], contenders[k][0],
         )  # fmt: skip
-    return lazies[k](), times[k], contenders[k][0]
+    return lazies[k](), times[k], contenders[k][0], compared
 
 
 def _verify(

@@ -51,3 +51,7 @@ class GraphReport:
     searched: str = ""  # the searched placement before the end-to-end check: "backend[ops] ..."
     searched_ms: float = float("nan")  # its predicted time (sum of partition and switch costs)
     segments: list[SegmentReport] = field(default_factory=list)  # option ``segments``; else empty
+    # the end-to-end check's contenders ("mixed" for a searched mixed placement) -> ms, timed side by
+    # side and compared paired ([Note: end-to-end check] in place.py; a warm compile replays the cached
+    # comparison); empty when the searched placement had no contender
+    end_to_end_ms: dict[str, float] = field(default_factory=dict)

@@ -131,3 +131,16 @@ def test_summary_sets_the_predictions_beside_the_search_own_timing():
     assert "predicted 1.000 ms (-20%)" in line
     assert "the search timed it 1.050 ms end to end, without dynamo's frame (-16%)" in line
     assert "export entry predicted 1.000 ms (-9%)" in line
+
+
+def test_summary_shows_the_end_to_end_check_only_where_it_chose_otherwise():
+    otherwise = {"onnxruntime": 5.2, "openvino": 5.6}  # the check timed ONNX Runtime faster
+    rows = [
+        _row("openvino", 4.0),
+        _row("onnxruntime", 5.0),
+        _row("collage", 5.1, search_compared_ms=otherwise),
+    ]
+    assert "the search's end-to-end check ranked onnxruntime 5.200, openvino 5.600 ms" in summary(rows)[0]
+    agreed = {"onnxruntime": 5.2, "openvino": 4.1}
+    rows[-1] = _row("collage", 4.1, search_compared_ms=agreed)
+    assert "end-to-end check" not in summary(rows)[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import random
@@ -142,13 +143,27 @@ def test_explain_report_and_picture(tmp_path):
     g = report.graphs[0]
     assert g.kind == "inference" and set(g.single_backend_ms) == {"eager", "inductor"}
     assert report.measured_ms > 0 and report.predicted_ms > 0 and report.search_s > 0
-    assert sorted(n for p in report.partitions for n in p.nodes) == sorted(
-        n for p in report.partitions for n in p.nodes
-    )
+    placed = [n for p in report.partitions for n in p.nodes]
+    assert placed and len(placed) == len(set(placed))  # each op in exactly one partition
     text = report.to_markdown()
     assert "| backend |" in text and "Whole graph on one backend" in text
     report.save(str(tmp_path / "placement.png"))
     assert (tmp_path / "placement.png").stat().st_size > 0
+
+
+def test_explain_markdown_ranks_the_end_to_end_contenders():
+    from torch_collage.explain import ExplainReport
+    from torch_collage.report import GraphReport, PartitionReport
+
+    part = PartitionReport("openvino", ["addmm"], 2.5, "onnxruntime", 2.9)
+    e2e = {"onnxruntime": 3.1, "mixed": 2.8, "openvino": 2.6}
+    g = GraphReport("inference", [part], [], 2.5, 2.6, {"openvino": 2.5, "onnxruntime": 2.9}, "openvino",
+                    4, 3, 1.0, end_to_end_ms=e2e)  # fmt: skip
+    text = ExplainReport([g]).to_markdown()
+    line = next(ln for ln in text.splitlines() if ln.startswith("End to end"))
+    assert line == "End to end, timed side by side: openvino 2.600 ms; mixed 2.800 ms; onnxruntime 3.100 ms"
+    bare = ExplainReport([dataclasses.replace(g, end_to_end_ms={})]).to_markdown()
+    assert "End to end" not in bare  # no contender: no line
 
 
 def _mm_compile(gm: fx.GraphModule, example_inputs):
@@ -254,8 +269,11 @@ def test_mixed_placement_only_chosen_when_faster_end_to_end(tmp_path, monkeypatc
             "e2e_many_ms",
             lambda m, g, items, **k: [mixed_ms if len(p.partitions) > 1 else 2.0 for p, _ in items],
         )
-        assembled, ms, chosen = place._choose(gm, graph, Placement(tuple(parts), 1.0), {"eager": 2.0}, cost)
+        assembled, ms, chosen, compared = place._choose(
+            gm, graph, Placement(tuple(parts), 1.0), {"eager": 2.0}, cost
+        )
     assert chosen == want and ms == (mixed_ms if want == "mixed" else 2.0)
+    assert compared == {"eager": 2.0, "mixed": mixed_ms}
     torch.testing.assert_close(assembled(x), model(x))
 
 
@@ -298,8 +316,9 @@ def test_close_single_backends_are_timed_again_side_by_side(tmp_path, monkeypatc
         monkeypatch.setattr(place, "e2e_many_ms", fake_e2e)
         searched = place._single(graph, "eager", 1.0)
         singles = {"eager": 1.0, "copy": 1.2, "slow": 1.0 * place.CLOSE_FACTOR + 0.1}
-        assembled, ms, chosen = place._choose(gm, graph, searched, singles, cost)
+        assembled, ms, chosen, compared = place._choose(gm, graph, searched, singles, cost)
     assert timed == [["copy", "eager"]] and chosen == "copy" and ms == 0.8
+    assert compared == {"copy": 0.8, "eager": 1.0}  # what the report's end-to-end line shows
     torch.testing.assert_close(assembled(x), model(x))
 
 
