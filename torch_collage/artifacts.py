@@ -97,6 +97,10 @@ class ArtifactStore:
     def size_bytes(self) -> int:
         return sum(size for _, _, size in self._entries())
 
+    def count(self) -> int:
+        """Saved partitions in the store."""
+        return len(self._entries())
+
     def prune(self) -> None:
         """Delete least recently used entries until the store fits in ``max_bytes``."""
         self._remove_stale_temporaries()

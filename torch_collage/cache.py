@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CachedCost", "CostCache"]
+__all__ = ["CacheStats", "CachedCost", "CostCache"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +31,18 @@ class CachedCost:
     @property
     def ok(self) -> bool:
         return math.isfinite(self.ms)
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """What a cost cache holds (``CostCache.stats``; ``python -m torch_collage cache``)."""
+
+    measured: int  # candidate costs and end-to-end times measured
+    rejected: int  # candidates that failed to compile or differed from eager
+    outcomes: int  # stored search outcomes (refined placements, end-to-end comparisons)
+    oldest: float | None  # creation time (seconds since the epoch) of the oldest entry; None if empty
+    newest: float | None
+    reasons: list[tuple[str, int]]  # rejection reasons, most frequent first
 
 
 class CostCache:
@@ -73,6 +85,32 @@ class CostCache:
                 "INSERT OR REPLACE INTO outcomes(key, value, created) VALUES (?, ?, ?)",
                 (key, value, time.time()),
             )
+
+    def stats(self, top_reasons: int = 10) -> CacheStats:
+        """Counts of what this cache holds and its ``top_reasons`` most frequent rejection reasons."""
+        if top_reasons < 0:
+            raise ValueError(f"top_reasons must be >= 0, got {top_reasons!r}")
+        with self._lock:
+            measured, rejected, lo, hi = self._db.execute(
+                "SELECT COUNT(ms), COUNT(*) - COUNT(ms), MIN(created), MAX(created) FROM costs"
+            ).fetchone()
+            outcomes, olo, ohi = self._db.execute(
+                "SELECT COUNT(*), MIN(created), MAX(created) FROM outcomes"
+            ).fetchone()
+            reasons = self._db.execute(
+                "SELECT reason, COUNT(*) AS n FROM costs WHERE ms IS NULL GROUP BY reason "
+                "ORDER BY n DESC, reason LIMIT ?",
+                (top_reasons,),
+            ).fetchall()
+        times = [t for t in (lo, hi, olo, ohi) if t is not None]
+        return CacheStats(
+            int(measured),
+            int(rejected),
+            int(outcomes),
+            min(times) if times else None,
+            max(times) if times else None,
+            [(str(r or "(no reason)"), int(n)) for r, n in reasons],
+        )
 
     def close(self) -> None:
         with self._lock:
