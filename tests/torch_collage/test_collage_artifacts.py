@@ -111,6 +111,31 @@ def test_runtime_runner_saves_and_loads(tmp_path, name):
         backend.load(tmp_path, (torch.randn(5, 4), y))
 
 
+def test_openvino_runner_loaded_from_the_store_keeps_the_file_not_its_bytes(tmp_path):
+    """[Note: the blob a runner keeps]: a loaded runner holds no copy of the weights in memory, still
+    saves (a copy of the file it came from), and says so when that file is gone."""
+    backend = get_backend("openvino")
+    ok, reason = backend.available()
+    if not ok:
+        pytest.skip(reason)
+    x, y = torch.randn(3, 4), torch.randn(3, 4)
+    first, second, third = (tmp_path / d for d in ("first", "second", "third"))
+    for d in (first, second, third):
+        d.mkdir()
+    assert backend.compile(_Twice(), (x, y)).save(first)
+    loaded = backend.load(first, (x, y))
+    assert not any(isinstance(v, (bytes, bytearray)) for v in vars(loaded).values())
+    assert loaded.save(second)
+    assert (second / "model.blob").read_bytes() == (first / "model.blob").read_bytes()
+    again = backend.load(second, (x, y))
+    x2, y2 = torch.randn(3, 4), torch.randn(3, 4)
+    torch.testing.assert_close(again(x2, y2)[0], _Twice()(x2, y2)[0])
+    orphan = backend.load(second, (x, y))
+    (second / "model.blob").unlink()  # pruned from the store while the runner lives
+    assert not orphan.save(third) and not (third / "model.blob").exists()
+    torch.testing.assert_close(orphan(x2, y2)[0], _Twice()(x2, y2)[0])  # it still runs
+
+
 def _cost_model(tmp_path: Path, spec, gm: fx.GraphModule, x: torch.Tensor):
     from torch_collage.cache import CostCache
     from torch_collage.cost import CostModel, record_values

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -113,9 +114,9 @@ class OpenVinoBackend:
         and precision (an import, no conversion or compilation); run once on ``example_inputs``."""
         graph = GraphIO.from_json((directory / _IO_FILE).read_text())
         graph.signature.prepare(example_inputs)  # ValueError unless it was saved for these shapes
-        data = (directory / _BLOB_FILE).read_bytes()
-        compiled = _core().import_model(io.BytesIO(data), "CPU", self._config())
-        runner = _OvRunner(compiled, graph, data)
+        blob = directory / _BLOB_FILE
+        compiled = _core().import_model(io.BytesIO(blob.read_bytes()), "CPU", self._config())
+        runner = _OvRunner(compiled, graph, blob)  # the file, not its bytes: [Note: the blob a runner keeps]
         runner(*example_inputs)
         return runner
 
@@ -294,15 +295,22 @@ _BLOB_FILE = "model.blob"
 class _OvRunner:
     """Calls one compiled model through a reused infer request, sharing memory with torch tensors."""
 
-    def __init__(self, compiled: ov.CompiledModel, graph: GraphIO, blob: bytes | None = None) -> None:
+    # [Note: the blob a runner keeps]
+    # A model imported from a blob exports one that ``import_model`` then refuses ("Unable to read
+    # the model", openvino 2026.4.1), so an imported runner saves the blob it was imported from. That
+    # blob is as large as the weights. A runner compiled in the helper process keeps its bytes until
+    # ``save`` writes them, then lets them go. A runner loaded from the compiled-partition store kept
+    # the file's bytes too, and is never saved again (its entry exists): every warm compile held a
+    # second copy of the weights for as long as the model lived (full mlp: 25 MB). It keeps the
+    # file's path instead, and ``save`` copies the file while it is still there.
+    def __init__(
+        self, compiled: ov.CompiledModel, graph: GraphIO, blob: bytes | Path | None = None
+    ) -> None:  # fmt: skip
         import openvino as ov
 
         self._tensor = ov.Tensor
         self._graph = graph.io if isinstance(graph, ExportedGraph) else graph  # running needs no program
         self._compiled = compiled
-        # the blob it was imported from, which ``save`` writes as is and then lets go (it is as
-        # large as the weights): a model imported from a blob exports one that ``import_model``
-        # then refuses ("Unable to read the model", openvino 2026.4.1)
         self._blob = blob
         self._imported = blob is not None
         self._request = compiled.create_infer_request()
@@ -325,10 +333,15 @@ class _OvRunner:
         """Write the compiled model (``export_model``'s blob) and its interface to ``directory``;
         ``OpenVinoBackend.load`` reads them back. See [Note: compiled artifacts] in artifacts.py.
         An imported model saves once (its blob is let go after); False afterwards: nothing to save."""
-        if self._imported:
-            if self._blob is None:
+        if self._imported:  # [Note: the blob a runner keeps]
+            if isinstance(self._blob, Path):
+                if not self._blob.is_file():  # pruned from the store meanwhile
+                    return False
+                shutil.copyfile(self._blob, directory / _BLOB_FILE)
+            elif self._blob is None:
                 return False
-            (directory / _BLOB_FILE).write_bytes(self._blob)
+            else:
+                (directory / _BLOB_FILE).write_bytes(self._blob)
             self._blob = None
         else:
             blob = io.BytesIO()  # export_model and import_model take BytesIO only
