@@ -177,9 +177,11 @@ class CostModel:
                 return CompiledPart(sub, backend, fn, "")
         if fn is None:
             fn, reason = self._compile_checked(sub, backend)
-        if fn is not None and key is not None and spec.save is not None:
-            save = spec.save
-            self.artifacts.save(key, lambda directory: save(fn, directory))
+        if fn is not None and spec.save is not None:
+            if key is not None:
+                save = spec.save
+                self.artifacts.save(key, lambda directory: save(fn, directory))
+            _release_saved_copy(fn)  # saved now, or never: [Note: the blob a runner keeps] in openvino.py
         return CompiledPart(sub, backend, fn, reason)
 
     def _measure(self, sub: Subgraph, backend: str, keep: bool = False) -> CachedCost:
@@ -334,3 +336,12 @@ def _probe(spec: BackendSpec, x: torch.Tensor) -> Callable[..., Any] | None:
         return fn
     except Exception:
         return None
+
+
+def _release_saved_copy(fn: Callable[..., Any]) -> None:
+    """Let a runner drop what it kept only to be saved (the built-in runtimes keep their serialised
+    model, as large as the weights), once it has been saved or will not be: the store is off
+    (``compiled_cache_mb=0``) or already holds the entry."""
+    release = getattr(fn, "release_saved_copy", None)
+    if callable(release):
+        release()

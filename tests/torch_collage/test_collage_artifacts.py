@@ -136,14 +136,34 @@ def test_openvino_runner_loaded_from_the_store_keeps_the_file_not_its_bytes(tmp_
     torch.testing.assert_close(orphan(x2, y2)[0], _Twice()(x2, y2)[0])  # it still runs
 
 
-def _cost_model(tmp_path: Path, spec, gm: fx.GraphModule, x: torch.Tensor):
+@pytest.mark.parametrize("name", ["openvino", "onnxruntime"])
+@pytest.mark.parametrize("store_mb", [0, 64])
+def test_partition_runner_keeps_no_serialised_model_once_saved_or_never_to_be(tmp_path, name, store_mb):
+    """[Note: the blob a runner keeps]: with the store off, or after saving into it, a runtime's
+    partition holds no serialised copy of its model (as large as its weights) while it runs."""
+    from torch_collage.registry import get_spec
+
+    spec = get_spec(name)
+    ok, reason = spec.available()
+    if not ok:
+        pytest.skip(reason)
+    gm, x = _mlp_graph()
+    model, graph = _cost_model(tmp_path, spec, gm, x, compiled_cache_mb=store_mb)
+    fresh = model.compile(graph.full, name).fn
+    assert not any(isinstance(v, (bytes, bytearray)) for v in vars(fresh).values())
+    assert (tmp_path / "compiled").is_dir() == (store_mb > 0)
+    x2 = torch.randn(4, 16)
+    torch.testing.assert_close(fresh(x2)[0], gm(x2), rtol=1e-4, atol=1e-5)
+
+
+def _cost_model(tmp_path: Path, spec, gm: fx.GraphModule, x: torch.Tensor, **options):
     from torch_collage.cache import CostCache
     from torch_collage.cost import CostModel, record_values
     from torch_collage.graph import DataflowGraph
     from torch_collage.registry import get_spec
 
     graph = DataflowGraph.from_graph(gm.graph)
-    opts = CollageOptions(cache_dir=str(tmp_path), **_FAST)
+    opts = CollageOptions(cache_dir=str(tmp_path), **{**_FAST, **options})
     specs = {"eager": get_spec("eager"), spec.name: spec}
     return CostModel(gm, graph, record_values(gm, [x]), specs, opts, CostCache(str(tmp_path))), graph
 

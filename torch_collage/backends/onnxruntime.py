@@ -204,6 +204,11 @@ class _OrtRunner:
         self._model = None
         return True
 
+    def release_saved_copy(self) -> None:
+        """Drop the ONNX model kept for ``save`` (collage calls this once the runner is saved or will
+        not be; see [Note: the blob a runner keeps] in openvino.py)."""
+        self._model = None
+
     def __call__(self, *args: torch.Tensor) -> Any:
         tensors = self._graph.signature.prepare(args)
         flat = self._run_numpy(tensors) if self._binding is None else self._run_bound(tensors)

@@ -302,7 +302,9 @@ class _OvRunner:
     # ``save`` writes them, then lets them go. A runner loaded from the compiled-partition store kept
     # the file's bytes too, and is never saved again (its entry exists): every warm compile held a
     # second copy of the weights for as long as the model lived (full mlp: 25 MB). It keeps the
-    # file's path instead, and ``save`` copies the file while it is still there.
+    # file's path instead, and ``save`` copies the file while it is still there. The collage cost
+    # model calls ``release_saved_copy`` once a runner is saved or will never be (store off, or
+    # entry already there), so a fresh runner's bytes do not outlive that either.
     def __init__(
         self, compiled: ov.CompiledModel, graph: GraphIO, blob: bytes | Path | None = None
     ) -> None:  # fmt: skip
@@ -349,6 +351,11 @@ class _OvRunner:
             (directory / _BLOB_FILE).write_bytes(blob.getbuffer())
         (directory / _IO_FILE).write_text(self._graph.to_json())
         return True
+
+    def release_saved_copy(self) -> None:
+        """Drop the blob kept for ``save`` (``save`` then has nothing to write); see
+        [Note: the blob a runner keeps]."""
+        self._blob = None
 
     def _copy_outputs(self) -> Sequence[torch.Tensor]:
         # the request's output buffers are reused by the next call: copy them out
