@@ -161,9 +161,10 @@ def to_onnx(graph: ExportedGraph, backend: str = _NAME) -> bytes:
 
 # [Note: one ONNX registry per process]
 # ``torch.onnx.export(program, dynamo=True)`` builds its registry of ATen -> ONNX functions afresh
-# on every call, from onnxscript's torchlib: 0.8-1.0 s per export on the 2-core AMD EPYC, whatever
-# the graph's size. A cold search exports one ONNX model per ONNX Runtime candidate, so that was
-# 54 s of resnet18's 237 s search (52 candidates; cProfile, torch 2.13, onnxscript 0.7.2). The
+# on every call, from onnxscript's torchlib, whatever the graph's size (0.4 s of a small MLP's
+# 0.56 s export on the 2-core AMD EPYC; torch 2.13, onnxscript 0.7.2). A cold search exports one
+# ONNX model per ONNX Runtime candidate: resnet18's cold explain (52 such candidates, all four
+# backends) took 159 s building it each time and 136 s with one registry, run one after the other. The
 # registry is only read while exporting (only ``custom_translation_table``, unused here, writes
 # it), so one is built per process and handed to the exporter's core, with the same opset, the
 # same optimisation and no file, as ``torch.onnx.export`` would. That core is private API: it is
