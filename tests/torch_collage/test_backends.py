@@ -385,20 +385,3 @@ def test_openvino_imported_runner_saves_its_blob_once(tmp_path) -> None:
         again = backend.load(tmp_path / "c", (x,))
         fresh = torch.randn(4, 32)
         torch.testing.assert_close(again(fresh), model(fresh), **TOL)
-
-
-def test_onnx_export_with_shared_registry_matches_public_path() -> None:
-    """[Note: one ONNX registry per process]: on the torch the Makefile installs, ONNX Runtime exports
-    through the exporter's core with one registry, and gets byte for byte torch.onnx.export's model."""
-    pytest.importorskip("onnxscript")
-    from torch_collage.backends import onnxruntime as ort_backend
-    from torch_collage.backends._export import export_graph
-
-    fast = ort_backend._export_with_shared_registry()
-    assert fast is not None and ort_backend._export_with_shared_registry() is fast  # built once
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.LayerNorm(32), nn.Linear(32, 8)).eval()
-    graph = export_graph("onnxruntime", model, (torch.randn(4, 16),))
-    ours = ort_backend.to_onnx(graph)
-    public = torch.onnx.export(graph.program, dynamo=True, verbose=False)
-    assert public is not None and ours == public.model_proto.SerializeToString()

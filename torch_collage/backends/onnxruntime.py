@@ -144,65 +144,23 @@ logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(loggin
 def to_onnx(graph: ExportedGraph, backend: str = _NAME) -> bytes:
     """Export in memory (no files): the serialised ONNX model. Failures keep torch.onnx's message,
     whose summary names the ATen op that has no ONNX function; they are reported as ``backend``'s.
-    Exports with one registry of ONNX functions per process where torch allows ([Note: one ONNX
-    registry per process])."""
+
+    [Note: a fresh ONNX registry per export]
+    ``torch.onnx.export`` builds its registry of ATen -> ONNX functions afresh on every call (0.4 s
+    of a small MLP's 0.56 s export here). Building one per process and calling the exporter's core
+    with it (d9b627d) gave byte-identical small models and cut resnet18's cold explain from 159 to
+    136 s, but in a benchmark process that had exported other models first, exporting mmt's whole
+    graph then sat in onnxscript's rewriter for minutes (its cold search took 383 s, against 100 s
+    before; the public path in the same process: 25 s for that candidate). Something the exports
+    reach through the registry keeps state between them, so each export gets its own again.
+    """
     try:
         with quiet_treespec_deprecation():
-            fast = _export_with_shared_registry()
-            if fast is not None:
-                program = fast(graph.program)
-            else:
-                program = torch.onnx.export(graph.program, dynamo=True, verbose=False)
+            program = torch.onnx.export(graph.program, dynamo=True, verbose=False)
     except Exception as exc:
         raise BackendCompileError.from_exception(backend, exc, OP_PATTERNS) from exc
     assert program is not None
     return program.model_proto.SerializeToString()
-
-
-# [Note: one ONNX registry per process]
-# ``torch.onnx.export(program, dynamo=True)`` builds its registry of ATen -> ONNX functions afresh
-# on every call, from onnxscript's torchlib, whatever the graph's size (0.4 s of a small MLP's
-# 0.56 s export on the 2-core AMD EPYC; torch 2.13, onnxscript 0.7.2). A cold search exports one
-# ONNX model per ONNX Runtime candidate: resnet18's cold explain (52 such candidates, all four
-# backends) took 159 s building it each time and 136 s with one registry, run one after the other. The
-# registry is only read while exporting (only ``custom_translation_table``, unused here, writes
-# it), so one is built per process and handed to the exporter's core, with the same opset, the
-# same optimisation and no file, as ``torch.onnx.export`` would. That core is private API: it is
-# used only where its signature takes the registry, the opset and the optimisation flag, and any
-# other torch takes the public path. ``test_onnx_export_with_shared_registry_matches_public_path``
-# pins that both give the same model.
-_FAST_EXPORT: list[Any] = []
-
-
-def _export_with_shared_registry() -> Any:
-    """``program -> ONNXProgram`` through the exporter's core with a registry built once, or None
-    where this torch's exporter does not take one ([Note: one ONNX registry per process])."""
-    if not _FAST_EXPORT:
-        _FAST_EXPORT.append(_make_fast_export())
-    return _FAST_EXPORT[0]
-
-
-def _make_fast_export() -> Any:
-    import functools
-    import inspect
-
-    try:
-        from torch.onnx import _constants as public_constants
-        from torch.onnx._internal.exporter import _constants, _core, _registration
-
-        params = inspect.signature(_core.export).parameters
-        if not {"registry", "opset_version", "optimize"} <= set(params):
-            return None
-        opset = public_constants.ONNX_DEFAULT_OPSET  # torch.onnx.export's default
-        registry = _registration.ONNXRegistry.from_torchlib(
-            opset_version=max(opset, _constants.TORCHLIB_OPSET)
-        )
-    except Exception as exc:  # another torch: the public path
-        logger.debug("%s: exporting through torch.onnx.export (%s: %s)", _NAME, type(exc).__name__, exc)
-        return None
-    return functools.partial(
-        _core.export, registry=registry, opset_version=opset, optimize=True, verbose=False
-    )
 
 
 def numpy_dtype(dtype: torch.dtype) -> np.dtype:
