@@ -15,12 +15,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CacheStats", "CachedCost", "CostCache"]
+__all__ = ["CacheStats", "CachedCost", "CostCache", "cost_cache_path"]
 
 logger = logging.getLogger(__name__)
 
 _SCHEMA_VERSION = 1
 _FILE = "costs.sqlite"
+
+
+def cost_cache_path(cache_dir: str) -> Path:
+    """The SQLite file of the cost cache under ``cache_dir``."""
+    return Path(cache_dir).expanduser() / _FILE
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,7 @@ class CostCache:
     """
 
     def __init__(self, cache_dir: str) -> None:
-        self.path = Path(cache_dir).expanduser() / _FILE
+        self.path = cost_cache_path(cache_dir)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = self._open()

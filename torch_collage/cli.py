@@ -80,13 +80,13 @@ def _backends(args: argparse.Namespace) -> int:
 
 def _cache(args: argparse.Namespace) -> int:
     from torch_collage.artifacts import ArtifactStore
-    from torch_collage.cache import CostCache
+    from torch_collage.cache import CostCache, cost_cache_path
 
     root = Path(args.cache_dir).expanduser()
-    db = root / "costs.sqlite"
+    db = cost_cache_path(str(root))
     store = ArtifactStore(str(root), max_mb=1)  # the size limit plays no part in reading or clearing
     if args.clear:
-        removed = [p for p in root.glob("costs.*") if p.is_file()]  # the database and set-aside copies
+        removed = [p for p in root.glob(f"{db.stem}.*") if p.is_file()]  # the database, set-aside copies
         for path in removed:
             path.unlink()
         had = store.count()

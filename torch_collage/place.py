@@ -20,7 +20,6 @@ end-to-end times are cached too, so a warm compile measures nothing.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -106,8 +105,9 @@ def _place(
     assembled, measured, chosen, e2e = _choose(gm, graph, placement, singles, model)
     if options.verify:
         assembled, chosen = _verify(gm, graph, assembled, chosen, model, inputs)
-    report = _report(kind, model, placement, measured, singles, chosen, len(cands), start, costs)
-    return assembled, dataclasses.replace(report, end_to_end_ms=e2e)
+    return assembled, _report(
+        kind, model, placement, measured, singles, chosen, len(cands), start, costs, e2e
+    )
 
 
 def _with_whole_graphs(graph: DataflowGraph, cands: list[Candidate], model: CostModel) -> list[Candidate]:
@@ -398,6 +398,7 @@ def _report(
     candidates: int,
     start: float,
     costs: dict[Candidate, float] | None = None,
+    end_to_end_ms: dict[str, float] | None = None,
 ) -> GraphReport:
     graph, costs = model.graph, costs or {}
     searched = " ".join(f"{p.backend}[{p.mask.bit_count()}]" for p in placement.partitions)
@@ -430,6 +431,7 @@ def _report(
         searched,
         searched_ms,
         _segment_reports(graph, model.options.segments, costs),
+        end_to_end_ms or {},
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks.bench_collage import summary
+from benchmarks.collage_summary import summary
 
 
 def _row(backend: str, ms: float, **extra) -> dict:

@@ -148,11 +148,11 @@ def to_onnx(graph: ExportedGraph, backend: str = _NAME) -> bytes:
     [Note: a fresh ONNX registry per export]
     ``torch.onnx.export`` builds its registry of ATen -> ONNX functions afresh on every call (0.4 s
     of a small MLP's 0.56 s export here). Building one per process and calling the exporter's core
-    with it (d9b627d) gave byte-identical small models and cut resnet18's cold explain from 159 to
-    136 s, but in a benchmark process that had exported other models first, exporting mmt's whole
-    graph then sat in onnxscript's rewriter for minutes (its cold search took 383 s, against 100 s
-    before; the public path in the same process: 25 s for that candidate). Something the exports
-    reach through the registry keeps state between them, so each export gets its own again.
+    with it (d9b627d) exported a small MLP byte for byte the same and cut resnet18's cold explain
+    from 159 to 136 s, but in the zoo benchmark's process exporting mmt's whole graph then sat in
+    onnxscript's rewriter for minutes (its cold search took 383 s, against 100 s before; an identical
+    benchmark process on the public path: 25 s for that candidate). What the exports share through
+    the registry was not found, so each export gets its own again.
     """
     try:
         with quiet_treespec_deprecation():
