@@ -61,6 +61,7 @@ from torch_graphpipe import (
     capture,
     plan_graph,
     plan_stages,
+    plot_timeline,
     profile_graph,
     simulate,
 )
@@ -330,11 +331,13 @@ def _rows(
         if "DAG" in label or label == BASELINE:
             tag = label.split("(")[1].rstrip(")").replace(", ", "_").replace(" ", "_")
             pngs.append(
-                sim.plot(out_dir / f"graphpipe_cpu_{name}_sim_{tag}.png", title=f"{name}: simulated {label}")
+                plot_timeline(
+                    sim, out_dir / f"graphpipe_cpu_{name}_sim_{tag}.png", title=f"{name}: simulated {label}"
+                )
             )
             if measured is not None:
                 path = out_dir / f"graphpipe_cpu_{name}_measured_{tag}.png"
-                pngs.append(measured.plot(path, title=f"{name}: measured {label}"))
+                pngs.append(plot_timeline(measured, path, title=f"{name}: measured {label}"))
         q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
         median = statistics.median(samples)
         rows.append({

@@ -2,9 +2,10 @@
 
 Planning runs in one process: ``torch_graphpipe.plan(model, example_inputs, num_stages,
 num_microbatches)`` captures the operator graph, profiles it, partitions it into convex stages and
-builds a DAG 1F1B schedule; ``plan.simulate()`` predicts a step. The distributed runtime
-``GraphPipe(model, example_inputs=..., loss_fn=..., num_microbatches=...)`` runs under an
-initialised process group, one stage per rank: ``gp.step(*inputs, target=y)`` trains one batch.
+builds a DAG 1F1B schedule; ``plan.simulate()`` predicts a step, ``plot_timeline(result, path)``
+draws it. The distributed runtime ``GraphPipe(model, example_inputs=..., loss_fn=...,
+num_microbatches=...)`` runs under an initialised process group, one stage per rank:
+``gp.step(*inputs, target=y)`` trains one batch.
 """
 
 from torch_graphpipe.action import Action
@@ -15,6 +16,8 @@ from torch_graphpipe.profile import CommModel, CostTable, OpCost, profile_graph
 from torch_graphpipe.schedule import Schedule, ScheduleError, build_1f1b
 from torch_graphpipe.simulate import SimulationResult, TimelineEntry, simulate
 from torch_graphpipe.stage_cost import StageCost
+from torch_graphpipe.timeline import plot_timeline
+from torch_graphpipe.validate import validate_schedule
 from torch_graphpipe.wire import PeerError
 from torch_graphpipe.wrapper import GraphPipe
 
@@ -41,6 +44,8 @@ __all__ = [
     "plan",
     "plan_graph",
     "plan_stages",
+    "plot_timeline",
     "profile_graph",
     "simulate",
+    "validate_schedule",
 ]

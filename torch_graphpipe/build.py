@@ -32,6 +32,7 @@ from torch_graphpipe.stage_module import (
     match_persistence,
     unowned_state,
 )
+from torch_graphpipe.validate import validate_schedule
 
 __all__ = ["Partition", "PipelineSetup", "PlanOptions", "setup_pipeline"]
 
@@ -93,7 +94,7 @@ def setup_pipeline(
         for a, b in routing.edges
     }
     executed = with_routing(the_plan, routing, edge_bytes)
-    executed.schedule.validate()
+    validate_schedule(executed.schedule)
     stages = [build_stage_module(captured.graph_module, r) for r in routing.stages]
     check_shared_parameters(stages)
     state_keys = tuple(module.state_dict().keys())

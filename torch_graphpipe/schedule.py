@@ -81,12 +81,6 @@ class Schedule:
             late=late,  # type: ignore[arg-type]
         )
 
-    def validate(self) -> None:
-        """Raise :class:`ScheduleError` naming the first broken rule."""
-        from torch_graphpipe.validate import validate_schedule
-
-        validate_schedule(self)
-
     def compute_order(self, stage: int) -> list[str]:
         """The stage's F/B actions only, as strings (handy for tests and printing)."""
         return [str(a) for a in self.programs[stage] if a.is_compute]

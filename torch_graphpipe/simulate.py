@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 from torch_graphpipe.action import Action
 from torch_graphpipe.schedule import Schedule, ScheduleError
@@ -42,12 +41,6 @@ class SimulationResult:
 
     def busy_time(self, stage: int) -> float:
         return sum(e.end - e.start for e in self.timeline[stage])
-
-    def plot(self, path: str | Path, *, title: str = "") -> Path:
-        """Write the timeline as a PNG: one row per stage, boxes coloured by micro-batch."""
-        from torch_graphpipe.timeline import plot_timeline
-
-        return plot_timeline(self, path, title=title)
 
 
 def simulate(

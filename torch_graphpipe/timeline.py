@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from torch_graphpipe.simulate import SimulationResult
+from torch_graphpipe.simulate import SimulationResult
 
 __all__ = ["plot_timeline"]
 

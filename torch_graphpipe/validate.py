@@ -6,6 +6,7 @@ from collections import Counter
 
 from torch_graphpipe.action import Action
 from torch_graphpipe.schedule import Schedule, ScheduleError
+from torch_graphpipe.simulate import simulate
 
 __all__ = ["validate_schedule"]
 
@@ -26,8 +27,6 @@ def validate_schedule(schedule: Schedule) -> None:
     for s, prog in enumerate(schedule.programs):
         _check_compute(schedule, s, prog)
     _check_messages(schedule)
-    from torch_graphpipe.simulate import simulate
-
     zeros = [0.0] * schedule.num_stages
     simulate(schedule, zeros, zeros)  # raises ScheduleError on deadlock
 

@@ -4,7 +4,7 @@ import torch.nn as nn
 from _gp_models import ForkJoin, Untraceable
 
 import torch_graphpipe
-from torch_graphpipe import GraphCaptureError, capture, plan
+from torch_graphpipe import GraphCaptureError, capture, plan, validate_schedule
 
 
 class Skip(nn.Module):
@@ -82,7 +82,7 @@ def test_plan_real_models(model, inputs, stages, stage_graph):
     p = plan(model(), inputs, stages, 4, stage_graph, repeats=1)
     assert p.num_stages == stages and p.microbatch_size == 2
     assert all(s.cost.fwd_ms > 0 for s in p.stages)
-    p.schedule.validate()
+    validate_schedule(p.schedule)
     result = p.simulate()
     assert result.iteration_time > 0 and 0 <= result.bubble_fraction < 1
     assert list(result.peak_in_flight) == [min(s.in_flight, 4) for s in p.stages]
@@ -124,7 +124,7 @@ def test_plan_zoo_models(name):
     dag = plan(model, inputs, 4, 4, "dag", repeats=1)
     chain = plan(model, inputs, 4, 4, "chain", costs=None, repeats=1)
     assert dag.num_stages == chain.num_stages == 4
-    dag.schedule.validate()
+    validate_schedule(dag.schedule)
     assert dag.simulate().iteration_time > 0 and chain.simulate().iteration_time > 0
     assert dag.planning_time_s < 5
 

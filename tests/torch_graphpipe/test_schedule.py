@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from torch_graphpipe import Action, Schedule, ScheduleError, build_1f1b
+from torch_graphpipe import Action, Schedule, ScheduleError, build_1f1b, validate_schedule
 
 DIAMOND = [(0, 1), (0, 2), (1, 3), (2, 3)]
 
@@ -31,7 +31,7 @@ def test_action_parse_rejects(text):
 @pytest.mark.parametrize("microbatches", [1, 3, 8])
 def test_built_schedules_validate_and_round_trip(stages, edges, microbatches):
     schedule = build_1f1b(stages, edges, microbatches)
-    schedule.validate()
+    validate_schedule(schedule)
     assert Schedule.parse(str(schedule)) == schedule
 
 
@@ -61,27 +61,27 @@ def test_rejects_missing_backward():
     schedule = build_1f1b(2, [(0, 1)], 2)
     broken = _replace_program(schedule, 1, [a for a in schedule.programs[1] if str(a) != "1B1"])
     with pytest.raises(ScheduleError, match="no B for micro-batch 1"):
-        broken.validate()
+        validate_schedule(broken)
 
 
 def test_rejects_backward_before_forward():
     broken = Schedule.parse("schedule stages=1 microbatches=1 edges=\n0: 0B0 0F0")
     with pytest.raises(ScheduleError, match="backward of micro-batch 0 comes before its forward"):
-        broken.validate()
+        validate_schedule(broken)
 
 
 def test_rejects_unmatched_send():
     schedule = build_1f1b(2, [(0, 1)], 1)
     broken = _replace_program(schedule, 1, [a for a in schedule.programs[1] if str(a) != "1RECV_F0<0"])
     with pytest.raises(ScheduleError, match="1RECV_F0<0 appears 0 times, expected 1"):
-        broken.validate()
+        validate_schedule(broken)
 
 
 def test_rejects_receive_after_compute():
     schedule = build_1f1b(2, [(0, 1)], 1)
     broken = _replace_program(schedule, 1, ["1F0", "1RECV_F0<0", "1B0", "1SEND_B0>0"])
     with pytest.raises(ScheduleError, match="must come before 1F0"):
-        broken.validate()
+        validate_schedule(broken)
 
 
 def test_rejects_deadlock():
@@ -91,7 +91,7 @@ def test_rejects_deadlock():
         schedule, 0, ["0F0", "0RECV_B0<1", "0SEND_F0>1", "0B0", "0F1", "0SEND_F1>1", "0RECV_B1<1", "0B1"]
     )
     with pytest.raises(ScheduleError, match="deadlock"):
-        broken.validate()
+        validate_schedule(broken)
 
 
 def test_bad_builder_arguments():
@@ -106,7 +106,7 @@ def test_bad_builder_arguments():
 
 def test_split_stage_program_and_round_trip():
     schedule = build_1f1b(4, DIAMOND, 3, late=[(3, 2)])
-    schedule.validate()
+    validate_schedule(schedule)
     assert Schedule.parse(str(schedule)) == schedule and "late=3<2" in str(schedule)
     prog = [str(a) for a in schedule.programs[3]]
     assert prog[:8] == ["3RECV_F0<1", "3F0", "3RECV_F0<2", "3FL0", "3BL0", "3SEND_B0>2", "3B0", "3SEND_B0>1"]
@@ -125,20 +125,20 @@ def test_split_rejects_late_part_out_of_order():
     prog = [str(a) for a in schedule.programs[3]]
     swapped = [*prog[:4], "3B0", "3SEND_B0>2", "3BL0", "3SEND_B0>1"]  # early backward before the late one
     with pytest.raises(ScheduleError, match="F, FL, BL, B in this order"):
-        _replace_program(schedule, 3, swapped).validate()
+        validate_schedule(_replace_program(schedule, 3, swapped))
 
 
 def test_split_rejects_gradient_sent_to_late_peer_before_its_backward():
     schedule = build_1f1b(4, DIAMOND, 1, late=[(3, 2)])
     program = ["3RECV_F0<1", "3F0", "3RECV_F0<2", "3FL0", "3SEND_B0>2", "3BL0", "3B0", "3SEND_B0>1"]
     with pytest.raises(ScheduleError, match="3SEND_B0>2 must come after 3BL0"):
-        _replace_program(schedule, 3, program).validate()
+        validate_schedule(_replace_program(schedule, 3, program))
 
 
 def test_split_actions_need_a_split_stage():
     schedule = build_1f1b(4, DIAMOND, 1)
     prog = [str(a) for a in schedule.programs[3]]
     with pytest.raises(ScheduleError, match="not split"):
-        _replace_program(schedule, 3, [*prog[:3], "3FL0", *prog[3:]]).validate()
+        validate_schedule(_replace_program(schedule, 3, [*prog[:3], "3FL0", *prog[3:]]))
     with pytest.raises(ScheduleError, match="not a stage edge"):
-        dataclasses.replace(schedule, late=((3, 0),)).validate()
+        validate_schedule(dataclasses.replace(schedule, late=((3, 0),)))

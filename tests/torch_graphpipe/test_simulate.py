@@ -3,7 +3,7 @@ import itertools
 import pytest
 from _gp_graphs import two_chains
 
-from torch_graphpipe import CommModel, CostTable, OpCost, build_1f1b, plan_graph, simulate
+from torch_graphpipe import CommModel, CostTable, OpCost, build_1f1b, plan_graph, plot_timeline, simulate
 
 
 def _worked_example(stage_graph):
@@ -50,7 +50,7 @@ def test_timeline_boxes_do_not_overlap():
 
 
 def test_timeline_png(tmp_path):
-    path = _worked_example("dag").simulate().plot(tmp_path / "timeline.png")
+    path = plot_timeline(_worked_example("dag").simulate(), tmp_path / "timeline.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
