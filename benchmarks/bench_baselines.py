@@ -36,13 +36,15 @@ from benchmarks.harness import (
     progress,
     write_results,
 )
-from torch_collage.backends import get_backend
+from torch_collage.backends import Backend, get_backend
 from torch_collage.timing import torch_threads
 from torch_collage.zoo import ZooModel, get_model, list_models
 
-__all__ = ["BACKENDS", "SUBSETS", "main", "parse_args", "run_baselines"]
+__all__ = ["BACKENDS", "SUBSETS", "main", "parse_args", "run_baselines", "runner"]
 
 BACKENDS = ("eager", "inductor", "inductor_freezing", "onnxruntime", "openvino")
+# Rows that are a backend with options, not a backend of their own.
+_CONFIGURED = {"inductor_freezing": ("inductor", {"freezing": True})}
 # name -> (models, batches); --subset small is `make demo`: about 2 minutes on 2 cores
 SUBSETS = {"small": (("mlp", "resnet18", "bert"), ("1",))}
 _DEFAULT_BATCHES = ("1", "default")
@@ -96,10 +98,16 @@ def _batches(spec: Sequence[str], model: ZooModel, size: str) -> list[int]:
     return batches
 
 
+def runner(row: str) -> Backend:
+    """The whole-module runner of a row: a backend, or a backend with options (``inductor_freezing``)."""
+    name, options = _CONFIGURED.get(row, (row, {}))
+    return get_backend(name, **options)
+
+
 def _compile(name: str, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[Any, float]:
     """Compile on backend ``name`` and make the first call (lazy backends compile there); return the
     callable and the seconds both took. Raises whatever the backend raises."""
-    backend = get_backend(name)
+    backend = runner(name)
     available, reason = backend.available()
     if not available:
         raise RuntimeError(f"backend unavailable: {reason}")
@@ -118,7 +126,7 @@ def _error_text(exc: Exception) -> str:
 
 def _row_base(model: ZooModel, batch: int, name: str) -> dict[str, Any]:
     try:
-        version = get_backend(name).version()
+        version = runner(name).version()
     except Exception:  # a broken backend must not stop the benchmark; its row says "fail" anyway
         version = None
     return {"model": model.name, "batch": batch, "backend": name, "backend_version": version}
@@ -239,7 +247,7 @@ def run_baselines(args: argparse.Namespace) -> ResultTable:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     for name in args.backends:
-        get_backend(name)  # an unknown name raises here, listing the valid ones
+        runner(name)  # an unknown name raises here, listing the valid ones
     with torch_threads(args.threads):
         info = machine_info()
     print_header(info)

@@ -7,25 +7,26 @@ without dynamo (captured by ``torch.export``); ``torch_collage.register_backend(
 
 Subpackages: ``torch_collage.backends`` (the runners), ``torch_collage.zoo`` (benchmark models with
 random weights), ``torch_collage.timing`` (the timing core shared by the cost model and benchmarks).
-Pipeline modules, in the order data flows: ``entry`` (dynamo backend) and ``options``; ``spec``,
-``registry`` and ``builtin_specs`` (what each backend can run); ``graph`` (units, bitsets,
+Pipeline modules, in the order data flows: ``entry`` (dynamo backend) and ``options``;
+``backends`` (each backend's ``BackendSpec``: what it can run, in ``backends.base``; the one registry,
+``backends.registry``); ``graph`` (units, bitsets,
 reachability); ``candidates``; ``subgraph`` (cutting a candidate out, canonical keys); ``cost`` and
 ``cache`` (measured, persistent); ``search`` (exact cover search, merging) and ``refine`` (measured
 local search); ``place`` (one graph end to end); ``assembly``; ``report``, ``explain`` and ``render``.
 """
 
-from torch_collage.cost import measurement_count
-from torch_collage.entry import collage_backend
-from torch_collage.explain import ExplainReport, explain
-from torch_collage.exported import ExportedCollage, compile_exported
-from torch_collage.options import CollageOptions
-from torch_collage.registry import (
+from torch_collage.backends.base import BackendInfo, BackendSpec, OpRule
+from torch_collage.backends.registry import (
     list_backends,
     register_backend,
     registered_backend,
     unregister_backend,
 )
-from torch_collage.spec import BackendInfo, BackendSpec, OpRule
+from torch_collage.cost import measurement_count
+from torch_collage.entry import collage_backend
+from torch_collage.explain import ExplainReport, explain
+from torch_collage.exported import ExportedCollage, compile_exported
+from torch_collage.options import CollageOptions
 
 __version__ = "0.1.0"
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from torch_collage.backends.base import BackendSpec, op_name
 from torch_collage.graph import DataflowGraph, bits, lowest_bit
-from torch_collage.spec import BackendSpec, op_name
 
 __all__ = ["Candidate", "enumerate_candidates", "is_elementwise", "supported_mask"]
 

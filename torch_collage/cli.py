@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _backends(args: argparse.Namespace) -> int:
-    from torch_collage.registry import list_backends
+    from torch_collage.backends.registry import list_backends
 
     rows = [
         (info.name, "yes" if info.available else "no", info.version or "-", info.fusion, info.reason or "-")

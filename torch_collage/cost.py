@@ -18,11 +18,11 @@ import torch
 from torch import fx
 
 from torch_collage.artifacts import ArtifactStore
+from torch_collage.backends.base import BackendSpec
 from torch_collage.cache import CachedCost, CostCache
 from torch_collage.candidates import Candidate
 from torch_collage.graph import DataflowGraph
 from torch_collage.options import CollageOptions
-from torch_collage.spec import BackendSpec
 from torch_collage.subgraph import Subgraph, constants_digest, digest, extract, tensor_signature
 from torch_collage.timing import measure
 

@@ -20,6 +20,7 @@ from torch._functorch.aot_autograd import make_boxed_func
 from torch.utils._python_dispatch import _disable_current_modes
 
 from torch_collage.assembly import AssembledGraph
+from torch_collage.backends.registry import check_names
 from torch_collage.freeze import FrozenInputs, freeze_inputs, static_input_indices
 from torch_collage.options import CollageOptions
 from torch_collage.place import place_graph
@@ -130,7 +131,9 @@ def _has_symbolic_inputs(gm: fx.GraphModule) -> bool:
 
 
 def make_backend(options: CollageOptions, sink: ReportSink | None = None) -> Callable[..., Any]:
-    """A dynamo backend placing with ``options``; ``sink`` receives each graph's report."""
+    """A dynamo backend placing with ``options``; ``sink`` receives each graph's report. Unknown
+    backend names in ``options.backends`` raise ``ValueError`` here, where a compile starts."""
+    check_names(options.backends)
 
     def compiler(kind: str) -> Callable[[fx.GraphModule, Sequence[Any]], Callable[..., Any]]:
         def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:

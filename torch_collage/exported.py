@@ -28,6 +28,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
 from torch_collage.backends._export import StaticSignature, quiet_treespec_deprecation
+from torch_collage.backends.registry import check_names
 from torch_collage.entry import _LazyPlacer
 from torch_collage.explain import ExplainReport
 from torch_collage.options import CollageOptions
@@ -107,6 +108,7 @@ def compile_exported(model: nn.Module, *example_inputs: Any, **options: Any) -> 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     parsed = CollageOptions.from_mapping(options)
+    check_names(parsed.backends)
     with torch.no_grad(), quiet_treespec_deprecation():
         program = torch.export.export(model, tuple(example_inputs)).run_decompositions({})
     sig = program.graph_signature

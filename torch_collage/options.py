@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["CollageOptions", "default_cache_dir"]
+from torch_collage.backends.base import CACHE_ENV, default_cache_dir
 
-CACHE_ENV = "TORCH_COLLAGE_CACHE_DIR"
-
-
-def default_cache_dir() -> str:
-    """``$TORCH_COLLAGE_CACHE_DIR``, else ``~/.cache/torch_collage``."""
-    return os.environ.get(CACHE_ENV) or str(Path.home() / ".cache" / "torch_collage")
+__all__ = ["CACHE_ENV", "CollageOptions", "default_cache_dir"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,26 +57,14 @@ class CollageOptions:
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any] | None) -> CollageOptions:
-        """Parse ``torch.compile``'s ``options``; unknown keys and backend names raise ``ValueError``."""
+        """Parse ``torch.compile``'s ``options``; unknown keys raise ``ValueError``. Backend names are
+        checked where a compile starts (``backends.registry.check_names``): parsing loads no backend."""
         options = dict(options or {})
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise ValueError(f"unknown collage option(s) {unknown}; valid options: {', '.join(valid)}")
-        parsed = cls(**options)
-        parsed.check_backends()
-        return parsed
-
-    def check_backends(self) -> None:
-        """Every named backend must be registered (available or not: that is decided later)."""
-        from torch_collage.registry import registered_names
-
-        known = registered_names()
-        unknown = [b for b in self.backends if b not in known]
-        if unknown:
-            raise ValueError(
-                f"unknown backend(s) {unknown} in option 'backends'; valid backends: {', '.join(known)}"
-            )
+        return cls(**options)
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

@@ -31,6 +31,8 @@ import torch
 from torch import fx
 
 from torch_collage.assembly import AssembledGraph, Step
+from torch_collage.backends.base import BackendSpec
+from torch_collage.backends.registry import get_spec, registered_names
 from torch_collage.cache import CostCache
 from torch_collage.candidates import Candidate, enumerate_candidates
 from torch_collage.cost import CostModel, outputs_match, record_values
@@ -38,11 +40,9 @@ from torch_collage.endtoend import e2e_many_ms, e2e_ms, e2e_pair_ms
 from torch_collage.graph import DataflowGraph, bits
 from torch_collage.options import CollageOptions
 from torch_collage.refine import refine
-from torch_collage.registry import get_spec
 from torch_collage.report import GraphReport, PartitionReport, SegmentReport
 from torch_collage.search import Partition, Placement, merge_groups, merge_run, search_cover
 from torch_collage.segments import consecutive_segments, segment_candidates
-from torch_collage.spec import BackendSpec
 from torch_collage.subgraph import digest, tensor_signature
 
 __all__ = ["active_specs", "place_graph"]
@@ -53,8 +53,6 @@ _warned_unavailable: set[str] = set()
 
 def active_specs(options: CollageOptions) -> dict[str, BackendSpec]:
     """The backends to place on: the requested (or all registered) ones that are available, plus eager."""
-    from torch_collage.registry import registered_names
-
     names = list(options.backends or registered_names())
     specs = {"eager": get_spec("eager")}
     for name in names:

@@ -26,9 +26,9 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 
+from torch_collage.backends.base import BackendSpec
 from torch_collage.candidates import Candidate, supported_mask
 from torch_collage.graph import DataflowGraph
-from torch_collage.spec import BackendSpec
 
 __all__ = ["consecutive_segments", "crossings", "cut_points", "interval_mask", "segment_candidates"]
 

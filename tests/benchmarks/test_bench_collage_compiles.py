@@ -19,7 +19,7 @@ def test_collage_and_openvino_compiles_leave_the_frozen_inductor_baseline_frozen
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 8), nn.ReLU()).eval()
     x = torch.randn(4, 16)
-    frozen = get_backend("inductor_freezing").compile(model, (x,))
+    frozen = get_backend("inductor", freezing=True).compile(model, (x,))
     before = frozen(x)
     opts = CollageOptions.from_mapping(
         {"backends": ("eager",), "cache_dir": str(tmp_path), "time_budget_s": 0.0}

@@ -14,13 +14,13 @@ from torch._dynamo.backends.common import aot_autograd
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from torch_collage.backends import (
-    BUILTIN_BACKENDS,
+    CPU_BACKENDS,
     Backend,
     BackendCompileError,
     get_backend,
 )
 
-ALL = tuple(BUILTIN_BACKENDS)
+ALL = CPU_BACKENDS
 RUNTIMES = ("onnxruntime", "openvino")  # the backends that export the graph and run it outside torch
 # both ONNX Runtime input paths: session.run with numpy (the default) and IOBinding
 RUNTIME_CONFIGS = [("onnxruntime", {}), ("onnxruntime", {"io_binding": True}), ("openvino", {})]
@@ -114,9 +114,11 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[], tuple[torch.Tensor
 }
 
 
-def _compile(name: str, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Callable[..., Any]:
+def _compile(
+    name: str, module: nn.Module, inputs: tuple[torch.Tensor, ...], **options: Any
+) -> Callable[..., Any]:
     with torch.no_grad():
-        return get_backend(name).compile(module, inputs)
+        return get_backend(name, **options).compile(module, inputs)
 
 
 def _check_calls(
@@ -132,15 +134,20 @@ def _check_calls(
     torch.testing.assert_close(second, second_ref, **TOL)
 
 
-# Freezing only changes how parameters are compiled: two models suffice, the others cost compile time.
-CASES = [(b, m) for b in ALL for m in MODELS if b != "inductor_freezing" or m in ("mlp", "conv_bn")]
-
-
-@pytest.mark.parametrize(("backend", "model"), CASES)
+@pytest.mark.parametrize(("backend", "model"), [(b, m) for b in ALL for m in MODELS])
 def test_matches_eager(backend: str, model: str) -> None:
     make_module, make_inputs = MODELS[model]
     module = make_module().eval()
     fn = _compile(backend, module, make_inputs())
+    _check_calls(fn, module, make_inputs)
+
+
+# Freezing only changes how parameters are compiled: two models suffice, the others cost compile time.
+@pytest.mark.parametrize("model", ["mlp", "conv_bn"])
+def test_inductor_with_freezing_matches_eager(model: str) -> None:
+    make_module, make_inputs = MODELS[model]
+    module = make_module().eval()
+    fn = _compile("inductor", module, make_inputs(), freezing=True)
     _check_calls(fn, module, make_inputs)
 
 
@@ -233,12 +240,12 @@ def test_freezing_many_instances_of_one_class() -> None:
     for _ in range(9):
         module = TwoOutputs().eval()
         make = MODELS["two_outputs"][1]
-        _check_calls(_compile("inductor_freezing", module, make()), module, make)
+        _check_calls(_compile("inductor", module, make(), freezing=True), module, make)
 
 
 def test_freezing_runs_in_grad_mode_without_grad() -> None:
     module = MLP().eval()
-    fn = _compile("inductor_freezing", module, (torch.randn(4, 32),))
+    fn = _compile("inductor", module, (torch.randn(4, 32),), freezing=True)
     x = torch.randn(4, 32)
     out = fn(x)  # grad mode on: the callable switches to no_grad itself
     assert not out.requires_grad

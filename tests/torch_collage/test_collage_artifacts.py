@@ -14,9 +14,9 @@ from torch import fx, nn
 from torch_collage.artifacts import ArtifactStore
 from torch_collage.backends import get_backend
 from torch_collage.backends._export import GraphIO, export_graph
+from torch_collage.backends.registry import registered_backend
 from torch_collage.entry import make_backend
 from torch_collage.options import CollageOptions
-from torch_collage.registry import registered_backend
 
 _FAST = {"max_depth": 2, "repeats": 3, "warmup": 1, "progress": False}
 needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino missing")
@@ -141,7 +141,7 @@ def test_openvino_runner_loaded_from_the_store_keeps_the_file_not_its_bytes(tmp_
 def test_partition_runner_keeps_no_serialised_model_once_saved_or_never_to_be(tmp_path, name, store_mb):
     """[Note: the blob a runner keeps]: with the store off, or after saving into it, a runtime's
     partition holds no serialised copy of its model (as large as its weights) while it runs."""
-    from torch_collage.registry import get_spec
+    from torch_collage.backends.registry import get_spec
 
     spec = get_spec(name)
     ok, reason = spec.available()
@@ -157,10 +157,10 @@ def test_partition_runner_keeps_no_serialised_model_once_saved_or_never_to_be(tm
 
 
 def _cost_model(tmp_path: Path, spec, gm: fx.GraphModule, x: torch.Tensor, **options):
+    from torch_collage.backends.registry import get_spec
     from torch_collage.cache import CostCache
     from torch_collage.cost import CostModel, record_values
     from torch_collage.graph import DataflowGraph
-    from torch_collage.registry import get_spec
 
     graph = DataflowGraph.from_graph(gm.graph)
     opts = CollageOptions(cache_dir=str(tmp_path), **{**_FAST, **options})
@@ -205,7 +205,7 @@ def _mlp_graph(sign: float = 1.0) -> tuple[fx.GraphModule, torch.Tensor]:
 @needs_openvino
 def test_openvino_partition_is_loaded_not_compiled_when_warm(tmp_path, monkeypatch):
     from torch_collage.backends.openvino import OpenVinoBackend
-    from torch_collage.registry import get_spec
+    from torch_collage.backends.registry import get_spec
 
     calls = []
     real = OpenVinoBackend.compile
@@ -230,7 +230,7 @@ def test_openvino_partition_is_loaded_not_compiled_when_warm(tmp_path, monkeypat
 
 @needs_openvino
 def test_damaged_saved_partition_is_compiled_again(tmp_path, caplog):
-    from torch_collage.registry import get_spec
+    from torch_collage.backends.registry import get_spec
 
     gm, x = _mlp_graph()
     model, graph = _cost_model(tmp_path, get_spec("openvino"), gm, x)
@@ -272,7 +272,7 @@ def test_warm_compile_through_torch_compile_loads_what_it_saved(tmp_path):
 def test_user_backend_partitions_are_saved_and_checked_when_loaded(tmp_path, caplog, wrong):
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from torch_collage.spec import BackendSpec
+    from torch_collage.backends.base import BackendSpec
 
     backend = _Tracing(wrong)
     spec = BackendSpec(name="saving", compile=backend.compile, save=backend.save, load=backend.load)

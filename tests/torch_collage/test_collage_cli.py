@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 from torch_collage.artifacts import ArtifactStore
+from torch_collage.backends.registry import list_backends
 from torch_collage.cache import CachedCost, CostCache
 from torch_collage.cli import main
-from torch_collage.registry import list_backends
 
 
 def test_backends_lists_every_registered_backend(capsys):

@@ -13,8 +13,8 @@ import torch
 from torch import fx, nn
 
 import torch_collage
+from torch_collage.backends.registry import registered_backend
 from torch_collage.cache import CostCache
-from torch_collage.registry import registered_backend
 from torch_collage.zoo import get_model
 
 _FAST = {"max_depth": 2, "repeats": 5, "warmup": 1}
@@ -220,11 +220,11 @@ def test_corrupt_cache_is_set_aside(tmp_path, caplog):
 def test_repeated_blocks_are_measured_once(tmp_path):
     from torch.fx.experimental.proxy_tensor import make_fx
 
+    from torch_collage.backends.registry import get_spec
     from torch_collage.candidates import enumerate_candidates
     from torch_collage.cost import CostModel, record_values
     from torch_collage.graph import DataflowGraph
     from torch_collage.options import CollageOptions
-    from torch_collage.registry import get_spec
 
     x = torch.randn(8, 8)
     gm = make_fx(lambda t: t.relu().sin().relu().sin())(x)
@@ -247,10 +247,10 @@ def test_mixed_placement_only_chosen_when_faster_end_to_end(tmp_path, monkeypatc
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from torch_collage import place
+    from torch_collage.backends.registry import get_spec
     from torch_collage.cost import CostModel, record_values
     from torch_collage.graph import DataflowGraph
     from torch_collage.options import CollageOptions
-    from torch_collage.registry import get_spec
     from torch_collage.search import Partition, Placement
 
     model, x = _mlp().eval(), torch.randn(4, 16)
@@ -294,10 +294,10 @@ def test_close_single_backends_are_timed_again_side_by_side(tmp_path, monkeypatc
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from torch_collage import place
+    from torch_collage.backends.registry import get_spec
     from torch_collage.cost import CostModel, record_values
     from torch_collage.graph import DataflowGraph
     from torch_collage.options import CollageOptions
-    from torch_collage.registry import get_spec
 
     model, x = _mlp().eval(), torch.randn(4, 16)
     gm = make_fx(model)(x)
@@ -328,11 +328,11 @@ def _timed_mlp(tmp_path, time_call):
     ``time_call(name)`` for an item built by ``items[name]``; yields ``(cost, graph, items)``."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
+    from torch_collage.backends.registry import get_spec
     from torch_collage.cost import CostModel, record_values
     from torch_collage.graph import DataflowGraph
     from torch_collage.options import CollageOptions
     from torch_collage.place import _single
-    from torch_collage.registry import get_spec
 
     model, x = _mlp().eval(), torch.randn(4, 16)
     gm = make_fx(model)(x)
@@ -428,10 +428,10 @@ def test_assembled_placement_is_checked_against_eager(tmp_path, caplog, backend,
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from torch_collage import place
+    from torch_collage.backends.registry import get_spec
     from torch_collage.cost import CostModel, record_values
     from torch_collage.graph import DataflowGraph
     from torch_collage.options import CollageOptions
-    from torch_collage.registry import get_spec
     from torch_collage.search import Partition, Placement
 
     model, x = _mlp().eval(), torch.randn(4, 16)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import fx
 
 import torch_collage
+from torch_collage.backends.registry import check_names, get_spec, registered_backend
 from torch_collage.options import CACHE_ENV, CollageOptions
-from torch_collage.registry import get_spec, registered_backend
 
 
 def test_defaults_and_parsing():
@@ -23,10 +27,15 @@ def test_unknown_key_lists_valid_keys():
     assert "backends" in str(info.value) and "time_budget_s" in str(info.value)
 
 
-def test_unknown_backend_lists_valid_backends():
+def test_unknown_backend_lists_valid_backends_where_a_compile_starts(tmp_path):
+    opts = CollageOptions.from_mapping({"backends": ["tensorrrt"], "cache_dir": str(tmp_path)})
+    assert opts.backends == ("tensorrrt",)  # parsing loads no backend, so it cannot check names
+    model = torch.nn.Linear(4, 4)
     with pytest.raises(ValueError, match="tensorrrt") as info:
-        CollageOptions.from_mapping({"backends": ["tensorrrt"]})
-    assert "onnxruntime" in str(info.value)
+        torch_collage.compile_exported(model, torch.randn(2, 4), backends=["tensorrrt"])
+    assert "onnxruntime" in str(info.value) and "'backends'" in str(info.value)
+    with pytest.raises(ValueError, match="tensorrrt"):
+        torch_collage.explain(model, torch.randn(2, 4), backends=["tensorrrt"], cache_dir=str(tmp_path))
 
 
 @pytest.mark.parametrize(
@@ -59,7 +68,7 @@ def test_register_duplicate_unknown_and_scoped():
         assert torch_collage.list_backends()["mm_only"].available
         with pytest.raises(ValueError, match="already registered"):
             torch_collage.register_backend("mm_only", compile=_gm_compile)
-        CollageOptions.from_mapping({"backends": ["mm_only"]})  # a registered name is valid
+        check_names(["mm_only"])  # a registered name is valid
     assert "mm_only" not in torch_collage.list_backends()
     with pytest.raises(ValueError, match="valid backends"):
         get_spec("mm_only")
@@ -89,31 +98,34 @@ def test_spec_rejects_mutation_for_non_eager():
     assert not get_spec("inductor").supports_node(node)
 
 
-def test_entry_point_group_registers_external_backends(monkeypatch):
-    from torch_collage import registry
+_PLUGIN = """
+import torch_collage
 
-    class _EntryPoint:
-        name = "external"
+def spec():
+    return torch_collage.BackendSpec(name="external", compile=lambda gm, inputs: gm, supports=["aten.mm"])
+"""
 
-        def load(self):
-            return lambda: torch_collage.BackendSpec(name="external", compile=_gm_compile)
+_CHECK = """
+import logging, torch_collage
+logging.basicConfig(level=logging.WARNING)
+info = torch_collage.list_backends()
+print("external" in info, info["external"].available if "external" in info else None, "broken" in info)
+"""
 
-    class _Broken:
-        name = "broken_plugin"
 
-        def load(self):
-            raise ImportError("missing dependency")
-
-    seen = []
-    monkeypatch.setattr(
-        registry.importlib.metadata,
-        "entry_points",
-        lambda group: seen.append(group) or [_EntryPoint(), _Broken()],
+def test_entry_point_group_registers_external_backends(tmp_path):
+    """A real installed distribution (a dist-info on the path) with two entry points in the group:
+    one loads and is listed, the broken one is skipped with a warning naming it."""
+    dist = tmp_path / "collage_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: collage-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        "[torch_collage.backends]\nexternal = collage_plugin:spec\nbroken = collage_plugin_missing:spec\n"
     )
-    registry._load_entry_points()
-    try:
-        assert seen == [registry.ENTRY_POINT_GROUP]
-        assert "external" in torch_collage.list_backends()
-        assert "broken_plugin" not in torch_collage.list_backends()
-    finally:
-        torch_collage.unregister_backend("external")
+    (tmp_path / "collage_plugin.py").write_text(_PLUGIN)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd()])}
+    out = subprocess.run(
+        [sys.executable, "-c", _CHECK], capture_output=True, text=True, env=env, timeout=120, check=True
+    )
+    assert out.stdout.split() == ["True", "True", "False"], out.stdout + out.stderr
+    assert "'broken' not loaded" in out.stderr and "collage_plugin_missing" in out.stderr

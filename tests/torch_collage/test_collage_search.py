@@ -10,6 +10,7 @@ import torch
 from torch import fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from torch_collage.backends.base import BackendSpec, OpRule
 from torch_collage.candidates import Candidate, enumerate_candidates
 from torch_collage.graph import DataflowGraph, bits
 from torch_collage.search import (
@@ -19,7 +20,6 @@ from torch_collage.search import (
     merge_consecutive,
     search_cover,
 )
-from torch_collage.spec import BackendSpec, OpRule
 
 
 def _chain(x: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import torch_collage
+from torch_collage.backends.base import BackendSpec
 from torch_collage.candidates import Candidate, enumerate_candidates
 from torch_collage.graph import DataflowGraph, bits
 from torch_collage.options import CollageOptions
@@ -21,7 +22,6 @@ from torch_collage.segments import (
     interval_mask,
     segment_candidates,
 )
-from torch_collage.spec import BackendSpec
 
 
 def _residual_blocks(x: torch.Tensor) -> torch.Tensor:

@@ -25,13 +25,13 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import torch_collage
 from torch_collage import place
 from torch_collage.backends import GPU_BACKENDS, BackendCompileError, get_backend
+from torch_collage.backends.base import op_name
 from torch_collage.backends.cutlass import match_fused
+from torch_collage.backends.registry import get_spec
 from torch_collage.backends.triton import triton_claims
 from torch_collage.candidates import enumerate_candidates
 from torch_collage.cost import record_values
 from torch_collage.graph import DataflowGraph
-from torch_collage.registry import get_spec
-from torch_collage.spec import op_name
 from torch_collage.subgraph import extract, fold_constants
 
 GPU = tuple(GPU_BACKENDS)

@@ -9,8 +9,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from torch_collage.backends import get_backend
-from torch_collage.builtin_specs import builtin_specs
+from torch_collage.backends import get_backend, get_spec
 from torch_collage.entry import make_backend
 from torch_collage.freeze import freeze_inputs
 from torch_collage.options import CollageOptions
@@ -21,7 +20,7 @@ _FAST = {"max_depth": 2, "repeats": 3, "warmup": 1, "progress": False}
 def _inductor_spec():
     if not get_backend("inductor").available()[0]:
         pytest.skip("no C++ compiler for Inductor")
-    return next(s for s in builtin_specs() if s.name == "inductor")
+    return get_spec("inductor")
 
 
 def _aten_graph(x: torch.Tensor, w: torch.Tensor):
@@ -117,7 +116,7 @@ def test_whole_module_freezes_only_when_asked():
     outs = {}
     for freezing in (False, True):
         model = nn.Sequential(nn.Linear(16, 8), nn.ReLU()).eval()
-        fn = get_backend("inductor_freezing" if freezing else "inductor").compile(model, (x,))
+        fn = get_backend("inductor", freezing=freezing).compile(model, (x,))
         with torch.no_grad():
             before = fn(x)
             model[0].weight.add_(1.0)

@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from torch_collage.backends.base import BackendCompileError
-from torch_collage.spec import node_tensor_meta
+from torch_collage.backends.base import BackendCompileError, default_cache_dir, node_tensor_meta
 
 __all__ = [
     "GPU_EXTRA_HINT",
@@ -129,8 +128,6 @@ def module_digest(module: nn.Module) -> str:
 
 def cache_path(cache_dir: str | None, backend: str, key: str, suffix: str) -> Path:
     """``<cache_dir>/<backend>/<key><suffix>``; ``cache_dir`` defaults to the cost cache's directory."""
-    from torch_collage.options import default_cache_dir
-
     root = Path(cache_dir or default_cache_dir()).expanduser() / backend
     root.mkdir(parents=True, exist_ok=True)
     return root / f"{key}{suffix}"

@@ -1,19 +1,49 @@
-"""What every backend is: the ``Backend`` protocol and the one error a failed compile raises."""
+"""What every backend is: the ``Backend`` runner protocol, the ``BackendSpec`` that makes a backend
+placeable (which nodes it claims, how it fuses, how it compiles a partition), and the one error a
+failed compile raises. The lowest layer of ``torch_collage``: it imports nothing of the project."""
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
-from torch import nn
+from torch import fx, nn
 
-__all__ = ["Backend", "BackendCompileError"]
+__all__ = [
+    "CACHE_ENV",
+    "Backend",
+    "BackendCompileError",
+    "BackendInfo",
+    "BackendSpec",
+    "CompileFn",
+    "Fusion",
+    "LoadFn",
+    "NodePredicate",
+    "OpRule",
+    "SaveFn",
+    "default_cache_dir",
+    "deterministic",
+    "node_tensor_meta",
+    "op_name",
+    "runner_spec",
+]
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _CLASS_PREFIX = re.compile(r"^<class '[\w.]+'>: ")  # how torch.onnx's error summary starts its lines
 _MAX_REASON_CHARS = 500
+
+CACHE_ENV = "TORCH_COLLAGE_CACHE_DIR"
+
+
+def default_cache_dir() -> str:
+    """``$TORCH_COLLAGE_CACHE_DIR``, else ``~/.cache/torch_collage``: the cost cache's directory, and
+    the root of backends' own compile caches when they are given none."""
+    return os.environ.get(CACHE_ENV) or str(Path.home() / ".cache" / "torch_collage")
 
 
 @runtime_checkable
@@ -87,3 +117,167 @@ def _normalise_op(op: str) -> str:
 
 def _clip(text: str) -> str:
     return text if len(text) <= _MAX_REASON_CHARS else text[: _MAX_REASON_CHARS - 3] + "..."
+
+
+# --- capability specs: what the search may place on a backend ------------------------------------
+
+Fusion = Literal["single", "elementwise_epilogue", "region"]
+CompileFn = Callable[[fx.GraphModule, tuple[torch.Tensor, ...]], Callable[..., Any]]
+SaveFn = Callable[[Callable[..., Any], Path], bool]  # (compiled callable, empty directory) -> saved?
+LoadFn = Callable[[Path, tuple[torch.Tensor, ...]], Callable[..., Any]]  # (directory, example inputs)
+NodePredicate = Callable[[fx.Node], bool]
+
+# Ops no exported-graph runtime should be handed: randomness differs from eager's by construction.
+_RANDOM_OPS = ("rand", "randn", "bernoulli", "native_dropout", "randint", "philox", "seed")
+
+
+def op_name(node: fx.Node) -> str:
+    """``"aten.addmm"`` for ``aten.addmm.default`` (the overload packet's name); the target's name otherwise."""
+    target = node.target
+    packet = getattr(target, "overloadpacket", None)
+    if packet is not None:
+        return f"{packet._qualified_op_name.replace('::', '.')}"
+    return getattr(target, "__name__", str(target))
+
+
+def node_tensor_meta(node: fx.Node) -> list[torch.Tensor]:
+    """The (fake) tensors ``node`` produces according to its ``meta["val"]`` (empty if it has none)."""
+    val = node.meta.get("val")
+    vals = val if isinstance(val, (list, tuple)) else [val]
+    return [v for v in vals if isinstance(v, torch.Tensor)]
+
+
+def deterministic(node: fx.Node) -> bool:
+    """``node`` is no random op (dropout, ``rand``...): an exported-graph runtime may run it."""
+    name = str(node.target)
+    return not any(tag in name for tag in _RANDOM_OPS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OpRule:
+    """One supported ATen op (``"aten.addmm"``) with optional predicates on its tensor outputs."""
+
+    op: str  # overload packet name, e.g. "aten.mm"; "*" matches every op
+    dtypes: frozenset[torch.dtype] | None = None  # allowed output dtypes; None: any
+    min_rank: int = 0  # smallest allowed output rank
+    max_rank: int | None = None  # largest allowed output rank; None: any
+    where: NodePredicate | None = None  # extra predicate on the node (shapes, attributes, ...)
+
+    def matches(self, node: fx.Node) -> bool:
+        if self.op not in ("*", op_name(node)):
+            return False
+        for t in node_tensor_meta(node):
+            if self.dtypes is not None and t.dtype not in self.dtypes:
+                return False
+            if t.dim() < self.min_rank or (self.max_rank is not None and t.dim() > self.max_rank):
+                return False
+        return self.where is None or self.where(node)
+
+
+def _always() -> tuple[bool, str]:
+    return True, ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackendSpec:
+    """A placeable backend. ``supports`` is a collection of ``OpRule``/op names or a node predicate."""
+
+    name: str  # registry name
+    compile: CompileFn  # FX GraphModule (ATen) + example inputs -> callable returning a tuple of tensors
+    supports: Collection[OpRule | str] | NodePredicate = ("*",)  # which nodes it can run
+    fusion: Fusion = "region"  # single ops, an op + elementwise epilogue, or convex regions
+    max_depth: int | None = None  # most ops per candidate for this backend; None: the option's max_depth
+    available: Callable[[], tuple[bool, str]] = _always  # (ok, reason why not)
+    version: Callable[[], str] = lambda: "0"  # part of every cache key
+    patterns: tuple[
+        tuple[str, ...], ...
+    ] = ()  # op chains fused as one candidate, e.g. ("aten.mm", "aten.relu")
+    mutating_ok: bool = False  # may run ops that mutate inputs or return non-tensors (eager does)
+    # Optional: write a compiled callable into a directory (False: this one cannot be saved), and
+    # rebuild it from there, so that a warm compile skips compiling; see [Note: compiled artifacts].
+    save: SaveFn | None = None
+    load: LoadFn | None = None
+    # Optional: the whole-module runner, ``runner(**its_options) -> Backend`` (``get_backend``).
+    runner: Callable[..., Backend] | None = None
+    rules: tuple[OpRule, ...] = field(init=False, default=())
+
+    def __post_init__(self) -> None:
+        if not self.name or not isinstance(self.name, str):
+            raise ValueError(f"backend name must be a non-empty string, got {self.name!r}")
+        if self.fusion not in ("single", "elementwise_epilogue", "region"):
+            raise ValueError(f"fusion must be single, elementwise_epilogue or region, got {self.fusion!r}")
+        if not callable(self.supports):
+            rules = tuple(r if isinstance(r, OpRule) else OpRule(op=str(r)) for r in self.supports)
+            object.__setattr__(self, "rules", rules)
+
+    def supports_node(self, node: fx.Node) -> bool:
+        """Whether this backend may run ``node`` (a ``call_function`` node of an ATen graph)."""
+        if not self.mutating_ok and (_mutates(node) or not _tensor_valued(node)):
+            return False
+        if callable(self.supports):
+            return bool(self.supports(node))
+        return any(rule.matches(node) for rule in self.rules)
+
+
+def _mutates(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema is not None and schema.is_mutable)
+
+
+def _tensor_valued(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    vals = val if isinstance(val, (list, tuple)) else [val]
+    return bool(vals) and all(isinstance(v, torch.Tensor) for v in vals)
+
+
+def runner_spec(
+    name: str,
+    runner: Callable[..., Backend],
+    *,
+    supports: Collection[OpRule | str] | NodePredicate = deterministic,
+    fusion: Fusion = "region",
+    patterns: tuple[tuple[str, ...], ...] = (),
+    max_depth: int | None = None,
+) -> BackendSpec:
+    """The spec of a runtime that runs whole ATen graphs: a partition goes to the runner's
+    ``compile_graph`` where it has one (``compile`` otherwise); a runner with ``load`` saves its
+    compiled partitions through their own ``save(directory)`` ([Note: compiled artifacts])."""
+    backend = runner()
+    compile_graph = getattr(backend, "compile_graph", None)  # ATen graphs without the module path
+    return BackendSpec(
+        name=name,
+        compile=compile_graph if compile_graph is not None else _runner_compile(backend),
+        supports=supports,
+        fusion=fusion,
+        max_depth=max_depth,
+        patterns=patterns,
+        available=backend.available,
+        version=getattr(backend, "graph_version", backend.version),  # compile_graph may differ
+        save=_save_runner if hasattr(backend, "load") else None,
+        load=getattr(backend, "load", None),
+        runner=runner,
+    )
+
+
+def _runner_compile(backend: Backend) -> CompileFn:
+    def compile_fn(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> Callable[..., Any]:
+        return backend.compile(gm, tuple(example_inputs))
+
+    return compile_fn
+
+
+def _save_runner(fn: Callable[..., Any], directory: Path) -> bool:
+    """A runner's own ``save(directory)``, where it has one (see [Note: compiled artifacts])."""
+    save = getattr(fn, "save", None)
+    return bool(save(directory)) if callable(save) else False
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """``list_backends()`` entry: whether the backend can be used here, and why not."""
+
+    name: str
+    available: bool
+    reason: str  # empty when available
+    fusion: Fusion
+    version: str  # empty when unavailable

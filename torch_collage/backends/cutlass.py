@@ -53,11 +53,10 @@ from torch_collage.backends._gpu import (
     input_tensor_meta,
     on_cuda,
 )
-from torch_collage.backends.base import BackendCompileError
-from torch_collage.spec import node_tensor_meta, op_name
+from torch_collage.backends.base import BackendCompileError, node_tensor_meta, op_name, runner_spec
 from torch_collage.subgraph import fold_constants
 
-__all__ = ["CUTLASS_PATTERNS", "CutlassBackend", "cutlass_claims"]
+__all__ = ["CUTLASS_PATTERNS", "SPEC", "CutlassBackend", "cutlass_claims"]
 
 logger = logging.getLogger(__name__)
 
@@ -474,3 +473,13 @@ def _sum_terms(
     out = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=memory_format)
     out.copy_(torch.as_tensor(total, dtype=like.dtype, device=like.device).expand(shape))
     return out
+
+
+SPEC = runner_spec(
+    _NAME,
+    CutlassBackend,
+    supports=cutlass_claims,
+    fusion="elementwise_epilogue",
+    patterns=CUTLASS_PATTERNS,
+    max_depth=4,
+)

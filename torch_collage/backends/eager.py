@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
-__all__ = ["EagerBackend"]
+from torch_collage.backends.base import BackendSpec
+
+__all__ = ["SPEC", "EagerBackend"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,3 +31,20 @@ class EagerBackend:
     def compile(self, module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Callable[..., Any]:
         del example_inputs  # nothing to specialise
         return module
+
+
+def _compile_partition(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> Callable[..., Any]:
+    del example_inputs
+    return gm
+
+
+# Every node, mutating ones included: a cover of any graph always exists.
+SPEC = BackendSpec(
+    name="eager",
+    compile=_compile_partition,
+    supports=lambda node: True,
+    fusion="region",
+    version=lambda: f"torch {torch.__version__}",
+    mutating_ok=True,
+    runner=EagerBackend,
+)

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from torch_collage.backends.base import BackendCompileError
+from torch_collage.backends.base import BackendCompileError, runner_spec
 from torch_collage.fresh_entry import fresh_entry
 
-__all__ = ["InductorBackend", "inductor_compile", "inductor_compile_graph"]
+__all__ = ["SPEC", "InductorBackend", "inductor_compile", "inductor_compile_graph"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +38,11 @@ class InductorBackend:
     ``torch.no_grad()`` (freezing is inference-only) and must not be used after the weights change.
     """
 
-    freezing: bool = False  # Inductor's `freezing`; the backend's name becomes "inductor_freezing"
+    freezing: bool = False  # Inductor's `freezing` for whole modules (partitions are always frozen)
 
     @property
     def name(self) -> str:
-        return "inductor_freezing" if self.freezing else "inductor"
+        return "inductor"
 
     def available(self) -> tuple[bool, str]:
         if not any(shutil.which(cxx) for cxx in _COMPILERS):
@@ -167,3 +167,8 @@ class _NoGradRunner:
 
     def __repr__(self) -> str:
         return f"<no_grad {self._fn!r}>"
+
+
+# Partitions are always frozen ([Note: frozen partitions]); ``get_backend("inductor", freezing=True)``
+# freezes whole modules too.
+SPEC = runner_spec("inductor", InductorBackend)

@@ -20,12 +20,12 @@ import torch
 from torch import nn
 
 from torch_collage.backends._export import ExportedGraph, GraphIO, export_graph, quiet_treespec_deprecation
-from torch_collage.backends.base import BackendCompileError
+from torch_collage.backends.base import BackendCompileError, runner_spec
 
 if TYPE_CHECKING:
     import onnxruntime as ort
 
-__all__ = ["OnnxRuntimeBackend"]
+__all__ = ["SPEC", "OnnxRuntimeBackend"]
 
 logger = logging.getLogger(__name__)
 
@@ -244,3 +244,6 @@ class _OrtRunner:
 
     def __repr__(self) -> str:
         return f"<onnxruntime runner: {len(self._inputs)} inputs, {len(self._output_names)} outputs>"
+
+
+SPEC = runner_spec(_NAME, OnnxRuntimeBackend)

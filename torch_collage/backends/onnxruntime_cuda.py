@@ -28,13 +28,13 @@ from torch_collage.backends._gpu import (
     on_cuda,
     outputs_have_dtypes,
 )
-from torch_collage.backends.base import BackendCompileError
+from torch_collage.backends.base import BackendCompileError, deterministic, runner_spec
 from torch_collage.backends.onnxruntime import OP_PATTERNS, numpy_dtype, session_options, to_onnx
 
 if TYPE_CHECKING:
     import onnxruntime as ort
 
-__all__ = ["OnnxRuntimeCudaBackend", "ort_cuda_claims"]
+__all__ = ["SPEC", "OnnxRuntimeCudaBackend", "ort_cuda_claims"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,17 +44,13 @@ _REQUIRED = ("onnxruntime", "onnx", "onnxscript")
 _DTYPES = frozenset(
     {torch.float32, torch.float16, torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool}
 )
-_RANDOM_OPS = ("rand", "randn", "bernoulli", "native_dropout", "randint", "philox", "seed")
 
 
 def ort_cuda_claims(node: fx.Node) -> bool:
     """Capability of ``onnxruntime_cuda``: any deterministic op (convex regions, whole graphs) on CUDA
     tensors whose outputs are float32/float16/integer/bool; not float64 or bfloat16 (the CUDA provider
     lacks kernels for many ops in them, and numpy cannot describe bfloat16 buffers to IOBinding)."""
-    name = str(node.target)
-    if any(tag in name for tag in _RANDOM_OPS):
-        return False
-    return on_cuda(node) and outputs_have_dtypes(node, _DTYPES)
+    return deterministic(node) and on_cuda(node) and outputs_have_dtypes(node, _DTYPES)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -191,3 +187,6 @@ def _np_dtype(dtype: torch.dtype) -> np.dtype:
     if dtype not in _DTYPES:
         raise BackendCompileError(_NAME, f"dtype {dtype} cannot be bound to ONNX Runtime device memory")
     return numpy_dtype(dtype)
+
+
+SPEC = runner_spec(_NAME, OnnxRuntimeCudaBackend, supports=ort_cuda_claims)

@@ -35,12 +35,12 @@ import torch
 from torch import nn
 
 from torch_collage.backends._export import ExportedGraph, GraphIO, export_graph, quiet_treespec_deprecation
-from torch_collage.backends.base import BackendCompileError
+from torch_collage.backends.base import BackendCompileError, runner_spec
 
 if TYPE_CHECKING:
     import openvino as ov
 
-__all__ = ["OpenVinoBackend", "pause_openvino_telemetry"]
+__all__ = ["SPEC", "OpenVinoBackend", "pause_openvino_telemetry"]
 
 logger = logging.getLogger(__name__)
 
@@ -365,3 +365,6 @@ class _OvRunner:
 
     def __repr__(self) -> str:
         return f"<openvino runner: {len(self._positions)} inputs, {self._n_outputs} outputs>"
+
+
+SPEC = runner_spec(_NAME, OpenVinoBackend)

@@ -44,16 +44,15 @@ from torch_collage.backends._gpu import (
     on_cuda,
     outputs_have_dtypes,
 )
-from torch_collage.backends.base import BackendCompileError
+from torch_collage.backends.base import BackendCompileError, deterministic, runner_spec
 
-__all__ = ["TensorRTBackend", "tensorrt_claims"]
+__all__ = ["SPEC", "TensorRTBackend", "tensorrt_claims"]
 
 logger = logging.getLogger(__name__)
 
 _NAME = "tensorrt"
 # TensorRT has no float64 (torch-tensorrt would truncate it: a precision nobody asked for)
 _DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int64, torch.bool})
-_RANDOM_OPS = ("rand", "randn", "bernoulli", "native_dropout", "randint", "philox", "seed")
 _OP_PATTERNS = (
     re.compile(r"Conversion of function (?:torch\._ops\.)?([\w.]+) not currently supported"),
     re.compile(r"Unsupported operators?:?\s*(?:torch\.ops\.)?(\w+\.\w+\.\w+)"),
@@ -65,9 +64,7 @@ def tensorrt_claims(node: fx.Node) -> bool:
     """Capability of ``tensorrt``: deterministic ops on CUDA tensors whose outputs are
     float32/float16/bfloat16/int32/int64/bool, in convex regions (whether TensorRT has a converter
     for an op is only known when building: an op without one fails that candidate's build)."""
-    if any(tag in str(node.target) for tag in _RANDOM_OPS):
-        return False
-    return on_cuda(node) and outputs_have_dtypes(node, _DTYPES)
+    return deterministic(node) and on_cuda(node) and outputs_have_dtypes(node, _DTYPES)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -230,3 +227,6 @@ def _load(path: Path, example_inputs: tuple[torch.Tensor, ...]) -> _TrtRunner | 
     except Exception as exc:
         logger.warning("torch_collage: cached tensorrt engine %s unreadable (%s); rebuilding", path, exc)
         return None
+
+
+SPEC = runner_spec(_NAME, TensorRTBackend, supports=tensorrt_claims)

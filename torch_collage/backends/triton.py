@@ -28,24 +28,28 @@ from torch_collage.backends._gpu import (
     missing_package_reason,
     on_cuda,
 )
-from torch_collage.backends.base import BackendCompileError
+from torch_collage.backends.base import (
+    BackendCompileError,
+    deterministic,
+    node_tensor_meta,
+    op_name,
+    runner_spec,
+)
 from torch_collage.backends.inductor import inductor_compile
-from torch_collage.spec import node_tensor_meta, op_name
 
-__all__ = ["DECODE_ATTENTION_OP", "TritonBackend", "triton_claims"]
+__all__ = ["DECODE_ATTENTION_OP", "SPEC", "TritonBackend", "triton_claims"]
 
 _NAME = "triton"
 DECODE_ATTENTION_OP = "torch_cp.decode_attention"  # op_name() of torch.ops.torch_cp.decode_attention
 _DECODE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DECODE_MAX_HEAD_DIM = 256  # torch_cp.triton.launch.MAX_HEAD_DIM (not imported here: it imports triton)
-_RANDOM_OPS = ("rand", "randn", "bernoulli", "native_dropout", "randint", "philox", "seed")
 
 
 def triton_claims(node: fx.Node) -> bool:
     """Capability of ``triton``: any deterministic ATen op on CUDA tensors (Inductor lowers what it
     knows and calls the rest as ATen kernels), in convex regions; decode attention where torch_cp's
     Triton kernel can take it."""
-    if any(tag in str(node.target) for tag in _RANDOM_OPS) or not on_cuda(node):
+    if not deterministic(node) or not on_cuda(node):
         return False
     if op_name(node) == DECODE_ATTENTION_OP:
         return decode_attention_supported(node)
@@ -126,3 +130,6 @@ def use_project_kernels(module: nn.Module) -> nn.Module:
         if node.op == "call_function" and op_name(node) == DECODE_ATTENTION_OP:
             env[node].target = kernel
     return fx.GraphModule(module, graph)
+
+
+SPEC = runner_spec(_NAME, TritonBackend, supports=triton_claims)
