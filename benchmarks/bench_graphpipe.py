@@ -11,7 +11,7 @@ full-size model (one thread) and scaled so that a stage takes ``--target-ms`` pe
 average. Sleeps are calibrated: a forward sleeps its cost minus the real forward time it took, a
 backward its cost minus twice that. For each workload, three runtimes run side by side, rotating
 order: GraphPipe on the DAG plan, GraphPipe on the best chain plan, and Schedule1F1B on that chain
-(``torch_graphpipe.baseline.ChainBaseline``). Beside the measured median the table gives the
+(``benchmarks.graphpipe_baseline.ChainBaseline``). Beside the measured median the table gives the
 simulator's prediction for the same plan and sleeps (messages cost the measured gloo latency), the
 planning time, and the peak in-flight micro-batches per stage (simulated / measured from GraphPipe's
 own trace). Writes ``benchmarks/results/graphpipe_cpu.{json,md,png}`` and timeline PNGs.
@@ -40,6 +40,8 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: find the packages
 
+from benchmarks.graphpipe_baseline import ChainBaseline
+from benchmarks.graphpipe_workloads import Sleepy, Workload, workloads
 from benchmarks.harness import (
     DEFAULT_OUT_DIR,
     Column,
@@ -65,9 +67,9 @@ from torch_graphpipe import (
     profile_graph,
     simulate,
 )
-from torch_graphpipe.baseline import ChainBaseline
+from torch_graphpipe.calibrate import Calibration, fit_calibration, simulate_calibrated, traced_result
 from torch_graphpipe.groups import stages_from_module_groups
-from torch_graphpipe.simulate import SimulationResult, TimelineEntry
+from torch_graphpipe.simulator import SimulationResult
 
 LABELS = {  # plan key -> runtime label; "baseline" runs the chain plan with Schedule1F1B
     "dag": "GraphPipe (DAG, planner)",
@@ -77,9 +79,6 @@ LABELS = {  # plan key -> runtime label; "baseline" runs the chain plan with Sch
 }
 BASELINE = LABELS["baseline"]
 PLAN_COMM = CommModel(alpha_ms=0.3, bytes_per_ms=1.0e6)  # gloo over loopback, for planning
-
-
-from benchmarks.graphpipe_workloads import Sleepy, Workload, workloads  # noqa: E402
 
 
 def _costs(wl: Workload, microbatch: int, target_ms: float) -> tuple[CostTable, float]:
@@ -231,85 +230,6 @@ def _simulate(p: Plan, alpha_ms: float) -> SimulationResult:
     return simulate(p.schedule, fwd, bwd, dict.fromkeys(p.edges, alpha_ms), p.late_cost())
 
 
-# [Note: calibrated simulation]
-# The simulator is given the planned costs and the gloo latency measured between two idle processes.
-# Under emulation, 8 processes share 2 cores, so every action overruns its cost a little and a message
-# takes longer than between idle processes; measured steps came out 1.02-1.18x the simulation. The
-# calibrated column fits three numbers on one traced step of GraphPipe running the *chain* plan and
-# simulates every plan with them (out of sample for the DAG plans): the median overrun per compute
-# action; the median time a send or receive occupies its stage (the gap between two computations on
-# a stage whose messages had already arrived, per message posted in between), which matters where a
-# stage exchanges several messages per micro-batch (DAG plans); and the message latency (the median
-# wait from a producer finishing to its waiting consumer starting, less one send and one receive).
-def _calibration(events: list[list[tuple[str, int, float, float]]], plan: Plan) -> tuple[float, float, float]:
-    """(overrun ms per action, ms per message on its stage, message latency ms) fitted on a traced step."""
-    ends = {(stage, kind, m): end for stage, row in enumerate(events) for kind, m, _, end in row}
-    overruns, waits, per_message = [], [], []
-    for stage, row in enumerate(events):
-        cost = plan.stages[stage].cost
-        between = _messages_between_computes(plan.schedule.programs[stage])
-        prev_end = None
-        for i, (kind, m, start, end) in enumerate(row):
-            overruns.append((end - start) * 1e3 - (cost.fwd_ms if kind == "F" else cost.bwd_ms))
-            if kind == "F":
-                deps = [ends.get((src, "F", m)) for src, dst in plan.edges if dst == stage]
-            else:
-                deps = [ends.get((dst, "B", m)) for src, dst in plan.edges if src == stage]
-            known = [d for d in deps if d is not None]
-            if known and (prev_end is None or prev_end <= max(known)):  # it was waiting for the message
-                waits.append((start - max(known)) * 1e3)
-            elif prev_end is not None and between[i]:  # busy with its own messages only
-                per_message.append((start - prev_end) * 1e3 / between[i])
-            prev_end = end
-    message_ms = max(0.0, statistics.median(per_message)) if per_message else 0.0
-    latency = max(0.0, statistics.median(waits) - 2 * message_ms) if waits else 0.0
-    return max(0.0, statistics.median(overruns)), message_ms, latency
-
-
-def _messages_between_computes(program: Sequence[Any]) -> list[int]:
-    """For each compute action of a stage program, the sends and receives since the previous one."""
-    counts, n = [], 0
-    for a in program:
-        if a.is_compute:
-            counts.append(n)
-            n = 0
-        else:
-            n += 1
-    return counts
-
-
-def _simulate_calibrated(
-    p: Plan, overrun_ms: float, message_ms: float, latency_ms: float
-) -> SimulationResult:
-    """Every compute action overruns by ``overrun_ms`` (a split stage runs two per direction)."""
-    actions = [2 if s.late_cost is not None else 1 for s in p.stages]
-    fwd = [s.cost.fwd_ms + n * overrun_ms for s, n in zip(p.stages, actions)]
-    bwd = [s.cost.bwd_ms + n * overrun_ms for s, n in zip(p.stages, actions)]
-    delay = dict.fromkeys(p.edges, latency_ms)
-    return simulate(p.schedule, fwd, bwd, delay, p.late_cost(overrun_ms), message_cost=message_ms)
-
-
-def _measured(events: list[list[tuple[str, int, float, float]]]) -> SimulationResult:
-    t0 = min(e[2] for row in events for e in row)
-    timeline, peaks = [], []
-    for stage, row in enumerate(events):
-        timeline.append(tuple(TimelineEntry(stage=stage, kind=k, microbatch=m, start=(s - t0) * 1e3,
-                                            end=(e - t0) * 1e3) for k, m, s, e in row))  # fmt: skip
-        live = peak = 0
-        for kind, *_ in row:
-            live += {"F": 1, "B": -1}.get(kind, 0)  # FL / BL: the late part of a micro-batch already counted
-            peak = max(peak, live)
-        peaks.append(peak)
-    total = max(e.end for row in timeline for e in row)
-    busy = sum(e.end - e.start for row in timeline for e in row)
-    return SimulationResult(
-        iteration_time=total,
-        bubble_fraction=1 - busy / (len(timeline) * total),
-        peak_in_flight=tuple(peaks),
-        timeline=tuple(timeline),
-    )
-
-
 def _rows(
     name: str, job: Job, result: dict[str, Any], profile_s: float, out_dir: Path
 ) -> list[dict[str, Any]]:
@@ -317,16 +237,16 @@ def _rows(
     plans[BASELINE] = plans[LABELS["chain"]]
     base = statistics.median(result["times"][BASELINE])
     chain = LABELS["chain"]
-    overrun, message_ms, latency = (
-        _calibration(result["events"][chain], plans[chain])
+    cal = (
+        fit_calibration(result["events"][chain], plans[chain])
         if chain in result["events"]
-        else (0.0, 0.0, alpha)
+        else Calibration(latency_ms=alpha)
     )
     rows = []
     for label, samples in result["times"].items():
         sim = _simulate(plans[label], alpha)
-        sim_cal = _simulate_calibrated(plans[label], overrun, message_ms, latency).iteration_time
-        measured = _measured(result["events"][label]) if label in result["events"] else None
+        sim_cal = simulate_calibrated(plans[label], cal).iteration_time
+        measured = traced_result(result["events"][label]) if label in result["events"] else None
         pngs = []
         if "DAG" in label or label == BASELINE:
             tag = label.split("(")[1].rstrip(")").replace(", ", "_").replace(" ", "_")
@@ -344,7 +264,8 @@ def _rows(
             "model": name, "runtime": label, "stages": plans[label].num_stages, "microbatches": job.microbatches,
             "median_ms": median, "iqr_ms": q[2] - q[0], "sim_ms": sim.iteration_time,
             "meas_over_sim": median / sim.iteration_time, "speedup": base / median,
-            "sim_cal_ms": sim_cal, "meas_over_cal": median / sim_cal, "overrun_ms": overrun, "message_ms": message_ms, "latency_ms": latency,
+            "sim_cal_ms": sim_cal, "meas_over_cal": median / sim_cal, "overrun_ms": cal.overrun_ms,
+            "message_ms": cal.message_ms, "latency_ms": cal.latency_ms,
             "plan_s": plans[label].planning_time_s, "profile_s": profile_s,
             "peak_sim": "/".join(map(str, sim.peak_in_flight)),
             "peak_meas": "/".join(map(str, measured.peak_in_flight)) if measured is not None else None,
@@ -428,7 +349,7 @@ def _notes(args: argparse.Namespace, info: dict[str, Any], rows: list[dict[str, 
         f"latency per message ({', '.join(map(str, alphas))} ms, one value per workload).",
         "Calibrated sim = the same simulation with a per-action overrun, a per-message cost on the stage and "
         "a message latency fitted on one traced step of GraphPipe (chain) (see [Note: calibrated "
-        "simulation]); per workload: "
+        "simulation] in torch_graphpipe/calibrate.py); per workload: "
         + "; ".join(
             sorted(
                 {
@@ -443,7 +364,7 @@ def _notes(args: argparse.Namespace, info: dict[str, Any], rows: list[dict[str, 
         f"Median of {args.rounds} rounds x {args.steps} steps per runtime, runtimes in rotating order; a step is timed "
         "between two barriers.",
         "Schedule1F1B runs the chain plan's stages through torch.distributed.pipelining (see [Note: chain baseline] "
-        "in torch_graphpipe/baseline.py): model inputs travel along the chain, the loss is scaled by 1/M.",
+        "in benchmarks/graphpipe_baseline.py): model inputs travel along the chain, the loss is scaled by 1/M.",
         load_note(info),
         "Timelines (one row per stage, forward light, backward dark, ms): " + pngs,
     ]

@@ -1,4 +1,4 @@
-"""The sequential baseline: a chain plan executed by ``torch.distributed.pipelining.Schedule1F1B``.
+"""The benchmarks' sequential baseline: a chain plan executed by ``torch.distributed.pipelining.Schedule1F1B``.
 
 [Note: chain baseline]
 The model is split by a chain :class:`Plan` (``stage_graph="chain"``) into the same stage modules that
@@ -27,11 +27,11 @@ import torch.distributed as dist
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from torch_graphpipe.capture import capture
+from torch_graphpipe.graph_capture import capture
 from torch_graphpipe.microbatch import split_batch
-from torch_graphpipe.plan import Plan
+from torch_graphpipe.planner import Plan
 from torch_graphpipe.routing import StageRoute, route
-from torch_graphpipe.spec import ShapeOracle, Specs, TensorSpec
+from torch_graphpipe.shape_oracle import ShapeOracle, Specs, TensorSpec
 from torch_graphpipe.stage_module import build_stage_module
 
 __all__ = ["ChainBaseline"]

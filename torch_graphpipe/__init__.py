@@ -9,12 +9,12 @@ num_microbatches=...)`` runs under an initialised process group, one stage per r
 """
 
 from torch_graphpipe.action import Action
-from torch_graphpipe.capture import CapturedGraph, GraphCaptureError, capture
 from torch_graphpipe.graph import OpGraph, OpNode
-from torch_graphpipe.plan import Plan, StagePlan, plan, plan_graph, plan_stages
+from torch_graphpipe.graph_capture import CapturedGraph, GraphCaptureError, capture
+from torch_graphpipe.planner import Plan, StagePlan, plan, plan_graph, plan_stages
 from torch_graphpipe.profile import CommModel, CostTable, OpCost, profile_graph
 from torch_graphpipe.schedule import Schedule, ScheduleError, build_1f1b
-from torch_graphpipe.simulate import SimulationResult, TimelineEntry, simulate
+from torch_graphpipe.simulator import SimulationResult, TimelineEntry, simulate
 from torch_graphpipe.stage_cost import StageCost
 from torch_graphpipe.timeline import plot_timeline
 from torch_graphpipe.validate import validate_schedule

@@ -19,13 +19,13 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
-from torch_graphpipe.capture import CapturedGraph, capture
+from torch_graphpipe.graph_capture import CapturedGraph, capture
 from torch_graphpipe.groups import stages_from_module_groups
 from torch_graphpipe.microbatch import split_batch
-from torch_graphpipe.plan import Plan, plan, plan_stages
+from torch_graphpipe.planner import Plan, plan, plan_stages
 from torch_graphpipe.profile import CostTable, profile_graph
 from torch_graphpipe.routing import Routing, route, with_routing
-from torch_graphpipe.spec import ShapeOracle
+from torch_graphpipe.shape_oracle import ShapeOracle
 from torch_graphpipe.stage_module import (
     build_stage_module,
     check_shared_parameters,
@@ -34,11 +34,12 @@ from torch_graphpipe.stage_module import (
 )
 from torch_graphpipe.validate import validate_schedule
 
-__all__ = ["Partition", "PipelineSetup", "PlanOptions", "setup_pipeline"]
+__all__ = ["PartitionArg", "PipelineSetup", "PlanOptions", "setup_pipeline"]
 
 log = logging.getLogger(__name__)
 
-Partition = Literal["auto"] | Sequence[Sequence[str]] | Plan
+# what ``GraphPipe(partition=...)`` accepts: the planner, module-name lists per stage, or a plan
+PartitionArg = Literal["auto"] | Sequence[Sequence[str]] | Plan
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -67,7 +68,7 @@ def setup_pipeline(
     module: torch.nn.Module,
     example_inputs: Sequence[Any],
     num_microbatches: int,
-    partition: Partition,
+    partition: PartitionArg,
     group: dist.ProcessGroup,
     options: PlanOptions,
     agree_group: dist.ProcessGroup | None = None,
@@ -111,7 +112,7 @@ def setup_pipeline(
 
 
 def _check_partition(
-    partition: Partition, captured: CapturedGraph, world: int, num_microbatches: int, options: PlanOptions
+    partition: PartitionArg, captured: CapturedGraph, world: int, num_microbatches: int, options: PlanOptions
 ) -> list[int] | None:
     """Checks that need no communication; the stages of an explicit partition."""
     n_ops = len(captured.graph)

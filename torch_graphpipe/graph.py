@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
-__all__ = ["OpGraph", "OpNode", "bits", "members"]
+__all__ = ["OpGraph", "OpNode", "mask_of", "members"]
 
 OpKind = Literal["module", "function", "method"]
 
@@ -28,7 +28,7 @@ class OpNode:
     is_output: bool = False  # its value is (part of) the model output
 
 
-def bits(indices: Iterable[int]) -> int:
+def mask_of(indices: Iterable[int]) -> int:
     """Bitset with the given indices set."""
     mask = 0
     for i in indices:

@@ -1,4 +1,5 @@
-"""``torch_graphpipe.plan``: capture, profile, partition and schedule a model in one process."""
+"""The planner: ``plan`` (exported as ``torch_graphpipe.plan``) captures, profiles, partitions and
+schedules a model in one process; :class:`Plan` is its result."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ from typing import Any, Literal
 
 import torch
 
-from torch_graphpipe.capture import capture
 from torch_graphpipe.chain import partition_chain
 from torch_graphpipe.graph import OpGraph, members
+from torch_graphpipe.graph_capture import capture
 from torch_graphpipe.partition import partition_dag
 from torch_graphpipe.profile import CommModel, CostTable, profile_graph
 from torch_graphpipe.schedule import Schedule, build_1f1b
-from torch_graphpipe.simulate import SimulationResult, simulate
+from torch_graphpipe.simulator import SimulationResult, simulate
 from torch_graphpipe.sp import decompose
 from torch_graphpipe.stage_cost import StageCost, StageCostModel
 from torch_graphpipe.stage_graph import LateSplit, StageGraph, build_stage_graph, late_splits

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 
 from torch_graphpipe.graph import OpGraph
-from torch_graphpipe.plan import Plan
+from torch_graphpipe.planner import Plan
 from torch_graphpipe.schedule import build_1f1b
 
 __all__ = ["Routing", "StageRoute", "route", "with_routing"]

@@ -32,7 +32,7 @@ from torch.utils import _pytree as pytree
 from torch_graphpipe.action import Action
 from torch_graphpipe.routing import StageRoute
 from torch_graphpipe.schedule import Schedule
-from torch_graphpipe.spec import Specs, TensorSpec
+from torch_graphpipe.shape_oracle import Specs, TensorSpec
 from torch_graphpipe.stage_module import StageParts
 from torch_graphpipe.wire import P2P, pack, packed_size, unpack
 

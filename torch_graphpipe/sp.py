@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 from typing import Literal
 
-from torch_graphpipe.graph import OpGraph, bits, members
+from torch_graphpipe.graph import OpGraph, mask_of, members
 
 __all__ = ["SPNode", "decompose"]
 
@@ -93,7 +93,7 @@ def _forced_cut(graph: OpGraph, mask: int) -> tuple[int, int]:
         level[v] = 1 + max((level[u] for u in members(graph.anc[v] & mask)), default=0)
     best: tuple[int, int] | None = None
     for cut in range(1, max(level.values())):
-        first = bits(v for v, lv in level.items() if lv <= cut)
+        first = mask_of(v for v, lv in level.items() if lv <= cut)
         second = mask & ~first
         added = sum(bin(second & ~graph.desc[a]).count("1") for a in members(first))
         if best is None or added < best[0]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from torch_graphpipe.graph import OpGraph, bits, members
+from torch_graphpipe.graph import OpGraph, mask_of, members
 from torch_graphpipe.profile import CostTable
 
 __all__ = ["StageCost", "StageCostModel"]
@@ -52,8 +52,8 @@ class StageCostModel:
         self.out_bytes = [c.out_bytes for c in ops]
         self.params = [c.param_bytes for c in ops]
         self.msg = [costs.comm.time_ms(c.out_bytes) for c in ops]
-        self.pred_mask = [bits(p) for p in graph.preds]
-        self.succ_mask = [bits(s) for s in graph.succs]
+        self.pred_mask = [mask_of(p) for p in graph.preds]
+        self.succ_mask = [mask_of(s) for s in graph.succs]
 
     def of_mask(self, mask: int) -> StageCost:
         """Cost of the stage made of the nodes in ``mask``."""
@@ -82,7 +82,7 @@ class StageCostModel:
         return out
 
     def _still_sending(self, candidates: int, inside: int) -> int:
-        return bits(v for v in members(candidates) if self.succ_mask[v] & ~inside)
+        return mask_of(v for v in members(candidates) if self.succ_mask[v] & ~inside)
 
     def compute_ms(self, mask: int) -> float:
         """Forward + backward time of the nodes in ``mask``, without communication."""

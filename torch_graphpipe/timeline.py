@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch_graphpipe.simulate import SimulationResult
+from torch_graphpipe.simulator import SimulationResult
 
 __all__ = ["plot_timeline"]
 

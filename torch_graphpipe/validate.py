@@ -6,7 +6,7 @@ from collections import Counter
 
 from torch_graphpipe.action import Action
 from torch_graphpipe.schedule import Schedule, ScheduleError
-from torch_graphpipe.simulate import simulate
+from torch_graphpipe.simulator import simulate
 
 __all__ = ["validate_schedule"]
 

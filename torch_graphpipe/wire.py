@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from torch_graphpipe.spec import TensorSpec
+from torch_graphpipe.shape_oracle import TensorSpec
 
 __all__ = ["P2P", "PeerError", "pack", "packed_size", "unpack"]
 

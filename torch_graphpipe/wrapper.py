@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.modules.module import _IncompatibleKeys
 
-from torch_graphpipe.build import Partition, PlanOptions, setup_pipeline
+from torch_graphpipe.build import PartitionArg, PlanOptions, setup_pipeline
 from torch_graphpipe.data_parallel import (
     average_gradients,
     broadcast_state,
@@ -20,10 +20,10 @@ from torch_graphpipe.data_parallel import (
     make_groups,
 )
 from torch_graphpipe.microbatch import join_outputs, split_batch
-from torch_graphpipe.plan import Plan
+from torch_graphpipe.planner import Plan
 from torch_graphpipe.profile import CostTable
 from torch_graphpipe.runtime import StageRuntime
-from torch_graphpipe.spec import TensorSpec, ValueSpec
+from torch_graphpipe.shape_oracle import TensorSpec, ValueSpec
 from torch_graphpipe.stage_module import StageParts, split_stage_module
 from torch_graphpipe.wire import P2P, pack, packed_size, unpack
 
@@ -53,7 +53,7 @@ class GraphPipe(torch.nn.Module):
         loss_fn: Callable[[Any, Any], torch.Tensor],
         num_microbatches: int,
         process_group: dist.ProcessGroup | None = None,
-        partition: Partition = "auto",
+        partition: PartitionArg = "auto",
         stage_graph: Literal["dag", "chain"] = "dag",
         leaf_modules: Sequence[type] = (),
         costs: CostTable | None = None,

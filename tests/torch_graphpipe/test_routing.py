@@ -8,7 +8,7 @@ from torch_graphpipe import CommModel, CostTable, OpCost, capture, plan_graph, p
 from torch_graphpipe.groups import stages_from_module_groups
 from torch_graphpipe.microbatch import join_outputs, split_batch
 from torch_graphpipe.routing import route, with_routing
-from torch_graphpipe.spec import ShapeOracle, TensorSpec
+from torch_graphpipe.shape_oracle import ShapeOracle, TensorSpec
 from torch_graphpipe.stage_module import build_stage_module, check_shared_parameters, unowned_state
 from torch_graphpipe.validate import validate_schedule
 from torch_graphpipe.wire import pack, packed_size, unpack

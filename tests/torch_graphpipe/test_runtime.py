@@ -23,9 +23,9 @@ import torch.nn as nn
 from _gp_models import CASES, Case, Untraceable
 
 import torch_graphpipe
+from benchmarks.graphpipe_baseline import ChainBaseline
 from tests._spawn import exit_after
 from torch_graphpipe import CommModel, CostTable, GraphCaptureError, GraphPipe, OpCost, PeerError, capture
-from torch_graphpipe.baseline import ChainBaseline
 
 pytestmark = pytest.mark.distributed
 
