@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 
 from torch_cp import _ops
-from torch_cp._checks import check_attention_args
-from torch_cp.distributed import MergeMethod, gather_positions, merge_across_ranks
+from torch_cp._checks import call_signature, check_attention_args, check_state_args, invalid_signature
+from torch_cp.distributed import MergeMethod, check_ranks_agree, gather_positions, merge_across_ranks
 from torch_cp.reference import attention_reference
 
 __all__ = ["attention", "attention_state"]
@@ -36,12 +36,16 @@ def _triton_ops() -> tuple[ModuleType | None, str]:
     return triton_ops, ""
 
 
-def _unusable(name: str, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None) -> str:
+def _unusable(name: str, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, grad: bool) -> str:
     """Why backend ``name`` cannot run this call, or "" when it can."""
     if name == "reference":
         return ""
     if attn_mask is not None:
         return "it takes no attn_mask (only the reference does)"
+    if grad:
+        return "inputs require grad and the kernels have no backward (the reference path is differentiable)"
+    if name in ("cpp", "cuda") and q.dtype == torch.float64:
+        return "it computes in float32; float64 runs on the reference path, in float64"
     if name == "cpp" and not (_ops.HAS_CPU_KERNELS and q.device.type == "cpu"):
         return f"it needs CPU tensors and the built extension ({_ops.extension_error() or 'loaded'})"
     if name == "cuda" and not (_ops.HAS_CUDA_KERNELS and q.device.type == "cuda"):
@@ -57,21 +61,28 @@ def _warn_once(message: str) -> None:
     log.warning(message)
 
 
-def _pick_backend(backend: Backend, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None) -> str:
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _pick_backend(
+    backend: Backend, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, grad: bool
+) -> str:
     if backend not in _BACKENDS:
         raise ValueError(f"attention: backend must be one of {_BACKENDS}, got {backend!r}")
     if backend != "auto":
-        reason = _unusable(backend, q, k, attn_mask)
+        reason = _unusable(backend, q, k, attn_mask, grad)
         if reason:
             raise ValueError(f"attention: backend={backend!r} cannot run this call: {reason}")
         return backend
     for name in ("cuda", "triton") if q.device.type == "cuda" else ("cpp",):
-        if not _unusable(name, q, k, attn_mask):
+        if not _unusable(name, q, k, attn_mask, grad):
             return name
-    if q.device.type == "cuda" and attn_mask is None:
-        reasons = f"cuda: {_unusable('cuda', q, k, None)}; triton: {_unusable('triton', q, k, None)}"
+    if attn_mask is None and (grad or q.dtype == torch.float64 or q.device.type == "cuda"):
+        first = "cuda" if q.device.type == "cuda" else "cpp"
         _warn_once(
-            f"torch_cp.attention: no kernel for {q.dtype} q {tuple(q.shape)} ({reasons}); using the reference"
+            f"torch_cp.attention: {q.dtype} q {tuple(q.shape)} on {q.device.type} runs on the pure-PyTorch "
+            f"reference ({first}: {_unusable(first, q, k, None, grad)})"
         )
     return "reference"
 
@@ -95,26 +106,41 @@ def attention_state(
     num_splits: int = 0,
     backend: Backend = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partial attention state of ``q`` over the local keys: ``(out [B, Hq, Sq, D], lse [B, Hq, Sq])``, float32.
+    """Partial attention state of ``q`` over the local keys: ``(out [B, Hq, Sq, D], lse [B, Hq, Sq])``.
 
-    Arguments as in :func:`attention`, without validation or communication. ``lse`` is the natural-log
-    log-sum-exp of the scaled (and soft-capped) scores; rows with no visible key have ``out = 0``,
-    ``lse = -inf``.
+    Arguments as in :func:`attention` (any GQA ratio; validated the same way), without communication;
+    ``num_splits``: key splits of the kernels (0: automatic). ``out`` and ``lse`` are float32 (float64
+    for float64 inputs, computed in float64); ``lse`` is the natural-log log-sum-exp of the scaled (and
+    soft-capped) scores; rows with no visible key have ``out = 0``, ``lse = -inf``; NaN follows
+    [Note: NaN in attention] in torch_cp/reference.py.
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    name = _pick_backend(backend, q, k, attn_mask)
+    options = {
+        "attn_mask": attn_mask, "scale": scale, "softcap": softcap, "is_causal": is_causal, "window": window,
+        "kv_lens": kv_lens, "kv_pos": kv_pos, "q_pos": q_pos, "num_splits": num_splits,
+    }  # fmt: skip
+    check_state_args(q, k, v, options)
+    return _state(q, k, v, options, backend)
+
+
+def _state(q, k, v, options: dict, backend: Backend) -> tuple[torch.Tensor, torch.Tensor]:
+    """attention_state on validated arguments."""
+    scale = q.shape[-1] ** -0.5 if options["scale"] is None else float(options["scale"])
+    softcap, window, attn_mask = float(options["softcap"] or 0.0), options["window"], options["attn_mask"]
+    name = _pick_backend(backend, q, k, attn_mask, _needs_grad(q, k, v, attn_mask))
+    positions = {n: options[n] for n in ("is_causal", "window", "kv_lens", "kv_pos", "q_pos")}
     if name == "reference":
+        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
         return attention_reference(
-            q, k, v, attn_mask=attn_mask, scale=scale, softcap=softcap, compute_dtype=torch.float32,
-            is_causal=is_causal, window=window, kv_lens=kv_lens, kv_pos=kv_pos, q_pos=q_pos,
-        )  # fmt: skip
-    if (is_causal or window is not None) and q_pos is None:
-        q_pos = _default_q_pos(q.shape[0], q.shape[2], k.shape[2], kv_lens, kv_pos, q.device)
+            q, k, v, attn_mask=attn_mask, scale=scale, softcap=softcap, compute_dtype=compute, **positions
+        )
+    if (options["is_causal"] or window is not None) and options["q_pos"] is None:
+        positions["q_pos"] = _default_q_pos(q.shape[0], q.shape[2], k.shape[2], options["kv_lens"],
+                                            options["kv_pos"], q.device)  # fmt: skip
     triton_ops = _triton_ops()[0] if name == "triton" else None
     op = triton_ops.decode_attention if triton_ops is not None else _ops.decode_attention_op
     return op(
-        q, k, v, kv_lens, kv_pos, q_pos, scale, float(softcap or 0.0), is_causal, -1 if window is None else window,
-        num_splits,
+        q, k, v, positions["kv_lens"], positions["kv_pos"], positions["q_pos"], scale, softcap,
+        options["is_causal"], -1 if window is None else int(window), int(options["num_splits"]),
     )  # fmt: skip
 
 
@@ -154,7 +180,8 @@ def attention(
     The call of :func:`torch.nn.functional.scaled_dot_product_attention`, plus keyword-only extras.
 
     Args:
-        q: ``[B, Hq, Sq, D]`` queries (float32, float16, bfloat16).
+        q: ``[B, Hq, Sq, D]`` queries (float32, float16, bfloat16; float64 runs on the reference path,
+            in float64), ``D >= 1``.
         k, v: ``[B, Hkv, L, D]`` this rank's shard of the keys and values, dtype of ``q``;
             ``Hq % Hkv == 0`` (GQA/MQA need ``enable_gqa=True``, as in SDPA).
         attn_mask: bool (True = attend) or additive float mask broadcastable to ``[B, Hq, Sq, L]``
@@ -162,14 +189,18 @@ def attention(
         dropout_p: must be 0.0.
         is_causal: key position ``<=`` query position. Unlike SDPA (top-left aligned), the ``Sq``
             queries are the **last** ``Sq`` positions of the whole sequence, as in decoding.
-        scale: score scale, default ``1/sqrt(D)``.
+        scale: score scale, a finite float; default ``1/sqrt(D)``.
         group: a ``torch.distributed`` process group over which ``k``/``v`` are sharded; the result is
             exact attention over all shards, identical on every rank. With ``is_causal`` or ``window``
-            and no ``kv_pos``, the shards are taken as contiguous blocks in rank order.
+            and no ``kv_pos``, the shards are taken as contiguous blocks in rank order. Every rank must
+            pass the same shapes (but ``L``), dtype and options: one small all-gather checks it first
+            and raises ValueError on every rank otherwise (see [Note: ranks agree on the call]).
         return_lse: also return the log-sum-exp.
-        softcap: ``s -> softcap * tanh(s / softcap)`` on the scaled scores (Gemma-2 style).
-        window: sliding window: a query at position ``p`` sees keys at positions ``> p - window``.
-        kv_lens: ``[B]`` int, valid local keys per batch row (variable lengths); default ``L``.
+        softcap: ``s -> softcap * tanh(s / softcap)`` on the scaled scores (Gemma-2 style); a finite
+            float > 0, or None/0 for none.
+        window: sliding window, an int >= 1: a query at position ``p`` sees keys at positions ``> p - window``.
+        kv_lens: ``[B]`` int, valid local keys per batch row (variable lengths); default ``L``. Slots
+            past it are never read (they may hold anything, NaN included).
         kv_pos: ``[B, L]`` int, global positions of the local keys (default: contiguous shards).
         q_pos: ``[B]`` int, global position of the first query (default: the last ``Sq`` positions of
             the whole sequence; with ``group``, finding it costs one small all-gather).
@@ -178,21 +209,59 @@ def attention(
             when no kernel applies), ``"cpp"``, ``"cuda"``, ``"triton"`` or ``"reference"``.
 
     Returns:
-        ``out [B, Hq, Sq, D]`` in ``q.dtype``; with ``return_lse=True`` also ``lse [B, Hq, Sq]`` float32,
-        **natural log**, ``-inf`` for a query that sees no key (whose ``out`` is 0).
+        ``out [B, Hq, Sq, D]`` in ``q.dtype``; with ``return_lse=True`` also ``lse [B, Hq, Sq]`` float32
+        (float64 for float64 inputs), **natural log**, ``-inf`` for a query that sees no key (whose
+        ``out`` is 0). NaN propagates as in SDPA's math path: see [Note: NaN in attention] in
+        torch_cp/reference.py.
+
+    Autograd: when an input requires grad (and grad mode is on), the call runs on the differentiable
+    pure-PyTorch reference (logged once); the kernels have no backward. Not supported with ``group``.
+
+    Raises:
+        TypeError/ValueError naming the argument for arguments it cannot take.
     """
-    positions = {"window": window, "kv_lens": kv_lens, "kv_pos": kv_pos, "q_pos": q_pos}
-    check_attention_args(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, positions)
-    if group is not None and (is_causal or window is not None) and (q_pos is None or kv_pos is None):
+    options = {
+        "attn_mask": attn_mask, "scale": scale, "softcap": softcap, "is_causal": is_causal, "window": window,
+        "kv_lens": kv_lens, "kv_pos": kv_pos, "q_pos": q_pos, "num_splits": 0,
+    }  # fmt: skip
+    _check_call(q, k, v, dropout_p, enable_gqa, return_lse, merge, options, group)
+    if group is not None and _gathers_positions(options):
         lens = kv_lens if kv_lens is not None else torch.full((q.shape[0],), k.shape[2], device=q.device)
         global_pos, global_q_pos = gather_positions(lens, k.shape[2], q.shape[2], group)
-        kv_pos = global_pos if kv_pos is None else kv_pos
-        q_pos = global_q_pos if q_pos is None else q_pos
-    out, lse = attention_state(
-        q, k, v, attn_mask=attn_mask, scale=scale, softcap=softcap, is_causal=is_causal, window=window,
-        kv_lens=kv_lens, kv_pos=kv_pos, q_pos=q_pos, backend=backend,
-    )  # fmt: skip
+        options["kv_pos"] = global_pos if kv_pos is None else kv_pos
+        options["q_pos"] = global_q_pos if q_pos is None else q_pos
+    out, lse = _state(q, k, v, options, backend)
     if group is not None:
         out, lse = merge_across_ranks(out, lse, group, merge)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
+
+
+def _gathers_positions(options: dict) -> bool:
+    """Whether a call with ``group`` all-gathers the shards' lengths to find the key positions."""
+    masked = options["is_causal"] or options["window"] is not None
+    return masked and (options["q_pos"] is None or options["kv_pos"] is None)
+
+
+def _check_call(q, k, v, dropout_p, enable_gqa, return_lse, merge, options, group) -> None:
+    """Validates the arguments; with ``group``, also that every rank made the same call.
+
+    With a group, a rank whose own arguments are refused still takes part in the signature exchange
+    (see [Note: ranks agree on the call] in torch_cp/distributed.py) before raising, so that its peers
+    raise too instead of waiting in a collective.
+    """
+    try:
+        check_attention_args(q, k, v, dropout_p, enable_gqa, return_lse, merge, options)
+    except (TypeError, ValueError):
+        if group is not None:
+            check_ranks_agree(invalid_signature(), group)
+        raise
+    if group is None:
+        return
+    grad = _needs_grad(q, k, v, options["attn_mask"])
+    check_ranks_agree(call_signature(q, k, options, merge, _gathers_positions(options), grad), group)
+    if grad:
+        raise ValueError(
+            "attention: inputs require grad, but the merge across ranks (group=...) has no backward; "
+            "call it under torch.no_grad(), or without group"
+        )

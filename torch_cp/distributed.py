@@ -17,9 +17,10 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
+from torch_cp._checks import describe_signature
 from torch_cp.merge import merge_states
 
-__all__ = ["MergeMethod", "gather_positions", "merge_across_ranks"]
+__all__ = ["MergeMethod", "check_ranks_agree", "gather_positions", "merge_across_ranks"]
 
 MergeMethod = Literal["all_gather", "all_reduce"]
 
@@ -37,16 +38,23 @@ def _all_gather_merge(
 def _all_reduce_merge(
     out: torch.Tensor, lse: torch.Tensor, group: dist.ProcessGroup
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    global_max = lse.clone()
+    """See [Note: merge of partial states]: NaN rows travel in the sum (a MAX may drop a NaN)."""
+    nan_row = lse.isnan() | (lse == float("inf"))
+    empty = lse == float("-inf")
+    global_max = lse.masked_fill(nan_row, float("-inf"))
     dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
     finite = torch.isfinite(global_max)
-    weight = torch.where(finite, torch.exp(lse - global_max.where(finite, 0.0)), 0.0)
-    packed = torch.cat([out * weight.unsqueeze(-1), weight.unsqueeze(-1)], dim=-1)
+    weight = torch.exp(lse - global_max.where(finite, 0.0)).masked_fill(empty, 0.0)
+    weight = weight.masked_fill(nan_row, float("nan"))
+    # an empty part's out is never used, whatever it holds
+    weighted = torch.where(empty.unsqueeze(-1), 0.0, out * weight.unsqueeze(-1))
+    packed = torch.cat([weighted, weight.unsqueeze(-1)], dim=-1)
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
     total = packed[..., -1]
-    merged = packed[..., :-1] / total.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
-    merged_lse = torch.where(total > 0, global_max + torch.log(total), float("-inf"))
-    return merged.where(total.unsqueeze(-1) > 0, 0.0), merged_lse
+    none = total == 0  # every rank empty: 0 and -inf, never NaN
+    merged = packed[..., :-1] / total.masked_fill(none, 1.0).unsqueeze(-1)
+    merged_lse = torch.where(none, float("-inf"), global_max.where(finite, 0.0) + torch.log(total))
+    return merged.masked_fill(none.unsqueeze(-1), 0.0), merged_lse
 
 
 def merge_across_ranks(
@@ -89,3 +97,29 @@ def gather_positions(
     offset = stacked[:rank].sum(dim=0)
     kv_pos = offset[:, None] + torch.arange(kv_len, device=lens.device)[None, :]
     return kv_pos, stacked.sum(dim=0) - q_len
+
+
+def _signature_device(group: dist.ProcessGroup) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def check_ranks_agree(signature: list[int], group: dist.ProcessGroup) -> None:
+    """Raises ValueError on every rank when the ranks of ``group`` sent different ``signature``s.
+
+    [Note: ranks agree on the call]
+    A rank whose shapes or options differ from its peers' would post collectives of other sizes or
+    another count: gloo then fills a receive buffer halfway, aborts the process, or waits until the
+    group's timeout. So before any data moves, every call all-gathers a small fixed-size int64
+    signature of what must agree (shapes, dtype, options; see ``torch_cp._checks.call_signature``),
+    and every rank raises the same error naming the ranks and what differs. A rank whose own
+    arguments were refused sends an all-zero signature, so its peers raise instead of waiting. The
+    all-gather is one per call, not cached: a rank cannot know that its peers' calls did not change.
+    """
+    mine = torch.tensor(signature, dtype=torch.int64, device=_signature_device(group))
+    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(rows, mine, group=group)
+    problem = describe_signature([row.tolist() for row in rows], dist.get_rank(group))
+    if problem:
+        raise ValueError(f"attention: {problem}")

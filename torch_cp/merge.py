@@ -43,12 +43,21 @@ def merge_states(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, to
             an empty part. Computed in float32.
 
     Returns:
-        ``(out, lse)``: ``out [B, H, Sq, D]`` in ``out.dtype``, ``lse [B, H, Sq]`` float32.
-        Rows whose parts are all empty give ``out = 0`` and ``lse = -inf``, never NaN.
+        ``(out, lse)``: ``out [B, H, Sq, D]`` in ``out.dtype``, ``lse [B, H, Sq]`` float32 (float64, and
+        computed in float64, when ``out`` is float64). Rows whose parts are all empty give ``out = 0``
+        and ``lse = -inf``, never NaN; an empty part's ``out`` is never read. A part whose ``lse`` is NaN
+        (or ``+inf``), or a NaN in the ``out`` of a non-empty part, makes the row NaN: a NaN partial
+        never vanishes (see [Note: merge of partial states] in csrc/cpu/merge.h).
     """
     _check(out, lse)
+    if out.dtype == torch.float64:
+        return merge_states_reference(out, lse.to(torch.float64))
     lse32 = lse.to(torch.float32)
-    if not _ops.HAS_CPU_KERNELS:
+    if (
+        not _ops.HAS_CPU_KERNELS
+        or out.device.type not in ("cpu", "cuda")
+        or (out.device.type == "cuda" and not _ops.HAS_CUDA_KERNELS)
+    ):
         return merge_states_reference(out, lse32)
     n, rows_shape, dim = out.shape[0], out.shape[1:-1], out.shape[-1]
     rows = math.prod(rows_shape)

@@ -18,15 +18,20 @@ def merge_states_reference(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.
 
     Returns:
         ``(out [*rows, D]`` in ``out.dtype``, ``lse [*rows]``)``; lse is float64 when either input is
-        float64 (the oracle's precision), float32 otherwise.
+        float64 (the oracle's precision), float32 otherwise. A row with a part whose lse is NaN or
+        ``+inf``, or a NaN in the out of a non-empty part, is NaN; empty parts never contribute.
     """
     compute = torch.float64 if out.dtype == torch.float64 or lse.dtype == torch.float64 else torch.float32
     o, lse_c = out.to(compute), lse.to(compute)
-    merged_lse = torch.logsumexp(lse_c, dim=0)
+    empty_part = lse_c == float("-inf")
+    nan_row = (lse_c.isnan() | (lse_c == float("inf"))).any(dim=0)
+    merged_lse = torch.logsumexp(lse_c.masked_fill(nan_row, 0.0), dim=0)
     finite = torch.isfinite(merged_lse)
-    weight = torch.where(finite, torch.exp(lse_c - merged_lse), torch.zeros_like(lse_c))
-    merged = (weight.unsqueeze(-1) * o).sum(dim=0)
-    return merged.to(out.dtype), merged_lse
+    weight = torch.where(finite, torch.exp(lse_c - merged_lse.where(finite, 0.0)), 0.0)
+    # an empty part adds nothing, whatever its out holds; a NaN in any other part stays (0 * NaN)
+    merged = torch.where(empty_part.unsqueeze(-1), 0.0, weight.unsqueeze(-1) * o).sum(dim=0)
+    merged = merged.masked_fill(nan_row.unsqueeze(-1), float("nan"))
+    return merged.to(out.dtype), merged_lse.masked_fill(nan_row, float("nan"))
 
 
 def visible_keys(
@@ -87,22 +92,47 @@ def attention_reference(
 
     Returns:
         ``out [B, Hq, Sq, D]`` and ``lse [B, Hq, Sq]`` (natural log), both in ``compute_dtype``.
-        A query with no visible key gets ``out = 0`` and ``lse = -inf``.
+        A query with no visible key gets ``out = 0`` and ``lse = -inf``; see [Note: NaN in attention]
+        for NaN and infinite inputs. Differentiable (the path ``torch_cp.attention`` takes for autograd).
+
+    [Note: NaN in attention]
+    As in SDPA's math path: a NaN or ``+inf`` score (NaN in ``q`` or in a visible key, ``+inf`` in a
+    key) makes its query row NaN, ``out`` and ``lse``; a NaN in a visible value makes that row's
+    ``out`` NaN. Hidden keys (masked, or past ``kv_lens``) never make a row NaN, and slots past
+    ``kv_lens`` are never read at all (a static cache's unused slots may hold anything). A row with
+    no visible key is ``out = 0``, ``lse = -inf`` whatever the hidden values hold. Every backend
+    follows this note, and the merges keep a NaN row NaN (see [Note: merge of partial states]).
     """
     b, hq, sq, d = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     group = hq // hkv
     qc, kc, vc = (t.to(compute_dtype) for t in (q, k, v))
+    visible = visible_keys(b, sq, kv_len, device=q.device, **positions)
+    if positions.get("kv_lens") is not None:  # slots past kv_lens are never read
+        in_cache = torch.arange(kv_len, device=q.device) < positions["kv_lens"].to(q.device)[:, None]
+        vc = vc.masked_fill(~in_cache[:, None, :, None], 0.0)
     kc, vc = kc.repeat_interleave(group, dim=1), vc.repeat_interleave(group, dim=1)
     scores = (qc @ kc.transpose(-1, -2)) * (d**-0.5 if scale is None else scale)
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
-    visible = visible_keys(b, sq, kv_len, device=q.device, **positions)
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         visible = visible & attn_mask
     elif attn_mask is not None:
         scores = scores + attn_mask.to(compute_dtype)
     scores = scores.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
-    return probs @ vc, lse
+    return _softmax_values(scores, vc)
+
+
+def _softmax_values(scores: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(softmax(scores) @ v, logsumexp(scores))`` over the last axis, by [Note: NaN in attention].
+
+    Rows of ``-inf`` only (no visible key) give ``out = 0``, ``lse = -inf``, and a finite gradient:
+    their logsumexp is taken of zeros and then replaced.
+    """
+    empty = (scores == float("-inf")).all(dim=-1)
+    lse = torch.logsumexp(scores.masked_fill(empty[..., None], 0.0), dim=-1)
+    nan_row = lse.isnan() | (lse == float("inf"))
+    lse = lse.masked_fill(empty, float("-inf")).masked_fill(nan_row, float("nan"))
+    probs = torch.exp(scores - lse.masked_fill(empty, 0.0)[..., None])
+    out = (probs @ v).masked_fill(empty[..., None], 0.0)
+    return out.masked_fill(nan_row[..., None], float("nan")), lse

@@ -170,9 +170,9 @@ TORCH_CP_INLINE void compute_scores(const TileArgs& a, float* scores) {
   if (a.softcap > 0.f) {
     for (int64_t i = 0; i < n; ++i) scores[i] = a.softcap * std::tanh(scores[i] / a.softcap);
   }
-  if (a.bias != nullptr) {
+  if (a.bias != nullptr) {  // a select, not an add: a hidden NaN or +inf score must not become NaN
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) scores[i] += a.bias[i];
+    for (int64_t i = 0; i < n; ++i) scores[i] = a.bias[i] == 0.f ? scores[i] : kNegInf;
   }
 }
 
@@ -217,20 +217,47 @@ TORCH_CP_INLINE Vec exp_vec(Vec x) {
   return x < -87.3f ? splat(0.f) : p * (Vec)bits;
 }
 
+// The largest score of a row of n, and whether any is NaN or +inf (see [Note: NaN rows]).
+TORCH_CP_INLINE float row_max(const float* s, int64_t n, bool& bad) {
+  constexpr float kMax = std::numeric_limits<float>::max();
+  if (n % kLanes != 0) {
+    float mx = kNegInf;
+    for (int64_t t = 0; t < n; ++t) {
+      mx = std::max(mx, s[t]);
+      bad = bad || !(s[t] <= kMax);
+    }
+    return mx;
+  }
+  Vec mx = load_vec(s);
+  IVec nonfinite = ~(mx <= kMax);
+  for (int64_t t = kLanes; t < n; t += kLanes) {
+    const Vec x = load_vec(s + t);
+    mx = mx > x ? mx : x;
+    nonfinite |= ~(x <= kMax);
+  }
+  int32_t lanes[kLanes];
+  std::memcpy(lanes, &nonfinite, sizeof(lanes));
+  for (int i = 0; i < kLanes; ++i) bad = bad || lanes[i] != 0;
+  return max_lanes(mx);
+}
+
+// [Note: NaN rows]
+// A NaN or +inf score (NaN in q or in a visible key, +inf in a key) makes its row NaN, as in SDPA:
+// the row's m and l become NaN and stay so (later tiles add nothing), its accumulator is multiplied
+// by NaN, so the row ends with out = NaN and lse = NaN, which the merges propagate. -inf scores are
+// masked keys (hidden keys are set to -inf, never added to, so a hidden NaN stays hidden).
+
 // Turns one row of scores into probabilities relative to the new running max; returns the
-// factor that rescales the row's previous sum and accumulator.
+// factor that rescales the row's previous sum and accumulator (NaN when the row became NaN).
 TORCH_CP_INLINE float softmax_row(float* s, int64_t n, float& m, float& l) {
   const bool whole = n % kLanes == 0;
-  float tile_max = kNegInf;
-  if (whole) {
-    Vec mx = load_vec(s);
-    for (int64_t t = kLanes; t < n; t += kLanes) {
-      const Vec x = load_vec(s + t);
-      mx = mx > x ? mx : x;
-    }
-    tile_max = max_lanes(mx);
-  } else {
-    for (int64_t t = 0; t < n; ++t) tile_max = std::max(tile_max, s[t]);
+  bool bad = m != m;  // already a NaN row
+  const float tile_max = row_max(s, n, bad);
+  if (bad) {
+    for (int64_t t = 0; t < n; ++t) s[t] = 0.f;
+    const bool was_nan = m != m;
+    m = l = std::numeric_limits<float>::quiet_NaN();
+    return was_nan ? 1.f : m;
   }
   const float m_new = std::max(m, tile_max);
   if (m_new == kNegInf) {  // everything so far is masked: no contribution

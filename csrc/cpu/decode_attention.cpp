@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "attend_block.h"
+#include "decode_args.h"
 #include "merge.h"
 
 namespace torch_cp {
@@ -119,15 +120,18 @@ void run_task(const Problem& p, const at::Tensor& q, const at::Tensor& k, const 
   }
   for (int64_t r = 0; r < p.rows(); ++r) {
     const int64_t row = (b * p.q_heads + h * p.group + r / p.q_len) * p.q_len + r % p.q_len;
+    // An empty row is 0 even when its (hidden) values held NaN; a NaN row (m = l = NaN) stays NaN.
     const bool empty = s.m[r] == kNegInf;
-    const float inv = empty ? 0.f : 1.f / s.l[r];
-    for (int64_t d = 0; d < p.dim; ++d) out[row * p.dim + d] = s.acc[r * p.dim + d] * inv;
+    const float inv = 1.f / s.l[r];
+    for (int64_t d = 0; d < p.dim; ++d) out[row * p.dim + d] = empty ? 0.f : s.acc[r * p.dim + d] * inv;
     lse[row] = empty ? kNegInf : s.m[r] + std::log(s.l[r]);
   }
 }
 
+// Key splits per task: `requested` if > 0 (at most one per key and 256: more only add empty splits,
+// and the merge is exact either way), else enough to give every thread about four tasks.
 int64_t choose_splits(int64_t requested, int64_t tasks, int64_t kv_len) {
-  if (requested > 0) return requested;
+  if (requested > 0) return std::clamp<int64_t>(std::min<int64_t>(requested, kv_len), 1, 256);
   const int64_t want = (4 * at::get_num_threads() + tasks - 1) / std::max<int64_t>(1, tasks);
   return std::clamp<int64_t>(std::min(want, kv_len / kMinKeysPerSplit), 1, 64);
 }
@@ -138,12 +142,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& q, con
                                                         const std::optional<at::Tensor>& q_pos, double scale,
                                                         double softcap, bool is_causal, int64_t window,
                                                         int64_t num_splits) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "decode_attention: q, k, v must be 4-D");
-  TORCH_CHECK(k.sizes() == v.sizes(), "decode_attention: k ", k.sizes(), " and v ", v.sizes(), " differ");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
-              "decode_attention: q, k, v must share a dtype");
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
-              "decode_attention: q ", q.sizes(), " does not match k ", k.sizes());
+  check_decode_args(q, k, v, kv_lens, kv_pos, q_pos, scale, softcap, is_causal, window, num_splits);
   const auto qc = q.stride(3) == 1 ? q : q.contiguous();
   const auto kc = k.stride(3) == 1 ? k : k.contiguous();
   const auto vc = v.stride(3) == 1 ? v : v.contiguous();
@@ -155,7 +154,6 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& q, con
             static_cast<float>(scale), static_cast<float>(softcap), is_causal, window,
             lens ? lens->const_data_ptr<int64_t>() : nullptr, pos ? pos->const_data_ptr<int64_t>() : nullptr,
             qpos ? qpos->const_data_ptr<int64_t>() : nullptr};
-  TORCH_CHECK(!p.masked() || p.q_pos != nullptr, "decode_attention: q_pos is required with is_causal or window");
   const int64_t tasks = p.batch * p.kv_heads;
   p.splits = choose_splits(num_splits, tasks, p.kv_len);
   const int64_t rows = p.batch * p.q_heads * p.q_len;

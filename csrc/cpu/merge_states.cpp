@@ -18,6 +18,7 @@ std::tuple<at::Tensor, at::Tensor> merge_states_cpu(const at::Tensor& out, const
   TORCH_CHECK(lse.dim() == 2 && lse.size(0) == out.size(0) && lse.size(1) == out.size(1),
               "merge_states: lse must be [N, M] matching out ", out.sizes(), ", got ", lse.sizes());
   TORCH_CHECK(lse.scalar_type() == at::kFloat, "merge_states: lse must be float32, got ", lse.scalar_type());
+  TORCH_CHECK(lse.device() == out.device(), "merge_states: out is on ", out.device(), " but lse is on ", lse.device());
   const auto o = out.contiguous();
   const auto l = lse.contiguous();
   const int64_t n_parts = o.size(0), rows = o.size(1), dim = o.size(2);

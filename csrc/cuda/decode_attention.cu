@@ -15,7 +15,9 @@
 //     before each tile its accumulators are rescaled by the rows' correction factors.
 // At the end the key groups' accumulators are summed in shared memory and divided by the sum.
 // Scores are in base 2 inside the kernel; lse is stored natural: lse = (m₂ + log2 l)·ln 2.
-// Rows with no visible key keep m = -inf and are stored as out = 0, lse = -inf, never NaN.
+// Rows with no visible key keep m = -inf and are stored as out = 0, lse = -inf, never NaN; rows with a
+// NaN or +inf score of a visible key are stored as out = NaN, lse = NaN (see scores_softmax).
+// Arguments are checked by check_decode_args (csrc/cpu/decode_args.h) before anything runs.
 // Requirements (the host pads otherwise): k, v rows 16-byte aligned and D·sizeof % 16 == 0.
 
 #include <ATen/ATen.h>
@@ -32,6 +34,8 @@
 #include <cmath>
 #include <optional>
 #include <tuple>
+
+#include "../cpu/decode_args.h"
 
 namespace torch_cp {
 namespace {
@@ -140,9 +144,12 @@ __device__ void copy_tile(scalar_t* dst, const scalar_t* src, int64_t stride, in
 }
 
 // Step 1 of [Note: CUDA decode kernel] for one tile of n keys starting at key t0.
+// A NaN or +inf score of a visible key sets the row's nan_row flag (the same in every lane of the
+// warp) and is then treated as masked; the row is stored as NaN at the end (see [Note: NaN in
+// attention] in torch_cp/reference.py).
 template <typename scalar_t, typename acc_t, int R, int KB>
 __device__ void scores_softmax(const Params& p, const acc_t* q_s, const scalar_t* k_tile, int64_t b, int row0, int rows,
-                               int t0, int n, acc_t* m, acc_t* l, acc_t* p_s, acc_t* alpha_s) {
+                               int t0, int n, acc_t* m, acc_t* l, bool* nan_row, acc_t* p_s, acc_t* alpha_s) {
   constexpr int RW = R / kWarps;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   acc_t s[RW][KB] = {};
@@ -181,13 +188,17 @@ __device__ void scores_softmax(const Params& p, const acc_t* q_s, const scalar_t
     }
     const int64_t qp = masked ? p.q_pos[b] + (row0 + r) % p.q_len : 0;
     acc_t tile_max = neg_inf;
+    bool bad = false;
 #pragma unroll
     for (int j = 0; j < KB; ++j) {
       const bool visible = lane + 32 * j < n && (!p.causal || kp[j] <= qp) && (p.window < 0 || kp[j] > qp - p.window);
       const acc_t x = p.cap2 > 0.f ? acc_t(p.cap2) * tanh(s[i][j]) : s[i][j];
-      s[i][j] = visible ? x : neg_inf;
+      const bool nonfinite = visible && (x != x || x == acc_t(INFINITY));  // NaN or +inf
+      bad = bad || nonfinite;
+      s[i][j] = visible && !nonfinite ? x : neg_inf;
       tile_max = max(tile_max, s[i][j]);
     }
+    nan_row[i] = nan_row[i] || __any_sync(0xffffffffu, bad);
     const acc_t m_new = max(m[i], warp_max(tile_max));
     const acc_t m_use = m_new == neg_inf ? acc_t(0) : m_new;
     const acc_t alpha = exp2_(m[i] - m_use);
@@ -266,8 +277,9 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const Params p) 
     copy_tile(v_s + buf * tile_elems, v_src + t0 * p.v_sl, p.v_sl, n, p.dim, p.row_stride);
   };
   acc_t m[RW], l[RW], acc[R][4] = {};
+  bool nan_row[RW];
 #pragma unroll
-  for (int i = 0; i < RW; ++i) m[i] = -INFINITY, l[i] = 0;
+  for (int i = 0; i < RW; ++i) m[i] = -INFINITY, l[i] = 0, nan_row[i] = false;
   if (n_tiles > 0) issue(0);
   __pipeline_commit();
   for (int it = 0; it < n_tiles; ++it) {
@@ -276,7 +288,8 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const Params p) 
     __pipeline_wait_prior(1);
     __syncthreads();  // tile `it` (and, on the first pass, q_s and the zeroed padding) visible to all
     const int t0 = start + it * KT, n = min(KT, end - t0), buf = it & 1;
-    scores_softmax<scalar_t, acc_t, R, KB>(p, q_s, k_s + buf * tile_elems, b, row0, rows, t0, n, m, l, p_s, alpha_s);
+    scores_softmax<scalar_t, acc_t, R, KB>(p, q_s, k_s + buf * tile_elems, b, row0, rows, t0, n, m, l, nan_row, p_s,
+                                           alpha_s);
     __syncthreads();
     accumulate_pv<scalar_t, acc_t, R>(p, v_s + buf * tile_elems, n, p_s, alpha_s, acc);
     __syncthreads();  // before this buffer and p_s are overwritten
@@ -285,8 +298,10 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const Params p) 
   // Sum the key groups' accumulators in red_s [rows, dim], one group at a time (deterministic).
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
-  for (int i = 0; i < RW; ++i)
+  for (int i = 0; i < RW; ++i) {
+    if (nan_row[i]) m[i] = l[i] = acc_t(NAN);  // stored below as out = NaN, lse = NaN
     if (lane == 0) stat_s[warp * RW + i] = m[i], stat_s[R + warp * RW + i] = l[i];
+  }
   const int n_cols = (p.dim + 3) / 4, n_groups = kThreads / n_cols;
   const int g = threadIdx.x / n_cols, c = threadIdx.x % n_cols;
   for (int k = 0; k < n_groups; ++k) {
@@ -404,40 +419,27 @@ at::Tensor aligned_rows(const at::Tensor& t, int64_t dim_pad) {
   return padded;
 }
 
-OptTensor as_long(const OptTensor& t, const at::Tensor& q, const char* name) {
+// A contiguous int64 copy of an optional index tensor (already checked by check_decode_args).
+OptTensor as_long(const OptTensor& t) {
   if (!t) return std::nullopt;
-  TORCH_CHECK_VALUE(t->device() == q.device(), "decode_attention: ", name, " is on ", t->device(), ", q on ",
-                    q.device());
   return t->to(at::kLong).contiguous();
-}
-
-void check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "decode_attention: q, k, v must be 4-D");
-  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "decode_attention: k ", k.sizes(), " and v ", v.sizes(), " differ");
-  TORCH_CHECK_VALUE(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
-                    "decode_attention: q, k, v must share a dtype");
-  TORCH_CHECK_VALUE(q.device() == k.device() && k.device() == v.device(),
-                    "decode_attention: q, k, v must be on one device");
-  TORCH_CHECK_VALUE(q.size(0) == k.size(0) && q.size(3) == k.size(3) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
-                    "decode_attention: q ", q.sizes(), " does not match k ", k.sizes());
-  TORCH_CHECK_VALUE(q.size(3) > 0 && q.size(3) <= kMaxDim, "decode_attention: head dim ", q.size(3), " is not in [1, ",
-                    kMaxDim, "] (q ", q.sizes(), ")");
 }
 
 std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                          const OptTensor& kv_lens, const OptTensor& kv_pos,
                                                          const OptTensor& q_pos, double scale, double softcap,
                                                          bool is_causal, int64_t window, int64_t num_splits) {
-  check_args(q, k, v);
+  check_decode_args(q, k, v, kv_lens, kv_pos, q_pos, scale, softcap, is_causal, window, num_splits);
+  TORCH_CHECK_VALUE(q.is_cuda(), "decode_attention (CUDA): q, k, v must be CUDA tensors, got ", q.device());
+  TORCH_CHECK_VALUE(q.size(3) <= kMaxDim, "decode_attention: head dim ", q.size(3), " is not in [1, ", kMaxDim,
+                    "] (q ", q.sizes(), ")");
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t batch = q.size(0), q_heads = q.size(1), q_len = q.size(2), dim = q.size(3);
   const int64_t vec = kCopyBytes / k.element_size(), dim_pad = (dim + vec - 1) / vec * vec;
   const auto q1 = q.stride(3) == 1 ? q : q.contiguous();
   Inputs in{dim_pad == dim ? q1 : at::constant_pad_nd(q1, {0, dim_pad - dim}), aligned_rows(k, dim_pad),
-            aligned_rows(v, dim_pad), as_long(kv_lens, q, "kv_lens"), as_long(kv_pos, q, "kv_pos"),
-            as_long(q_pos, q, "q_pos"), scale, softcap, is_causal, window, num_splits};
-  TORCH_CHECK_VALUE(!(is_causal || window >= 0) || in.qpos,
-                    "decode_attention: q_pos is required with is_causal or window");
+            aligned_rows(v, dim_pad), as_long(kv_lens), as_long(kv_pos), as_long(q_pos), scale, softcap, is_causal,
+            window, num_splits};
   const int64_t rows = q_heads / k.size(1) * q_len;
   const int block_rows = rows <= 4 ? 4 : rows <= 8 ? 8 : 16;
   const dim3 grid(batch * k.size(1), 1, (rows + block_rows - 1) / block_rows);

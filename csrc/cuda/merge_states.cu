@@ -1,5 +1,5 @@
 // Exact merge of attention partial states on CUDA; see [Note: merge of partial states] in
-// csrc/cpu/merge_states.cpp. One thread block per row; each thread owns a strided slice of D
+// csrc/cpu/merge.h (NaN parts included). One thread block per row; each thread owns a strided slice of D
 // and recomputes the (cheap, N-long) weights itself, so no shared memory is needed.
 
 #include <ATen/ATen.h>
@@ -32,10 +32,16 @@ __global__ void merge_states_kernel(const scalar_t* __restrict__ out, const floa
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t r = blockIdx.x;
   float max_lse = -INFINITY;
-  for (int64_t n = 0; n < n_parts; ++n) max_lse = fmaxf(max_lse, lse[n * rows + r]);
-  if (max_lse == -INFINITY) {
-    for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) merged[r * dim + d] = scalar_t(0);
-    if (threadIdx.x == 0) merged_lse[r] = -INFINITY;
+  bool nan_part = false;  // a part with lse NaN or +inf makes the row NaN
+  for (int64_t n = 0; n < n_parts; ++n) {
+    const float x = lse[n * rows + r];
+    nan_part = nan_part || x != x || x == INFINITY;
+    max_lse = fmaxf(max_lse, x);
+  }
+  if (nan_part || max_lse == -INFINITY) {
+    const float fill = nan_part ? NAN : 0.f;
+    for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) merged[r * dim + d] = static_cast<scalar_t>(fill);
+    if (threadIdx.x == 0) merged_lse[r] = nan_part ? NAN : -INFINITY;
     return;
   }
   float total = 0.f;
@@ -43,7 +49,9 @@ __global__ void merge_states_kernel(const scalar_t* __restrict__ out, const floa
   for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
     acc_t acc = 0;
     for (int64_t n = 0; n < n_parts; ++n) {
-      const acc_t w = expf(lse[n * rows + r] - max_lse) / total;
+      const float x = lse[n * rows + r];
+      if (x == -INFINITY) continue;  // an empty part: its out is never read; any other counts, NaN included
+      const acc_t w = expf(x - max_lse) / total;
       acc += w * static_cast<acc_t>(out[(n * rows + r) * dim + d]);
     }
     merged[r * dim + d] = static_cast<scalar_t>(acc);
@@ -57,6 +65,7 @@ std::tuple<at::Tensor, at::Tensor> merge_states_cuda(const at::Tensor& out, cons
               "merge_states: lse must be [N, M] matching out ", out.sizes(), ", got ", lse.sizes());
   TORCH_CHECK(lse.scalar_type() == at::kFloat, "merge_states: lse must be float32, got ", lse.scalar_type());
   TORCH_CHECK(lse.device() == out.device(), "merge_states: out and lse must be on one device");
+  TORCH_CHECK(out.is_cuda(), "merge_states (CUDA): out must be a CUDA tensor, got ", out.device());
   const c10::cuda::CUDAGuard guard(out.device());
   const auto o = out.contiguous();
   const auto l = lse.contiguous();

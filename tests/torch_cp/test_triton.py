@@ -195,6 +195,59 @@ def bad_inputs_name_the_problem():
             raise AssertionError(f"no ValueError for {kwargs or 'float64'}")
 
 
+@case
+def nan_rows_match_the_reference_and_merge_as_nan():
+    """[Note: NaN in attention]: NaN in q, +inf or NaN in a key; hidden NaN keys and unused slots."""
+    from torch_cp import triton as cp_triton
+
+    q, k, v = _qkv(2, 4, 2, 1, 100, 32, seed=31)
+    q[0, 1, 0, 3] = float("nan")
+    k[1, 0, 9] = float("inf")
+    k[1, 1, 50, 2] = float("nan")
+    k[0, :, 90:], v[0, :, 90:] = float("nan"), float("nan")  # past kv_lens: never read
+    opts = {"kv_lens": torch.tensor([90, 100])}
+    out, lse = _triton_state(q, k, v, num_splits=3, **opts)
+    ref_out, ref_lse = torch_cp.attention_reference(q, k, v, **opts)
+    nan_rows = ref_lse.isnan()
+    assert nan_rows[0, 1] and nan_rows[1, 2:].all() and not nan_rows[0, 2:].any(), "reference NaN rows"
+    assert torch.equal(lse.isnan(), nan_rows) and out[nan_rows].isnan().all(), "NaN rows differ"
+    keep = ~nan_rows
+    _check_fp32(out[keep], lse[keep], ref_out[keep], ref_lse[keep], v[:, :, :90], "other rows")
+    g = torch.Generator().manual_seed(37)
+    parts, part_lse = torch.randn(3, 4, 16, generator=g), torch.randn(3, 4, generator=g)
+    part_lse[0, 0], part_lse[:, 1], parts[:, 1] = float("nan"), float("-inf"), float("nan")
+    parts[2, 2, 3], part_lse[2, 2] = float("nan"), part_lse[:2, 2].max() - 200.0  # weight underflows to 0
+    merged, merged_lse = cp_triton.merge_states(parts, part_lse)
+    assert merged[0].isnan().all() and merged_lse[0].isnan(), "a NaN part vanished"
+    assert torch.equal(merged[1], torch.zeros(16)) and merged_lse[1] == float("-inf"), "empty row"
+    assert merged[2, 3].isnan(), "a NaN output with a tiny weight vanished"
+    ref, ref_lse = merge_states_reference(parts[:, 3].double(), part_lse[:, 3].double())
+    torch.testing.assert_close(merged[3].double(), ref, rtol=1e-6, atol=1e-6)
+
+
+@case
+def op_checks_every_argument():
+    q, k, v = _qkv(2, 4, 2, 1, 300, 16, seed=41)
+    base = [q, k, v, torch.tensor([300, 100]), None, torch.tensor([299, 99]), 0.25, 0.0, True, -1, 0]
+    for i, value, match in [
+        (3, torch.tensor([5]), "kv_lens must have shape"),
+        (4, torch.zeros(2, 3, dtype=torch.long), "kv_pos must have shape"),
+        (5, torch.tensor([1]), "q_pos must have shape"),
+        (3, torch.tensor([True, True]), "kv_lens must be an integer"),
+        (6, float("nan"), "scale"),
+        (7, -1.0, "softcap"),
+        (10, -2, "num_splits"),
+    ]:
+        args = list(base)
+        args[i] = value
+        try:
+            torch.ops.torch_cp.triton_decode_attention(*args)
+        except ValueError as err:
+            assert match in str(err), f"{match!r} not in {err}"
+        else:
+            raise AssertionError(f"no ValueError for argument {i} = {value!r}")
+
+
 def _run_cases() -> dict[str, str]:
     """Runs every case (in the child process); returns "ok" or the traceback, and seconds, per case."""
     torch.set_num_threads(1)

@@ -24,6 +24,10 @@ takes the float32 path.
 **Empty rows.** A row whose keys are all masked keeps ``m = -inf``; the max used for exponentials is
 then replaced by 0 so that no ``-inf - (-inf)`` NaN appears, and the row is stored as ``out = 0``,
 ``lse = -inf``.
+
+**NaN rows.** A NaN or ``+inf`` score of a visible key is counted per row and then treated as masked,
+so the running max stays usable; a row that counted one is stored as ``out = NaN``, ``lse = NaN``
+(see [Note: NaN in attention] in torch_cp/reference.py). A NaN value reaches ``acc`` through ``P·V``.
 """
 
 import triton
@@ -120,6 +124,7 @@ def decode_split_kernel(
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    nan_count = tl.zeros([BLOCK_R], tl.int32)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n < end)[:, None] & d_ok[None, :]
@@ -128,6 +133,9 @@ def decode_split_kernel(
         v = tl.load(v_base + key_off * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
         s = _tile_scores(q, k, offs_n, end, kpos_ptr + b * stride_pb, qp, qk_scale, cap2, window,
                          HAS_POS, SOFTCAP, CAUSAL, WINDOW, LOWP_DOT)  # fmt: skip
+        bad = (s != s) | (s == float("inf"))
+        nan_count += tl.sum(bad.to(tl.int32), axis=1)
+        s = tl.where(bad, float("-inf"), s)
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_safe[:, None])
@@ -138,6 +146,9 @@ def decode_split_kernel(
     empty = m == float("-inf")
     out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, row_sum)[:, None])
     lse = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, row_sum))) * LN2)
+    nan_row = nan_count > 0
+    out = tl.where(nan_row[:, None], float("nan"), out)
+    lse = tl.where(nan_row, float("nan"), lse)
     row = (b * kv_heads + h) * group * q_len + offs_r
     part = split.to(tl.int64) * rows_total
     tl.store(

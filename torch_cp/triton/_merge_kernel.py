@@ -2,7 +2,9 @@
 
 See [Note: merge of partial states] in csrc/cpu/merge.h. With ``m = max_n lse_n`` (natural log),
 ``lse = m + log Σ_n exp(lse_n - m)`` and ``out = Σ_n exp(lse_n - lse)·out_n``. Parts with
-``lse_n = -inf`` weigh 0; a row whose parts are all empty gives ``out = 0``, ``lse = -inf``.
+``lse_n = -inf`` are skipped (their out is never used); a row whose parts are all empty gives
+``out = 0``, ``lse = -inf``. A part with ``lse_n`` NaN or ``+inf``, or a NaN in the out of a
+non-empty part, makes the row NaN.
 Natural ``exp``/``log`` here (``tl.exp``/``tl.log``), never base 2: the inputs are natural-log.
 """
 
@@ -25,21 +27,29 @@ def merge_kernel(out_ptr, lse_ptr, res_ptr, res_lse_ptr, n_parts, rows, dim,
     row_ok = offs_m < rows
     tile_ok = row_ok[:, None] & (offs_d < dim)[None, :]
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    nan_count = tl.zeros([BLOCK_M], tl.int32)
     for n in range(n_parts):
-        m = tl.maximum(m, tl.load(lse_ptr + n * rows + offs_m, mask=row_ok, other=float("-inf")))
+        x = tl.load(lse_ptr + n * rows + offs_m, mask=row_ok, other=float("-inf"))
+        bad = (x != x) | (x == float("inf"))
+        nan_count += bad.to(tl.int32)
+        m = tl.maximum(m, tl.where(bad, float("-inf"), x))
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     total = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n in range(n_parts):
-        w = tl.exp(tl.load(lse_ptr + n * rows + offs_m, mask=row_ok, other=float("-inf")) - m_safe)
+        x = tl.load(lse_ptr + n * rows + offs_m, mask=row_ok, other=float("-inf"))
+        w = tl.where(x == float("-inf"), 0.0, tl.exp(x - m_safe))
         part = tl.load(
             out_ptr + (n * rows + offs_m)[:, None] * dim + offs_d[None, :], mask=tile_ok, other=0.0
         )
-        acc += tl.where(w[:, None] > 0, w[:, None] * part.to(tl.float32), 0.0)
-        total += w
+        acc += tl.where((x != float("-inf"))[:, None], w[:, None] * part.to(tl.float32), 0.0)
+        total += tl.where(x == x, w, 0.0)
     empty = total == 0
     res = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, total)[:, None])
     res_lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, total)))
+    nan_row = nan_count > 0
+    res = tl.where(nan_row[:, None], float("nan"), res)
+    res_lse = tl.where(nan_row, float("nan"), res_lse)
     tl.store(
         res_ptr + offs_m[:, None] * dim + offs_d[None, :], res.to(res_ptr.dtype.element_ty), mask=tile_ok
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from torch_cp._checks import check_decode_op_args
 from torch_cp.triton.launch import INTERPRETED, MAX_HEAD_DIM, choose_splits, decode_partial, merge_partials
 
 __all__ = ["decode_attention", "merge_states", "unsupported_reason"]
@@ -71,11 +72,11 @@ def decode_attention(
         ``out [B, Hq, Sq, D]`` float32 and ``lse [B, Hq, Sq]`` float32, **natural log**; a query with no
         visible key has ``out = 0``, ``lse = -inf``.
     """
+    op = "triton_decode_attention"
+    check_decode_op_args(op, q, k, v, kv_lens, kv_pos, q_pos, scale, softcap, is_causal, window, num_splits)
     reason = unsupported_reason(q, k)
     if reason:
-        raise ValueError(f"triton_decode_attention: {reason}")
-    if (is_causal or window >= 0) and q_pos is None:
-        raise ValueError("triton_decode_attention: q_pos [B] is required with is_causal or window")
+        raise ValueError(f"{op}: {reason}")
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     b, hq, sq, d = q.shape
     splits = choose_splits(num_splits, b * k.shape[1], k.shape[2], q.device)
@@ -109,6 +110,8 @@ def merge_states(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, to
         raise ValueError(
             f"triton_merge_states: out dtype {out.dtype} is not one of float32, float16, bfloat16"
         )
+    if out.device != lse.device:
+        raise ValueError(f"triton_merge_states: out is on {out.device} but lse is on {lse.device}")
     return merge_partials(out, lse)
 
 
