@@ -44,11 +44,11 @@ from benchmarks.harness import (
 )
 from benchmarks.report import Column
 from torch_collage.backends.openvino import pause_openvino_telemetry
-from torch_collage.cost import measurement_count
 from torch_collage.entry import make_backend
 from torch_collage.exported import compile_exported
 from torch_collage.fresh_entry import fresh_entry
 from torch_collage.options import CollageOptions
+from torch_collage.place import measurement_count
 from torch_collage.report import GraphReport
 from torch_collage.timing import torch_threads
 from torch_collage.zoo import ZooModel, get_model, list_models

@@ -11,8 +11,10 @@ Pipeline modules, in the order data flows: ``entry`` (dynamo backend) and ``opti
 ``backends`` (each backend's ``BackendSpec``: what it can run, in ``backends.base``; the one registry,
 ``backends.registry``); ``graph`` (units, bitsets,
 reachability); ``candidates``; ``subgraph`` (cutting a candidate out, canonical keys); ``cost`` and
-``cache`` (measured, persistent); ``search`` (exact cover search, merging) and ``refine`` (measured
-local search); ``place`` (one graph end to end); ``assembly``; ``report``, ``explain`` and ``render``.
+``cache`` (measured, persistent); ``measure`` (which candidates, under the budget); ``search`` (exact
+cover search, merging) and ``refine`` (measured local search); ``endtoend`` and ``choose`` (assembled
+placements timed side by side, checked against eager); ``place`` (the stages for one graph);
+``assembly``; ``report``, ``explain`` and ``render``.
 """
 
 from torch_collage.backends.base import BackendInfo, BackendSpec, OpRule
@@ -22,11 +24,11 @@ from torch_collage.backends.registry import (
     registered_backend,
     unregister_backend,
 )
-from torch_collage.cost import measurement_count
 from torch_collage.entry import collage_backend
 from torch_collage.explain import ExplainReport, explain
 from torch_collage.exported import ExportedCollage, compile_exported
 from torch_collage.options import CollageOptions
+from torch_collage.place import measurement_count
 
 __version__ = "0.1.0"
 

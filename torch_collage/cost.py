@@ -26,23 +26,11 @@ from torch_collage.options import CollageOptions
 from torch_collage.subgraph import Subgraph, constants_digest, digest, extract, tensor_signature
 from torch_collage.timing import measure
 
-__all__ = ["CompiledPart", "CostModel", "measurement_count", "outputs_match", "record_values"]
+__all__ = ["CompiledPart", "CostModel", "outputs_match", "record_values"]
 
 logger = logging.getLogger(__name__)
 
-_measured = 0
-_warned: set[tuple[str, str]] = set()
 _PROBE_SHAPE = (64, 256)
-
-
-def measurement_count() -> int:
-    """How many timings this process has run (cache hits are not counted)."""
-    return _measured
-
-
-def _count() -> None:
-    global _measured
-    _measured += 1
 
 
 def record_values(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[fx.Node, Any]:
@@ -105,7 +93,10 @@ class CompiledPart:
 
 
 class CostModel:
-    """Costs (median ms) of candidates and backend switches for one graph with recorded values."""
+    """Costs (median ms) of candidates and backend switches for one graph with recorded values.
+
+    ``warned`` holds the (backend, reason) failures already logged at WARNING; pass one set to the
+    cost models of many graphs (the placer does) so that each failure is logged once."""
 
     def __init__(
         self,
@@ -115,6 +106,7 @@ class CostModel:
         specs: dict[str, BackendSpec],
         options: CollageOptions,
         cache: CostCache,
+        warned: set[tuple[str, str]] | None = None,
     ) -> None:
         self.gm, self.graph, self.values, self.specs, self.options, self.cache = (
             gm,
@@ -134,6 +126,7 @@ class CostModel:
         self.loaded = 0  # partitions loaded from the artifact store instead of compiled
         # whole-graph callables compiled while measuring, handed to assembly instead of compiling again
         self._kept: dict[str, Callable[..., Any]] = {}
+        self._warned = set() if warned is None else warned
 
     def key(self, kind: str, backend: str, sub: Subgraph) -> str:
         inputs = [self.values[n] for n in sub.inputs]
@@ -225,7 +218,6 @@ class CostModel:
         with torch.no_grad():
             m = measure(call, warmup=opts.warmup, repeats=opts.repeats, max_time_s=2.0, threads=self.threads)
         self.measured += 1
-        _count()
         return m.median_ms
 
     def _compile_checked(self, sub: Subgraph, backend: str) -> tuple[Callable[..., Any] | None, str]:
@@ -253,8 +245,8 @@ class CostModel:
     def _failed(self, backend: str, reason: str, exc: Exception) -> str:
         if self.options.on_backend_failure == "raise":
             raise exc
-        if (backend, reason) not in _warned:
-            _warned.add((backend, reason))
+        if (backend, reason) not in self._warned:
+            self._warned.add((backend, reason))
             logger.warning("torch_collage: %s could not run a candidate, using others: %s", backend, reason)
         return reason
 

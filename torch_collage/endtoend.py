@@ -1,68 +1,50 @@
-"""End-to-end timing of assembled placements, cached like candidate costs; see [Note: end-to-end check]
-in ``place.py``."""
+"""End to end: assemble placements (compile each partition) and time them side by side, paired,
+cached per comparison. ``EndToEnd`` is what the refinement and the end-to-end check ask."""
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from torch_collage.assembly import AssembledGraph
+from torch import fx
+
+from torch_collage.assembly import AssembledGraph, Step
 from torch_collage.cost import CostModel
 from torch_collage.graph import DataflowGraph
 from torch_collage.search import Placement
 from torch_collage.subgraph import digest, tensor_signature
 
-__all__ = ["e2e_many_ms", "e2e_ms", "e2e_pair_ms"]
+__all__ = ["CompareFn", "EndToEnd", "assemble", "e2e_many_ms"]
 
+logger = logging.getLogger(__name__)
 
 Assemble = Callable[[], AssembledGraph]  # builds (compiles) the placement only when it must be timed
 
 
-def e2e_ms(model: CostModel, placement: Placement, assemble: Assemble, graph: DataflowGraph) -> float:
-    """End-to-end median ms of the assembled ``placement`` (cached by graph, inputs and placement)."""
-    return e2e_many_ms(model, graph, [(placement, assemble)])[0]
-
-
-def e2e_pair_ms(
-    model: CostModel, graph: DataflowGraph, a: tuple[Placement, Assemble], b: tuple[Placement, Assemble]
-) -> tuple[float, float]:
-    """End-to-end ms of two assembled placements, timed side by side ([Note: paired end-to-end rounds])."""
-    first, second = e2e_many_ms(model, graph, [a, b])
-    return first, second
-
-
 # [Note: paired end-to-end rounds]
 # The end-to-end check times its contenders alternating, in rounds, so that each round sees one
-# machine state. Each one's cost was its best round, which let a single lucky round decide: on a
-# shared 2-core Xeon whose speed drifted by a third within minutes, the dynamo entry picked OpenVINO
-# for gpt2 at batch 8 on 20.54 against Inductor's 20.61 ms, though Inductor was faster in 11 of 12
-# three-round trials side by side (paired ratio 0.84-1.00; measured 2026-12-05) and the
-# benchmark then timed collage 1.11x frozen Inductor. So the rounds are compared paired: in each
-# round every contender's time is divided by that round's geometric mean over the contenders, and
-# a contender's cost is the median of those ratios over the rounds, scaled by the median round. When
-# the best two still lie within ``RUNOFF_MARGIN`` of each other, those two alone run up to
-# ``RUNOFF_ROUNDS`` more rounds, stopping as soon as they separate: a near-tie costs a few more
-# seconds of search instead of a coin flip.
+# machine state, and compares them paired: in each round every contender's time is divided by that
+# round's geometric mean over the contenders, and a contender's cost is the median of those ratios
+# over the rounds, scaled by the median round. Keeping each contender's best round instead lets one
+# lucky round decide: on a 2-core machine whose speed drifted by a third within minutes, that picked
+# OpenVINO for gpt2 where Inductor was faster in 11 of 12 paired trials. When the best two still lie
+# within ``RUNOFF_MARGIN`` of each other, those two alone run up to ``RUNOFF_ROUNDS`` more rounds,
+# stopping as soon as they separate: a near-tie costs a few more seconds instead of a coin flip.
 RUNOFF_MARGIN = 0.03
 RUNOFF_ROUNDS = 4
 
 # [Note: end-to-end times are cached per comparison]
-# A time is only comparable with the times measured beside it. End-to-end times were cached per
-# placement, so a comparison reused whatever a placement had measured earlier: refinement timed its
-# starting placement alone right after the candidate measurements, then each move alone, and kept
-# a move that measured faster than that old time; the end-to-end check then reused those cached,
-# unpaired times. In three benchmark runs (two on the Xeon, one on the EPYC) residual_mlp's search
-# found OpenVINO fastest alone, yet ended on ONNX Runtime or Inductor, which the benchmark timed
-# 1.16-1.45x OpenVINO (the search does not log its comparisons, so this is the likely cause, not a
-# proven one). Now every comparison times all its members afresh, side by side, and its result is
-# cached under the whole comparison (the graph, its inputs and every member's placement): a warm
-# compile replays the same comparisons and gets the same answers without timing anything. In the
-# three benchmark runs after the change (EPYC, 2026-12-06) residual_mlp kept OpenVINO. Refinement
-# pays for it: each move re-times the current placement beside it.
+# A time is only comparable with the times measured beside it. So every comparison times all its
+# members afresh, side by side, and its result is cached under the whole comparison (the graph, its
+# inputs and every member's placement): a warm compile replays the same comparisons and gets the
+# same answers without timing anything. Caching per placement instead let a comparison reuse a time
+# measured alone minutes earlier, and a refinement then kept moves that only looked faster.
+# Refinement pays for it: each move re-times the current placement beside it.
 
 
 def e2e_many_ms(
@@ -132,3 +114,49 @@ def _comparison_key(
         f"{p.describe(graph)}|" + ",".join(f"{b}={model.versions[b]}" for b in p.backends) for p in placements
     ]
     return digest("e2e-group", str(model.gm.graph), tensor_signature(args), str(model.threads), *members)
+
+
+# (model, graph, [(placement, assemble)], rounds=...) -> end-to-end ms of each: ``e2e_many_ms``'s signature
+CompareFn = Callable[..., list[float]]
+
+
+def assemble(gm: fx.GraphModule, placement: Placement, model: CostModel) -> AssembledGraph:
+    """``placement`` compiled partition by partition; a partition that fails runs on eager (logged)."""
+    steps = []
+    for p in placement.partitions:
+        part = model.compile(p.mask, p.backend)
+        if part.fn is None:
+            logger.warning("torch_collage: %s partition fell back to eager: %s", p.backend, part.reason)
+            part = model.compile(p.mask, "eager")
+        assert part.fn is not None, part.reason
+        steps.append(Step(part.backend, part.fn, part.subgraph))
+    return AssembledGraph(gm, steps)
+
+
+class EndToEnd:
+    """Assembles placements of one graph and times them side by side with ``compare``
+    (``e2e_many_ms``: paired rounds, cached per comparison). A placement is compiled only when it
+    must be timed or used, and the last comparison's placements stay built, since the next one
+    (a refinement move beside the current placement) or the winner reuses one of them."""
+
+    def __init__(self, gm: fx.GraphModule, model: CostModel, compare: CompareFn = e2e_many_ms) -> None:
+        self.gm, self.model, self.graph, self._compare = gm, model, model.graph, compare
+        self._built: dict[str, Assemble] = {}
+
+    def lazy(self, placement: Placement) -> Assemble:
+        """Assembles ``placement`` on its first call only (a warm compile builds just the winner)."""
+        key = placement.describe(self.graph)
+        if key not in self._built:
+            self._built[key] = functools.cache(functools.partial(assemble, self.gm, placement, self.model))
+        return self._built[key]
+
+    def times(self, placements: Sequence[Placement], rounds: int = 2) -> list[float]:
+        """End-to-end ms of each placement, timed side by side (a single one: timed alone)."""
+        lazies = [self.lazy(p) for p in placements]
+        keep = {p.describe(self.graph) for p in placements}
+        self._built = {k: v for k, v in self._built.items() if k in keep}
+        return self._compare(self.model, self.graph, list(zip(placements, lazies)), rounds=rounds)
+
+    def pair(self, a: Placement, b: Placement) -> tuple[float, float]:
+        first, second = self.times([a, b])
+        return first, second

@@ -23,7 +23,7 @@ from torch_collage.assembly import AssembledGraph
 from torch_collage.backends.registry import check_names
 from torch_collage.freeze import FrozenInputs, freeze_inputs, static_input_indices
 from torch_collage.options import CollageOptions
-from torch_collage.place import place_graph
+from torch_collage.place import Placer, place_graph
 from torch_collage.report import GraphReport
 from torch_collage.subgraph import tensor_signature
 
@@ -56,9 +56,10 @@ class _LazyPlacer:
 
     def __init__(
         self, gm: fx.GraphModule, options: CollageOptions, kind: str, sink: ReportSink | None,
-        static: tuple[int, ...] = (),
+        static: tuple[int, ...] = (), placer: Placer | None = None,
     ) -> None:  # fmt: skip
         self.gm, self.options, self.kind, self.sink, self.static = gm, options, kind, sink, static
+        self.placer = placer
         self._placed: dict[str, _Placed] = {}
         self._last: _Placed | None = None
         self._symbolic = _has_symbolic_inputs(gm)
@@ -107,7 +108,7 @@ class _LazyPlacer:
         # aot_autograd's first call runs under an analysis dispatch mode; measure outside it
         with _disable_current_modes():
             assembled, report = place_graph(
-                gm, frozen.dynamic(args) if frozen else args, self.options, self.kind
+                gm, frozen.dynamic(args) if frozen else args, self.options, self.kind, self.placer
             )
         logger.info("torch_collage: %s graph placed: %s (%.1f s)", self.kind, assembled, report.search_s)
         if self.sink is not None:
@@ -130,16 +131,19 @@ def _has_symbolic_inputs(gm: fx.GraphModule) -> bool:
     return False
 
 
-def make_backend(options: CollageOptions, sink: ReportSink | None = None) -> Callable[..., Any]:
-    """A dynamo backend placing with ``options``; ``sink`` receives each graph's report. Unknown
-    backend names in ``options.backends`` raise ``ValueError`` here, where a compile starts."""
+def make_backend(
+    options: CollageOptions, sink: ReportSink | None = None, placer: Placer | None = None
+) -> Callable[..., Any]:
+    """A dynamo backend placing with ``options`` and ``placer`` (the default one when None); ``sink``
+    receives each graph's report. Unknown backend names in ``options.backends`` raise ``ValueError``
+    here, where a compile starts."""
     check_names(options.backends)
 
     def compiler(kind: str) -> Callable[[fx.GraphModule, Sequence[Any]], Callable[..., Any]]:
         def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
             del example_inputs  # fake tensors; placement waits for real ones
             static = static_input_indices() if kind == "inference" and options.freeze else ()
-            return make_boxed_func(_LazyPlacer(gm, options, kind, sink, static))
+            return make_boxed_func(_LazyPlacer(gm, options, kind, sink, static, placer))
 
         return compile_graph
 

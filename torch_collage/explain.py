@@ -14,6 +14,7 @@ from torch import nn
 from torch_collage.entry import make_backend
 from torch_collage.fresh_entry import fresh_entry
 from torch_collage.options import CollageOptions
+from torch_collage.place import Placer
 from torch_collage.report import GraphReport, PartitionReport
 
 __all__ = ["ExplainReport", "explain"]
@@ -110,14 +111,17 @@ def _singles_line(g: GraphReport) -> str:
     return "Whole graph on one backend: " + ("; ".join(parts) or "-")
 
 
-def explain(model: nn.Module | Callable[..., Any], *example_inputs: Any, **options: Any) -> ExplainReport:
+def explain(
+    model: nn.Module | Callable[..., Any], *example_inputs: Any, placer: Placer | None = None, **options: Any
+) -> ExplainReport:
     """Place ``model`` for ``example_inputs`` (inference, under ``no_grad``) with Collage ``options``
-    (the keys of ``torch.compile(..., backend="collage", options=...)``) and report the placement."""
+    (the keys of ``torch.compile(..., backend="collage", options=...)``) and report the placement.
+    ``placer``: a ``torch_collage.place.Placer`` of your own (its own measurement count and
+    collaborators); the process's default one when None."""
     parsed = CollageOptions.from_mapping(options)
     graphs: list[GraphReport] = []
-    compiled = torch.compile(
-        fresh_entry(model, "collage_explain"), backend=make_backend(parsed, graphs.append), dynamic=False
-    )
+    backend = make_backend(parsed, graphs.append, placer)
+    compiled = torch.compile(fresh_entry(model, "collage_explain"), backend=backend, dynamic=False)
     with torch.no_grad():
         compiled(*example_inputs)
     return ExplainReport(graphs)

@@ -10,15 +10,22 @@ helps or the time budget is spent. Moves are predicted first, and only those pre
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 
 from torch_collage.candidates import Candidate
+from torch_collage.cost import CostModel
+from torch_collage.endtoend import EndToEnd
 from torch_collage.graph import DataflowGraph
+from torch_collage.measure import remeasure, search_key
 from torch_collage.search import Partition, Placement, SwitchFn, merge_consecutive
 
-__all__ = ["refine"]
+__all__ = ["RefineFn", "refine", "refine_replayed"]
+
+logger = logging.getLogger(__name__)
 
 # end-to-end ms of two assembled placements, timed side by side
 CompareFn = Callable[[Placement, Placement], tuple[float, float]]
@@ -69,3 +76,53 @@ def _moves(
             moved = [*parts[:k], Partition(part.mask, backend, ms), *parts[k + 1 :]]
             out.append(merge_consecutive(Placement.priced(moved, switch), graph))
     return sorted(out, key=lambda p: p.predicted_ms)
+
+
+RefineFn = Callable[..., Placement]  # ``refine``'s signature
+
+
+def refine_replayed(
+    placement: Placement, e2e: EndToEnd, costs: dict[Candidate, float], refine_fn: RefineFn = refine
+) -> Placement:
+    """``refine_fn`` on ``placement`` under a quarter of the time budget (at least 1 s), or its
+    outcome replayed from the cache.
+
+    [Note: replayed refinement]
+    Refinement stops at a time budget. Replaying it from cached costs is faster than measuring, so a
+    warm compile would get further than the cold one did and measure new placements until the budget
+    ran out again. The outcome is therefore cached under the starting placement, and a warm compile
+    reuses it.
+
+    [Note: refined regions are measured]
+    A kept move may merge neighbouring partitions into a region no candidate covered, priced as the
+    sum of its parts (``merge_consecutive``). Measuring it gives the report a measured prediction,
+    and lets the warm replay find its cost in the cache instead of timing it."""
+    model, graph = e2e.model, e2e.graph
+
+    def cost(cand: Candidate) -> float:
+        if cand not in costs:
+            costs[cand] = model.cost(cand)
+        return costs[cand]
+
+    budget = max(1.0, model.options.time_budget_s / 4)
+    key = search_key(model, "refine", placement.describe(graph), f"{budget:.1f}")
+    stored = model.cache.get_text(key)
+    if stored is not None:
+        try:
+            return _placement_from_json(stored, cost, model)
+        except (ValueError, KeyError, TypeError) as exc:
+            logger.warning("torch_collage: cached refinement unreadable (%s); refining again", exc)
+    refined = refine_fn(placement, graph, list(model.specs), cost, model.switch_cost, e2e.pair, budget)
+    refined = remeasure(refined, model, costs)
+    model.cache.put_text(key, json.dumps([[str(p.mask), p.backend] for p in refined.partitions]))
+    return refined
+
+
+def _placement_from_json(text: str, cost: CostFn, model: CostModel) -> Placement:
+    parts = []
+    for mask_text, backend in json.loads(text):
+        if backend not in model.specs:
+            raise KeyError(f"backend {backend!r} is not active")
+        cand = Candidate(int(mask_text), backend)
+        parts.append(Partition(cand.mask, backend, cost(cand)))
+    return Placement.priced(parts, model.switch_cost)

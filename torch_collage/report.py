@@ -1,10 +1,17 @@
-"""What a placement decided and measured, per graph and per partition (data for ``explain``)."""
+"""What a placement decided and measured, per graph and per partition (data for ``explain``), and how
+the placer builds it (``graph_report``)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
-__all__ = ["GraphReport", "PartitionReport", "SegmentReport"]
+from torch_collage.candidates import Candidate
+from torch_collage.graph import DataflowGraph, bits
+from torch_collage.search import Partition, Placement
+from torch_collage.segments import consecutive_segments
+
+__all__ = ["GraphReport", "PartitionReport", "SegmentReport", "graph_report"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,77 @@ class GraphReport:
     searched_ms: float = float("nan")  # its predicted time (sum of partition and switch costs)
     segments: list[SegmentReport] = field(default_factory=list)  # option ``segments``; else empty
     # the end-to-end check's contenders ("mixed" for a searched mixed placement) -> ms, timed side by
-    # side and compared paired ([Note: end-to-end check] in place.py; a warm compile replays the cached
-    # comparison); empty when the searched placement had no contender
+    # side and compared paired ([Note: end-to-end check] in choose.py; a warm compile replays the
+    # cached comparison); empty when the searched placement had no contender
     end_to_end_ms: dict[str, float] = field(default_factory=dict)
+
+
+def graph_report(
+    *,
+    kind: str,
+    graph: DataflowGraph,
+    searched: Placement,
+    chosen: str,
+    measured_ms: float,
+    singles: dict[str, float],
+    costs: dict[Candidate, float],
+    candidates: int,
+    measured: int,
+    search_s: float,
+    rejected: dict[tuple[int, str], str],
+    loaded: int,
+    segments: int,
+    compared: dict[str, float],
+) -> GraphReport:
+    """The report of one placed graph: the ``searched`` placement, and what the end-to-end check
+    ``chosen`` (``"mixed"``: the searched one; else the single backend that runs the whole graph)."""
+    placement = searched
+    if chosen != "mixed":  # a single backend won (end to end, or as the verification fallback)
+        ms = singles.get(chosen, measured_ms)
+        placement = Placement((Partition(graph.full, chosen, ms),), ms)
+    owner = {i: k for k, p in enumerate(placement.partitions) for i in bits(p.mask)}
+    edges = {(owner[j], owner[i]) for i in owner for j in bits(graph.preds[i]) if owner[j] != owner[i]}
+    usable: dict[str, int] = {}
+    for cand, ms in costs.items():
+        usable[cand.backend] = usable.get(cand.backend, 0) + int(math.isfinite(ms))
+    return GraphReport(
+        kind=kind,
+        partitions=[_partition_report(graph, p, costs) for p in placement.partitions],
+        edges=sorted(edges),
+        predicted_ms=placement.predicted_ms,
+        measured_ms=measured_ms,
+        single_backend_ms=singles,
+        chosen=chosen,
+        candidates=candidates,
+        measured=measured,
+        search_s=search_s,
+        rejected={f"{b}: {','.join(graph.names(m))}": r for (m, b), r in rejected.items()},
+        usable=usable,
+        loaded=loaded,
+        searched=" ".join(f"{p.backend}[{p.mask.bit_count()}]" for p in searched.partitions),
+        searched_ms=searched.predicted_ms,
+        segments=_segment_reports(graph, segments, costs),
+        end_to_end_ms=compared,
+    )
+
+
+def _segment_reports(
+    graph: DataflowGraph, n_segments: int, costs: dict[Candidate, float]
+) -> list[SegmentReport]:
+    """Each consecutive segment's measured time per backend ([Note: coarse segments]); none when off."""
+    if n_segments < 2 or graph.size < 2:
+        return []
+    out = []
+    for mask in consecutive_segments(graph, n_segments):
+        ms = {c.backend: t for c, t in costs.items() if c.mask == mask and math.isfinite(t)}
+        names = graph.names(mask)
+        out.append(SegmentReport(names[0], names[-1], len(names), dict(sorted(ms.items()))))
+    return out
+
+
+def _partition_report(graph: DataflowGraph, p: Partition, costs: dict[Candidate, float]) -> PartitionReport:
+    others = {c.backend: ms for c, ms in costs.items() if c.mask == p.mask and c.backend != p.backend}
+    others = {b: ms for b, ms in others.items() if math.isfinite(ms)}
+    runner = min(others, key=lambda b: others[b]) if others else None
+    nodes = [n.name for n in graph.nodes(p.mask)]
+    return PartitionReport(p.backend, nodes, p.cost_ms, runner, others.get(runner) if runner else None)

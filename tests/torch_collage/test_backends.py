@@ -343,36 +343,39 @@ def test_openvino_helper_compile_matches_in_process_compile() -> None:
         torch.testing.assert_close(helper(x), model(x), **TOL)
 
 
-def test_openvino_helper_crash_fails_the_graph_and_the_next_compile_recovers(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+_CRASH_ONCE = """
+import os, runpy, signal, sys
+marker, worker = sys.argv[1], sys.argv[2]
+if not os.path.exists(marker):
+    open(marker, "w").close()
+    sys.stdin.readline()
+    os.kill(os.getpid(), signal.SIGSEGV)
+sys.argv = [worker]
+runpy.run_path(worker, run_name="__main__")
+"""
+
+
+def test_openvino_helper_crash_fails_the_graph_and_the_next_compile_recovers(tmp_path) -> None:
     """A helper that dies by a signal while compiling (as OpenVINO's CPU plugin does on some graphs)
     gives a ``BackendCompileError`` naming the signal, not a dead caller; the next compile starts a
-    new, real helper."""
-    import subprocess
+    new helper, here the real worker (the command crashes its first process only)."""
     import sys
 
     openvino = _openvino_or_skip()
-    helper = openvino._CompileHelper()
-    crashing = [
-        sys.executable,
-        "-c",
-        "import os, signal, sys; sys.stdin.readline(); os.kill(os.getpid(), signal.SIGSEGV)",
-    ]
-    real_process = helper._process
-
-    def crash_once() -> subprocess.Popen[str]:
-        monkeypatch.setattr(helper, "_process", real_process)
-        helper._proc = subprocess.Popen(crashing, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        return helper._proc
-
-    monkeypatch.setattr(helper, "_process", crash_once)
-    monkeypatch.setattr(openvino, "_HELPER", helper)
+    command = [sys.executable, "-c", _CRASH_ONCE, str(tmp_path / "crashed"), openvino._WORKER]
+    helper = openvino.CompileHelper(command)
+    backend = openvino.OpenVinoBackend(helper=helper)
     model, x = MLP().eval(), torch.randn(4, 32)
-    with pytest.raises(BackendCompileError, match=r"crashed in the helper process.*SIGSEGV"):
-        _compile("openvino", model, (x,))
-    torch.testing.assert_close(_compile("openvino", model, (x,))(x), model(x), **TOL)
-    helper.close()
+    try:
+        with (
+            torch.no_grad(),
+            pytest.raises(BackendCompileError, match=r"crashed in the helper process.*SIGSEGV"),
+        ):
+            backend.compile(model, (x,))
+        with torch.no_grad():
+            torch.testing.assert_close(backend.compile(model, (x,))(x), model(x), **TOL)
+    finally:
+        helper.close()
 
 
 def test_openvino_imported_runner_saves_its_blob_once(tmp_path) -> None:

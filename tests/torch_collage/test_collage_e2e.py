@@ -77,30 +77,31 @@ def test_warm_compile_stops_where_the_cold_budget_did(tmp_path):
     assert torch_collage.measurement_count() == before and warm.candidates_measured == 0
 
 
-def test_warm_compile_replays_the_refinement(tmp_path, monkeypatch):
+def test_warm_compile_replays_the_refinement(tmp_path):
     """A refinement cut off by its time budget must not go on searching when compiled warm."""
-    from torch_collage import place
+    from torch_collage.place import Placer, Stages
+    from torch_collage.refine import refine
 
     calls = []
-    real = place.refine
-    monkeypatch.setattr(place, "refine", lambda *a, **k: calls.append(1) or real(*a, **k))
+    placer = Placer(Stages(refine=lambda *a, **k: calls.append(1) or refine(*a, **k)))
     opts = {"backends": ["eager", "inductor"], "cache_dir": str(tmp_path), "search": "dp+refine", **_FAST}
     x = torch.randn(4, 16)
-    cold = torch_collage.explain(_mlp().eval(), x, **opts)
+    cold = torch_collage.explain(_mlp().eval(), x, placer=placer, **opts)
     assert len(calls) == 1
-    warm = torch_collage.explain(_mlp().eval(), x, **opts)
+    warm = torch_collage.explain(_mlp().eval(), x, placer=placer, **opts)
     assert len(calls) == 1  # replayed from the cache, not refined again
     assert [(p.backend, p.nodes) for p in warm.partitions] == [(p.backend, p.nodes) for p in cold.partitions]
 
 
-def test_warm_compile_measures_nothing_after_refinement_merged_partitions(tmp_path, monkeypatch):
+def test_warm_compile_measures_nothing_after_refinement_merged_partitions(tmp_path):
     """A move that refinement keeps can merge neighbouring partitions into a region no candidate
     covered (its cost predicted as a sum). The cold compile measures such regions, so that
     replaying the refined placement warm finds every cost cached. The search is steered with
-    fixed stand-ins (the DP starts from backends alternating per unit; a comparison prefers fewer
-    partitions short of the whole graph); compiling, measuring and the end-to-end check are real."""
-    from torch_collage import place
+    stand-ins passed to the placer (the DP starts from backends alternating per unit; a comparison
+    prefers fewer partitions short of the whole graph); compiling and measuring are real."""
     from torch_collage.candidates import Candidate
+    from torch_collage.place import Placer, Stages
+    from torch_collage.refine import refine
     from torch_collage.search import Partition, Placement
 
     def alternating(graph, cands, cost, switch):
@@ -110,29 +111,33 @@ def test_warm_compile_measures_nothing_after_refinement_merged_partitions(tmp_pa
             parts.append(Partition(1 << i, backend, cost(Candidate(1 << i, backend))))
         return Placement.priced(parts, switch)
 
-    def fewer_partitions(model, graph, a, b):
+    def fewer_partitions(model, graph, items, rounds=2):
         def score(p):
             return math.inf if any(q.mask == graph.full for q in p.partitions) else len(p.partitions)
 
-        return score(a[0]), score(b[0])
+        return [score(p) for p, _ in items]
 
     refined = []
-    real_refine = place.refine
-    monkeypatch.setattr(place, "search_cover", alternating)
-    monkeypatch.setattr(place, "e2e_pair_ms", fewer_partitions)
-    monkeypatch.setattr(place, "refine", lambda *a, **k: refined.append(real_refine(*a, **k)) or refined[-1])
+    placer = Placer(
+        Stages(
+            search=alternating,
+            compare=fewer_partitions,
+            refine=lambda *a, **k: refined.append(refine(*a, **k)) or refined[-1],
+        )
+    )
     opts = {
         "backends": ["eager", "inductor"], "cache_dir": str(tmp_path), "search": "dp+refine", **_FAST,
         "max_depth": 1,
     }  # fmt: skip
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
     x = torch.randn(4, 16)
-    torch_collage.explain(model.eval(), x, **opts)
+    torch_collage.explain(model.eval(), x, placer=placer, **opts)
     assert len(refined) == 1
     assert any(bin(p.mask).count("1") > 1 for p in refined[0].partitions)  # a merged region was kept
-    before = torch_collage.measurement_count()
-    warm = torch_collage.explain(model.eval(), x, **opts)
-    assert torch_collage.measurement_count() == before and warm.candidates_measured == 0
+    before = placer.measurements
+    assert before > 0
+    warm = torch_collage.explain(model.eval(), x, placer=placer, **opts)
+    assert placer.measurements == before and warm.candidates_measured == 0
     assert len(refined) == 1  # replayed, not refined again
 
 
@@ -241,14 +246,15 @@ def test_repeated_blocks_are_measured_once(tmp_path):
 
 
 @pytest.mark.parametrize(("mixed_ms", "want"), [(5.0, "eager"), (1.0, "mixed"), (1.95, "eager")])
-def test_mixed_placement_only_chosen_when_faster_end_to_end(tmp_path, monkeypatch, mixed_ms, want):
+def test_mixed_placement_only_chosen_when_faster_end_to_end(tmp_path, mixed_ms, want):
     """Faster by at least MIXED_MARGIN ([Note: a mixed placement must win clearly]): 1.95 against
     2.0 ms is not."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from torch_collage import place
     from torch_collage.backends.registry import get_spec
+    from torch_collage.choose import choose
     from torch_collage.cost import CostModel, record_values
+    from torch_collage.endtoend import EndToEnd
     from torch_collage.graph import DataflowGraph
     from torch_collage.options import CollageOptions
     from torch_collage.search import Partition, Placement
@@ -264,17 +270,14 @@ def test_mixed_placement_only_chosen_when_faster_end_to_end(tmp_path, monkeypatc
             Partition(1 << i, "mm_only" if graph.units[i][0].name.startswith("addmm") else "eager", 1.0)
             for i in range(graph.size)
         ]
-        monkeypatch.setattr(
-            place,
-            "e2e_many_ms",
-            lambda m, g, items, **k: [mixed_ms if len(p.partitions) > 1 else 2.0 for p, _ in items],
-        )
-        assembled, ms, chosen, compared = place._choose(
-            gm, graph, Placement(tuple(parts), 1.0), {"eager": 2.0}, cost
-        )
-    assert chosen == want and ms == (mixed_ms if want == "mixed" else 2.0)
-    assert compared == {"eager": 2.0, "mixed": mixed_ms}
-    torch.testing.assert_close(assembled(x), model(x))
+
+        def compare(m, g, items, rounds=2):
+            return [mixed_ms if len(p.partitions) > 1 else 2.0 for p, _ in items]
+
+        choice = choose(EndToEnd(gm, cost, compare), Placement(tuple(parts), 1.0), {"eager": 2.0})
+    assert choice.chosen == want and choice.measured_ms == (mixed_ms if want == "mixed" else 2.0)
+    assert choice.compared == {"eager": 2.0, "mixed": mixed_ms}
+    torch.testing.assert_close(choice.assembled(x), model(x))
 
 
 def test_new_input_shapes_are_placed_again(tmp_path):
@@ -288,14 +291,15 @@ def test_new_input_shapes_are_placed_again(tmp_path):
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
 
 
-def test_close_single_backends_are_timed_again_side_by_side(tmp_path, monkeypatch):
+def test_close_single_backends_are_timed_again_side_by_side(tmp_path):
     """One cost measurement per whole graph is noisy: backends within CLOSE_FACTOR of the best are
     timed again end to end, and the fastest there wins; a far slower one is not timed at all."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from torch_collage import place
     from torch_collage.backends.registry import get_spec
+    from torch_collage.choose import CLOSE_FACTOR, choose, single
     from torch_collage.cost import CostModel, record_values
+    from torch_collage.endtoend import EndToEnd
     from torch_collage.graph import DataflowGraph
     from torch_collage.options import CollageOptions
 
@@ -305,7 +309,7 @@ def test_close_single_backends_are_timed_again_side_by_side(tmp_path, monkeypatc
     timed: list[list[str]] = []
     e2e = {"eager": 1.0, "copy": 0.8}  # end to end, "copy" is faster though measured slower alone
 
-    def fake_e2e(m, g, items, **k):
+    def fake_e2e(m, g, items, rounds=2):
         timed.append([p.partitions[0].backend for p, _ in items])
         return [e2e[p.partitions[0].backend] for p, _ in items]
 
@@ -313,13 +317,11 @@ def test_close_single_backends_are_timed_again_side_by_side(tmp_path, monkeypatc
         specs = {name: get_spec(name) for name in ("eager", "copy", "slow")}
         cost = CostModel(gm, graph, record_values(gm, [x]), specs, CollageOptions(cache_dir=str(tmp_path)),
                          CostCache(str(tmp_path)))  # fmt: skip
-        monkeypatch.setattr(place, "e2e_many_ms", fake_e2e)
-        searched = place._single(graph, "eager", 1.0)
-        singles = {"eager": 1.0, "copy": 1.2, "slow": 1.0 * place.CLOSE_FACTOR + 0.1}
-        assembled, ms, chosen, compared = place._choose(gm, graph, searched, singles, cost)
-    assert timed == [["copy", "eager"]] and chosen == "copy" and ms == 0.8
-    assert compared == {"copy": 0.8, "eager": 1.0}  # what the report's end-to-end line shows
-    torch.testing.assert_close(assembled(x), model(x))
+        singles = {"eager": 1.0, "copy": 1.2, "slow": 1.0 * CLOSE_FACTOR + 0.1}
+        choice = choose(EndToEnd(gm, cost, fake_e2e), single(graph, "eager", 1.0), singles)
+    assert timed == [["copy", "eager"]] and choice.chosen == "copy" and choice.measured_ms == 0.8
+    assert choice.compared == {"copy": 0.8, "eager": 1.0}  # what the report's end-to-end line shows
+    torch.testing.assert_close(choice.assembled(x), model(x))
 
 
 @contextlib.contextmanager
@@ -329,10 +331,10 @@ def _timed_mlp(tmp_path, time_call):
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from torch_collage.backends.registry import get_spec
+    from torch_collage.choose import single
     from torch_collage.cost import CostModel, record_values
     from torch_collage.graph import DataflowGraph
     from torch_collage.options import CollageOptions
-    from torch_collage.place import _single
 
     model, x = _mlp().eval(), torch.randn(4, 16)
     gm = make_fx(model)(x)
@@ -343,7 +345,7 @@ def _timed_mlp(tmp_path, time_call):
                          CostCache(str(tmp_path)))  # fmt: skip
         # the "assembled graph" an item's assemble returns is its backend's name
         cost.time_call = lambda call: time_call(call.args[0])
-        yield cost, graph, {b: (_single(graph, b, 1.0), lambda b=b: b) for b in specs}
+        yield cost, graph, {b: (single(graph, b, 1.0), lambda b=b: b) for b in specs}
 
 
 def _fake_timed_e2e(tmp_path, times: dict[str, list[float]]) -> tuple[list[float], list[str]]:
@@ -427,9 +429,10 @@ def _drifting_compile(gm: fx.GraphModule, example_inputs):
 def test_assembled_placement_is_checked_against_eager(tmp_path, caplog, backend, want):
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from torch_collage import place
     from torch_collage.backends.registry import get_spec
+    from torch_collage.choose import Choice, verify
     from torch_collage.cost import CostModel, record_values
+    from torch_collage.endtoend import EndToEnd, assemble
     from torch_collage.graph import DataflowGraph
     from torch_collage.options import CollageOptions
     from torch_collage.search import Partition, Placement
@@ -448,9 +451,10 @@ def test_assembled_placement_is_checked_against_eager(tmp_path, caplog, backend,
             Partition(1 << i, "mm_part" if graph.units[i][0].name.startswith("addmm") else "eager", 1.0)
             for i in range(graph.size)
         ]
-        mixed = place._assemble(gm, Placement(tuple(parts), 1.0), cost)
+        mixed = assemble(gm, Placement(tuple(parts), 1.0), cost)
         assert len(mixed.steps) > 1  # the candidate check passed: the drift shows only afterwards
-        assembled, chosen = place._verify(gm, graph, mixed, "mixed", cost, [x])
+        checked = verify(EndToEnd(gm, cost), Choice(mixed, 1.0, "mixed"), [x])
+        assembled, chosen = checked.assembled, checked.chosen
     assert chosen == want
     assert [s.backend for s in assembled.steps] == (
         ["eager"] if want == "eager" else [s.backend for s in mixed.steps]

@@ -188,7 +188,7 @@ def test_merge_consecutive_same_backend():
 
 
 class _FixedModel:
-    """What ``place._merge_measured`` asks of a cost model, with fixed costs; records what it measured."""
+    """What ``measure.merge_measured`` asks of a cost model, with fixed costs; records what it measured."""
 
     def __init__(self, table: dict[Candidate, float]):
         self.table, self.measured = table, []
@@ -205,14 +205,14 @@ class _FixedModel:
 def test_merged_region_kept_only_where_no_slower_than_its_parts(merged_ms, kept_apart):
     """[Note: merged regions are measured]: a run of same-backend partitions becomes one region only
     where that region measures no slower than its parts summed (or compiles at all)."""
-    from torch_collage.place import _merge_measured
+    from torch_collage.measure import merge_measured
 
     g = _graph(_chain)  # 6 units in a chain
     tail = g.full & ~0b111
     parts = tuple(Partition(1 << i, "a" if i < 3 else "b", 1.0) for i in range(g.size))
     model = _FixedModel({Candidate(0b111, "a"): merged_ms})
     costs: dict[Candidate, float] = {Candidate(tail, "b"): 1.5}  # measured before: not again
-    out = _merge_measured(Placement(parts, 5.0), g, model, costs)
+    out = merge_measured(Placement(parts, 5.0), g, model, costs)
     assert model.measured == [Candidate(0b111, "a")]
     assert out.partitions[-1] == Partition(tail, "b", 1.5)
     if kept_apart:

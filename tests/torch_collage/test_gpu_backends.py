@@ -23,7 +23,6 @@ from torch._subclasses import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import torch_collage
-from torch_collage import place
 from torch_collage.backends import GPU_BACKENDS, BackendCompileError, get_backend
 from torch_collage.backends.base import op_name
 from torch_collage.backends.cutlass import match_fused
@@ -32,6 +31,7 @@ from torch_collage.backends.triton import triton_claims
 from torch_collage.candidates import enumerate_candidates
 from torch_collage.cost import record_values
 from torch_collage.graph import DataflowGraph
+from torch_collage.place import Placer
 from torch_collage.subgraph import extract, fold_constants
 
 GPU = tuple(GPU_BACKENDS)
@@ -295,8 +295,7 @@ def test_backend_options_are_checked() -> None:
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks placement without CUDA")
-def test_placing_with_an_unavailable_gpu_backend_warns_and_works(tmp_path, caplog, monkeypatch) -> None:
-    monkeypatch.setattr(place, "_warned_unavailable", set())
+def test_placing_with_an_unavailable_gpu_backend_warns_and_works(tmp_path, caplog) -> None:
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
     x = torch.randn(4, 16)
     with caplog.at_level(logging.WARNING):
@@ -304,6 +303,7 @@ def test_placing_with_an_unavailable_gpu_backend_warns_and_works(tmp_path, caplo
             model,
             x,
             backends=["inductor", "tensorrt"],
+            placer=Placer(),  # its own record of the warnings given
             cache_dir=str(tmp_path),
             max_depth=2,
             repeats=5,

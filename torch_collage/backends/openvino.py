@@ -40,7 +40,7 @@ from torch_collage.backends.base import BackendCompileError, runner_spec
 if TYPE_CHECKING:
     import openvino as ov
 
-__all__ = ["SPEC", "OpenVinoBackend", "pause_openvino_telemetry"]
+__all__ = ["SPEC", "CompileHelper", "OpenVinoBackend", "pause_openvino_telemetry"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,9 @@ class OpenVinoBackend:
     # compile in a helper process and import the result, so that a crash of OpenVINO's compiler
     # fails this graph instead of killing the caller; [Note: OpenVINO compiles in a helper process]
     compile_in_helper: bool = True
+    # the helper process to compile in; None: the one this process shares ([Note: OpenVINO compiles in
+    # a helper process])
+    helper: CompileHelper | None = None
 
     def __post_init__(self) -> None:
         if self.num_threads is not None and self.num_threads < 1:
@@ -95,7 +98,7 @@ class OpenVinoBackend:
             model = _convert(graph, example_inputs)
             blob: bytes | None = None
             if self.compile_in_helper:
-                compiled, blob = _HELPER.compile(model, self._config())
+                compiled, blob = (self.helper or _HELPER).compile(model, self._config())
             else:
                 compiled = _core().compile_model(model, "CPU", self._config())
             runner = _OvRunner(compiled, graph, blob)
@@ -148,10 +151,15 @@ class OpenVinoBackend:
 # process.
 
 
-class _CompileHelper:
-    """The helper process of [Note: OpenVINO compiles in a helper process], started on first use."""
+_WORKER = os.path.join(os.path.dirname(__file__), "_ov_compile_worker.py")
 
-    def __init__(self) -> None:
+
+class CompileHelper:
+    """The helper process of [Note: OpenVINO compiles in a helper process], started on first use and
+    again after it died. ``command`` starts it (default: ``_ov_compile_worker.py`` by path)."""
+
+    def __init__(self, command: Sequence[str] | None = None) -> None:
+        self.command = list(command) if command is not None else [sys.executable, _WORKER]
         self._proc: subprocess.Popen[str] | None = None
         self._pid = 0  # the process that started it (a forked child starts its own)
         self._lock = threading.Lock()
@@ -187,9 +195,8 @@ class _CompileHelper:
 
     def _process(self) -> subprocess.Popen[str]:
         if self._proc is None or self._pid != os.getpid() or self._proc.poll() is not None:
-            worker = os.path.join(os.path.dirname(__file__), "_ov_compile_worker.py")
             self._proc = subprocess.Popen(
-                [sys.executable, worker], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+                self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
             )
             self._pid = os.getpid()
         return self._proc
@@ -205,7 +212,7 @@ class _CompileHelper:
                 proc.kill()
 
 
-_HELPER = _CompileHelper()
+_HELPER = CompileHelper()
 atexit.register(_HELPER.close)
 
 
