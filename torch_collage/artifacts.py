@@ -14,13 +14,18 @@ and the cost key only knows their shapes. A loaded partition is checked against 
 compiled one; one that fails to load or to match is deleted with a warning and compiled again. An
 entry is written to a temporary directory and renamed into place, so a reader never sees half of
 one. The directory is kept under ``compiled_cache_mb`` by deleting the least recently used entries.
+Processes share the store: [Note: sharing the compiled store].
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import shutil
+import stat
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -37,14 +42,29 @@ _TMP = ".tmp-"
 _STALE_S = 3600.0  # a temporary directory this old belongs to a process that died
 
 
+# [Note: sharing the compiled store]
+# Processes compiling the same model at once share <cache_dir>/compiled. Every change to it is one
+# rename: an entry is written to a temporary directory (.tmp-<key>-<random>) and renamed to <key>;
+# when two processes save the same key, the first rename wins and the loser, whose rename fails
+# because <key> is there, discards its copy. An entry is deleted (discarded, or pruned) by renaming it
+# to a temporary name first, so a reader finds all of an entry or none of it. A load that fails
+# because the entry was removed or replaced while it read (another inode at <key>, or none) is not
+# damage: it compiles, and leaves the entry alone. A store that cannot be written (read-only
+# directory or file system, a cache_dir below a regular file) is still read; saving is off for the
+# process, said once per directory at WARNING. A partition larger than the whole store is not saved
+# (saving it would evict every other entry, then itself); said once per directory.
+
+
 class ArtifactStore:
-    """``load(key, loader)`` / ``save(key, saver)`` over ``<cache_dir>/compiled``, at most ``max_mb``."""
+    """``load(key, loader)`` / ``save(key, saver)`` over ``<cache_dir>/compiled``, at most ``max_mb``;
+    safe to share across processes ([Note: sharing the compiled store])."""
 
     def __init__(self, cache_dir: str, max_mb: int) -> None:
         if max_mb < 0:
             raise ValueError(f"max_mb must be >= 0, got {max_mb}")
         self.root = Path(cache_dir).expanduser() / _DIR
         self.max_bytes = max_mb * 1024 * 1024
+        self.unwritable = ""  # why nothing can be saved under root; empty while saving works
 
     @property
     def enabled(self) -> bool:
@@ -54,11 +74,15 @@ class ArtifactStore:
         """``loader(directory)`` of the entry ``key``; None when there is none or it cannot be loaded
         (then it is deleted, with a warning)."""
         path = self.root / key
-        if not self.enabled or not path.is_dir():
+        before = _stat_dir(path) if self.enabled else None
+        if before is None:
             return None
         try:
             value = loader(path)
         except Exception as exc:  # a stale or damaged entry: compile again
+            if not _same_entry(path, before):
+                logger.debug("torch_collage: saved partition %s was replaced while loading (%s)", path, exc)
+                return None
             logger.warning("torch_collage: saved partition %s unusable (%s); compiling again", path, exc)
             self.discard(key)
             return None
@@ -67,32 +91,24 @@ class ArtifactStore:
 
     def save(self, key: str, saver: Callable[[Path], bool]) -> bool:
         """Write the entry ``key`` with ``saver(directory)`` (False: nothing to save); True if saved.
-        Failures are logged, never raised: the compiled partition works without its copy on disk."""
-        if not self.enabled or (self.root / key).is_dir():
+        Not saved either when the entry is there already, when it is larger than the whole store, or
+        when the store cannot be written. Failures are logged, never raised: the compiled partition
+        works without its copy on disk."""
+        if not self.enabled or self.unwritable or self._has(key):
             return False
-        tmp = self.root / f"{_TMP}{key}-{uuid.uuid4().hex[:8]}"
+        tmp = self._temporary(key)
+        if tmp is None:
+            return False
         try:
-            tmp.mkdir(parents=True)
-            if not saver(tmp):
-                return False
-            os.replace(tmp, self.root / key)
-        except OSError as exc:
-            if (self.root / key).is_dir():  # another process saved it first
-                return False
-            logger.warning("torch_collage: could not save a compiled partition under %s: %s", self.root, exc)
-            return False
-        except Exception as exc:
-            logger.warning(
-                "torch_collage: saving a compiled partition failed: %s: %s", type(exc).__name__, exc
-            )
-            return False
+            saved = self._fill(tmp, saver) and self._publish(tmp, key)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        self.prune()
-        return True
+        if saved:
+            self.prune()
+        return saved
 
     def discard(self, key: str) -> None:
-        shutil.rmtree(self.root / key, ignore_errors=True)
+        _remove(self.root / key)
 
     def size_bytes(self) -> int:
         return sum(size for _, _, size in self._entries())
@@ -109,33 +125,136 @@ class ArtifactStore:
         for path, _, size in entries:
             if total <= self.max_bytes:
                 break
-            shutil.rmtree(path, ignore_errors=True)
+            _remove(path)
             total -= size
+
+    def _has(self, key: str) -> bool:
+        path = self.root / key
+        if _stat_dir(path) is not None:
+            return True
+        if path.exists():  # a file where an entry belongs: damaged
+            _remove(path)
+        return False
+
+    def _temporary(self, key: str) -> Path | None:
+        tmp = self.root / f"{_TMP}{key}-{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as exc:
+            self.unwritable = str(exc)
+            _warn_once(
+                self.root,
+                "unwritable",
+                "torch_collage: compiled partitions cannot be saved under %s (%s); they are compiled, "
+                "not saved",
+                self.root,
+                exc,
+            )
+            return None
+        return tmp
+
+    def _fill(self, tmp: Path, saver: Callable[[Path], bool]) -> bool:
+        """``saver(tmp)``, and whether what it wrote fits in the store."""
+        try:
+            if not saver(tmp):
+                return False
+        except Exception as exc:
+            logger.warning(
+                "torch_collage: could not save a compiled partition under %s: %s: %s",
+                self.root,
+                type(exc).__name__,
+                exc,
+            )
+            return False
+        size = _size_of(tmp)
+        if size > self.max_bytes:
+            _warn_once(
+                self.root,
+                "oversize",
+                "torch_collage: a compiled partition of %.1f MiB is larger than the whole store under %s "
+                "(compiled_cache_mb=%d); not saved",
+                size / 2**20,
+                self.root,
+                self.max_bytes // 2**20,
+            )
+            return False
+        return True
+
+    def _publish(self, tmp: Path, key: str) -> bool:
+        """Rename ``tmp`` to the entry ``key``; False if another process published it first."""
+        try:
+            os.rename(tmp, self.root / key)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):  # else: lost the race, no matter
+                logger.warning(
+                    "torch_collage: could not save a compiled partition under %s: %s", self.root, exc
+                )
+            return False
+        return True
 
     def _remove_stale_temporaries(self) -> None:
         """Temporary directories left by a process that died while saving."""
-        if not self.root.is_dir():
-            return
         for path in self.root.glob(f"{_TMP}*"):
             try:
                 if time.time() - path.stat().st_mtime > _STALE_S:
                     shutil.rmtree(path, ignore_errors=True)
-            except OSError:
+            except OSError:  # removed meanwhile
                 continue
 
     def _entries(self) -> list[tuple[Path, float, int]]:
-        if not self.root.is_dir():
+        try:
+            paths = [p for p in self.root.iterdir() if not p.name.startswith(_TMP)]
+        except OSError:  # no store, or an unreadable one
             return []
         out = []
-        for path in self.root.iterdir():
-            if not path.is_dir() or path.name.startswith(_TMP):
-                continue
-            try:
-                files = [f for f in path.rglob("*") if f.is_file()]
-                out.append((path, path.stat().st_mtime, sum(f.stat().st_size for f in files)))
-            except OSError:  # deleted meanwhile by another process
-                continue
+        for path in paths:
+            st = _stat_dir(path)
+            if st is not None:
+                out.append((path, st.st_mtime, _size_of(path)))
         return out
+
+
+def _size_of(directory: Path) -> int:
+    """Bytes of the files under ``directory``; what is deleted meanwhile counts as nothing."""
+    total = 0
+    for parent, _, names in os.walk(directory):  # os.walk skips directories it cannot list
+        for name in names:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(parent, name)).st_size
+    return total
+
+
+def _stat_dir(path: Path) -> os.stat_result | None:
+    """``path``'s stat if it is a directory, else None (missing, a file, or not readable)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st if stat.S_ISDIR(st.st_mode) else None
+
+
+def _same_entry(path: Path, before: os.stat_result) -> bool:
+    now = _stat_dir(path)
+    return now is not None and _identity(now) == _identity(before)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int]:
+    """A directory's identity: its inode, and its change time to tell a new entry from an old one
+    whose inode number the file system gave again (renaming a directory sets its change time)."""
+    return (st.st_dev, st.st_ino, st.st_ctime_ns)
+
+
+def _remove(path: Path) -> None:
+    """Delete an entry, renamed out of sight first so that a reader finds all of it or none."""
+    trash = path.with_name(f"{_TMP}removed-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(path, trash)
+    except OSError:
+        return  # removed by another process already, or the store is read-only
+    if trash.is_dir():
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        trash.unlink(missing_ok=True)
 
 
 def _touch(path: Path) -> None:
@@ -144,3 +263,16 @@ def _touch(path: Path) -> None:
         os.utime(path, (now, now))
     except OSError:
         pass
+
+
+_warned: set[tuple[str, str]] = set()  # (directory, reason) already logged at WARNING by this process
+_warned_lock = threading.Lock()
+
+
+def _warn_once(path: Path, reason: str, message: str, *args: object) -> None:
+    """``message`` at WARNING the first time ``reason`` happens to ``path`` in this process, then DEBUG
+    (a model with graph breaks opens the store once per graph)."""
+    with _warned_lock:
+        first = (str(path), reason) not in _warned
+        _warned.add((str(path), reason))
+    logger.log(logging.WARNING if first else logging.DEBUG, message, *args)

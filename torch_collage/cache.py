@@ -1,26 +1,68 @@
 """Persistent cost cache (SQLite): measured milliseconds, or a rejection with its reason, per key.
 
 Keys are built by the cost model from backend, backend version, canonical subgraph, input shapes,
-dtypes, strides, thread count and device. A file that is not our database (corrupt, foreign, or an
-older schema) is moved aside with a warning and a fresh one is created.
+dtypes, strides, thread count and device. Many processes may share one cache directory, and the
+directory may be read-only or hold a file this code cannot use: see [Note: sharing the cost cache].
+Nothing here raises into a compile; the worst case is a process that runs on an in-memory cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 __all__ = ["CacheStats", "CachedCost", "CostCache", "cost_cache_path"]
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 _SCHEMA_VERSION = 1
 _FILE = "costs.sqlite"
+_SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database
+_BUSY_TIMEOUT_S = 10.0  # how long one statement waits for another process's lock
+_ATTEMPTS = 3  # tries of a statement that failed for a transient reason (locked, busy, I/O)
+_TRANSIENT = {5, 6, 10}  # SQLITE_BUSY, SQLITE_LOCKED, SQLITE_IOERR (primary result codes)
+_NOTADB = 26
+_TABLES = {
+    "meta": "CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT)",
+    "costs": "CREATE TABLE IF NOT EXISTS costs (key TEXT PRIMARY KEY, ms REAL, reason TEXT, created REAL)",
+    "outcomes": "CREATE TABLE IF NOT EXISTS outcomes (key TEXT PRIMARY KEY, value TEXT, created REAL)",
+}
+
+# [Note: sharing the cost cache]
+# Every compile opens <cache_dir>/costs.sqlite, often many processes at once (one worker per GPU, a
+# test runner's workers). The protocol:
+# * Opening reads the schema version and writes nothing. Only a file that lacks the version row or a
+#   table is set up, in one BEGIN IMMEDIATE transaction (one writer at a time) that reads the version
+#   again, then CREATE TABLE IF NOT EXISTS and INSERT OR IGNORE: processes setting up a fresh file
+#   at once all succeed, in any order.
+# * Statements autocommit, each waits up to _BUSY_TIMEOUT_S for another process's lock, and one that
+#   still fails for a transient reason (locked, busy, I/O error) is tried _ATTEMPTS times. A write
+#   that fails anyway is kept in memory for the rest of the process (one warning); a read that fails
+#   is a miss.
+# * The journal stays SQLite's default rollback journal: WAL needs shared memory, which network file
+#   systems lack, and a writable directory even to read.
+# * A file is moved aside (costs.sqlite.broken-<time>-<pid>) only when it is positively not a
+#   database: SQLite says so and its first bytes are not SQLite's header. A locking error, an I/O
+#   error or damage inside a database never moves it: other processes may be using it.
+# * A database this code cannot use is left byte for byte as it is and the process runs on an
+#   in-memory cache: one written by another schema version (a newer torch_collage), a foreign one
+#   (tables, none of them ours), a damaged one, or a directory that cannot be created. A database
+#   that can be read but not written (read-only directory or file system) is still read.
+#   Each of these is one WARNING per path and reason per process, naming both; repeats are DEBUG.
+# * Rows are checked as they are read: one that does not parse (text where milliseconds belong, a
+#   NULL reason, a missing column) is a miss, counted in ``CostCache.skipped`` and in
+#   ``CacheStats.unreadable``; the next measurement of its key overwrites it.
 
 
 def cost_cache_path(cache_dir: str) -> Path:
@@ -48,10 +90,17 @@ class CacheStats:
     oldest: float | None  # creation time (seconds since the epoch) of the oldest entry; None if empty
     newest: float | None
     reasons: list[tuple[str, int]]  # rejection reasons, most frequent first
+    unreadable: int = 0  # rows that do not parse (damaged); read as misses
+    degraded: str = ""  # why the file is not used, or not written; empty when it is used normally
+
+
+class _Unusable(Exception):
+    """The file cannot be this cache; the message says why."""
 
 
 class CostCache:
-    """``get(key)`` / ``put(key, cost)`` over ``<cache_dir>/costs.sqlite``; safe to share across threads.
+    """``get(key)`` / ``put(key, cost)`` over ``<cache_dir>/costs.sqlite``; safe to share across threads
+    and processes ([Note: sharing the cost cache]).
 
     ``get_text`` / ``put_text`` keep outcomes of measured searches (the refined placement), so that a
     warm compile replays a time-budgeted refinement instead of searching on past its cold budget.
@@ -59,92 +108,357 @@ class CostCache:
 
     def __init__(self, cache_dir: str) -> None:
         self.path = cost_cache_path(cache_dir)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.skipped = 0  # rows or reads that failed to parse in this process, taken as misses
+        self.degraded = ""  # why the file is not used, or not written; empty when it is
         self._lock = threading.Lock()
-        self._db = self._open()
+        self._memory = _connect_memory()  # what the file cannot take
+        self._file: sqlite3.Connection | None = self._open()
 
     def get(self, key: str) -> CachedCost | None:
-        with self._lock:
-            row = self._db.execute("SELECT ms, reason FROM costs WHERE key = ?", (key,)).fetchone()
-        if row is None:
-            return None
-        return CachedCost(math.inf if row[0] is None else float(row[0]), row[1] or "")
+        row = self._read("SELECT ms, reason FROM costs WHERE key = ?", key)
+        return None if row is None else self._parsed(key, _cost_of(row))
 
     def put(self, key: str, cost: CachedCost) -> None:
         ms = cost.ms if math.isfinite(cost.ms) else None
-        with self._lock, self._db:
-            self._db.execute(
-                "INSERT OR REPLACE INTO costs(key, ms, reason, created) VALUES (?, ?, ?, ?)",
-                (key, ms, cost.reason, time.time()),
-            )
+        self._write(
+            "INSERT OR REPLACE INTO costs(key, ms, reason, created) VALUES (?, ?, ?, ?)",
+            (key, ms, cost.reason, time.time()),
+        )
 
     def get_text(self, key: str) -> str | None:
         """A stored search outcome (e.g. a refined placement), or None."""
-        with self._lock:
-            row = self._db.execute("SELECT value FROM outcomes WHERE key = ?", (key,)).fetchone()
-        return None if row is None else str(row[0])
+        row = self._read("SELECT value FROM outcomes WHERE key = ?", key)
+        return None if row is None else self._parsed(key, _text_of(row))
 
     def put_text(self, key: str, value: str) -> None:
-        with self._lock, self._db:
-            self._db.execute(
-                "INSERT OR REPLACE INTO outcomes(key, value, created) VALUES (?, ?, ?)",
-                (key, value, time.time()),
-            )
+        self._write(
+            "INSERT OR REPLACE INTO outcomes(key, value, created) VALUES (?, ?, ?)", (key, value, time.time())
+        )
 
     def stats(self, top_reasons: int = 10) -> CacheStats:
         """Counts of what this cache holds and its ``top_reasons`` most frequent rejection reasons."""
         if top_reasons < 0:
             raise ValueError(f"top_reasons must be >= 0, got {top_reasons!r}")
         with self._lock:
-            measured, rejected, lo, hi = self._db.execute(
-                "SELECT COUNT(ms), COUNT(*) - COUNT(ms), MIN(created), MAX(created) FROM costs"
-            ).fetchone()
-            outcomes, olo, ohi = self._db.execute(
-                "SELECT COUNT(*), MIN(created), MAX(created) FROM outcomes"
-            ).fetchone()
-            reasons = self._db.execute(
-                "SELECT reason, COUNT(*) AS n FROM costs WHERE ms IS NULL GROUP BY reason "
-                "ORDER BY n DESC, reason LIMIT ?",
-                (top_reasons,),
-            ).fetchall()
-        times = [t for t in (lo, hi, olo, ohi) if t is not None]
+            tiers = [_tier_stats(db) for db in self._tiers()]
+        reasons: Counter[str] = sum((t.reasons for t in tiers), Counter())
+        times = [x for t in tiers for x in t.times]
         return CacheStats(
-            int(measured),
-            int(rejected),
-            int(outcomes),
+            sum(t.measured for t in tiers),
+            sum(t.rejected for t in tiers),
+            sum(t.outcomes for t in tiers),
             min(times) if times else None,
             max(times) if times else None,
-            [(str(r or "(no reason)"), int(n)) for r, n in reasons],
+            sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:top_reasons],
+            sum(t.unreadable for t in tiers),
+            self.degraded,
         )
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            for db in self._tiers():
+                db.close()
 
-    def _open(self) -> sqlite3.Connection:
-        try:
-            return self._connect()
-        except sqlite3.DatabaseError as exc:
-            aside = self.path.with_suffix(f".broken-{int(time.time())}")
-            logger.warning("torch_collage: cost cache %s unreadable (%s); moved to %s", self.path, exc, aside)
-            self.path.rename(aside)
-            return self._connect()
+    # -- reading and writing --------------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
-        try:
-            db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT)")
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS costs (key TEXT PRIMARY KEY, ms REAL, reason TEXT, created REAL)"
+    def _tiers(self) -> list[sqlite3.Connection]:
+        return [self._memory] if self._file is None else [self._memory, self._file]
+
+    def _read(self, sql: str, key: str) -> tuple[Any, ...] | None:
+        with self._lock:
+            for db in self._tiers():
+                try:
+                    row = _fetch_one(db, sql, key)
+                except sqlite3.Error as exc:  # e.g. a missing column: a miss, counted
+                    self.skipped += 1
+                    _warn_once(
+                        self.path,
+                        "read",
+                        "torch_collage: cost cache %s: a lookup failed (%s); taken as a miss",
+                        self.path,
+                        exc,
+                    )
+                    continue
+                if row is not None:
+                    return row
+        return None
+
+    def _parsed(self, key: str, value: T | None) -> T | None:
+        if value is None:
+            with self._lock:
+                self.skipped += 1
+            _warn_once(
+                self.path,
+                "row",
+                "torch_collage: cost cache %s has rows that do not parse "
+                "(first: key %s); they are taken as misses",
+                self.path,
+                key,
             )
-            db.execute("CREATE TABLE IF NOT EXISTS outcomes (key TEXT PRIMARY KEY, value TEXT, created REAL)")
-            row = db.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone()
-            if row is None:
-                with db:
-                    db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(_SCHEMA_VERSION),))
-            elif row[0] != str(_SCHEMA_VERSION):
-                raise sqlite3.DatabaseError(f"schema {row[0]}, expected {_SCHEMA_VERSION}")
-        except sqlite3.DatabaseError:
+        return value
+
+    def _write(self, sql: str, params: tuple[Any, ...]) -> None:
+        with self._lock:
+            db = self._file if self._file is not None and not self.degraded else self._memory
+            try:
+                _retrying(lambda: db.execute(sql, params))
+                return
+            except sqlite3.Error as exc:
+                if db is self._memory:
+                    raise  # an internal error, not the file system's
+                self._stop_writing(f"cannot be written: {exc}")
+            self._memory.execute(sql, params)
+
+    def _stop_writing(self, reason: str) -> None:
+        self.degraded = reason
+        _warn_once(
+            self.path,
+            reason,
+            "torch_collage: cost cache %s %s; new costs are kept in memory for this process",
+            self.path,
+            reason,
+        )
+
+    # -- opening --------------------------------------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection | None:
+        try:
+            return self._open_file()
+        except _Unusable as exc:
+            self.degraded = f"not used: {exc}"
+            _warn_once(
+                self.path,
+                str(exc),
+                "torch_collage: cost cache %s not used (%s); costs are kept in memory for this process",
+                self.path,
+                exc,
+            )
+            return None
+
+    def _open_file(self) -> sqlite3.Connection:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _Unusable(f"cannot create its directory: {exc}") from exc
+        try:
+            return self._connect_ours()
+        except sqlite3.DatabaseError as exc:
+            if not _is_not_a_database(exc):
+                raise _Unusable(_describe(exc)) from exc
+        _set_aside_if_not_sqlite(self.path)
+        try:  # a fresh file, or the database another process put in its place
+            return self._connect_ours()
+        except sqlite3.DatabaseError as exc:
+            raise _Unusable(_describe(exc)) from exc
+
+    def _connect_ours(self) -> sqlite3.Connection:
+        """A connection to a file that holds our tables at our schema version, set up if it was new."""
+        db = sqlite3.connect(
+            self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
+        try:
+            if _retrying(lambda: _needs_set_up(db)):
+                _retrying(lambda: _set_up(db))
+        except BaseException:
             db.close()
             raise
         return db
+
+
+# -- schema -------------------------------------------------------------------------------------
+
+
+def _fetch_one(db: sqlite3.Connection, sql: str, key: str) -> tuple[Any, ...] | None:
+    return _retrying(lambda: db.execute(sql, (key,)).fetchone())
+
+
+def _needs_set_up(db: sqlite3.Connection) -> bool:
+    """False for our database, True for an empty or half-made one; raises ``_Unusable`` for one
+    written by another schema version, or by someone else."""
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "meta" not in tables:
+        if tables:
+            raise _Unusable(f"not a torch_collage cost cache (tables {sorted(tables)}); left as it is")
+        return True
+    row = db.execute("SELECT v FROM meta WHERE k = 'schema'").fetchone()
+    if row is None:
+        return True
+    if str(row[0]) != str(_SCHEMA_VERSION):
+        raise _Unusable(
+            f"written with schema version {row[0]!r}, this torch_collage reads {_SCHEMA_VERSION}; "
+            "left as it is (another cache_dir, or `python -m torch_collage cache --clear`, starts afresh)"
+        )
+    return not tables >= set(_TABLES)
+
+
+def _set_up(db: sqlite3.Connection) -> None:
+    """Create what is missing in one transaction; reads the version again under the write lock."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if _needs_set_up(db):
+            for create in _TABLES.values():
+                db.execute(create)
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(_SCHEMA_VERSION),))
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def _connect_memory() -> sqlite3.Connection:
+    db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+    for create in _TABLES.values():
+        db.execute(create)
+    return db
+
+
+# -- rows ---------------------------------------------------------------------------------------
+
+
+def _cost_of(row: tuple[Any, ...]) -> CachedCost | None:
+    """A row of ``costs`` (ms, reason); None if it does not parse."""
+    ms, reason = row[0], row[1]
+    if not isinstance(reason, str):
+        return None
+    if ms is None:
+        return CachedCost(math.inf, reason)
+    if isinstance(ms, (int, float)) and ms >= 0:
+        return CachedCost(float(ms), reason)
+    return None  # text, bytes, a negative time or NaN
+
+
+def _text_of(row: tuple[Any, ...]) -> str | None:
+    return row[0] if isinstance(row[0], str) else None
+
+
+@dataclass
+class _TierStats:
+    measured: int = 0
+    rejected: int = 0
+    outcomes: int = 0
+    unreadable: int = 0
+    times: list[float] = field(default_factory=list)
+    reasons: Counter[str] = field(default_factory=Counter)
+
+
+def _tier_stats(db: sqlite3.Connection) -> _TierStats:
+    out = _TierStats()
+    for ms, reason, created in _rows(db, "SELECT ms, reason, created FROM costs", "costs", out):
+        cost = _cost_of((ms, reason))
+        if cost is None:
+            out.unreadable += 1
+            continue
+        out.measured += cost.ok
+        out.rejected += not cost.ok
+        if not cost.ok:
+            out.reasons[cost.reason or "(no reason)"] += 1
+        _add_time(out.times, created)
+    for value, created in _rows(db, "SELECT value, created FROM outcomes", "outcomes", out):
+        if _text_of((value,)) is None:
+            out.unreadable += 1
+            continue
+        out.outcomes += 1
+        _add_time(out.times, created)
+    return out
+
+
+def _rows(db: sqlite3.Connection, sql: str, table: str, out: _TierStats) -> list[tuple[Any, ...]]:
+    """The rows of ``sql``; when a column is missing, none, and the table's rows count as unreadable."""
+    try:
+        return _retrying(lambda: db.execute(sql).fetchall())
+    except sqlite3.Error:
+        with contextlib.suppress(sqlite3.Error):  # no such table: nothing to count
+            out.unreadable += int(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+        return []
+
+
+def _add_time(times: list[float], created: Any) -> None:
+    if isinstance(created, (int, float)) and math.isfinite(created):
+        times.append(float(created))
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+def _retrying(step: Callable[[], T]) -> T:
+    """``step()``, tried again (with a short back-off) while it fails for a transient reason."""
+    for attempt in range(_ATTEMPTS):
+        try:
+            return step()
+        except sqlite3.OperationalError as exc:
+            if attempt == _ATTEMPTS - 1 or _code(exc) not in _TRANSIENT:
+                raise
+            time.sleep(0.05 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _code(exc: sqlite3.Error) -> int | None:
+    """The primary SQLite result code of ``exc`` (from its message before Python 3.11)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return int(code) & 0xFF
+    text = str(exc).lower()
+    for needle, value in (("locked", 5), ("busy", 5), ("disk i/o error", 10), ("not a database", 26)):
+        if needle in text:
+            return value
+    return None
+
+
+def _is_not_a_database(exc: sqlite3.Error) -> bool:
+    return _code(exc) == _NOTADB
+
+
+def _describe(exc: sqlite3.Error) -> str:
+    if _is_not_a_database(exc):
+        return f"{exc}, though it starts like an SQLite database; left as it is"
+    return str(exc)
+
+
+def _set_aside_if_not_sqlite(path: Path) -> None:
+    """Rename ``path`` if its first bytes are not SQLite's header (an empty file is a database).
+
+    The header read and the file renamed are matched by inode: if another process set the bad file
+    aside and a fresh database took its place before our rename, that database is put back."""
+    try:
+        with open(path, "rb") as f:
+            before, header = os.fstat(f.fileno()), f.read(len(_SQLITE_HEADER))
+    except OSError:
+        return  # set aside by another process already, or unreadable: not ours to move
+    if before.st_size == 0 or header == _SQLITE_HEADER:
+        return
+    aside = path.with_suffix(f".broken-{int(time.time())}-{os.getpid()}")
+    try:
+        os.rename(path, aside)
+    except OSError:
+        return
+    if not os.path.samestat(before, os.stat(aside)):
+        _put_back(aside, path)
+        return
+    logger.warning(
+        "torch_collage: cost cache %s unreadable: not an SQLite database; moved to %s", path, aside
+    )
+
+
+def _put_back(aside: Path, path: Path) -> None:
+    logger.debug("torch_collage: %s was a fresh cost cache, not the damaged file; putting it back", aside)
+    try:
+        os.link(aside, path)  # fails if yet another database is there now: then it stays aside
+        os.unlink(aside)
+    except OSError:
+        pass
+
+
+# -- logging ------------------------------------------------------------------------------------
+
+_warned: set[tuple[str, str]] = set()  # (path, reason) already logged at WARNING by this process
+_warned_lock = threading.Lock()
+
+
+def _warn_once(path: Path, reason: str, message: str, *args: Any) -> None:
+    """``message`` at WARNING the first time ``reason`` happens to ``path`` in this process, then DEBUG
+    (a model with graph breaks opens the cache once per graph)."""
+    with _warned_lock:
+        first = (str(path), reason) not in _warned
+        _warned.add((str(path), reason))
+    logger.log(logging.WARNING if first else logging.DEBUG, message, *args)
