@@ -158,8 +158,10 @@ class ArtifactStore:
         try:
             if not saver(tmp):
                 return False
-        except Exception as exc:
-            logger.warning(
+        except Exception as exc:  # e.g. a full disk: said once per kind of failure, then DEBUG
+            _warn_once(
+                self.root,
+                f"saver {type(exc).__name__}",
                 "torch_collage: could not save a compiled partition under %s: %s: %s",
                 self.root,
                 type(exc).__name__,

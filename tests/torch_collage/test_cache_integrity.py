@@ -420,6 +420,19 @@ def test_store_that_cannot_be_written_warns_once_and_still_loads(tmp_path, caplo
     assert str(store.root) in warning and "not saved" in warning
 
 
+def test_failing_saver_is_said_once_per_kind_of_failure(tmp_path, caplog):
+    def full(directory: Path) -> bool:
+        (directory / "half").write_bytes(b"x")
+        raise OSError(28, "No space left on device")
+
+    with caplog.at_level(logging.DEBUG, logger="torch_collage.artifacts"):
+        for key in ("a", "b", "c"):
+            assert not ArtifactStore(str(tmp_path), max_mb=10).save(key, full)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "No space left" in warnings[0]
+    assert list((tmp_path / "compiled").iterdir()) == []
+
+
 def test_damaged_entries_are_skipped(tmp_path, caplog):
     store = ArtifactStore(str(tmp_path), max_mb=10)
     assert store.save("good", lambda d: (d / "data").write_bytes(b"1") > 0)
