@@ -29,7 +29,7 @@ T = TypeVar("T")
 _SCHEMA_VERSION = 1
 _FILE = "costs.sqlite"
 _SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database
-_BUSY_TIMEOUT_S = 10.0  # how long one statement waits for another process's lock
+_BUSY_TIMEOUT_S = 10.0  # default: how long one statement waits for another process's lock
 _ATTEMPTS = 3  # tries of a statement that failed for a transient reason (locked, busy, I/O)
 _TRANSIENT = {5, 6, 10}  # SQLITE_BUSY, SQLITE_LOCKED, SQLITE_IOERR (primary result codes)
 _NOTADB = 26
@@ -106,8 +106,11 @@ class CostCache:
     warm compile replays a time-budgeted refinement instead of searching on past its cold budget.
     """
 
-    def __init__(self, cache_dir: str) -> None:
+    def __init__(self, cache_dir: str, *, busy_timeout_s: float = _BUSY_TIMEOUT_S) -> None:
+        if not busy_timeout_s >= 0:
+            raise ValueError(f"busy_timeout_s must be >= 0, got {busy_timeout_s!r}")
         self.path = cost_cache_path(cache_dir)
+        self.busy_timeout_s = busy_timeout_s  # how long a statement waits for another process's lock
         self.skipped = 0  # rows or reads that failed to parse in this process, taken as misses
         self.degraded = ""  # why the file is not used, or not written; empty when it is
         self._lock = threading.Lock()
@@ -169,19 +172,29 @@ class CostCache:
             for db in self._tiers():
                 try:
                     row = _fetch_one(db, sql, key)
-                except sqlite3.Error as exc:  # e.g. a missing column: a miss, counted
-                    self.skipped += 1
-                    _warn_once(
-                        self.path,
-                        "read",
-                        "torch_collage: cost cache %s: a lookup failed (%s); taken as a miss",
-                        self.path,
-                        exc,
-                    )
+                except sqlite3.Error as exc:
+                    self._failed_read(db, exc)
                     continue
                 if row is not None:
                     return row
         return None
+
+    def _failed_read(self, db: sqlite3.Connection, exc: sqlite3.Error) -> None:
+        """A miss: counted when the query does not fit the file (a missing column); when the file
+        stays locked, it is not read again ([Note: sharing the cost cache])."""
+        if db is self._memory:
+            raise exc  # an internal error, not the file system's
+        if _code(exc) in _TRANSIENT:
+            self._stop_using_file(f"not used: {exc} (after {_ATTEMPTS} tries)")
+            return
+        self.skipped += 1
+        _warn_once(
+            self.path,
+            "read",
+            "torch_collage: cost cache %s: a lookup failed (%s); taken as a miss",
+            self.path,
+            exc,
+        )
 
     def _parsed(self, key: str, value: T | None) -> T | None:
         if value is None:
@@ -219,6 +232,12 @@ class CostCache:
             reason,
         )
 
+    def _stop_using_file(self, reason: str) -> None:
+        assert self._file is not None
+        self._file.close()
+        self._file = None
+        self._stop_writing(reason)
+
     # -- opening --------------------------------------------------------------------------------
 
     def _open(self) -> sqlite3.Connection | None:
@@ -254,7 +273,7 @@ class CostCache:
     def _connect_ours(self) -> sqlite3.Connection:
         """A connection to a file that holds our tables at our schema version, set up if it was new."""
         db = sqlite3.connect(
-            self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+            self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False
         )
         try:
             if _retrying(lambda: _needs_set_up(db)):

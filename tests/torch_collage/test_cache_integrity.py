@@ -285,6 +285,50 @@ def test_table_missing_a_column_is_a_miss_and_new_costs_stay_in_memory(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["costs.sqlite"]
 
 
+def _lock_exclusively(path: Path) -> sqlite3.Connection:
+    """Another process's write lock, held until the returned connection rolls back."""
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    return holder
+
+
+def test_locked_cache_is_waited_for_then_not_used_and_never_moved(tmp_path, caplog):
+    path = tmp_path / "costs.sqlite"
+    cache = CostCache(str(tmp_path))
+    cache.put("k", CachedCost(1.0, ""))
+    cache.close()
+    before = path.read_bytes()
+    holder = _lock_exclusively(path)  # locked while opening
+    try:
+        with caplog.at_level(logging.WARNING, logger="torch_collage.cache"):
+            cache = CostCache(str(tmp_path), busy_timeout_s=0.1)
+            cache.put("new", CachedCost(2.0, ""))
+            assert cache.get("new") == CachedCost(2.0, "") and cache.get("k") is None
+            assert "locked" in cache.stats().degraded
+            cache.close()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert str(path) in warning and "locked" in warning
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["costs.sqlite"]
+
+    cache = CostCache(str(tmp_path), busy_timeout_s=0.1)
+    holder = _lock_exclusively(path)  # locked after opening: one wait, not one per lookup
+    try:
+        start = time.monotonic()
+        assert all(cache.get(f"miss{i}") is None for i in range(50))
+        cache.put("new", CachedCost(3.0, ""))
+        assert cache.get("new") == CachedCost(3.0, "") and time.monotonic() - start < 5.0
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        cache.close()
+    assert path.read_bytes() == before
+    with pytest.raises(ValueError, match="busy_timeout_s"):
+        CostCache(str(tmp_path), busy_timeout_s=-1.0)
+
+
 # -- read-only directories ------------------------------------------------------------------------
 
 _READ_ONLY = """
