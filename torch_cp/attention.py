@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from types import ModuleType
@@ -78,7 +79,12 @@ def _pick_backend(
     for name in ("cuda", "triton") if q.device.type == "cuda" else ("cpp",):
         if not _unusable(name, q, k, attn_mask, grad):
             return name
-    if attn_mask is None and (grad or q.dtype == torch.float64 or q.device.type == "cuda"):
+    if grad:
+        _warn_once(
+            "torch_cp.attention: inputs require grad, so calls run on the differentiable pure-PyTorch "
+            "reference (the kernels have no backward); wrap inference in torch.no_grad() to use them"
+        )
+    elif attn_mask is None and (q.dtype == torch.float64 or q.device.type == "cuda"):
         first = "cuda" if q.device.type == "cuda" else "cpp"
         _warn_once(
             f"torch_cp.attention: {q.dtype} q {tuple(q.shape)} on {q.device.type} runs on the pure-PyTorch "
@@ -254,7 +260,8 @@ def _check_call(q, k, v, dropout_p, enable_gqa, return_lse, merge, options, grou
         check_attention_args(q, k, v, dropout_p, enable_gqa, return_lse, merge, options)
     except (TypeError, ValueError):
         if group is not None:
-            check_ranks_agree(invalid_signature(), group)
+            with contextlib.suppress(ValueError):  # the peers raise; this rank raises its own error
+                check_ranks_agree(invalid_signature(), group)
         raise
     if group is None:
         return
