@@ -98,10 +98,12 @@ def attention_reference(
     [Note: NaN in attention]
     As in SDPA's math path: a NaN or ``+inf`` score (NaN in ``q`` or in a visible key, ``+inf`` in a
     key) makes its query row NaN, ``out`` and ``lse``; a NaN in a visible value makes that row's
-    ``out`` NaN. Hidden keys (masked, or past ``kv_lens``) never make a row NaN, and slots past
-    ``kv_lens`` are never read at all (a static cache's unused slots may hold anything). A row with
-    no visible key is ``out = 0``, ``lse = -inf`` whatever the hidden values hold. Every backend
-    follows this note, and the merges keep a NaN row NaN (see [Note: merge of partial states]).
+    ``out`` NaN. A hidden key (masked, or past ``kv_lens``) never makes a row NaN, and slots past
+    ``kv_lens`` are never read at all (a static cache's unused slots may hold anything). The value
+    of a key inside ``kv_lens`` hidden by a mask has weight 0, and 0·NaN may still reach a row (as in
+    SDPA's math path; the kernels differ there). A row with no visible key is ``out = 0``,
+    ``lse = -inf`` whatever the hidden values hold. Every backend follows this note, and the merges
+    keep a NaN row NaN (see [Note: merge of partial states]).
     """
     b, hq, sq, d = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
