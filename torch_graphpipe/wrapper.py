@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.modules.module import _IncompatibleKeys
 
+from torch_graphpipe.agreement import CallSignature, agree_on_call, agree_on_verdict, describe_leaves
 from torch_graphpipe.build import PartitionArg, PlanOptions, setup_pipeline
 from torch_graphpipe.data_parallel import (
     average_gradients,
@@ -79,6 +80,7 @@ class GraphPipe(torch.nn.Module):
         check_layout(group, data_parallel)
         _check_batch(tuple(example_inputs), data_parallel, num_microbatches)
         self.rank = dist.get_rank(group)  # in the process group
+        self._all = group  # every rank (all replicas): they agree before each call acts
         self._groups = make_groups(group, data_parallel)
         self._group: dist.ProcessGroup = self._groups.pipe  # this replica's pipeline: group rank = stage
         self.stage, self.replica = self._groups.stage, self._groups.replica
@@ -126,18 +128,12 @@ class GraphPipe(torch.nn.Module):
         Every rank passes the same full batch ``inputs``; ``target`` is needed on the loss stage
         (``self.loss_stage``) only. Parameter gradients accumulate into ``.grad`` as with
         ``loss.backward()`` of the batch's mean micro-batch loss; call the optimizer afterwards.
-        The returned loss (a float) is the same on every rank.
+        The returned loss (a float) is the same on every rank. Every rank must pass batches of the
+        same shapes and dtypes (and the loss stage's replicas targets of the same shapes): otherwise,
+        or when a rank's batch is wrong, every rank raises the same ``ValueError`` before any data
+        moves (see [Note: ranks agree first]).
         """
-        micro = self._split(inputs)
-        if self.stage == self.loss_stage and target is None:
-            raise ValueError(
-                f"rank {self.rank} (stage {self.stage}) computes the loss: pass target= to step() on this rank"
-            )
-        targets = None
-        if target is not None and self.stage == self.loss_stage:
-            _check_batch(target, self.data_parallel, self.num_microbatches, "target")
-            shard = split_batch(target, self.data_parallel, "target")[self.replica]
-            targets = [_to(t, self.device) for t in split_batch(shard, self.num_microbatches, "target")]
+        micro, targets = self._agree("step", inputs, target)
         specs = self._oracle.specs(micro[0])
         loss = self.runtime.train(self._executable(), micro, targets, specs)
         average_gradients(self.module.parameters(), self._groups)
@@ -152,7 +148,7 @@ class GraphPipe(torch.nn.Module):
 
     def forward(self, *inputs: Any) -> Any:
         """Inference: the model output for the batch ``inputs``, on every rank (no autograd)."""
-        micro = self._split(inputs)
+        micro, _ = self._agree("forward", inputs, None)
         specs = self._oracle.specs(micro[0])
         outputs = self.runtime.infer(self._executable(), micro, specs)
         joined = join_outputs(outputs) if outputs else None
@@ -174,13 +170,20 @@ class GraphPipe(torch.nn.Module):
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
     ) -> _IncompatibleKeys:
-        """Load this stage's part of a FULL model state dict (e.g. the plain module's), on every rank."""
-        own = list(self.module.state_dict().keys()) + list(self._unowned)
+        """Load this stage's part of a FULL model state dict (e.g. the plain module's), on every rank.
+
+        All ranks load or none does: each rank checks its part (with ``strict``, its missing keys and
+        the keys no stage has; always, tensors of the wrong shape), the ranks agree on the verdict,
+        and on a problem every rank raises the same ``RuntimeError`` naming the keys and the ranks
+        (see [Note: ranks agree first]). Returns this rank's missing keys and the unexpected keys."""
+        own = {**self.module.state_dict(), **self._unowned}
         missing = [k for k in own if k not in state_dict]
         unexpected = [k for k in state_dict if k not in self._state_keys]
-        if strict and (missing or unexpected):
+        problem = _load_problem(own, state_dict, missing if strict else [], unexpected if strict else [])
+        problems = agree_on_verdict(problem, self._label, "GraphPipe.load_state_dict", self._all, self.device)
+        if problems:
             raise RuntimeError(
-                f"error loading a GraphPipe state dict: missing {missing}, unexpected {unexpected}"
+                f"error loading a GraphPipe state dict, nothing loaded on any rank: {'; '.join(problems)}"
             )
         part = {k: state_dict[k] for k in self.module.state_dict() if k in state_dict}
         self.module.load_state_dict(part, strict=False, assign=assign)
@@ -201,11 +204,50 @@ class GraphPipe(torch.nn.Module):
     def _executable(self) -> torch.nn.Module | StageParts:
         return self.parts if self.parts is not None else self.module
 
+    def _agree(self, call: str, inputs: Sequence[Any], target: Any) -> tuple[list[tuple[Any, ...]], Any]:
+        """This rank's micro-batches (and on the loss stage, for ``step``, its targets) once every
+        rank agrees on the call; see [Note: ranks agree first]."""
+        micro: list[tuple[Any, ...]] = []
+        targets, error = None, None
+        try:
+            micro = self._split(inputs)
+            targets = self._targets(target) if call == "step" else None
+        except ValueError as exc:
+            error = str(exc)
+        loss_rank = call == "step" and self.stage == self.loss_stage and target is not None
+        signature = CallSignature(
+            call=call,
+            inputs=describe_leaves(tuple(inputs), "inputs"),
+            target=describe_leaves(target, "target") if loss_rank else None,
+            num_microbatches=self.num_microbatches,
+            training=self.training,
+        )
+        agree_on_call(signature, error, self._label, self._all, self.device)
+        return micro, targets
+
     def _split(self, inputs: Sequence[Any]) -> list[tuple[Any, ...]]:
         _check_batch(tuple(inputs), self.data_parallel, self.num_microbatches, "inputs")
         shard = split_batch(tuple(inputs), self.data_parallel, "inputs")[self.replica]
         micro = split_batch(shard, self.num_microbatches, "inputs")
         return [_to(m, self.device) for m in micro]
+
+    def _targets(self, target: Any) -> list[Any] | None:
+        """This replica's micro-batch targets on the loss stage, ``None`` elsewhere."""
+        if self.stage != self.loss_stage:
+            return None
+        if target is None:
+            raise ValueError(
+                f"rank {self.rank} (stage {self.stage}) computes the loss: pass target= to step() on this rank"
+            )
+        _check_batch(target, self.data_parallel, self.num_microbatches, "target")
+        shard = split_batch(target, self.data_parallel, "target")[self.replica]
+        return [_to(t, self.device) for t in split_batch(shard, self.num_microbatches, "target")]
+
+    @property
+    def _label(self) -> str:
+        """This rank in messages."""
+        replica = f", replica {self.replica}" if self.data_parallel > 1 else ""
+        return f"rank {self.rank} (stage {self.stage}{replica})"
 
     def _broadcast_output(self, joined: Any, spec: ValueSpec) -> Any:
         m = self.num_microbatches
@@ -242,6 +284,23 @@ def _check_batch(value: Any, data_parallel: int, num_microbatches: int, what: st
                 f"{what} has batch size {x.shape[0]}, which does not split into data_parallel="
                 f"{data_parallel} replica shards of num_microbatches={num_microbatches} micro-batches each"
             )
+
+
+def _load_problem(
+    own: Mapping[str, Any], state_dict: Mapping[str, Any], missing: list[str], unexpected: list[str]
+) -> str | None:
+    """What keeps this rank from loading its part of ``state_dict`` (``missing`` and ``unexpected``:
+    the keys that count under ``strict``), or ``None``."""
+    parts = [f"missing {missing}"] if missing else []
+    if unexpected:
+        parts.append(f"unexpected {unexpected}")
+    for k, mine in own.items():
+        theirs = state_dict.get(k)
+        if isinstance(theirs, torch.Tensor) and isinstance(mine, torch.Tensor) and theirs.shape != mine.shape:
+            parts.append(
+                f"size mismatch for {k}: {list(theirs.shape)} in the state dict, {list(mine.shape)} here"
+            )
+    return ", ".join(parts) or None
 
 
 def _to(value: Any, device: torch.device) -> Any:

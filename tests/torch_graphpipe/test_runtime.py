@@ -10,42 +10,23 @@ together hold every parameter once.
 from __future__ import annotations
 
 import copy
-import datetime
 import os
-import tempfile
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
+from _gp_dist import init_gloo, spawn
 from _gp_models import CASES, Case, Untraceable
 
 import torch_graphpipe
 from benchmarks.graphpipe_baseline import ChainBaseline
-from tests._spawn import exit_after
 from torch_graphpipe import CommModel, CostTable, GraphCaptureError, GraphPipe, OpCost, PeerError, capture
 
 pytestmark = pytest.mark.distributed
 
 RTOL, ATOL = 1e-5, 1e-6
-
-
-def _init(rank: int, world: int, init: str, timeout_s: float = 60.0) -> None:
-    dist.init_process_group(
-        "gloo", init_method=init, rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=timeout_s),
-    )  # fmt: skip
-    torch.set_num_threads(1)
-
-
-def _spawn(fn, world: int, *args) -> None:
-    """Run ``fn(rank, world, init, *args)`` in ``world`` processes; the rendezvous is a fresh file store
-    (no TCP port to collide with other tests running on the machine)."""
-    with tempfile.TemporaryDirectory(prefix="gp_test_") as tmp:
-        init = "file://" + os.path.join(tmp, "store")
-        mp.spawn(exit_after, args=(fn, world, init, *args), nprocs=world)
 
 
 def _assert_grads(gp: GraphPipe, ref: nn.Module, what: str) -> None:
@@ -113,7 +94,7 @@ def _check_inference_and_state(gp: GraphPipe, case: Case, ref: nn.Module, inputs
 
 
 def _train_worker(rank: int, world: int, init: str, case_name: str) -> None:
-    _init(rank, world, init)
+    init_gloo(rank, world, init)
     try:
         case = CASES[case_name]
         for seed, m in enumerate(sorted({1, world, 2 * world})):  # micro-batches from 1 to 2x the stages
@@ -132,11 +113,11 @@ def _train_worker(rank: int, world: int, init: str, case_name: str) -> None:
 
 @pytest.mark.parametrize("case_name", sorted(CASES))
 def test_training_matches_one_process(case_name):
-    _spawn(_train_worker, len(CASES[case_name].partition), case_name)
+    spawn(_train_worker, len(CASES[case_name].partition), case_name)
 
 
 def _chain_worker(rank: int, world: int, init: str) -> None:
-    _init(rank, world, init)
+    init_gloo(rank, world, init)
     try:
         case = CASES["skip"]
         graph = capture(case.build()).graph
@@ -156,11 +137,11 @@ def _chain_worker(rank: int, world: int, init: str) -> None:
 
 
 def test_chain_stage_graph_trains():
-    _spawn(_chain_worker, 3)
+    spawn(_chain_worker, 3)
 
 
 def _baseline_worker(rank: int, world: int, init: str) -> None:
-    _init(rank, world, init)
+    init_gloo(rank, world, init)
     try:
         for seed, name in enumerate(["skip", "concat"]):  # a skip edge; every stage reading a model input
             _check_baseline(CASES[name], world, seed)
@@ -196,13 +177,13 @@ def _check_baseline(case: Case, world: int, seed: int) -> None:
 
 def test_chain_baseline_matches_one_process():
     """The Schedule1F1B baseline of the benchmark trains the same chain stages correctly."""
-    _spawn(_baseline_worker, 3)
+    spawn(_baseline_worker, 3)
 
 
 def _zoo_worker(rank: int, world: int, init: str) -> None:
     from torch_collage.zoo import get_model
 
-    _init(rank, world, init)
+    init_gloo(rank, world, init)
     try:
         for name in ("mmt", "dlrm", "candle_uno"):
             zoo = get_model(name)
@@ -230,7 +211,7 @@ def _zoo_worker(rank: int, world: int, init: str) -> None:
 
 def _data_parallel_worker(rank: int, world: int, init: str) -> None:
     """3 stages (the last split at a late input) x 2 replicas: each replica trains half of every batch."""
-    _init(rank, world, init)
+    init_gloo(rank, world, init)
     try:
         case = CASES["skip"]
         for seed, m in enumerate((1, 3)):
@@ -244,16 +225,16 @@ def _data_parallel_worker(rank: int, world: int, init: str) -> None:
 
 def test_data_parallel_stages_match_one_process():
     """Losses, gradients (averaged over the replicas), inference and checkpoints equal one process."""
-    _spawn(_data_parallel_worker, 6)
+    spawn(_data_parallel_worker, 6)
 
 
 def test_zoo_multi_branch_models_train():
     pytest.importorskip("torch_collage.zoo")
-    _spawn(_zoo_worker, 3)
+    spawn(_zoo_worker, 3)
 
 
 def _errors_worker(rank: int, world: int, init: str) -> None:
-    _init(rank, world, init)
+    init_gloo(rank, world, init)
     try:
         case = CASES["fork_join"]
         (x,), y = case.batch(8, torch.Generator().manual_seed(0))
@@ -281,7 +262,7 @@ def _errors_worker(rank: int, world: int, init: str) -> None:
         )
         with pytest.raises(ValueError, match="batch size 7"):
             gp.step(x[:7], target=y[:7])
-        dist.barrier()  # nobody entered a collective or a send above
+        dist.barrier()  # no rank sent anything above (both raised after agreeing, see [Note: ranks agree first])
         loss = gp.step(x, target=y)
         assert loss > 0
         dist.barrier()  # both ranks are done before either tears the group down (gloo aborts otherwise)
@@ -290,11 +271,11 @@ def _errors_worker(rank: int, world: int, init: str) -> None:
 
 
 def test_bad_input_fails_before_communication():
-    _spawn(_errors_worker, 2)
+    spawn(_errors_worker, 2)
 
 
 def _dead_peer_worker(rank: int, world: int, init: str, how: str) -> None:
-    _init(rank, world, init, timeout_s=3.0)
+    init_gloo(rank, world, init, timeout_s=3.0)
     case = CASES["chain"]
     (x,), y = case.batch(8, torch.Generator().manual_seed(0))
     gp = GraphPipe(case.build(), example_inputs=(x,), loss_fn=case.loss, num_microbatches=2,
@@ -314,7 +295,7 @@ def _dead_peer_worker(rank: int, world: int, init: str, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["exit", "hang"])
 def test_dead_peer_fails_with_its_rank(how):
-    _spawn(_dead_peer_worker, 2, how)
+    spawn(_dead_peer_worker, 2, how)
 
 
 def test_public_api():
