@@ -9,6 +9,7 @@ Nothing here raises into a compile; the worst case is a process that runs on an 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import math
 import os
@@ -53,7 +54,8 @@ _TABLES = {
 # * The journal stays SQLite's default rollback journal: WAL needs shared memory, which network file
 #   systems lack, and a writable directory even to read.
 # * A file is moved aside (costs.sqlite.broken-<time>-<pid>) only when it is positively not a
-#   database: SQLite says so and its first bytes are not SQLite's header. A locking error, an I/O
+#   database: SQLite says so and its first bytes are not SQLite's header, read again under an
+#   exclusive lock on costs.sqlite.lock that every process setting a file aside takes. A locking error, an I/O
 #   error or damage inside a database never moves it: other processes may be using it.
 # * A database this code cannot use is left byte for byte as it is and the process runs on an
 #   in-memory cache: one written by another schema version (a newer torch_collage), a foreign one
@@ -437,8 +439,23 @@ def _describe(exc: sqlite3.Error) -> str:
 def _set_aside_if_not_sqlite(path: Path) -> None:
     """Rename ``path`` if its first bytes are not SQLite's header (an empty file is a database).
 
-    The header read and the file renamed are matched by inode: if another process set the bad file
-    aside and a fresh database took its place before our rename, that database is put back."""
+    Processes set files aside one at a time, under an exclusive lock on a sibling lock file, and
+    read the header again under it: a process that found the damaged file a moment ago would
+    otherwise rename the fresh database another one had created in its place meanwhile, from under
+    that process's open connection. Where no lock file can be made (a read-only directory), nothing
+    could be renamed either."""
+    try:
+        lock = open(path.with_name(path.name + ".lock"), "a+b")  # noqa: SIM115 (closed below)
+    except OSError:
+        return
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        _set_aside_locked(path)
+    finally:
+        lock.close()  # releases the lock
+
+
+def _set_aside_locked(path: Path) -> None:
     try:
         with open(path, "rb") as f:
             before, header = os.fstat(f.fileno()), f.read(len(_SQLITE_HEADER))
@@ -451,7 +468,7 @@ def _set_aside_if_not_sqlite(path: Path) -> None:
         os.rename(path, aside)
     except OSError:
         return
-    if not os.path.samestat(before, os.stat(aside)):
+    if not os.path.samestat(before, os.stat(aside)):  # replaced without the lock (a user's copy)
         _put_back(aside, path)
         return
     logger.warning(
