@@ -127,7 +127,7 @@ def verify(e2e: EndToEnd, choice: Choice, inputs: Sequence[Any]) -> Choice:
         return choice
     model, gm = e2e.model, e2e.gm
     want = list(fx.node.map_arg(_outputs(gm), lambda n: model.values[n]))
-    with torch.no_grad():
+    with torch.no_grad(), model.replaying_rng():
         got = list(choice.assembled(*[x.clone() if isinstance(x, torch.Tensor) else x for x in inputs]))
     reason = outputs_match(got, want, model.options.rtol * 10, model.options.atol * 10)
     if not reason:

@@ -6,11 +6,12 @@ Also measures the cost of switching from one backend to another between two cons
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import platform
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,29 +19,48 @@ import torch
 from torch import fx
 
 from torch_collage.artifacts import ArtifactStore
-from torch_collage.backends.base import BackendSpec
+from torch_collage.backends.base import BackendSpec, deterministic
 from torch_collage.cache import CachedCost, CostCache
 from torch_collage.candidates import Candidate
+from torch_collage.freeze import written_inputs
 from torch_collage.graph import DataflowGraph
 from torch_collage.options import CollageOptions
 from torch_collage.subgraph import Subgraph, constants_digest, digest, extract, tensor_signature
 from torch_collage.timing import measure
 
-__all__ = ["CompiledPart", "CostModel", "outputs_match", "record_values"]
+__all__ = [
+    "CompiledPart",
+    "CostModel",
+    "RngState",
+    "device_of",
+    "kept_rng",
+    "outputs_match",
+    "record_values",
+    "rng_state",
+]
 
 logger = logging.getLogger(__name__)
 
 _PROBE_SHAPE = (64, 256)
 
 
-def record_values(gm: fx.GraphModule, inputs: Sequence[Any]) -> dict[fx.Node, Any]:
-    """Every node's value when ``gm`` runs eagerly on clones of ``inputs`` (mutations stay on the clones)."""
+def record_values(
+    gm: fx.GraphModule, inputs: Sequence[Any], rng: dict[fx.Node, RngState] | None = None
+) -> dict[fx.Node, Any]:
+    """Every node's value when ``gm`` runs eagerly on clones of ``inputs`` (mutations stay on the
+    clones). An input the graph writes keeps the value it had before ([Note: inputs the graph writes]).
+    ``rng`` receives the random generator's state before each random op ([Note: random ops])."""
     values: dict[fx.Node, Any] = {}
+    written = set(written_inputs(gm.graph))
+    device = device_of(inputs)
 
     class _Recorder(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
-            values[n] = super().run_node(n)
-            return values[n]
+            if rng is not None and n.op == "call_function" and not deterministic(n):
+                rng[n] = rng_state(device)
+            value = super().run_node(n)
+            values[n] = value.clone() if n in written and isinstance(value, torch.Tensor) else value
+            return value
 
     clones = [x.clone() if isinstance(x, torch.Tensor) else x for x in inputs]
     with torch.no_grad():
@@ -107,6 +127,7 @@ class CostModel:
         options: CollageOptions,
         cache: CostCache,
         warned: set[tuple[str, str]] | None = None,
+        rng: dict[fx.Node, RngState] | None = None,
     ) -> None:
         self.gm, self.graph, self.values, self.specs, self.options, self.cache = (
             gm,
@@ -117,7 +138,7 @@ class CostModel:
             cache,
         )
         self.threads = options.threads or torch.get_num_threads()
-        self.device = _device_of(values.values())
+        self.device = device_of(values.values())
         self.versions = {name: spec.version() for name, spec in specs.items()}
         self.measured = 0  # timings run by this model (cache misses)
         self.reasons: dict[tuple[int, str], str] = {}  # rejected candidates and why
@@ -127,6 +148,21 @@ class CostModel:
         # whole-graph callables compiled while measuring, handed to assembly instead of compiling again
         self._kept: dict[str, Callable[..., Any]] = {}
         self._warned = set() if warned is None else warned
+        self._written = frozenset(written_inputs(gm.graph))  # [Note: inputs the graph writes]
+        self._rng = rng or {}  # the generator's state before each random op: [Note: random ops]
+
+    def args(self, nodes: Sequence[fx.Node]) -> list[Any]:
+        """The recorded values of ``nodes`` to run a part of the graph on: fresh copies of the inputs
+        the graph writes, so that no run changes them ([Note: inputs the graph writes])."""
+        return [self.values[n].clone() if n in self._written else self.values[n] for n in nodes]
+
+    def replaying_rng(self, mask: int | None = None) -> contextlib.AbstractContextManager[None]:
+        """Runs under the generator's state before the first random op of units ``mask`` (all of
+        the graph when None) as the recording had it, so eager reproduces its random values; the
+        caller's generator state is restored afterwards ([Note: random ops])."""
+        nodes = self.gm.graph.nodes if mask is None else self.graph.nodes(mask)
+        first = next((n for n in nodes if n in self._rng), None)
+        return _replay_rng(self.device, self._rng[first] if first is not None else None)
 
     def key(self, kind: str, backend: str, sub: Subgraph) -> str:
         inputs = [self.values[n] for n in sub.inputs]
@@ -146,7 +182,7 @@ class CostModel:
         key = self.key("candidate", cand.backend, sub)
         cached = self.cache.get(key)
         if cached is None:
-            cached = self._measure(sub, cand.backend, keep=cand.mask == self.graph.full)
+            cached = self._measure(sub, cand.backend, cand.mask)
             self.cache.put(key, cached)
         if not cached.ok:
             self.reasons[(cand.mask, cand.backend)] = cached.reason
@@ -165,11 +201,11 @@ class CostModel:
         fn: Callable[..., Any] | None = self._kept.pop(self._kept_key(backend, sub), None)
         reason = ""
         if fn is None and key is not None:
-            fn = self._load(sub, backend, key)
+            fn = self._load(sub, backend, key, mask)
             if fn is not None:
                 return CompiledPart(sub, backend, fn, "")
         if fn is None:
-            fn, reason = self._compile_checked(sub, backend)
+            fn, reason = self._compile_checked(sub, backend, mask)
         if fn is not None and spec.save is not None:
             if key is not None:
                 save = spec.save
@@ -177,13 +213,13 @@ class CostModel:
             _release_saved_copy(fn)  # saved now, or never: [Note: the blob a runner keeps] in openvino.py
         return CompiledPart(sub, backend, fn, reason)
 
-    def _measure(self, sub: Subgraph, backend: str, keep: bool = False) -> CachedCost:
-        fn, reason = self._compile_checked(sub, backend)
+    def _measure(self, sub: Subgraph, backend: str, mask: int) -> CachedCost:
+        fn, reason = self._compile_checked(sub, backend, mask)
         if fn is None:
             return CachedCost(math.inf, reason)
-        inputs = [self.values[n] for n in sub.inputs]
+        inputs = self.args(sub.inputs)
         cost = CachedCost(self.time_call(lambda: fn(*inputs)), "")
-        if keep:
+        if mask == self.graph.full:
             self._kept[self._kept_key(backend, sub)] = fn
         return cost
 
@@ -193,16 +229,16 @@ class CostModel:
     def _artifact_key(self, backend: str, sub: Subgraph) -> str:
         return digest(self.key("artifact", backend, sub), constants_digest(sub))
 
-    def _load(self, sub: Subgraph, backend: str, key: str) -> Callable[..., Any] | None:
+    def _load(self, sub: Subgraph, backend: str, key: str, mask: int) -> Callable[..., Any] | None:
         load = self.specs[backend].load
         if load is None:
             return None
-        inputs = tuple(self.values[n] for n in sub.inputs)
+        inputs = tuple(self.args(sub.inputs))
         with torch.no_grad():
             fn = self.artifacts.load(key, lambda directory: load(directory, inputs))
         if fn is None:
             return None
-        reason = self._check(fn, sub)
+        reason = self._check(fn, sub, mask)
         if reason:
             logger.warning(
                 "torch_collage: saved %s partition differs from eager (%s); compiling again", backend, reason
@@ -220,12 +256,14 @@ class CostModel:
         self.measured += 1
         return m.median_ms
 
-    def _compile_checked(self, sub: Subgraph, backend: str) -> tuple[Callable[..., Any] | None, str]:
-        inputs = tuple(self.values[n] for n in sub.inputs)
+    def _compile_checked(
+        self, sub: Subgraph, backend: str, mask: int
+    ) -> tuple[Callable[..., Any] | None, str]:
+        inputs = tuple(self.args(sub.inputs))
         try:
             with torch.no_grad():
                 fn = self.specs[backend].compile(sub.module, inputs)
-            reason = self._check(fn, sub)
+            reason = self._check(fn, sub, mask)
         except Exception as exc:
             return None, self._failed(
                 backend, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", exc
@@ -235,10 +273,10 @@ class CostModel:
             return None, f"mismatch: {reason}"
         return fn, ""
 
-    def _check(self, fn: Callable[..., Any], sub: Subgraph) -> str:
+    def _check(self, fn: Callable[..., Any], sub: Subgraph, mask: int) -> str:
         """Why ``fn``'s outputs on the recorded inputs differ from eager's; empty when they match."""
-        with torch.no_grad():
-            got = fn(*[self.values[n] for n in sub.inputs])
+        with torch.no_grad(), self.replaying_rng(mask):
+            got = fn(*self.args(sub.inputs))
         got = tuple(got) if isinstance(got, (list, tuple)) else (got,)
         return outputs_match(got, [self.values[n] for n in sub.outputs], self.options.rtol, self.options.atol)
 
@@ -277,7 +315,7 @@ class CostModel:
         return max(0.0, both - alone)
 
 
-def _device_of(values: Any) -> torch.device:
+def device_of(values: Any) -> torch.device:
     """The device of the graph's tensors (the first one found; CPU when there is none)."""
     for v in values:
         if isinstance(v, torch.Tensor):
@@ -337,3 +375,38 @@ def _release_saved_copy(fn: Callable[..., Any]) -> None:
     release = getattr(fn, "release_saved_copy", None)
     if callable(release):
         release()
+
+
+# [Note: random ops]
+# Random ops (dropout, ``rand``, ``bernoulli``) run on eager only (``deterministic`` keeps them from
+# the runtimes, whose generators differ). Eager reproduces the recorded values when it starts from
+# the generator state the recording had: that state is kept before each random op, and a candidate
+# is checked under the state before its first random op (the ops inside it run in graph order, as
+# they did). Every run the placement makes restores the caller's generator afterwards, so the
+# user's random stream advances exactly as one eager call advances it.
+RngState = tuple[torch.Tensor, torch.Tensor | None]  # (CPU generator state, CUDA generator state)
+
+
+def rng_state(device: torch.device) -> RngState:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def kept_rng(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """Restores the generator state of ``device`` (and the CPU's) on exit: [Note: random ops]."""
+    return _replay_rng(device, None)
+
+
+@contextlib.contextmanager
+def _replay_rng(device: torch.device, state: RngState | None) -> Iterator[None]:
+    saved = rng_state(device)
+    try:
+        if state is not None:
+            torch.set_rng_state(state[0])
+            if state[1] is not None:
+                torch.cuda.set_rng_state(state[1], device)
+        yield
+    finally:
+        torch.set_rng_state(saved[0])
+        if saved[1] is not None:
+            torch.cuda.set_rng_state(saved[1], device)

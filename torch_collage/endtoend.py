@@ -55,7 +55,7 @@ def e2e_many_ms(
     between the best two when they are close ([Note: paired end-to-end rounds]). The result is cached
     for this comparison only ([Note: end-to-end times are cached per comparison])."""
     placeholders = [n for n in model.gm.graph.nodes if n.op == "placeholder"]
-    args = [model.values[n] for n in placeholders]
+    args = model.args(placeholders)
     group = _comparison_key(model, graph, [p for p, _ in items], args)
     stored = model.cache.get_text(group)  # [Note: end-to-end times are cached per comparison]
     if stored is not None:

@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from torch_collage.assembly import AssembledGraph
 from torch_collage.backends.registry import check_names
-from torch_collage.freeze import FrozenInputs, freeze_inputs, static_input_indices
+from torch_collage.freeze import FrozenInputs, freeze_inputs, static_input_indices, written_inputs
 from torch_collage.options import CollageOptions
 from torch_collage.place import Placer, place_graph
 from torch_collage.report import GraphReport
@@ -58,8 +58,9 @@ class _LazyPlacer:
         self, gm: fx.GraphModule, options: CollageOptions, kind: str, sink: ReportSink | None,
         static: tuple[int, ...] = (), placer: Placer | None = None,
     ) -> None:  # fmt: skip
-        self.gm, self.options, self.kind, self.sink, self.static = gm, options, kind, sink, static
-        self.placer = placer
+        written = _written_indices(gm)  # state, never frozen: [Note: inputs the graph writes]
+        self.static = tuple(i for i in static if i not in written)
+        self.gm, self.options, self.kind, self.sink, self.placer = gm, options, kind, sink, placer
         self._placed: dict[str, _Placed] = {}
         self._last: _Placed | None = None
         self._symbolic = _has_symbolic_inputs(gm)
@@ -114,6 +115,12 @@ class _LazyPlacer:
         if self.sink is not None:
             self.sink(report)
         return _Placed(assembled, frozen)
+
+
+def _written_indices(gm: fx.GraphModule) -> set[int]:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    written = set(written_inputs(gm.graph))
+    return {i for i, n in enumerate(placeholders) if n in written}
 
 
 def _has_symbolic_inputs(gm: fx.GraphModule) -> bool:

@@ -26,6 +26,7 @@ __all__ = [
     "fetch_attr",
     "freeze_inputs",
     "static_input_indices",
+    "written_inputs",
 ]
 
 FROZEN_PREFIX = "_collage_frozen_"  # attribute names of frozen inputs
@@ -71,6 +72,31 @@ class FrozenInputs:
     def dynamic(self, args: Sequence[Any]) -> list[Any]:
         """The inputs that were not frozen, in order."""
         return [args[i] for i in self.keep]
+
+
+def written_inputs(graph: fx.Graph) -> list[fx.Node]:
+    """The placeholders of ``graph`` that an op writes in place (``copy_`` of BatchNorm's running
+    statistics, a counter's ``add_``, a cache's ``index_copy_``), in placeholder order.
+
+    [Note: inputs the graph writes]
+    aot_autograd keeps an inference graph's input mutations in the graph (``copy_`` into the input at
+    the end). Such an input is state, not a weight: it is never frozen (a frozen constant aliases the
+    user's tensor, so every measurement would update the user's module), and everything that runs a
+    part of the graph to check or time it runs on copies of it. Only the placed graph, called by the
+    user, writes the user's tensor: once per call, as eager does.
+    """
+    written: set[fx.Node] = set()
+    for node in graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None or not schema.is_mutable:
+            continue
+        for i, arg in enumerate(schema.arguments):
+            if arg.alias_info is None or not arg.alias_info.is_write:
+                continue
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+            if isinstance(value, fx.Node) and value.op == "placeholder":
+                written.add(value)
+    return [n for n in graph.nodes if n in written]
 
 
 def freeze_inputs(gm: fx.GraphModule, args: Sequence[Any], indices: Sequence[int]) -> fx.GraphModule:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -40,20 +42,27 @@ class CollageOptions:
         if isinstance(self.backends, str) or not all(isinstance(b, str) for b in self.backends):
             raise ValueError(f"backends must be a list of backend names, got {self.backends!r}")
         object.__setattr__(self, "backends", tuple(self.backends))
+        if not isinstance(self.cache_dir, (str, os.PathLike)):
+            raise TypeError(
+                f"cache_dir must be a path, got {type(self.cache_dir).__name__} {self.cache_dir!r}"
+            )
+        object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
         _check_choice("search", self.search, ("dp", "dp+refine"))
         _check_choice("on_backend_failure", self.on_backend_failure, ("fallback", "raise"))
-        for name in ("time_budget_s", "rtol", "atol"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.compiled_cache_mb < 0:
-            raise ValueError(f"compiled_cache_mb must be >= 0, got {self.compiled_cache_mb!r}")
+        for name in ("verify", "progress", "freeze"):
+            _check_bool(name, getattr(self, name))
+        _check_number("time_budget_s", self.time_budget_s, low=0.0, allow_inf=True)
+        _check_number("rtol", self.rtol, low=0.0)
+        _check_number("atol", self.atol, low=0.0)
         for name in ("max_depth", "repeats", "max_candidates"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.segments < 0 or self.segments == 1:
-            raise ValueError(f"segments must be 0 (off) or >= 2, got {self.segments!r}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1 or None, got {self.threads!r}")
+            _check_int(name, getattr(self, name), low=1)
+        _check_int("warmup", self.warmup, low=0)
+        _check_int("compiled_cache_mb", self.compiled_cache_mb, low=0)
+        _check_int("segments", self.segments, low=0)
+        if self.segments == 1:
+            raise ValueError("segments must be 0 (off) or >= 2, got 1")
+        if self.threads is not None:
+            _check_int("threads", self.threads, low=1, what="an int >= 1 or None")
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, Any] | None) -> CollageOptions:
@@ -68,5 +77,26 @@ class CollageOptions:
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):  # "false" and "no" are truthy strings
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+
+
+def _check_int(name: str, value: object, *, low: int, what: str | None = None) -> None:
+    what = what or f"an int >= {low}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+def _check_number(name: str, value: object, *, low: float, allow_inf: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number >= {low}, got {type(value).__name__} {value!r}")
+    if math.isnan(value) or (math.isinf(value) and not allow_inf) or value < low:
+        finite = "" if allow_inf else "finite "
+        raise ValueError(f"{name} must be a {finite}number >= {low}, got {value!r}")

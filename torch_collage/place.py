@@ -26,7 +26,7 @@ from torch_collage.backends.registry import get_spec, registered_names
 from torch_collage.cache import CostCache
 from torch_collage.candidates import Candidate, enumerate_candidates
 from torch_collage.choose import Choice, choose, verify
-from torch_collage.cost import CostModel, record_values
+from torch_collage.cost import CostModel, RngState, device_of, kept_rng, record_values
 from torch_collage.endtoend import CompareFn, EndToEnd, e2e_many_ms
 from torch_collage.graph import DataflowGraph
 from torch_collage.measure import measure_candidates, merge_measured, with_whole_graphs
@@ -67,17 +67,18 @@ class Placer:
     ) -> tuple[AssembledGraph, GraphReport]:
         """Search a placement of ``gm`` for ``inputs`` (real tensors) and assemble it."""
         cache = CostCache(options.cache_dir)
+        rng: dict[fx.Node, RngState] = {}
         try:
-            graph = DataflowGraph.from_graph(gm.graph)
-            model = CostModel(
-                gm, graph, record_values(gm, inputs), self.active_specs(options), options, cache,
-                self._warned_failures,
-            )  # fmt: skip
-            try:
-                return self._place(gm, inputs, model, kind)
-            finally:
-                with self._lock:
-                    self.measurements += model.measured
+            with kept_rng(device_of(inputs)):  # [Note: random ops]
+                graph = DataflowGraph.from_graph(gm.graph)
+                values = record_values(gm, inputs, rng)
+                specs = self.active_specs(options)
+                model = CostModel(gm, graph, values, specs, options, cache, self._warned_failures, rng)
+                try:
+                    return self._place(gm, inputs, model, kind)
+                finally:
+                    with self._lock:
+                        self.measurements += model.measured
         finally:
             cache.close()
 

@@ -297,5 +297,5 @@ def test_user_backend_partitions_are_saved_and_checked_when_loaded(tmp_path, cap
 
 def test_compiled_cache_mb_option():
     assert CollageOptions().compiled_cache_mb > 0
-    with pytest.raises(ValueError, match="compiled_cache_mb must be >= 0"):
+    with pytest.raises(ValueError, match="compiled_cache_mb must be an int >= 0"):
         CollageOptions(compiled_cache_mb=-1)

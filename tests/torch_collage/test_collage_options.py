@@ -46,6 +46,39 @@ def test_bad_values(bad):
         CollageOptions.from_mapping(bad)
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "error"),
+    [
+        ("freeze", "false", TypeError),
+        ("verify", "no", TypeError),
+        ("progress", 1, TypeError),
+        ("rtol", float("nan"), ValueError),
+        ("atol", float("inf"), ValueError),
+        ("atol", "1e-4", TypeError),
+        ("time_budget_s", float("nan"), ValueError),
+        ("repeats", True, TypeError),
+        ("repeats", 2.5, TypeError),
+        ("warmup", -3, ValueError),
+        ("compiled_cache_mb", -1, ValueError),
+        ("threads", 0, ValueError),
+        ("threads", True, TypeError),
+        ("segments", 1, ValueError),
+        ("search", ["dp"], ValueError),
+        ("cache_dir", 3, TypeError),
+    ],
+)
+def test_wrong_types_and_ranges_are_refused_naming_the_option(option, value, error):
+    with pytest.raises(error, match=option):
+        CollageOptions.from_mapping({option: value})
+
+
+def test_numbers_and_paths_of_the_right_kind_are_taken(tmp_path):
+    opts = CollageOptions.from_mapping(
+        {"time_budget_s": float("inf"), "rtol": 0, "warmup": 0, "cache_dir": tmp_path, "threads": None}
+    )
+    assert opts.cache_dir == str(tmp_path) and opts.time_budget_s == float("inf") and opts.warmup == 0
+
+
 def test_cache_dir_env(monkeypatch, tmp_path):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     assert CollageOptions().cache_dir == str(tmp_path)
