@@ -200,7 +200,9 @@ def _dag_stages(
     )
     for label, search in searches:
         try:
-            found.append((label, search().stages))
+            masks = search().stages
+            _check_memory(graph, model, masks, budget)
+            found.append((label, masks))
         except ValueError as exc:  # nothing of this family fits the memory budget
             error = error or exc
     if not found:
@@ -214,6 +216,21 @@ def _dag_stages(
         ", ".join(f"{label} {t:.4g} ms" for (label, _), t in zip(found, times)),
     )
     return found[best][1]
+
+
+def _check_memory(graph: OpGraph, model: StageCostModel, masks: Sequence[int], budget: float | None) -> None:
+    """Raise ``ValueError`` when a stage of the full stage graph (output edges included, see [Note:
+    output edges]) does not fit ``budget``."""
+    if budget is None:
+        return
+    sg = build_stage_graph(graph, model, masks)
+    for s, (cost, in_flight) in enumerate(zip(sg.costs, sg.in_flight)):
+        need = cost.memory_bytes(in_flight, model.param_copies)
+        if need > budget:
+            raise ValueError(
+                f"stage {s} of the DAG search's partition needs {need:.0f} bytes with {in_flight} micro-batches "
+                f"in flight (its output goes on to the loss stage), over memory_budget_bytes={budget}"
+            )
 
 
 def _simulated_ms(

@@ -4,24 +4,21 @@
 A value is the output of one operator (one FX node). It is needed by every stage that has a consumer
 of it and, when it is part of the model output, by the loss stage: the highest stage producing any
 output, where the output is assembled and the loss computed. On a DAG plan a value travels directly
-from its producer to each stage that needs it; the loss stage gains an edge from every other stage
-that produces an output (a plan's edges carry data only, so the runtime may add such edges and then
-rebuilds the schedule). On a chain plan every value crossing a cut is carried by the stages in
+from its producer to each stage that needs it, and from every other stage that produces an output to
+the loss stage (the plan has these edges already, see [Note: output edges] in
+torch_graphpipe/stage_graph.py: routing never changes the planned stage graph or its schedule). On a
+chain plan every value crossing a cut is carried by the stages in
 between, which pass it on. Within a message values are ordered by their operator's topological index.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 from torch_graphpipe.graph import OpGraph
 from torch_graphpipe.planner import Plan
-from torch_graphpipe.schedule import build_1f1b
 
 __all__ = ["Routing", "StageRoute", "route", "with_routing"]
-
-log = logging.getLogger(__name__)
 
 Message = tuple[int, tuple[str, ...]]  # (peer stage, value names)
 
@@ -75,14 +72,18 @@ def route(plan: Plan, graph: OpGraph) -> Routing:
 
 
 def with_routing(plan: Plan, routing: Routing, edge_bytes: dict[tuple[int, int], int]) -> Plan:
-    """``plan`` with the routed edges (and, when they differ, a rebuilt schedule)."""
-    bytes_ = tuple(edge_bytes.get(e, 0) for e in routing.edges)
-    if routing.edges == plan.edges:
-        return dataclasses.replace(plan, edge_bytes=bytes_)
-    added = sorted(set(routing.edges) - set(plan.edges))
-    log.info("runtime adds stage edges %s to bring the model outputs to the loss stage", added)
-    schedule = build_1f1b(plan.num_stages, routing.edges, plan.num_microbatches, plan.schedule.late)
-    return dataclasses.replace(plan, edges=routing.edges, edge_bytes=bytes_, schedule=schedule)
+    """``plan`` with the bytes each edge carries as routed; its edges and schedule are the plan's own.
+
+    Raises ``ValueError`` when the values travel on other edges than the plan's (a plan built without
+    its output edges, see [Note: output edges]): the schedule that runs is the one planned."""
+    if routing.edges != plan.edges:
+        missing = sorted(set(routing.edges) - set(plan.edges))
+        unused = sorted(set(plan.edges) - set(routing.edges))
+        raise ValueError(
+            f"the plan's stage edges do not match the model's values (edges needed but not planned: "
+            f"{missing}, planned but unused: {unused}); plan it again with torch_graphpipe.plan"
+        )
+    return dataclasses.replace(plan, edge_bytes=tuple(edge_bytes.get(e, 0) for e in routing.edges))
 
 
 def _needs(graph: OpGraph, owner: dict[str, int], loss_stage: int) -> dict[str, set[int]]:

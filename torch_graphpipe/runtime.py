@@ -67,6 +67,7 @@ class StageRuntime:
         self.late = schedule.late_pred(route.stage)  # the late predecessor of a split stage
         self.num_microbatches = schedule.num_microbatches
         self.events: list[tuple[str, int, float, float]] | None = None  # (kind, mb, start, end) when set
+        self.executed: list[Action] | None = None  # when set, every action as it is carried out
         self._peers = dict(route.recv) | dict(route.send)
 
     def train(
@@ -108,6 +109,8 @@ class StageRuntime:
                 while j < len(program) and not program[j].is_compute:
                     j += 1
                 self._communicate(program[i:j], step, training)
+                if self.executed is not None:
+                    self.executed.extend(program[i:j])
                 i = j
                 continue
             start = time.perf_counter()
@@ -127,6 +130,8 @@ class StageRuntime:
                 self._grad_messages(a.microbatch, step, [p for p, _ in self.route.recv])
             if self.events is not None:
                 self.events.append((a.kind, a.microbatch, start, time.perf_counter()))
+            if self.executed is not None:
+                self.executed.append(a)
             i += 1
         self.p2p.flush()
 

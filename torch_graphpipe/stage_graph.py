@@ -1,4 +1,16 @@
-"""The stage DAG of a partition: stages in topological order, edges, costs and in-flight counts."""
+"""The stage DAG of a partition: stages in topological order, edges, costs and in-flight counts.
+
+[Note: output edges]
+The model output is assembled, and the loss computed, on one stage: the highest stage producing any
+output. Every other stage producing an output sends it there, so a DAG's stage edges are the data
+edges between operators plus an edge from each such stage to the loss stage. They are part of the
+plan from the start: the schedule is built once on these edges, simulated, validated and executed
+as is (the runtime's routing finds exactly these edges; see [Note: routing]). The loss stage may be
+split at such an edge (see [Note: late inputs]): it runs its own operators before the other outputs
+arrive. The DAG search (torch_graphpipe/partition.py) counts in-flight micro-batches on the data
+edges only, so an output stage can hold one more than it predicted; the planner checks the memory
+budget again on the full stage graph.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +20,15 @@ from collections.abc import Sequence
 from torch_graphpipe.graph import OpGraph, members
 from torch_graphpipe.stage_cost import StageCost, StageCostModel
 
-__all__ = ["LateSplit", "StageGraph", "build_stage_graph", "late_splits", "longest_path_depths"]
+__all__ = [
+    "LateSplit",
+    "StageGraph",
+    "build_stage_graph",
+    "late_splits",
+    "longest_path_depths",
+    "loss_stage",
+    "output_nodes",
+]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -22,6 +42,17 @@ class StageGraph:
     in_flight: tuple[int, ...]  # stages on the longest path from each stage to a sink
 
 
+def output_nodes(graph: OpGraph) -> list[int]:
+    """Indices of the nodes whose values are (part of) the model output."""
+    return [v for v, n in enumerate(graph.nodes) if n.is_output]
+
+
+def loss_stage(graph: OpGraph, owner: dict[int, int]) -> int:
+    """The stage that assembles the model output and computes the loss: the highest stage producing
+    any output (``owner`` maps node index to stage); see [Note: output edges]."""
+    return max((owner[v] for v in output_nodes(graph)), default=max(owner.values()))
+
+
 def longest_path_depths(num_stages: int, edges: Sequence[tuple[int, int]]) -> tuple[int, ...]:
     """Stages on the longest path from each stage to a sink (1 for a sink); stages in topo order."""
     depth = [1] * num_stages
@@ -32,9 +63,17 @@ def longest_path_depths(num_stages: int, edges: Sequence[tuple[int, int]]) -> tu
 
 
 def build_stage_graph(
-    graph: OpGraph, model: StageCostModel, masks: Sequence[int], *, chain: bool = False
+    graph: OpGraph,
+    model: StageCostModel,
+    masks: Sequence[int],
+    *,
+    chain: bool = False,
+    output_edges: bool = True,
 ) -> StageGraph:
-    """Stage DAG of ``masks``; with ``chain`` the masks are in order and edges link neighbours only."""
+    """Stage DAG of ``masks``; with ``chain`` the masks are in order and edges link neighbours only.
+
+    Without ``output_edges`` a DAG has the data edges only: the DAG search's model (see [Note: output
+    edges])."""
     for mask in masks:
         assert mask and graph.is_convex(mask), f"stage {members(mask)} is not convex"
     assert sum(bin(m).count("1") for m in masks) == len(graph), "stages must cover every node once"
@@ -47,6 +86,10 @@ def build_stage_graph(
         for p in preds:
             if owner[p] != owner[v]:
                 sent.setdefault((owner[p], owner[v]), set()).add(p)
+    loss = loss_stage(graph, owner)
+    for v in output_nodes(graph) if output_edges else ():  # see [Note: output edges]
+        if owner[v] != loss:
+            sent.setdefault((owner[v], loss), set()).add(v)
     edges = tuple(sorted(sent))
     edge_bytes = tuple(sum(model.out_bytes[p] for p in sent[e]) for e in edges)
     return StageGraph(
@@ -69,11 +112,17 @@ class LateSplit:
 
 def late_splits(graph: OpGraph, model: StageCostModel, stages: Sequence[int]) -> tuple[LateSplit, ...]:
     """For every stage with two or more predecessors, the predecessor whose values the cheapest part of
-    the stage depends on (the highest-numbered on a tie), when the rest of the stage costs something."""
+    the stage depends on (the highest-numbered on a tie), when the rest of the stage costs something.
+    The loss stage's predecessors include the stages sending it outputs (see [Note: output edges]);
+    no operator reads those, so such a split's late part only assembles the output for the loss."""
     owner = {v: s for s, m in enumerate(stages) for v in members(m)}
+    loss = loss_stage(graph, owner)
     out = []
     for s, mask in enumerate(stages):
-        preds = sorted({owner[p] for v in members(mask) for p in graph.preds[v]} - {s})
+        preds = {owner[p] for v in members(mask) for p in graph.preds[v]}
+        if s == loss:
+            preds |= {owner[v] for v in output_nodes(graph)}
+        preds = sorted(preds - {s})
         best: tuple[float, int, int] | None = None
         for pred in preds if len(preds) > 1 else ():
             late = 0

@@ -122,7 +122,9 @@ def brute_force(
     budget: float | None = None,
     keep=lambda masks: True,
 ) -> tuple[float, int] | None:
-    """Best (bottleneck, depth) over convex partitions accepted by ``keep``; None when none fits."""
+    """Best (bottleneck, depth) over convex partitions accepted by ``keep``; None when none fits.
+
+    Depths count the data edges only, as the DAG search does (see [Note: output edges])."""
     model = StageCostModel(graph, costs)
     best = None
     for labels in _set_partitions(len(graph), num_stages):
@@ -130,7 +132,7 @@ def brute_force(
         if not all(graph.is_convex(m) for m in masks) or not keep(masks):
             continue
         try:
-            sg = build_stage_graph(graph, model, masks)
+            sg = build_stage_graph(graph, model, masks, output_edges=False)
         except AssertionError:  # stages form a cycle
             continue
         if budget is not None and any(

@@ -99,8 +99,9 @@ def _train_worker(rank: int, world: int, init: str, case_name: str) -> None:
         case = CASES[case_name]
         for seed, m in enumerate(sorted({1, world, 2 * world})):  # micro-batches from 1 to 2x the stages
             gp = _check_training(case, case.partition, m, seed)
-            # a stage joining branches runs in two parts ([Note: late inputs]) on these partitions
-            split = {"skip": {2: 0}, "fork_join_tail": {2: 1}}.get(case_name, {})
+            # a stage joining branches runs in two parts ([Note: late inputs]) on these partitions; on
+            # multi_output the loss stage is split at the edge bringing it the other head's output
+            split = {"skip": {2: 0}, "fork_join_tail": {2: 1}, "multi_output": {2: 1}}.get(case_name, {})
             assert dict(gp.plan.schedule.late) == split, gp.plan.schedule.late
             assert (gp.parts is not None) == (rank in split)
         if case_name in ("fork_join", "multi_output"):  # the planner's partition (profiled on rank 0)

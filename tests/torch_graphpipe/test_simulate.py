@@ -13,13 +13,19 @@ def _worked_example(stage_graph):
 
 
 def test_worked_example_graph_vs_chain():
-    """DESIGN: F=1, B=2, 8 micro-batches, 2 branches x 4 stages: 33 as a graph, 45 as a chain."""
-    dag, chain = _worked_example("dag").simulate(), _worked_example("chain").simulate()
+    """DESIGN: F=1, B=2, 8 micro-batches, 2 branches x 4 stages: 33 as a graph, 45 as a chain.
+
+    The loss needs both branches' outputs on one stage (the last of branch b): the last stage of branch
+    a sends its output there (see [Note: output edges]), so branch a's stages hold one micro-batch more
+    than branch b's; the loss stage is split at that edge ([Note: late inputs]), so the time stays 33."""
+    dag_plan = _worked_example("dag")
+    dag, chain = dag_plan.simulate(), _worked_example("chain").simulate()
     assert dag.iteration_time == 33
     assert chain.iteration_time == 45
     assert chain.iteration_time / dag.iteration_time == pytest.approx(1.36, abs=0.005)
-    assert dag.peak_in_flight[0] == 4 and chain.peak_in_flight[0] == 8
-    assert sorted(dag.peak_in_flight) == [1, 1, 2, 2, 3, 3, 4, 4]
+    assert dag.peak_in_flight[0] == 5 and chain.peak_in_flight[0] == 8
+    assert sorted(dag.peak_in_flight) == [1, 2, 2, 3, 3, 4, 4, 5]
+    assert dag_plan.schedule.late == ((7, 6),) and (6, 7) in dag_plan.edges
     assert dag.bubble_fraction == pytest.approx(1 - 24 / 33)
     assert chain.bubble_fraction == pytest.approx(1 - 24 / 45)
 
@@ -43,8 +49,8 @@ def test_communication_delays_the_step():
 
 def test_timeline_boxes_do_not_overlap():
     result = _worked_example("dag").simulate()
-    for row in result.timeline:
-        assert len(row) == 16
+    for s, row in enumerate(result.timeline):
+        assert len(row) == (32 if s == 7 else 16)  # the split loss stage runs F, FL, BL, B
         for a, b in itertools.pairwise(row):
             assert a.end <= b.start
 
