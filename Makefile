@@ -50,3 +50,19 @@ bench: setup
 
 clean:
 	rm -rf build *.egg-info torch_cp/*.so $(STAMP)
+
+# --- GPU check (issue 30): every GPU path built, tested and benchmarked in one device call ------------
+# make gpu-wheels      download (here, from PyPI) the wheels the GPU machine lacks into .gpu_wheels/
+# make gpu-check       on the GPU machine: tools/gpu_check.py, results under $OUT (see its docstring
+#                      for the exact device call); DRY=1: the same steps on this CPU, CUDA hidden
+GPU_WHEELS_DIR ?= .gpu_wheels
+GPU_CHECK_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_CHECK_ARGS ?=
+
+.PHONY: gpu-check gpu-wheels
+
+gpu-check:
+	PYTHONUNBUFFERED=1 $(GPU_CHECK_PY) tools/gpu_check.py $(if $(DRY),--dry-run) --wheels $(GPU_WHEELS_DIR) $(GPU_CHECK_ARGS)
+
+gpu-wheels:
+	PYTHON=$(GPU_CHECK_PY) sh tools/gpu_wheels.sh $(GPU_WHEELS_DIR)
