@@ -27,6 +27,7 @@ from torch_collage.backends.registry import (
 from torch_collage.entry import collage_backend
 from torch_collage.explain import ExplainReport, explain
 from torch_collage.exported import ExportedCollage, compile_exported
+from torch_collage.freeze import refresh
 from torch_collage.options import CollageOptions
 from torch_collage.place import measurement_count
 
@@ -45,6 +46,7 @@ __all__ = [
     "explain",
     "list_backends",
     "measurement_count",
+    "refresh",
     "register_backend",
     "registered_backend",
     "unregister_backend",

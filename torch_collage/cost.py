@@ -93,9 +93,10 @@ def outputs_match(got: Sequence[Any], want: Sequence[Any], rtol: float, atol: fl
         g64, w64 = g.detach().double().cpu(), w.detach().double().cpu()
         if not torch.equal(g64.isnan(), w64.isnan()) or not torch.equal(g64.isinf(), w64.isinf()):
             return f"output {i}: NaN or infinity where eager has none (or the reverse)"
-        finite = torch.isfinite(w64)
-        if not torch.equal(g64[~finite], w64[~finite]):
+        inf = w64.isinf()
+        if not torch.equal(g64[inf], w64[inf]):
             return f"output {i}: infinities of the other sign than eager's"
+        finite = torch.isfinite(w64)
         if finite.any():
             err = (g64[finite] - w64[finite]).abs().max().item()
             bound = atol + rtol * w64[finite].abs().max().item()
@@ -150,6 +151,7 @@ class CostModel:
         self._warned = set() if warned is None else warned
         self._written = frozenset(written_inputs(gm.graph))  # [Note: inputs the graph writes]
         self._rng = rng or {}  # the generator's state before each random op: [Note: random ops]
+        self._session: dict[str, CachedCost] = {}  # verdicts kept for this model only
 
     def args(self, nodes: Sequence[fx.Node]) -> list[Any]:
         """The recorded values of ``nodes`` to run a part of the graph on: fresh copies of the inputs
@@ -180,10 +182,13 @@ class CostModel:
         """Median ms of ``cand`` on its backend; ``inf`` if it fails to compile or differs from eager."""
         sub = extract(self.gm, self.graph.nodes(cand.mask))
         key = self.key("candidate", cand.backend, sub)
-        cached = self.cache.get(key)
+        cached = self.cache.get(key) or self._session.get(key)
         if cached is None:
             cached = self._measure(sub, cand.backend, cand.mask)
-            self.cache.put(key, cached)
+            if cached.ok or self._trusted(sub):
+                self.cache.put(key, cached)
+            else:  # [Note: verdicts on non-finite values]
+                self._session[key] = cached
         if not cached.ok:
             self.reasons[(cand.mask, cand.backend)] = cached.reason
         return cached.ms
@@ -222,6 +227,23 @@ class CostModel:
         if mask == self.graph.full:
             self._kept[self._kept_key(backend, sub)] = fn
         return cost
+
+    def _trusted(self, sub: Subgraph) -> bool:
+        """Whether a rejection of ``sub`` may be cached for good: eager's values it was checked on
+        are all finite.
+
+        [Note: verdicts on non-finite values]
+        A NaN in a user's input spreads through eager's values, and a backend that orders a reduction
+        differently may put its NaN elsewhere (or an overflow may make an infinity). Such a mismatch
+        says nothing about the backend on ordinary inputs, so the rejection is kept for this search
+        only, never written to the cost cache where it would reject the backend for every later
+        input of this shape."""
+        values = [self.values[n] for n in (*sub.inputs, *sub.outputs)]
+        return all(
+            bool(torch.isfinite(v).all())
+            for v in values
+            if isinstance(v, torch.Tensor) and v.is_floating_point()
+        )
 
     def _kept_key(self, backend: str, sub: Subgraph) -> str:
         return f"{backend}\x1f{sub.structure}"

@@ -25,6 +25,7 @@ __all__ = [
     "FrozenInputs",
     "fetch_attr",
     "freeze_inputs",
+    "refresh",
     "static_input_indices",
     "written_inputs",
 ]
@@ -51,6 +52,7 @@ class FrozenInputs:
     indices: tuple[int, ...]
     tensors: tuple[torch.Tensor, ...]
     versions: tuple[int, ...]
+    pointers: tuple[int, ...]  # data pointers: ``p.data = new`` keeps identity and version
     keep: tuple[int, ...]  # indices of the inputs that were not frozen
 
     @classmethod
@@ -58,14 +60,17 @@ class FrozenInputs:
         tensors = tuple(args[i] for i in indices)
         frozen = set(indices)
         keep = tuple(i for i in range(len(args)) if i not in frozen)
-        return cls(tuple(indices), tensors, tuple(t._version for t in tensors), keep)
+        versions = tuple(t._version for t in tensors)
+        return cls(tuple(indices), tensors, versions, tuple(t.data_ptr() for t in tensors), keep)
 
     def still_valid(self, args: Sequence[Any]) -> bool:
-        """True while every frozen input is the same tensor, not modified in place since."""
+        """True while every frozen input is the same tensor on the same storage, not modified in
+        place since (in-place writes through ``.data`` are invisible here: [Note: writes through
+        .data])."""
         if len(args) != len(self.indices) + len(self.keep):
             return False
-        for i, t, v in zip(self.indices, self.tensors, self.versions):
-            if args[i] is not t or t._version != v:
+        for i, t, v, p in zip(self.indices, self.tensors, self.versions, self.pointers):
+            if args[i] is not t or t._version != v or t.data_ptr() != p:
                 return False
         return True
 
@@ -122,6 +127,21 @@ def freeze_inputs(gm: fx.GraphModule, args: Sequence[Any], indices: Sequence[int
     frozen.graph = graph
     frozen.recompile()
     return frozen
+
+
+def refresh(module: torch.nn.Module) -> None:
+    """Tell compiled graphs that ``module``'s parameters and buffers changed behind autograd's back.
+
+    [Note: writes through .data]
+    Collage freezes an inference graph's weights and places it again when one changes: a new tensor,
+    a new storage (``p.data = new``), or an in-place update (``p.mul_(2)`` under ``no_grad``, an
+    optimizer step), which bumps the tensor's version counter. An in-place write through ``.data``
+    (``p.data.mul_(2)``) bumps no counter, by design of ``.data``, and reading every weight on every
+    call to notice it would cost more than most calls. After such writes, call ``refresh(module)``:
+    it bumps the counters, and the next call of a compiled graph places it again (from the cache)."""
+    with torch.no_grad():
+        for t in (*module.parameters(), *module.buffers()):
+            torch.autograd.graph.increment_version(t)
 
 
 def fetch_attr(gm: torch.nn.Module, target: str) -> Any:

@@ -15,7 +15,15 @@ from torch_collage.graph import DataflowGraph
 from torch_collage.search import Partition, Placement, merge_groups, merge_run
 from torch_collage.subgraph import digest, tensor_signature
 
-__all__ = ["measure_candidates", "merge_measured", "remeasure", "search_key", "with_whole_graphs"]
+__all__ = [
+    "UnplaceableGraph",
+    "check_coverable",
+    "measure_candidates",
+    "merge_measured",
+    "remeasure",
+    "search_key",
+    "with_whole_graphs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +72,29 @@ def measure_candidates(cands: list[Candidate], model: CostModel, coarse: set[Can
     if limit is None:
         model.cache.put_text(key, str(reached))
     return costs
+
+
+class UnplaceableGraph(RuntimeError):
+    """No backend could run some node of the graph, not even eager; the message names it and why."""
+
+
+def check_coverable(graph: DataflowGraph, costs: Costs, model: CostModel) -> None:
+    """Raise ``UnplaceableGraph`` naming the first node that no measured candidate covers, with each
+    backend's reason for it, instead of letting the search fail without saying where."""
+    covered = 0
+    for cand, ms in costs.items():
+        if math.isfinite(ms):
+            covered |= cand.mask
+    missing = graph.full & ~covered
+    if not missing:
+        return
+    unit = (missing & -missing).bit_length() - 1
+    node = graph.units[unit][0]
+    reasons = {b: r for (mask, b), r in model.reasons.items() if mask >> unit & 1}
+    why = "; ".join(f"{b}: {r}" for b, r in sorted(reasons.items())) or "no backend supports it"
+    raise UnplaceableGraph(
+        f"torch_collage cannot place node {node.name!r} ({node.op} {node.target}) on any backend: {why}"
+    )
 
 
 def _essential(cand: Candidate) -> bool:

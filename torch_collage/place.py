@@ -29,7 +29,7 @@ from torch_collage.choose import Choice, choose, verify
 from torch_collage.cost import CostModel, RngState, device_of, kept_rng, record_values
 from torch_collage.endtoend import CompareFn, EndToEnd, e2e_many_ms
 from torch_collage.graph import DataflowGraph
-from torch_collage.measure import measure_candidates, merge_measured, with_whole_graphs
+from torch_collage.measure import check_coverable, measure_candidates, merge_measured, with_whole_graphs
 from torch_collage.options import CollageOptions
 from torch_collage.refine import RefineFn, refine, refine_replayed
 from torch_collage.report import GraphReport, graph_report
@@ -113,6 +113,7 @@ class Placer:
         coarse = segment_candidates(graph, model.specs.values(), options.segments)
         cands += [c for c in coarse if c not in have]  # a short segment may equal a fine candidate
         costs = measure_candidates(cands, model, set(coarse))
+        check_coverable(graph, costs, model)
         placement = self.stages.search(graph, cands, lambda c: costs.get(c, math.inf), model.switch_cost)
         placement = merge_measured(placement, graph, model, costs)
         e2e = EndToEnd(gm, model, self.stages.compare)

@@ -102,3 +102,106 @@ def test_dropout_is_not_bit_equal_across_calls(tmp_path):
     x = torch.randn(16, 8)
     with torch.no_grad():
         assert not torch.equal(compiled(x), compiled(x))
+
+
+# --- caches and checks that a strange input cannot poison ------------------------------------------
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)).eval()
+
+
+def test_a_nan_in_the_first_input_neither_fails_nor_poisons_the_cache(tmp_path):
+    """Eager's NaN and a backend's NaN at the same places match; a later compile on finite inputs
+    still finds the backends usable (the first search's verdicts were not cached against them)."""
+    import torch_collage
+
+    torch.manual_seed(3)
+    model, opts = _mlp(), {**_FAST, "cache_dir": str(tmp_path)}
+    x = torch.randn(4, 8)
+    x[1, 2] = float("nan")
+    compiled = _compiled(model, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), equal_nan=True)
+    report = torch_collage.explain(_mlp(), torch.randn(4, 8), **opts)
+    assert all(ms < float("inf") for ms in report.graphs[0].single_backend_ms.values()), report.to_markdown()
+
+
+def _nan_elsewhere(gm, example_inputs):
+    """A backend that runs the graph and moves its NaNs (as another reduction order might)."""
+
+    def run(*args):
+        return tuple(o.nan_to_num(0.0).roll(1, 0) if o.isnan().any() else o for o in gm(*args))
+
+    return run
+
+
+def test_a_rejection_measured_on_non_finite_values_is_not_cached(tmp_path):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from torch_collage.backends.registry import get_spec, registered_backend
+    from torch_collage.cache import CostCache
+    from torch_collage.candidates import Candidate
+    from torch_collage.cost import CostModel, record_values
+    from torch_collage.graph import DataflowGraph
+    from torch_collage.options import CollageOptions
+
+    model = _mlp()
+    with registered_backend("nan_elsewhere", compile=_nan_elsewhere):
+        for nan, cached in ((True, 0), (False, 0)):
+            x = torch.randn(4, 8)
+            if nan:
+                x[0, 0] = float("nan")
+            gm = make_fx(model)(x)
+            graph = DataflowGraph.from_graph(gm.graph)
+            specs = {"eager": get_spec("eager"), "nan_elsewhere": get_spec("nan_elsewhere")}
+            cache = CostCache(str(tmp_path))
+            cost = CostModel(
+                gm, graph, record_values(gm, [x]), specs, CollageOptions(cache_dir=str(tmp_path)), cache
+            )
+            ms = cost.cost(Candidate(graph.full, "nan_elsewhere"))
+            assert (ms == float("inf")) == nan  # rejected on the NaN input, fine on a finite one
+            assert cache.stats().rejected == cached
+            cache.close()
+
+
+@pytest.mark.parametrize("write", ["assign", "in_place_then_refresh"])
+def test_weights_written_through_data_are_followed(tmp_path, write):
+    import torch_collage
+
+    torch.manual_seed(4)
+    model = _mlp()
+    compiled = torch.compile(model, backend="collage", options={**_FAST, "backends": ["eager", "inductor", "onnxruntime"],
+                                                                 "cache_dir": str(tmp_path)})  # fmt: skip
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        compiled(x)
+        if write == "assign":
+            model[0].weight.data = torch.randn_like(model[0].weight)
+        else:
+            model[0].weight.data.mul_(2.0)
+            torch_collage.refresh(model)
+        torch.testing.assert_close(compiled(x), model(x))
+
+
+@torch.library.custom_op("collage_test::noise", mutates_args=())
+def _noise(x: torch.Tensor) -> torch.Tensor:
+    """Random, but named like no random op: eager cannot reproduce its recorded values."""
+    return x + torch.randn_like(x)
+
+
+@_noise.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def test_a_graph_no_backend_can_run_names_the_node_and_each_reason(tmp_path):
+    import torch_collage
+    from torch_collage.measure import UnplaceableGraph
+
+    class Noisy(nn.Module):
+        def forward(self, x):
+            return torch.ops.collage_test.noise(x.relu()) * 2
+
+    with pytest.raises(UnplaceableGraph, match=r"noise.*eager: mismatch"):
+        torch_collage.explain(Noisy(), torch.randn(4, 8), **{**_FAST, "cache_dir": str(tmp_path)})
