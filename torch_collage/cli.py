@@ -112,6 +112,10 @@ def _cache(args: argparse.Namespace) -> int:
             f"costs: {stats.measured} measured, {stats.rejected} rejected, {stats.outcomes} search outcomes "
             f"({_size(db.stat().st_size)}){span}"
         )
+        if stats.degraded:
+            print(f"the cost file is {stats.degraded}")
+        if stats.unreadable:
+            print(f"{stats.unreadable} damaged row(s) are read as misses and overwritten when measured again")
         if stats.reasons:
             _print_table(("rejections", "reason"), [(str(n), _shorten(r)) for r, n in stats.reasons])
     print(f"compiled partitions: {store.count()} ({_size(store.size_bytes())}) under {store.root}")

@@ -52,6 +52,22 @@ def test_cache_shows_counts_and_reasons_then_clears(tmp_path, capsys):
     assert not (tmp_path / "costs.sqlite").exists()  # showing an empty cache does not create one
 
 
+def test_cache_says_when_rows_are_damaged_or_the_file_is_not_used(tmp_path, capsys):
+    import sqlite3
+
+    cache = CostCache(str(tmp_path))
+    cache.put("a", CachedCost(1.5, ""))
+    cache.close()
+    with sqlite3.connect(tmp_path / "costs.sqlite") as db:
+        db.execute("INSERT INTO costs VALUES ('bad', 'fast', '', 0)")
+    assert main(["cache", "--cache-dir", str(tmp_path)]) == 0
+    assert "1 damaged row(s)" in capsys.readouterr().out
+    with sqlite3.connect(tmp_path / "costs.sqlite") as db:
+        db.execute("UPDATE meta SET v = '99' WHERE k = 'schema'")
+    assert main(["cache", "--cache-dir", str(tmp_path)]) == 0
+    assert "schema version '99'" in capsys.readouterr().out
+
+
 def test_cache_stats_of_an_empty_cache_and_bad_argument(tmp_path):
     cache = CostCache(str(tmp_path))
     try:
