@@ -38,7 +38,7 @@ from benchmarks.harness import (
 )
 from torch_collage.backends import Backend, get_backend
 from torch_collage.timing import torch_threads
-from torch_collage.zoo import ZooModel, get_model, list_models
+from torch_zoo import ZooModel, get_model, list_models
 
 __all__ = ["BACKENDS", "SUBSETS", "main", "parse_args", "run_baselines", "runner"]
 

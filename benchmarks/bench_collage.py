@@ -51,7 +51,7 @@ from torch_collage.options import CollageOptions
 from torch_collage.place import measurement_count
 from torch_collage.report import GraphReport
 from torch_collage.timing import torch_threads
-from torch_collage.zoo import ZooModel, get_model, list_models
+from torch_zoo import ZooModel, get_model, list_models
 
 __all__ = ["main", "parse_args", "run"]
 

@@ -37,7 +37,7 @@ from benchmarks.harness import (
     write_results,
 )
 from torch_collage import explain
-from torch_collage.zoo import get_model
+from torch_zoo import get_model
 
 COLUMNS = (
     Column("model", "model"),

@@ -14,7 +14,7 @@ import torch
 import torch_collage
 from torch_collage.backends import get_backend
 from torch_collage.timing import measure
-from torch_collage.zoo import get_model
+from torch_zoo import get_model
 
 
 def main() -> None:

@@ -5,8 +5,9 @@
 to see the placement; ``torch_collage.compile_exported(model, *inputs)`` for a placed model called
 without dynamo (captured by ``torch.export``); ``torch_collage.register_backend(...)`` to add a backend.
 
-Subpackages: ``torch_collage.backends`` (the runners), ``torch_collage.zoo`` (benchmark models with
-random weights), ``torch_collage.timing`` (the timing core shared by the cost model and benchmarks).
+Subpackages: ``torch_collage.backends`` (each backend's spec and runner; the registry),
+``torch_collage.timing`` (the timing core shared by the cost model and benchmarks). Benchmark models
+with random weights live in the separate package ``torch_zoo``.
 Pipeline modules, in the order data flows: ``entry`` (dynamo backend) and ``options``;
 ``backends`` (each backend's ``BackendSpec``: what it can run, in ``backends.base``; the one registry,
 ``backends.registry``); ``graph`` (units, bitsets,

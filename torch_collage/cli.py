@@ -5,7 +5,7 @@
     python -m torch_collage cache --clear             # delete its costs and compiled partitions
     python -m torch_collage explain mlp --size tiny --backends eager,inductor,onnxruntime --save p.png
 
-``explain`` places a model of ``torch_collage.zoo`` with ``torch_collage.explain`` and prints the
+``explain`` places a model of ``torch_zoo`` with ``torch_collage.explain`` and prints the
 report; for your own model call ``torch_collage.explain(model, *inputs, **options)`` from Python.
 Exit status: 0 on success, 2 on bad arguments (with the reason on stderr).
 """
@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cache)
 
     p = sub.add_parser("explain", help="place a zoo model and print the report")
-    p.add_argument("model", help="a torch_collage.zoo model name (e.g. mlp, dlrm, bert)")
+    p.add_argument("model", help="a torch_zoo model name (e.g. mlp, dlrm, bert)")
     p.add_argument("--size", choices=("tiny", "full"), default="tiny")
     p.add_argument("--batch", type=int, default=None, help="default: the zoo's batch for the size")
     p.add_argument("--backends", default="", help="comma-separated; default: every available backend")
@@ -124,7 +124,7 @@ def _cache(args: argparse.Namespace) -> int:
 
 def _explain(args: argparse.Namespace) -> int:
     import torch_collage
-    from torch_collage.zoo import get_model
+    from torch_zoo import get_model
 
     zoo = get_model(args.model)
     model, inputs = zoo.build(args.size), zoo.example_inputs(args.size, args.batch)

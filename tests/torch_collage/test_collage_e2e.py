@@ -15,7 +15,7 @@ from torch import fx, nn
 import torch_collage
 from torch_collage.backends.registry import registered_backend
 from torch_collage.cache import CostCache
-from torch_collage.zoo import get_model
+from torch_zoo import get_model
 
 _FAST = {"max_depth": 2, "repeats": 5, "warmup": 1}
 

@@ -118,7 +118,7 @@ def test_plan_bad_inputs():
 
 @pytest.mark.parametrize("name", ["mmt", "dlrm", "candle_uno"])
 def test_plan_zoo_models(name):
-    zoo = pytest.importorskip("torch_collage.zoo")
+    zoo = pytest.importorskip("torch_zoo")
     spec = zoo.get_model(name)
     model, inputs = spec.build("tiny"), spec.example_inputs("tiny", 8)
     dag = plan(model, inputs, 4, 4, "dag", repeats=1)

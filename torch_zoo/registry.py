@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from torch_collage.zoo.candle_uno import UNO_ZOO
-from torch_collage.zoo.dcgan import DCGAN_ZOO
-from torch_collage.zoo.dlrm import DLRM_ZOO
-from torch_collage.zoo.mlp import MLP_ZOO
-from torch_collage.zoo.mmt import MMT_ZOO
-from torch_collage.zoo.mobilenet import MOBILENET_ZOO
-from torch_collage.zoo.nasnet import NASNET_ZOO
-from torch_collage.zoo.resnets import RESNET_ZOO
-from torch_collage.zoo.spec import Task, ZooModel
-from torch_collage.zoo.transformers import TRANSFORMER_ZOO
+from torch_zoo.candle_uno import UNO_ZOO
+from torch_zoo.dcgan import DCGAN_ZOO
+from torch_zoo.dlrm import DLRM_ZOO
+from torch_zoo.mlp import MLP_ZOO
+from torch_zoo.mmt import MMT_ZOO
+from torch_zoo.mobilenet import MOBILENET_ZOO
+from torch_zoo.model import Task, ZooModel
+from torch_zoo.nasnet import NASNET_ZOO
+from torch_zoo.resnets import RESNET_ZOO
+from torch_zoo.transformers import TRANSFORMER_ZOO
 
 __all__ = ["get_model", "list_models"]
 

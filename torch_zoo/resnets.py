@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from torch_collage.zoo.spec import Size, ZooModel
+from torch_zoo.model import Size, ZooModel
 
 __all__ = ["RESNET_ZOO", "BasicBlock", "Bottleneck", "ResNeXtBody", "ResNet18"]
 

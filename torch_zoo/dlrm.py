@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_collage.zoo.spec import Size, ZooModel
+from torch_zoo.model import Size, ZooModel
 
 __all__ = ["DLRM", "DLRM_DENSE", "DLRM_SPARSE", "DLRM_ZOO", "DenseBranch", "EmbeddingBag"]
 

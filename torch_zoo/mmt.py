@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_collage.zoo.attention import TransformerLayer
-from torch_collage.zoo.spec import Size, ZooModel
+from torch_zoo.attention import TransformerLayer
+from torch_zoo.model import Size, ZooModel
 
 __all__ = ["MMT_BRANCHES", "MMT_LAYERS", "MMT_ZOO", "ModalityBranch", "MultiModalTransformer"]
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from torch_collage.zoo.attention import TransformerLayer
-from torch_collage.zoo.spec import InputFactory, Size, ZooModel
+from torch_zoo.attention import TransformerLayer
+from torch_zoo.model import InputFactory, Size, ZooModel
 
 __all__ = ["GPT2", "TRANSFORMER_ZOO", "Bert"]
 

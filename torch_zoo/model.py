@@ -9,7 +9,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-from torch_collage.zoo.weights import calibrate_batchnorm, init_weights
+from torch_zoo.weights import calibrate_batchnorm, init_weights
 
 __all__ = ["InputFactory", "Size", "TargetFactory", "Task", "ZooModel", "check_size"]
 

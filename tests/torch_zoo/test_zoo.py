@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.fx
 
-from torch_collage.zoo import ZooModel, get_model, list_models
+from torch_zoo import ZooModel, get_model, list_models
 
 TRAINING = ["mmt", "dlrm", "candle_uno"]
 
@@ -151,3 +151,16 @@ def test_gpt2_is_causal() -> None:
     before, after = _run(model, (ids,)), _run(model, (changed,))
     torch.testing.assert_close(after[:, :-1], before[:, :-1], rtol=0, atol=0)
     assert not torch.allclose(after[:, -1], before[:, -1])
+
+
+def test_importing_the_zoo_loads_no_compiler():
+    """The zoo is shared by the three packages' tests and benchmarks: importing it loads neither
+    torch_collage nor dynamo."""
+    import subprocess
+    import sys
+
+    code = "import sys, torch_zoo; print(sorted(m for m in ('torch._dynamo', 'torch_collage', 'triton') if m in sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "[]"

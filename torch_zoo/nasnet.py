@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from torch_collage.zoo.spec import Size, ZooModel
+from torch_zoo.model import Size, ZooModel
 
 __all__ = ["NASNET_ZOO", "Block", "Cell", "NASNet"]
 
