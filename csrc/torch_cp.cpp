@@ -22,9 +22,10 @@ TORCH_LIBRARY(torch_cp, m) {
   m.def("merge_states(Tensor out, Tensor lse) -> (Tensor, Tensor)");
   // q: [B, Hq, Sq, D]; k, v: [B, Hkv, L, D] (one dtype: float32/float16/bfloat16/float64), Hq % Hkv == 0.
   // kv_lens [B]: valid keys per row; kv_pos [B, L]: key positions; q_pos [B]: position of query 0
-  // (required with is_causal or window >= 0); window < 0: none; num_splits 0: automatic.
+  // (required with is_causal or window >= 0); window < 0: none; num_splits 0: automatic;
+  // attn_mask: bool (true = attend) or additive float mask broadcastable to [B, Hq, Sq, L].
   // Returns out [B, Hq, Sq, D] float32 and lse [B, Hq, Sq] float32 (natural log; -inf when empty).
   m.def(
       "decode_attention(Tensor q, Tensor k, Tensor v, Tensor? kv_lens, Tensor? kv_pos, Tensor? q_pos, "
-      "float scale, float softcap, bool is_causal, int window, int num_splits) -> (Tensor, Tensor)");
+      "float scale, float softcap, bool is_causal, int window, int num_splits, Tensor? attn_mask=None) -> (Tensor, Tensor)");
 }

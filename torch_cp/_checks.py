@@ -1,7 +1,7 @@
 """Validation of `torch_cp.attention` arguments: clear errors naming the argument and its value.
 
 A wrong type (a bool ``window``, a float ``kv_lens``) raises ``TypeError``; a wrong value or shape
-raises ``ValueError``. The kernels check the same again in C++ (see [Note: decode_attention argument
+raises ``ValueError``, and so does an ``attn_mask`` tensor of the wrong dtype (as the kernels' checks do). The kernels check the same again in C++ (see [Note: decode_attention argument
 checks] in csrc/cpu/decode_args.h), so an op called directly cannot read past a tensor either.
 """
 
@@ -106,15 +106,27 @@ def _check_scalars(scale: object, softcap: object, window: object, num_splits: o
         raise ValueError(f"attention: num_splits must be >= 0 (0: automatic), got {num_splits!r}")
 
 
-def _check_mask(attn_mask: object, is_causal: bool) -> None:
+def _mask_error(op: str, attn_mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> str:
+    """Why ``attn_mask`` cannot mask ``q [B, Hq, Sq, D]`` against ``k [B, Hkv, L, D]``, or ""."""
+    full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    shape = list(attn_mask.shape)
+    if attn_mask.dim() > 4 or any(s not in (1, n) for s, n in zip(reversed(shape), reversed(full))):
+        return f"{op}: attn_mask of shape {shape} is not broadcastable to [B, Hq, Sq, L] = {list(full)}"
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        return f"{op}: attn_mask (shape {shape}) must be bool or floating point, got {attn_mask.dtype}"
+    if attn_mask.device != q.device:
+        return f"{op}: attn_mask is on {attn_mask.device} but q is on {q.device}"
+    return ""
+
+
+def _check_mask(attn_mask: object, q: torch.Tensor, k: torch.Tensor) -> None:
     if attn_mask is None:
         return
     if not isinstance(attn_mask, torch.Tensor):
         raise TypeError(f"attention: attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
-    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-        raise TypeError(f"attention: attn_mask must be bool or floating point, got {attn_mask.dtype}")
-    if is_causal:
-        raise ValueError("attention: pass either attn_mask or is_causal=True, not both")
+    error = _mask_error("attention", attn_mask, q, k)
+    if error:
+        raise ValueError(error)
 
 
 def check_state_args(q, k, v, options: dict) -> None:
@@ -126,7 +138,7 @@ def check_state_args(q, k, v, options: dict) -> None:
     _check_qkv(q, k, v)
     _check_heads(q, k, enable_gqa=True)
     _check_flag("is_causal", options["is_causal"])
-    _check_mask(options["attn_mask"], options["is_causal"])
+    _check_mask(options["attn_mask"], q, k)
     _check_scalars(options["scale"], options["softcap"], options["window"], options["num_splits"])
     b, kv_len = q.shape[0], k.shape[2]
     _check_positions("kv_lens", options["kv_lens"], (b,), q.device)
@@ -162,7 +174,7 @@ def _check_op_index(
 
 
 def check_decode_op_args(
-    op, q, k, v, kv_lens, kv_pos, q_pos, scale, softcap, is_causal, window, num_splits
+    op, q, k, v, kv_lens, kv_pos, q_pos, scale, softcap, is_causal, window, num_splits, attn_mask=None
 ) -> None:
     """The checks of a ``decode_attention`` op's arguments, as the C++ kernels make them.
 
@@ -194,6 +206,9 @@ def check_decode_op_args(
     _check_op_index(op, "q_pos", q_pos, (b,), q)
     if (is_causal or window >= 0) and q_pos is None:
         raise ValueError(f"{op}: q_pos [B] is required with is_causal or window")
+    error = "" if attn_mask is None else _mask_error(op, attn_mask, q, k)
+    if error:
+        raise ValueError(error)
 
 
 # --- the call's signature, compared across ranks (see [Note: ranks agree on the call]) --------------

@@ -52,6 +52,6 @@ if HAS_CPU_KERNELS:
 
     @torch.library.register_fake("torch_cp::decode_attention")
     def _decode_attention_fake(
-        q, k, v, kv_lens, kv_pos, q_pos, scale, softcap, is_causal, window, num_splits
+        q, k, v, kv_lens, kv_pos, q_pos, scale, softcap, is_causal, window, num_splits, attn_mask=None
     ):
         return q.new_empty(q.shape, dtype=torch.float32), q.new_empty(q.shape[:-1], dtype=torch.float32)

@@ -37,12 +37,10 @@ def _triton_ops() -> tuple[ModuleType | None, str]:
     return triton_ops, ""
 
 
-def _unusable(name: str, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, grad: bool) -> str:
+def _unusable(name: str, q: torch.Tensor, k: torch.Tensor, grad: bool) -> str:
     """Why backend ``name`` cannot run this call, or "" when it can."""
     if name == "reference":
         return ""
-    if attn_mask is not None:
-        return "it takes no attn_mask (only the reference does)"
     if grad:
         return "inputs require grad and the kernels have no backward (the reference path is differentiable)"
     if name in ("cpp", "cuda") and q.dtype == torch.float64:
@@ -66,29 +64,27 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _pick_backend(
-    backend: Backend, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, grad: bool
-) -> str:
+def _pick_backend(backend: Backend, q: torch.Tensor, k: torch.Tensor, grad: bool) -> str:
     if backend not in _BACKENDS:
         raise ValueError(f"attention: backend must be one of {_BACKENDS}, got {backend!r}")
     if backend != "auto":
-        reason = _unusable(backend, q, k, attn_mask, grad)
+        reason = _unusable(backend, q, k, grad)
         if reason:
             raise ValueError(f"attention: backend={backend!r} cannot run this call: {reason}")
         return backend
     for name in ("cuda", "triton") if q.device.type == "cuda" else ("cpp",):
-        if not _unusable(name, q, k, attn_mask, grad):
+        if not _unusable(name, q, k, grad):
             return name
     if grad:
         _warn_once(
             "torch_cp.attention: inputs require grad, so calls run on the differentiable pure-PyTorch "
             "reference (the kernels have no backward); wrap inference in torch.no_grad() to use them"
         )
-    elif attn_mask is None and (q.dtype == torch.float64 or q.device.type == "cuda"):
+    elif q.dtype == torch.float64 or q.device.type == "cuda":
         first = "cuda" if q.device.type == "cuda" else "cpp"
         _warn_once(
             f"torch_cp.attention: {q.dtype} q {tuple(q.shape)} on {q.device.type} runs on the pure-PyTorch "
-            f"reference ({first}: {_unusable(first, q, k, None, grad)})"
+            f"reference ({first}: {_unusable(first, q, k, grad)})"
         )
     return "reference"
 
@@ -132,7 +128,7 @@ def _state(q, k, v, options: dict, backend: Backend) -> tuple[torch.Tensor, torc
     """attention_state on validated arguments."""
     scale = q.shape[-1] ** -0.5 if options["scale"] is None else float(options["scale"])
     softcap, window, attn_mask = float(options["softcap"] or 0.0), options["window"], options["attn_mask"]
-    name = _pick_backend(backend, q, k, attn_mask, _needs_grad(q, k, v, attn_mask))
+    name = _pick_backend(backend, q, k, _needs_grad(q, k, v, attn_mask))
     positions = {n: options[n] for n in ("is_causal", "window", "kv_lens", "kv_pos", "q_pos")}
     if name == "reference":
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -146,13 +142,13 @@ def _state(q, k, v, options: dict, backend: Backend) -> tuple[torch.Tensor, torc
     op = triton_ops.decode_attention if triton_ops is not None else _ops.decode_attention_op
     return op(
         q, k, v, positions["kv_lens"], positions["kv_pos"], positions["q_pos"], scale, softcap,
-        options["is_causal"], -1 if window is None else int(window), int(options["num_splits"]),
+        options["is_causal"], -1 if window is None else int(window), int(options["num_splits"]), attn_mask,
     )  # fmt: skip
 
 
 def _default_q_pos(batch, q_len, kv_len, kv_lens, kv_pos, device) -> torch.Tensor:
     """The queries are the last ``q_len`` positions (see [Note: key and query positions])."""
-    lens = torch.full((batch,), kv_len, device=device) if kv_lens is None else kv_lens.long()
+    lens = torch.full((batch,), kv_len, device=device) if kv_lens is None else kv_lens.long().clamp(0, kv_len)
     if kv_pos is None:
         return lens - q_len
     if kv_len == 0:
@@ -191,7 +187,11 @@ def attention(
         k, v: ``[B, Hkv, L, D]`` this rank's shard of the keys and values, dtype of ``q``;
             ``Hq % Hkv == 0`` (GQA/MQA need ``enable_gqa=True``, as in SDPA).
         attn_mask: bool (True = attend) or additive float mask broadcastable to ``[B, Hq, Sq, L]``
-            over the local keys (runs the pure-PyTorch path).
+            over the local keys, combined with ``is_causal``/``window``/``kv_lens`` (a key must pass
+            all). Every backend takes it; a broadcast mask is never materialised, and tiles of keys that
+            no query sees (False, or ``-inf`` in an additive mask) are skipped unread, so a static cache
+            of ``Lmax`` slots holding ``L`` tokens costs ~``L``. ``-inf`` hides a key like False (a
+            hidden NaN key never makes a row NaN).
         dropout_p: must be 0.0.
         is_causal: key position ``<=`` query position. Unlike SDPA (top-left aligned), the ``Sq``
             queries are the **last** ``Sq`` positions of the whole sequence, as in decoding.

@@ -86,7 +86,8 @@ def attention_reference(
 
     Args:
         q: ``[B, Hq, Sq, D]``; k, v: ``[B, Hkv, L, D]`` with ``Hq % Hkv == 0`` (GQA/MQA).
-        attn_mask: optional bool (True = attend) or additive float mask broadcastable to ``[B, Hq, Sq, L]``.
+        attn_mask: optional bool (True = attend) or additive float mask broadcastable to ``[B, Hq, Sq, L]``
+            (added after softcap; ``-inf`` hides the key like False).
         scale: score scale, default ``1/sqrt(D)``. softcap: ``s -> softcap * tanh(s / softcap)``.
         positions: ``is_causal``, ``window``, ``kv_lens``, ``kv_pos``, ``q_pos`` of :func:`visible_keys`.
 
@@ -98,10 +99,11 @@ def attention_reference(
     [Note: NaN in attention]
     As in SDPA's math path: a NaN or ``+inf`` score (NaN in ``q`` or in a visible key, ``+inf`` in a
     key) makes its query row NaN, ``out`` and ``lse``; a NaN in a visible value makes that row's
-    ``out`` NaN. A hidden key (masked, or past ``kv_lens``) never makes a row NaN, and slots past
-    ``kv_lens`` are never read at all (a static cache's unused slots may hold anything). The value
-    of a key inside ``kv_lens`` hidden by a mask has weight 0, and 0·NaN may still reach a row (as in
-    SDPA's math path; the kernels differ there). A row with no visible key is ``out = 0``,
+    ``out`` NaN. A hidden key (False or ``-inf`` in ``attn_mask``, hidden by position, or past
+    ``kv_lens``) never makes a row NaN, and slots past ``kv_lens`` are never read at all (a static
+    cache's unused slots may hold anything). The value of a key inside ``kv_lens`` hidden by a mask
+    has weight 0, and 0·NaN may still reach a row (as in SDPA's math path; the kernels differ there:
+    they never read a tile of keys that no query sees). A row with no visible key is ``out = 0``,
     ``lse = -inf`` whatever the hidden values hold. Every backend follows this note, and the merges
     keep a NaN row NaN (see [Note: merge of partial states]).
     """
@@ -119,7 +121,8 @@ def attention_reference(
         scores = softcap * torch.tanh(scores / softcap)
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         visible = visible & attn_mask
-    elif attn_mask is not None:
+    elif attn_mask is not None:  # -inf hides a key, as False does
+        visible = visible & (attn_mask != float("-inf"))
         scores = scores + attn_mask.to(compute_dtype)
     scores = scores.masked_fill(~visible, float("-inf"))
     return _softmax_values(scores, vc)

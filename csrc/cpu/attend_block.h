@@ -22,7 +22,7 @@ struct TileArgs {
   const float* q;    // [rows, dim] query rows, already multiplied by the score scale
   const float* k;    // [n_keys, ...] key rows, ld_k floats apart
   const float* v;    // [n_keys, ...] value rows, ld_v floats apart
-  const float* bias; // [rows, n_keys] additive mask (0 or -inf), or nullptr
+  const float* bias; // [rows, n_keys] added to the scores (-inf: hidden), or nullptr
   int64_t rows, dim, n_keys, ld_k, ld_v;
   float softcap;     // 0: off; else s -> softcap * tanh(s / softcap)
 };

@@ -170,9 +170,9 @@ TORCH_CP_INLINE void compute_scores(const TileArgs& a, float* scores) {
   if (a.softcap > 0.f) {
     for (int64_t i = 0; i < n; ++i) scores[i] = a.softcap * std::tanh(scores[i] / a.softcap);
   }
-  if (a.bias != nullptr) {  // a select, not an add: a hidden NaN or +inf score must not become NaN
+  if (a.bias != nullptr) {  // -inf selects, not adds: a hidden NaN or +inf score must not become NaN
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) scores[i] = a.bias[i] == 0.f ? scores[i] : kNegInf;
+    for (int64_t i = 0; i < n; ++i) scores[i] = a.bias[i] == kNegInf ? kNegInf : scores[i] + a.bias[i];
   }
 }
 

@@ -8,12 +8,16 @@
 // softcap >= 0, window < 0 or >= 1, num_splits >= 0). Optional tensors of any layout are accepted:
 // the kernels read contiguous int64 copies of them. float64 is refused: the kernels compute in
 // float32, and torch_cp.attention computes float64 on its float64 reference path instead.
+// attn_mask: bool or floating point, on q's device, at most 4-D and broadcastable to [B, Hq, Sq, L]
+// (each of its trailing dims 1 or equal); the kernels read it through the strides of its expansion
+// (0 on broadcast dims), so a broadcast mask is never materialised.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <cmath>
 #include <optional>
+#include <vector>
 
 namespace torch_cp {
 
@@ -49,12 +53,31 @@ inline void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   TORCH_CHECK_VALUE(q.size(3) > 0, "decode_attention: head dim must be >= 1, got q ", q.sizes());
 }
 
+inline void check_mask(const std::optional<at::Tensor>& mask, const at::Tensor& q, const at::Tensor& k) {
+  if (!mask.has_value()) return;
+  TORCH_CHECK_VALUE(mask->defined(), "decode_attention: attn_mask is an undefined tensor");
+  const std::vector<int64_t> full{q.size(0), q.size(1), q.size(2), k.size(2)};
+  bool broadcastable = mask->dim() <= 4;
+  for (int64_t i = 1; broadcastable && i <= mask->dim(); ++i) {
+    const int64_t size = mask->size(-i);
+    broadcastable = size == 1 || size == full[4 - i];
+  }
+  TORCH_CHECK_VALUE(broadcastable, "decode_attention: attn_mask of shape ", mask->sizes(),
+                    " is not broadcastable to [B, Hq, Sq, L] = ", at::IntArrayRef(full));
+  const auto dtype = mask->scalar_type();
+  TORCH_CHECK_VALUE(dtype == at::kBool || at::isFloatingType(dtype), "decode_attention: attn_mask (shape ",
+                    mask->sizes(), ") must be bool or floating point, got ", dtype);
+  TORCH_CHECK_VALUE(mask->device() == q.device(), "decode_attention: attn_mask is on ", mask->device(),
+                    " but q is on ", q.device());
+}
+
 // See [Note: decode_attention argument checks].
 inline void check_decode_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const std::optional<at::Tensor>& kv_lens, const std::optional<at::Tensor>& kv_pos,
                               const std::optional<at::Tensor>& q_pos, double scale, double softcap, bool is_causal,
-                              int64_t window, int64_t num_splits) {
+                              int64_t window, int64_t num_splits, const std::optional<at::Tensor>& attn_mask) {
   check_qkv(q, k, v);
+  check_mask(attn_mask, q, k);
   TORCH_CHECK_VALUE(std::isfinite(scale), "decode_attention: scale must be finite, got ", scale);
   TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0,
                     "decode_attention: softcap must be finite and >= 0 (0: off), got ", softcap);

@@ -1,11 +1,19 @@
 // Split-KV decode attention with log-sum-exp on the CPU: the op torch_cp::decode_attention.
 //
 // Work is split over (batch, KV head, key split); each task runs the online softmax of
-// attend_tile over its keys for every query row of the GQA group (see [Note: CPU decode kernel]),
-// then the splits are merged exactly (see [Note: merge of partial states]).
+// attend_tile over its tiles of keys for every query row of the GQA group (see [Note: CPU decode
+// kernel]), then the splits are merged exactly (see [Note: merge of partial states]).
 // Key/query positions for the causal and sliding-window masks follow
 // [Note: key and query positions] in torch_cp/reference.py; the Python wrapper always passes
 // q_pos when a mask is needed.
+//
+// [Note: skipping hidden tiles]
+// Keys are read in tiles of kTile. With attn_mask, is_causal or window, a first pass marks which
+// tiles of each (batch row, KV head) any of its query rows sees (a scan that stops at the first
+// visible key, so a visible tile costs one probe); the splits then share the visible tiles evenly
+// and never read the keys and values of the others, nor prefetch them. A static cache of Lmax slots
+// holding L tokens, masked by attn_mask, so costs ~L, not Lmax. A hidden key never reaches a row
+// (as [Note: NaN in attention] asks), so skipping changes no result.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -13,6 +21,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -29,6 +38,17 @@ constexpr int64_t kTile = 32;
 constexpr int64_t kMinKeysPerSplit = 256;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// attn_mask as the kernel reads it: bool (true = attend) or float32 (added; -inf = hidden), indexed by
+// the strides of its expansion to [B, Hq, Sq, L] (0 on broadcast dims).
+struct Mask {
+  const bool* flags = nullptr;   // bool mask, or nullptr
+  const float* values = nullptr; // additive mask, or nullptr
+  int64_t sb = 0, sh = 0, sq = 0, sl = 0;
+  bool any() const { return flags != nullptr || values != nullptr; }
+  // The bias of element `i` (an offset from the strides): 0 or -inf for a bool mask, the value else.
+  float bias(int64_t i) const { return flags ? (flags[i] ? 0.f : kNegInf) : values[i]; }
+};
+
 struct Problem {
   int64_t batch, q_heads, kv_heads, q_len, kv_len, dim, group, splits;
   float scale, softcap;
@@ -37,31 +57,73 @@ struct Problem {
   const int64_t* kv_lens;  // [B] or nullptr
   const int64_t* kv_pos;   // [B, L] or nullptr
   const int64_t* q_pos;    // [B] or nullptr (needed when causal or window >= 0)
+  Mask mask;
   int64_t rows() const { return group * q_len; }
-  bool masked() const { return causal || window >= 0; }
+  bool positional() const { return causal || window >= 0; }
+  bool masked() const { return positional() || mask.any(); }
+  int64_t length(int64_t b) const { return kv_lens ? std::clamp<int64_t>(kv_lens[b], 0, kv_len) : kv_len; }
+  // Offset in the mask of query row r (of KV head h's group) of batch row b, at key 0.
+  int64_t mask_row(int64_t b, int64_t h, int64_t r) const {
+    return b * mask.sb + (h * group + r / q_len) * mask.sh + (r % q_len) * mask.sq;
+  }
+  // Whether position masks hide key t (global position kp) from query row r.
+  bool hidden_by_position(int64_t b, int64_t r, int64_t t) const {
+    if (!positional()) return false;
+    const int64_t qp = q_pos[b] + r % q_len, kp = kv_pos ? kv_pos[b * kv_len + t] : t;
+    return (causal && kp > qp) || (window >= 0 && kp <= qp - window);
+  }
 };
 
 // Per-thread buffers of one task.
 struct Scratch {
   std::vector<float> q, k, v, bias, scores, m, l, acc;
+  std::vector<int64_t> tiles;
   explicit Scratch(const Problem& p)
       : q(p.rows() * p.dim), k(kTile * p.dim), v(kTile * p.dim), bias(p.rows() * kTile),
         scores(p.rows() * kTile), m(p.rows()), l(p.rows()), acc(p.rows() * p.dim) {}
 };
 
-// Fills the additive mask of one tile; returns false when nothing in it is masked.
-bool fill_bias(const Problem& p, int64_t b, int64_t t0, int64_t n, float* bias) {
+// Whether any query row of KV head h sees any of keys [t0, t0 + n) (see [Note: skipping hidden
+// tiles]). Rows that differ only in their head share a mask row when the mask broadcasts over heads.
+bool tile_visible(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t n) {
+  const int64_t rows = p.mask.sh == 0 || !p.mask.any() ? p.q_len : p.rows();
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t row = p.mask.any() ? p.mask_row(b, h, r) : 0;
+    for (int64_t t = t0; t < t0 + n; ++t) {
+      if (p.hidden_by_position(b, r, t)) continue;
+      if (!p.mask.any() || p.mask.bias(row + t * p.mask.sl) != kNegInf) return true;
+    }
+  }
+  return false;
+}
+
+// Fills the additive mask of one tile [rows, n]; returns false when it is all 0 (nothing to add).
+bool fill_bias(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t n, float* bias) {
   bool any = false;
   for (int64_t r = 0; r < p.rows(); ++r) {
-    const int64_t qp = p.q_pos[b] + r % p.q_len;
+    const int64_t row = p.mask.any() ? p.mask_row(b, h, r) : 0;
     for (int64_t t = 0; t < n; ++t) {
-      const int64_t kp = p.kv_pos ? p.kv_pos[b * p.kv_len + t0 + t] : t0 + t;
-      const bool hidden = (p.causal && kp > qp) || (p.window >= 0 && kp <= qp - p.window);
-      bias[r * n + t] = hidden ? kNegInf : 0.f;
-      any = any || hidden;
+      float x = p.hidden_by_position(b, r, t0 + t) ? kNegInf : 0.f;
+      if (x == 0.f && p.mask.any()) x = p.mask.bias(row + (t0 + t) * p.mask.sl);
+      bias[r * n + t] = x;
+      any = any || x != 0.f;
     }
   }
   return any;
+}
+
+// The tiles (indices, kTile keys each) that one split of (b, h) reads: its share of the visible
+// tiles when `visible` marks them (one byte per tile), else of all tiles of the row's valid keys.
+void split_tiles(const Problem& p, int64_t len, const uint8_t* visible, int64_t split, std::vector<int64_t>& out) {
+  const int64_t n_tiles = (len + kTile - 1) / kTile;
+  int64_t count = n_tiles;
+  if (visible != nullptr) count = std::count(visible, visible + n_tiles, uint8_t{1});
+  const int64_t chunk = (count + p.splits - 1) / p.splits, first = split * chunk, last = first + chunk;
+  out.clear();
+  for (int64_t i = 0, rank = 0; i < n_tiles && rank < last; ++i) {
+    if (visible != nullptr && !visible[i]) continue;
+    if (rank++ >= first) out.push_back(i);
+  }
 }
 
 template <typename scalar_t>
@@ -88,10 +150,9 @@ void prefetch_tile(const scalar_t* rows, int64_t stride, int64_t n, int64_t dim)
 
 template <typename scalar_t>
 void run_task(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t b,
-              int64_t h, int64_t split, Scratch& s, float* out, float* lse) {
-  const int64_t len = p.kv_lens ? std::clamp<int64_t>(p.kv_lens[b], 0, p.kv_len) : p.kv_len;
-  const int64_t chunk = (len + p.splits - 1) / p.splits;
-  const int64_t begin = std::min(len, split * chunk), end = std::min(len, begin + chunk);
+              int64_t h, int64_t split, const uint8_t* visible, Scratch& s, float* out, float* lse) {
+  const int64_t len = p.length(b);
+  split_tiles(p, len, visible, split, s.tiles);
   const auto* qd = q.const_data_ptr<scalar_t>();
   for (int64_t r = 0; r < p.rows(); ++r) {
     const auto* src = qd + b * q.stride(0) + (h * p.group + r / p.q_len) * q.stride(1) + (r % p.q_len) * q.stride(2);
@@ -102,16 +163,19 @@ void run_task(const Problem& p, const at::Tensor& q, const at::Tensor& k, const 
   std::fill(s.acc.begin(), s.acc.end(), 0.f);
   const auto* kd = k.const_data_ptr<scalar_t>() + b * k.stride(0) + h * k.stride(1);
   const auto* vd = v.const_data_ptr<scalar_t>() + b * v.stride(0) + h * v.stride(1);
-  for (int64_t t0 = begin; t0 < end; t0 += kTile) {
-    const int64_t n = std::min(kTile, end - t0);
-    const int64_t next = std::min(kTile, end - t0 - n);
-    prefetch_tile(kd + (t0 + n) * k.stride(2), k.stride(2), next, p.dim);
-    prefetch_tile(vd + (t0 + n) * v.stride(2), v.stride(2), next, p.dim);
+  const auto keys_of = [&](size_t i) { return std::min(kTile, len - s.tiles[i] * kTile); };
+  for (size_t i = 0; i < s.tiles.size(); ++i) {
+    const int64_t t0 = s.tiles[i] * kTile, n = keys_of(i);
+    if (i + 1 < s.tiles.size()) {
+      const int64_t next = s.tiles[i + 1] * kTile;
+      prefetch_tile(kd + next * k.stride(2), k.stride(2), keys_of(i + 1), p.dim);
+      prefetch_tile(vd + next * v.stride(2), v.stride(2), keys_of(i + 1), p.dim);
+    }
     TileArgs a{};
     a.q = s.q.data();
     a.k = tile_rows(kd + t0 * k.stride(2), k.stride(2), n, p.dim, s.k.data(), a.ld_k);
     a.v = tile_rows(vd + t0 * v.stride(2), v.stride(2), n, p.dim, s.v.data(), a.ld_v);
-    a.bias = p.masked() && fill_bias(p, b, t0, n, s.bias.data()) ? s.bias.data() : nullptr;
+    a.bias = p.masked() && fill_bias(p, b, h, t0, n, s.bias.data()) ? s.bias.data() : nullptr;
     a.rows = p.rows();
     a.dim = p.dim;
     a.n_keys = n;
@@ -136,13 +200,47 @@ int64_t choose_splits(int64_t requested, int64_t tasks, int64_t kv_len) {
   return std::clamp<int64_t>(std::min(want, kv_len / kMinKeysPerSplit), 1, 64);
 }
 
+// attn_mask as a Mask over its expansion to [B, Hq, Sq, L]; `keep` holds the float32 copy of a
+// non-float32 additive mask (made at the mask's own shape, never at the broadcast one).
+Mask make_mask(const std::optional<at::Tensor>& attn_mask, const Problem& p, at::Tensor& keep) {
+  Mask m;
+  if (!attn_mask) return m;
+  const bool flags = attn_mask->scalar_type() == at::kBool;
+  keep = *attn_mask;
+  for (int64_t d = 0; d < keep.dim(); ++d)  // an expanded mask converts at its own size
+    if (keep.stride(d) == 0 && keep.size(d) > 1) keep = keep.narrow(d, 0, 1);
+  if (!flags && keep.scalar_type() != at::kFloat) keep = keep.to(at::kFloat);
+  const auto full = keep.expand({p.batch, p.q_heads, p.q_len, p.kv_len});
+  if (flags) m.flags = full.const_data_ptr<bool>();
+  else m.values = full.const_data_ptr<float>();
+  m.sb = full.stride(0), m.sh = full.stride(1), m.sq = full.stride(2), m.sl = full.stride(3);
+  return m;
+}
+
+// [B, Hkv, n_tiles] bytes, 1 where some query row of (b, h) sees a key of the tile (see [Note:
+// skipping hidden tiles]); empty when nothing is masked (every tile of the valid keys is read).
+std::vector<uint8_t> visible_tiles(const Problem& p) {
+  std::vector<uint8_t> visible;
+  if (!p.masked()) return visible;
+  const int64_t n_tiles = (p.kv_len + kTile - 1) / kTile;
+  visible.assign(p.batch * p.kv_heads * n_tiles, 0);
+  at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / p.kv_heads, h = bh % p.kv_heads, len = p.length(b);
+      for (int64_t i = 0; i * kTile < len; ++i)
+        visible[bh * n_tiles + i] = tile_visible(p, b, h, i * kTile, std::min(kTile, len - i * kTile));
+    }
+  });
+  return visible;
+}
+
 std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                         const std::optional<at::Tensor>& kv_lens,
                                                         const std::optional<at::Tensor>& kv_pos,
                                                         const std::optional<at::Tensor>& q_pos, double scale,
                                                         double softcap, bool is_causal, int64_t window,
-                                                        int64_t num_splits) {
-  check_decode_args(q, k, v, kv_lens, kv_pos, q_pos, scale, softcap, is_causal, window, num_splits);
+                                                        int64_t num_splits, const std::optional<at::Tensor>& attn_mask) {
+  check_decode_args(q, k, v, kv_lens, kv_pos, q_pos, scale, softcap, is_causal, window, num_splits, attn_mask);
   const auto qc = q.stride(3) == 1 ? q : q.contiguous();
   const auto kc = k.stride(3) == 1 ? k : k.contiguous();
   const auto vc = v.stride(3) == 1 ? v : v.contiguous();
@@ -153,9 +251,12 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& q, con
   Problem p{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), q.size(1) / k.size(1), 1,
             static_cast<float>(scale), static_cast<float>(softcap), is_causal, window,
             lens ? lens->const_data_ptr<int64_t>() : nullptr, pos ? pos->const_data_ptr<int64_t>() : nullptr,
-            qpos ? qpos->const_data_ptr<int64_t>() : nullptr};
-  const int64_t tasks = p.batch * p.kv_heads;
+            qpos ? qpos->const_data_ptr<int64_t>() : nullptr, Mask{}};
+  at::Tensor mask_storage;
+  p.mask = make_mask(attn_mask, p, mask_storage);
+  const int64_t tasks = p.batch * p.kv_heads, n_tiles = (p.kv_len + kTile - 1) / kTile;
   p.splits = choose_splits(num_splits, tasks, p.kv_len);
+  const std::vector<uint8_t> visible = visible_tiles(p);
   const int64_t rows = p.batch * p.q_heads * p.q_len;
   auto f32 = q.options().dtype(at::kFloat);
   auto out = at::empty({p.splits, rows, p.dim}, f32);
@@ -165,7 +266,8 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(const at::Tensor& q, con
       Scratch scratch(p);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t split = i % p.splits, bh = i / p.splits;
-        run_task<scalar_t>(p, qc, kc, vc, bh / p.kv_heads, bh % p.kv_heads, split, scratch,
+        const uint8_t* tiles = visible.empty() ? nullptr : visible.data() + bh * n_tiles;
+        run_task<scalar_t>(p, qc, kc, vc, bh / p.kv_heads, bh % p.kv_heads, split, tiles, scratch,
                            out.mutable_data_ptr<float>() + split * rows * p.dim,
                            lse.mutable_data_ptr<float>() + split * rows);
       }

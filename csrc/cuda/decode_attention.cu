@@ -17,6 +17,12 @@
 // Scores are in base 2 inside the kernel; lse is stored natural: lse = (m₂ + log2 l)·ln 2.
 // Rows with no visible key keep m = -inf and are stored as out = 0, lse = -inf, never NaN; rows with a
 // NaN or +inf score of a visible key are stored as out = NaN, lse = NaN (see scores_softmax).
+// attn_mask (bool, or float32 added to the scores; -inf hides) is read through the strides of its
+// expansion to [B, Hq, Sq, L]. With a mask, is_causal or window, the block votes on each tile before
+// copying it (tile_visible) and skips a tile that none of its rows sees, never reading its keys and
+// values; the host also cuts each row's keys after the last one the mask shows (trim_to_mask), so a
+// static cache's hidden tail gives no split any work (see [Note: skipping hidden tiles] in
+// csrc/cpu/decode_attention.cpp).
 // Arguments are checked by check_decode_args (csrc/cpu/decode_args.h) before anything runs.
 // Requirements (the host pads otherwise): k, v rows 16-byte aligned and D·sizeof % 16 == 0.
 
@@ -48,6 +54,9 @@ using OptTensor = std::optional<at::Tensor>;
 struct Params {
   const void *q, *k, *v;
   const int64_t *kv_lens, *kv_pos, *q_pos;  // [B], [B, L], [B] or nullptr
+  const bool* mask_flags;                   // bool attn_mask (true = attend), or nullptr
+  const float* mask_values;                 // additive float32 attn_mask, or nullptr
+  int64_t m_sb, m_sh, m_sq, m_sl;           // attn_mask strides over [B, Hq, Sq, L] (0: broadcast)
   float *out, *lse;                         // [S, rows_total, D], [S, rows_total]
   int64_t q_sb, q_sh, q_ss, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, pos_sb, rows_total, window;  // window < 0: none
   int kv_heads, group, q_len, kv_len, dim, rows, row_stride, n_splits;  // rows = group·q_len per KV head
@@ -83,6 +92,39 @@ __device__ __forceinline__ A warp_sum(A x) {
 
 __device__ __forceinline__ float exp2_(float x) { return exp2f(x); }
 __device__ __forceinline__ double exp2_(double x) { return exp2(x); }
+
+// Whether attn_mask lets query row `row` of KV head h's group see key t; `bias` gets its additive value in
+// base 2 (0 for a bool mask or none).
+__device__ __forceinline__ bool mask_shows(const Params& p, int64_t b, int64_t h, int row, int64_t t, float& bias) {
+  bias = 0.f;
+  if (p.mask_flags == nullptr && p.mask_values == nullptr) return true;
+  const int64_t head = h * p.group + row / p.q_len, qi = row % p.q_len;
+  const int64_t i = b * p.m_sb + head * p.m_sh + qi * p.m_sq + t * p.m_sl;
+  if (p.mask_flags != nullptr) return p.mask_flags[i];
+  const float x = p.mask_values[i];
+  bias = x * float(kLog2e);
+  return x != -INFINITY;
+}
+
+// Whether query row `row` sees key t (global position kp) by position (causal, window).
+__device__ __forceinline__ bool position_shows(const Params& p, int64_t b, int row, int64_t kp) {
+  if (!p.causal && p.window < 0) return true;
+  const int64_t qp = p.q_pos[b] + row % p.q_len;
+  return (!p.causal || kp <= qp) && (p.window < 0 || kp > qp - p.window);
+}
+
+// Whether any of the block's rows [row0, row0 + rows) sees any of keys [t0, t0 + n): a vote of the whole
+// block, so every thread must call it (see the note at the top).
+__device__ bool tile_visible(const Params& p, int64_t b, int64_t h, int row0, int rows, int t0, int n) {
+  bool any = false;
+  for (int i = threadIdx.x; i < rows * n && !any; i += kThreads) {
+    const int r = i / n, t = i % n;
+    const int64_t kp = p.kv_pos != nullptr ? p.kv_pos[b * p.pos_sb + t0 + t] : t0 + t;
+    float bias;
+    any = position_shows(p, b, row0 + r, kp) && mask_shows(p, b, h, row0 + r, t0 + t, bias);
+  }
+  return __syncthreads_or(any);
+}
 
 // Stride of one key's row of P in shared memory: padded so that the row stores are conflict-free.
 __host__ __device__ constexpr int p_stride(int r) { return r >= 8 ? r + 4 : r; }
@@ -148,8 +190,9 @@ __device__ void copy_tile(scalar_t* dst, const scalar_t* src, int64_t stride, in
 // warp) and is then treated as masked; the row is stored as NaN at the end (see [Note: NaN in
 // attention] in torch_cp/reference.py).
 template <typename scalar_t, typename acc_t, int R, int KB>
-__device__ void scores_softmax(const Params& p, const acc_t* q_s, const scalar_t* k_tile, int64_t b, int row0, int rows,
-                               int t0, int n, acc_t* m, acc_t* l, bool* nan_row, acc_t* p_s, acc_t* alpha_s) {
+__device__ void scores_softmax(const Params& p, const acc_t* q_s, const scalar_t* k_tile, int64_t b, int64_t h,
+                               int row0, int rows, int t0, int n, acc_t* m, acc_t* l, bool* nan_row, acc_t* p_s,
+                               acc_t* alpha_s) {
   constexpr int RW = R / kWarps;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   acc_t s[RW][KB] = {};
@@ -174,7 +217,6 @@ __device__ void scores_softmax(const Params& p, const acc_t* q_s, const scalar_t
     const int t = lane + 32 * j;
     kp[j] = p.kv_pos != nullptr && t < n ? p.kv_pos[b * p.pos_sb + t0 + t] : t0 + t;
   }
-  const bool masked = p.causal || p.window >= 0;
   const acc_t neg_inf = -INFINITY;
   Pack<acc_t, RW> probs[KB];
 #pragma unroll
@@ -186,13 +228,14 @@ __device__ void scores_softmax(const Params& p, const acc_t* q_s, const scalar_t
       if (lane == 0) alpha_s[r] = 0;
       continue;
     }
-    const int64_t qp = masked ? p.q_pos[b] + (row0 + r) % p.q_len : 0;
     acc_t tile_max = neg_inf;
     bool bad = false;
 #pragma unroll
     for (int j = 0; j < KB; ++j) {
-      const bool visible = lane + 32 * j < n && (!p.causal || kp[j] <= qp) && (p.window < 0 || kp[j] > qp - p.window);
-      const acc_t x = p.cap2 > 0.f ? acc_t(p.cap2) * tanh(s[i][j]) : s[i][j];
+      float bias = 0.f;  // attn_mask's additive value, base 2
+      const bool visible = lane + 32 * j < n && position_shows(p, b, row0 + r, kp[j]) &&
+                           mask_shows(p, b, h, row0 + r, t0 + lane + 32 * j, bias);
+      const acc_t x = (p.cap2 > 0.f ? acc_t(p.cap2) * tanh(s[i][j]) : s[i][j]) + acc_t(bias);
       const bool nonfinite = visible && (x != x || x == acc_t(INFINITY));  // NaN or +inf
       bad = bad || nonfinite;
       s[i][j] = visible && !nonfinite ? x : neg_inf;
@@ -280,16 +323,26 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const Params p) 
   bool nan_row[RW];
 #pragma unroll
   for (int i = 0; i < RW; ++i) m[i] = -INFINITY, l[i] = 0, nan_row[i] = false;
-  if (n_tiles > 0) issue(0);
+  // Whether tile `it` is read: every tile without masks, else only those some row sees (a block vote).
+  const bool votes = p.mask_flags != nullptr || p.mask_values != nullptr || p.causal || p.window >= 0;
+  auto shown = [&](int it) {
+    const int t0 = start + it * KT;
+    return !votes || tile_visible(p, b, h, row0, rows, t0, min(KT, end - t0));
+  };
+  bool next_shown = n_tiles > 0 && shown(0);
+  if (next_shown) issue(0);
   __pipeline_commit();
   for (int it = 0; it < n_tiles; ++it) {
-    if (it + 1 < n_tiles) issue(it + 1);
+    const bool this_shown = next_shown;
+    next_shown = it + 1 < n_tiles && shown(it + 1);
+    if (next_shown) issue(it + 1);
     __pipeline_commit();
     __pipeline_wait_prior(1);
     __syncthreads();  // tile `it` (and, on the first pass, q_s and the zeroed padding) visible to all
+    if (!this_shown) continue;  // the same in every thread: nothing was copied, nothing to add
     const int t0 = start + it * KT, n = min(KT, end - t0), buf = it & 1;
-    scores_softmax<scalar_t, acc_t, R, KB>(p, q_s, k_s + buf * tile_elems, b, row0, rows, t0, n, m, l, nan_row, p_s,
-                                           alpha_s);
+    scores_softmax<scalar_t, acc_t, R, KB>(p, q_s, k_s + buf * tile_elems, b, h, row0, rows, t0, n, m, l, nan_row,
+                                           p_s, alpha_s);
     __syncthreads();
     accumulate_pv<scalar_t, acc_t, R>(p, v_s + buf * tile_elems, n, p_s, alpha_s, acc);
     __syncthreads();  // before this buffer and p_s are overwritten
@@ -331,7 +384,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const Params p) 
 // The op's arguments after padding: k/v rows 16-byte aligned, D a multiple of 16 bytes (q padded to match).
 struct Inputs {
   at::Tensor q, k, v;
-  OptTensor lens, pos, qpos;
+  OptTensor lens, pos, qpos, mask;  // mask: attn_mask expanded to [B, Hq, Sq, L] (bool or float32)
   double scale, softcap;
   bool causal;
   int64_t window, num_splits;
@@ -352,6 +405,13 @@ Params make_params(const Inputs& in, at::Tensor& out, at::Tensor& lse) {
   p.kv_lens = in.lens ? in.lens->const_data_ptr<int64_t>() : nullptr;
   p.kv_pos = in.pos ? in.pos->const_data_ptr<int64_t>() : nullptr;
   p.q_pos = in.qpos ? in.qpos->const_data_ptr<int64_t>() : nullptr;
+  const bool flags = in.mask && in.mask->scalar_type() == at::kBool;
+  p.mask_flags = flags ? in.mask->const_data_ptr<bool>() : nullptr;
+  p.mask_values = in.mask && !flags ? in.mask->const_data_ptr<float>() : nullptr;
+  if (in.mask) {
+    p.m_sb = in.mask->stride(0), p.m_sh = in.mask->stride(1);
+    p.m_sq = in.mask->stride(2), p.m_sl = in.mask->stride(3);
+  }
   p.out = out.mutable_data_ptr<float>(), p.lse = lse.mutable_data_ptr<float>();
   p.q_sb = q.stride(0), p.q_sh = q.stride(1), p.q_ss = q.stride(2);
   p.k_sb = k.stride(0), p.k_sh = k.stride(1), p.k_sl = k.stride(2);
@@ -425,11 +485,33 @@ OptTensor as_long(const OptTensor& t) {
   return t->to(at::kLong).contiguous();
 }
 
+// attn_mask as bool or float32 without the broadcast (stride 0) extent of an expanded mask, so that
+// converting it never materialises the broadcast.
+at::Tensor compact_mask(const at::Tensor& mask) {
+  at::Tensor m = mask;
+  for (int64_t d = 0; d < m.dim(); ++d)
+    if (m.stride(d) == 0 && m.size(d) > 1) m = m.narrow(d, 0, 1);
+  return m.scalar_type() == at::kBool || m.scalar_type() == at::kFloat ? m : m.to(at::kFloat);
+}
+
+// kv_lens cut after each row's last key that the (compact) mask shows to some query: the keys past it
+// are hidden anyway, and the splits then share only the keys before it. On the device, no sync.
+at::Tensor trim_to_mask(const OptTensor& lens, const at::Tensor& mask, int64_t batch, int64_t kv_len) {
+  const auto long_opts = mask.options().dtype(at::kLong);
+  if (kv_len == 0) return at::zeros({batch}, long_opts);
+  at::Tensor shown = mask.scalar_type() == at::kBool ? mask : mask.ne(-INFINITY);
+  while (shown.dim() < 4) shown = shown.unsqueeze(0);
+  shown = shown.any(2).any(1);  // [B or 1, L or 1]
+  const at::Tensor last = (at::arange(1, kv_len + 1, long_opts) * shown).amax(-1).expand({batch}).contiguous();
+  return lens ? at::minimum(last, lens->clamp(0, kv_len)) : last;
+}
+
 std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                          const OptTensor& kv_lens, const OptTensor& kv_pos,
                                                          const OptTensor& q_pos, double scale, double softcap,
-                                                         bool is_causal, int64_t window, int64_t num_splits) {
-  check_decode_args(q, k, v, kv_lens, kv_pos, q_pos, scale, softcap, is_causal, window, num_splits);
+                                                         bool is_causal, int64_t window, int64_t num_splits,
+                                                         const OptTensor& attn_mask) {
+  check_decode_args(q, k, v, kv_lens, kv_pos, q_pos, scale, softcap, is_causal, window, num_splits, attn_mask);
   TORCH_CHECK_VALUE(q.is_cuda(), "decode_attention (CUDA): q, k, v must be CUDA tensors, got ", q.device());
   TORCH_CHECK_VALUE(q.size(3) <= kMaxDim, "decode_attention: head dim ", q.size(3), " is not in [1, ", kMaxDim,
                     "] (q ", q.sizes(), ")");
@@ -437,8 +519,14 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(const at::Tensor& q, co
   const int64_t batch = q.size(0), q_heads = q.size(1), q_len = q.size(2), dim = q.size(3);
   const int64_t vec = kCopyBytes / k.element_size(), dim_pad = (dim + vec - 1) / vec * vec;
   const auto q1 = q.stride(3) == 1 ? q : q.contiguous();
+  OptTensor lens = as_long(kv_lens), mask;
+  if (attn_mask) {
+    const at::Tensor compact = compact_mask(*attn_mask);
+    lens = trim_to_mask(lens, compact, batch, k.size(2));
+    mask = compact.expand({batch, q_heads, q_len, k.size(2)});
+  }
   Inputs in{dim_pad == dim ? q1 : at::constant_pad_nd(q1, {0, dim_pad - dim}), aligned_rows(k, dim_pad),
-            aligned_rows(v, dim_pad), as_long(kv_lens), as_long(kv_pos), as_long(q_pos), scale, softcap, is_causal,
+            aligned_rows(v, dim_pad), lens, as_long(kv_pos), as_long(q_pos), mask, scale, softcap, is_causal,
             window, num_splits};
   const int64_t rows = q_heads / k.size(1) * q_len;
   const int block_rows = rows <= 4 ? 4 : rows <= 8 ? 8 : 16;

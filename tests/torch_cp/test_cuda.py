@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import torch_cp
 from tests.torch_cp.test_attention import _assert_fp32_close
 from tests.torch_cp.test_attention import _qkv as _qkv_cpu
+from tests.torch_cp.test_masks import KINDS, POSITIONS, make_mask
 from torch_cp import _ops
 
 pytestmark = pytest.mark.gpu
@@ -176,10 +177,38 @@ def test_opcheck_and_compile(backend):
 
 def test_auto_picks_a_gpu_kernel():
     q, k, v = _qkv(1, 8, 2, 1, 64, 64)
-    picked = importlib.import_module("torch_cp.attention")._pick_backend("auto", q, k, None)
+    picked = importlib.import_module("torch_cp.attention")._pick_backend("auto", q, k, False)
     expected = (
         "cuda" if _ops.HAS_CUDA_KERNELS else "triton" if importlib.util.find_spec("triton") else "reference"
     )
     assert picked == expected
     out = torch_cp.attention(q, k, v, enable_gqa=True)
     torch.testing.assert_close(out.double(), torch_cp.attention_reference(q, k, v)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("positions", list(POSITIONS))
+def test_masks_match_float64_reference(backend, kind, positions):
+    """GPU twin of test_masks.py::test_mask_matches_float64_reference."""
+    b, hq, hkv, sq, kv_len, d = 2, 8, 2, 3, 300, 64
+    q, k, v = _qkv(b, hq, hkv, sq, kv_len, d, seed=len(kind) + 7 * len(positions))
+    opts = {name: t.cuda() if isinstance(t, torch.Tensor) else t for name, t in POSITIONS[positions].items()}
+    opts["attn_mask"] = make_mask(kind, b, hq, sq, kv_len, seed=len(kind)).cuda()
+    for num_splits in (1, 3, 0):
+        out, lse = torch_cp.attention_state(q, k, v, backend=backend, num_splits=num_splits, **opts)
+        _assert_fp32_close(out, lse, *torch_cp.attention_reference(q, k, v, **opts), v)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_static_cache_mask_never_reads_hidden_tiles(backend):
+    """GPU twin of test_masks.py::test_static_cache_never_reads_hidden_tiles."""
+    lmax, length = 1024, 613
+    q, k, v = _qkv(2, 32, 8, 1, lmax, 128, seed=205)
+    clean = torch_cp.attention_reference(q, k[:, :, :length], v[:, :, :length])
+    k[:, :, length:] = float("nan")
+    v[:, :, 768:] = float("nan")
+    mask = torch.arange(lmax, device="cuda") < length
+    for num_splits in (1, 4, 0):
+        out, lse = torch_cp.attention_state(q, k, v, attn_mask=mask, backend=backend, num_splits=num_splits)
+        _assert_fp32_close(out, lse, *clean, v[:, :, :length])

@@ -140,7 +140,19 @@ def test_merge_keeps_nan_partials_and_skips_empty_parts(merge):
         ({"merge": "foo"}, ValueError, "merge"),
         ({"is_causal": 1}, TypeError, "is_causal"),
         ({"return_lse": "yes"}, TypeError, "return_lse"),
-        ({"attn_mask": torch.ones(2, 1, 1, 10, dtype=torch.long)}, TypeError, "attn_mask"),
+        (
+            {"attn_mask": torch.ones(2, 1, 1, 10, dtype=torch.long)},
+            ValueError,
+            r"attn_mask \(shape \[2, 1, 1, 10\]\)",
+        ),
+        (
+            {"attn_mask": torch.ones(2, 1, 1, 11, dtype=torch.bool)},
+            ValueError,
+            r"attn_mask of shape \[2, 1, 1, 11\]",
+        ),
+        ({"attn_mask": torch.ones(3, 1, 1, 10)}, ValueError, r"attn_mask of shape \[3, 1, 1, 10\]"),
+        ({"attn_mask": torch.ones(1, 2, 4, 1, 10, dtype=torch.bool)}, ValueError, r"attn_mask of shape"),
+        ({"attn_mask": [[True]]}, TypeError, "attn_mask"),
     ],
 )
 def test_invalid_options_name_the_argument(kwargs, error, match):
@@ -169,11 +181,15 @@ def test_head_dim_zero_is_a_value_error():
         ({7: -1.0}, "softcap"),
         ({10: -2}, "num_splits"),
         ({5: None}, "q_pos .* is required"),
+        ({11: torch.ones(2, 4, 1, 301, dtype=torch.bool)}, r"attn_mask of shape \[2, 4, 1, 301\]"),
+        ({11: torch.ones(2, 4, 2, 300, dtype=torch.bool)}, r"attn_mask of shape \[2, 4, 2, 300\]"),
+        ({11: torch.ones(1, 2, 1, 1, 300, dtype=torch.bool)}, r"attn_mask of shape \[1, 2, 1, 1, 300\]"),
+        ({11: torch.ones(300, dtype=torch.int32)}, r"attn_mask \(shape \[300\]\) must be bool or floating"),
     ],
 )
 def test_cpp_op_checks_every_argument_before_reading(change, match):
     q, k, v = _qkv(2, 4, 2, 1, 300, 16, seed=117)
-    args = [q, k, v, torch.tensor([300, 100]), None, torch.tensor([299, 99]), 0.25, 0.0, True, -1, 0]
+    args = [q, k, v, torch.tensor([300, 100]), None, torch.tensor([299, 99]), 0.25, 0.0, True, -1, 0, None]
     for i, value in change.items():
         args[i] = value
     with pytest.raises(ValueError, match=match):

@@ -24,6 +24,9 @@ from torch_cp import _ops
 _MARKER = "TORCH_CP_FUZZ "
 _CASES = 400
 _SEED = 2027
+# A second block of seeds draws an attn_mask for every case, and no other argument wrong (in the first
+# block, most calls with a mask are refused for another reason before the mask is used).
+_MASK_SEED, _MASK_CASES = 100_000, 200
 
 
 def _index_tensor(g: torch.Generator, shape: tuple[int, ...], low: int, high: int, wrong: str | None):
@@ -57,18 +60,36 @@ def _long_cache_case(g: torch.Generator, entry: str) -> dict:
     return {"q": q, "k": k, "v": k, "opts": opts, "invalid": "kv_pos short", "entry": entry}
 
 
+def _mask(g: torch.Generator, full: tuple[int, int, int, int]) -> tuple[torch.Tensor, str | None]:
+    """A random ``attn_mask`` broadcastable to ``full`` = (B, Hq, Sq, L), or a wrong one and why."""
+    b, hq, sq, kv_len = full
+    shape = _pick(g, [full, (b, 1, 1, kv_len), (1, hq, sq, kv_len), (kv_len,), (sq, kv_len), (b, hq, sq, 1)])
+    shown = torch.rand(shape, generator=g) < _pick(g, [0.0, 0.3, 0.9, 1.0])  # 0.0: every key hidden
+    kind = _pick(g, ["bool", "bool", "float32", "float16", "expanded"])
+    if kind == "expanded":  # stride 0 on the broadcast dims
+        shown = (torch.rand(b, 1, 1, kv_len, generator=g) < 0.5).expand(full)
+    mask: torch.Tensor = shown
+    if kind.startswith("float"):
+        bias = torch.randn(shape, generator=g).to(getattr(torch, kind))
+        mask = bias.masked_fill(~shown, float("-inf"))
+    wrong = _pick(g, [None] * 6 + ["shape", "dtype"])
+    if wrong == "shape":
+        mask = torch.ones((*full[:3], kv_len + 1 if kv_len != 0 else 2), dtype=torch.bool)
+    elif wrong == "dtype":
+        mask = shown.to(torch.int32)
+    return mask, None if wrong is None else f"attn_mask {wrong}"
+
+
 def make_case(seed: int) -> dict:
     """One random call: its tensors, its options and the reason it is invalid (None when valid)."""
     g = torch.Generator().manual_seed(seed)
-    if seed % 50 == 0:
+    masked = seed >= _MASK_SEED
+    if seed % 50 == 0 and not masked:
         return _long_cache_case(g, _pick(g, ["attention", "attention_state", "op"]))
-    b, hkv, group, sq = (
-        _pick(g, [0, 1, 2, 3]),
-        _pick(g, [1, 2, 3]),
-        _pick(g, [1, 2, 4]),
-        _pick(g, [0, 1, 2, 3]),
-    )
-    kv_len, d = _pick(g, [0, 1, 5, 33, 70]), _pick(g, [0, 1, 8, 16, 24, 40])
+    sizes = [1, 2, 3] if masked else [0, 1, 2, 3]  # empty batches and caches: in the first block
+    b, hkv, group, sq = _pick(g, sizes), _pick(g, [1, 2, 3]), _pick(g, [1, 2, 4]), _pick(g, sizes)
+    kv_len = _pick(g, [1, 5, 33, 70, 130] if masked else [0, 1, 5, 33, 70])
+    d = _pick(g, [1, 8, 16, 24, 40] if masked else [0, 1, 8, 16, 24, 40])
     dtype = _pick(g, [torch.float32, torch.float32, torch.float16, torch.bfloat16])
     q = torch.randn(b, hkv * group, sq, d, generator=g).to(dtype)
     k, v = (torch.randn(b, hkv, kv_len, d, generator=g).to(dtype) for _ in range(2))
@@ -80,24 +101,27 @@ def make_case(seed: int) -> dict:
         roll = torch.rand(1, generator=g).item()
         if roll < 0.45:
             continue
-        wrong = _pick(g, ["short", "long", "rank", "bool", "float"]) if roll > 0.85 else None
+        wrong = _pick(g, ["short", "long", "rank", "bool", "float"]) if roll > 0.85 and not masked else None
         opts[name] = _index_tensor(g, shape, low, high, wrong)
         if wrong is not None:
             invalid = invalid or f"{name} {wrong}"
-    window = _pick(g, [None, None, 1, 4, 50, 0, -2, True])
+    window = _pick(g, [None, None, 1, 4, 50] if masked else [None, None, 1, 4, 50, 0, -2, True])
     if window is not None:
         opts["window"] = window
         ok = window >= 1 and (window is not True or entry == "op")  # the op's int schema takes True as 1
         ok = ok or (entry == "op" and window < 0)  # the op's "no window"
         invalid = invalid or (None if ok else f"window {window!r}")
-    scale = _pick(g, [None, None, 0.3, 0.0, -0.5, math.nan, math.inf])
+    scale = _pick(g, [None, None, 0.3, -0.5] if masked else [None, None, 0.3, 0.0, -0.5, math.nan, math.inf])
     if scale is not None:
         opts["scale"] = scale
         invalid = invalid or (None if math.isfinite(scale) else f"scale {scale}")
-    softcap = _pick(g, [None, None, 3.0, 0.0, -1.0, math.nan])
+    softcap = _pick(g, [None, None, 3.0, 0.0] if masked else [None, None, 3.0, 0.0, -1.0, math.nan])
     if softcap is not None:
         opts["softcap"] = softcap
         invalid = invalid or (None if softcap >= 0 else f"softcap {softcap}")
+    if masked or torch.rand(1, generator=g).item() < 0.35:
+        opts["attn_mask"], wrong = _mask(g, (b, hkv * group, sq, kv_len))
+        invalid = invalid or wrong
     return {"q": q, "k": k, "v": v, "opts": opts, "invalid": invalid, "entry": entry}
 
 
@@ -116,6 +140,7 @@ def _call(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ops.torch_cp.decode_attention(
         q, k, v, opts.get("kv_lens"), opts.get("kv_pos"), q_pos, float(opts.get("scale") or 0.25),
         float(opts.get("softcap") or 0.0), opts["is_causal"], -1 if window is None else window, 3,
+        opts.get("attn_mask"),
     )  # fmt: skip
 
 
@@ -194,11 +219,14 @@ def _run_child(first: int, count: int) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.skipif(not _ops.HAS_CPU_KERNELS, reason="C++ extension not built")
-def test_random_calls_raise_cleanly_or_match_the_reference():
-    proc = _run_child(_SEED, _CASES)
+@pytest.mark.parametrize(
+    ("first", "count"), [(_SEED, _CASES), (_MASK_SEED, _MASK_CASES)], ids=["any", "masked"]
+)
+def test_random_calls_raise_cleanly_or_match_the_reference(first, count):
+    proc = _run_child(first, count)
     if proc.returncode != 0:
         started = [line for line in proc.stderr.splitlines() if line.startswith("case ")]
-        seed = int(started[-1].split()[1]) if started else _SEED
+        seed = int(started[-1].split()[1]) if started else first
         alone = _run_child(seed, 1)
         pytest.fail(
             f"the fuzz child died (rc {proc.returncode}) in case {seed}: {describe(seed)}; "

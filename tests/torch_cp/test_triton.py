@@ -185,10 +185,19 @@ def bad_inputs_name_the_problem():
     q, k, v = _qkv(1, 4, 2, 1, 10, 32, dtype=torch.float64)
     for kwargs, match in [
         ({}, "float64"),
-        ({"attn_mask": torch.ones(1, 1, 1, 10, dtype=torch.bool)}, "attn_mask"),
+        (
+            {"attn_mask": torch.ones(1, 1, 1, 11, dtype=torch.bool), "q": q.float()},
+            "attn_mask of shape [1, 1, 1, 11]",
+        ),
+        (
+            {"attn_mask": torch.ones(1, 1, 1, 10, dtype=torch.int32), "q": q.float()},
+            "attn_mask (shape [1, 1, 1, 10])",
+        ),
     ]:
+        args = {"q": q, "k": k, "v": v, **kwargs}
+        args["k"], args["v"] = args["k"].to(args["q"].dtype), args["v"].to(args["q"].dtype)
         try:
-            torch_cp.attention(q, k, v, enable_gqa=True, backend="triton", **kwargs)
+            torch_cp.attention(**args, enable_gqa=True, backend="triton")
         except ValueError as err:
             assert match in str(err), f"{match!r} not in {err}"
         else:
@@ -237,8 +246,10 @@ def op_checks_every_argument():
         (6, float("nan"), "scale"),
         (7, -1.0, "softcap"),
         (10, -2, "num_splits"),
+        (11, torch.ones(2, 4, 1, 301, dtype=torch.bool), "attn_mask of shape [2, 4, 1, 301]"),
+        (11, torch.ones(2, 1, 1, 300, dtype=torch.int64), "attn_mask (shape [2, 1, 1, 300])"),
     ]:
-        args = list(base)
+        args = [*base, None]
         args[i] = value
         try:
             torch.ops.torch_cp.triton_decode_attention(*args)
@@ -246,6 +257,31 @@ def op_checks_every_argument():
             assert match in str(err), f"{match!r} not in {err}"
         else:
             raise AssertionError(f"no ValueError for argument {i} = {value!r}")
+
+
+@case
+def masks_match_float64_reference():
+    """attn_mask on Triton: the broadcast forms of test_masks.py, alone and with causal/window/kv_lens."""
+    from tests.torch_cp.test_masks import KINDS, POSITIONS, make_mask
+
+    b, hq, hkv, sq, kv_len, d = 2, 8, 2, 3, 300, 32
+    q, k, v = _qkv(b, hq, hkv, sq, kv_len, d, seed=43)
+    for i, kind in enumerate(KINDS):
+        positions = list(POSITIONS.values())[i % len(POSITIONS)]
+        opts = {"attn_mask": make_mask(kind, b, hq, sq, kv_len, seed=i), **positions}
+        out, lse = _triton_state(q, k, v, num_splits=1 + i % 3, **opts)
+        _check_fp32(out, lse, *torch_cp.attention_reference(q, k, v, **opts), v, f"{kind}, {positions}")
+
+
+@case
+def static_cache_mask_never_reads_hidden_tiles():
+    """As test_masks.py's: NaN keys from slot 213 on and NaN values from 320 on stay unread."""
+    q, k, v = _qkv(2, 8, 2, 1, 512, 64, seed=47)
+    clean = torch_cp.attention_reference(q, k[:, :, :213], v[:, :, :213])
+    k[:, :, 213:], v[:, :, 320:] = float("nan"), float("nan")
+    for num_splits in (1, 3):
+        out, lse = _triton_state(q, k, v, attn_mask=torch.arange(512) < 213, num_splits=num_splits)
+        _check_fp32(out, lse, *clean, v[:, :, :213], f"static cache, {num_splits} splits")
 
 
 def _run_cases() -> dict[str, str]:
@@ -288,6 +324,50 @@ def test_triton_backend_on_cpu_needs_the_interpreter() -> None:
         torch_cp.attention(q, k, v, enable_gqa=True, backend="triton")
 
 
+@pytest.mark.parametrize("flags", ["bool mask, causal", "float mask, window, softcap", "no mask"])
+def test_decode_kernel_compiles_for_a_gpu_without_one(flags: str) -> None:
+    """The interpreter runs the kernel as Python: this compiles it to PTX for sm_90, as a GPU would
+    (codegen only; no GPU needed), so code only the compiler refuses is caught here."""
+    cp_triton = pytest.importorskip("torch_cp.triton", reason="triton is not installed")
+    if cp_triton.INTERPRETED:
+        pytest.skip("this process imported triton with TRITON_INTERPRET=1")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from torch_cp.triton._decode_kernel import decode_split_kernel as kernel
+
+    mask_type = "*u8" if flags.startswith("bool") else "*fp32"
+    types = {
+        "qk_scale": "fp32",
+        "cap2": "fp32",
+        "mask_ptr": mask_type,
+        "out_ptr": "*fp32",
+        "lse_ptr": "*fp32",
+    }
+    types |= {name: "*i64" for name in ("lens_ptr", "kpos_ptr", "qpos_ptr")}
+    types |= {name: "*bf16" for name in ("q_ptr", "k_ptr", "v_ptr")}
+    flag_values = {
+        "HAS_LENS": True, "HAS_POS": True, "SOFTCAP": "softcap" in flags, "CAUSAL": "causal" in flags,
+        "WINDOW": "window" in flags, "HAS_MASK": "no mask" not in flags, "MASK_BOOL": flags.startswith("bool"),
+        "LOWP_DOT": True, "BLOCK_R": 16, "BLOCK_N": 64, "BLOCK_D": 128,
+    }  # fmt: skip
+    signature = {
+        n: "constexpr" if n in flag_values else types.get(n, "i64" if n.startswith("stride") else "i32")
+        for n in kernel.arg_names
+    }
+    constexprs = {(kernel.arg_names.index(n),): value for n, value in flag_values.items()}
+    try:
+        compiled = triton.compile(
+            ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+            target=GPUTarget("cuda", 90, 32),
+            options={"num_warps": 4, "num_stages": 3},
+        )
+    except (ImportError, RuntimeError, FileNotFoundError) as err:  # no CUDA backend or ptxas in this triton
+        pytest.skip(f"triton cannot target CUDA here: {err}")
+    assert ".entry decode_split_kernel" in compiled.asm["ptx"]
+
+
 def test_unknown_backend_lists_the_choices() -> None:
     q, k, v = _qkv(1, 4, 2, 1, 10, 32)
     with pytest.raises(ValueError, match="'triton'"):
@@ -296,4 +376,5 @@ def test_unknown_backend_lists_the_choices() -> None:
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run through pytest, or with TRITON_INTERPRET=1"
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     print(_MARKER + json.dumps(_run_cases()))

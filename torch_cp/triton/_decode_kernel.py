@@ -28,6 +28,13 @@ then replaced by 0 so that no ``-inf - (-inf)`` NaN appears, and the row is stor
 **NaN rows.** A NaN or ``+inf`` score of a visible key is counted per row and then treated as masked,
 so the running max stays usable; a row that counted one is stored as ``out = NaN``, ``lse = NaN``
 (see [Note: NaN in attention] in torch_cp/reference.py). A NaN value reaches ``acc`` through ``P·V``.
+
+**Masks.** ``attn_mask`` is read through the strides of its expansion to ``[B, Hq, Sq, L]`` (0 on
+broadcast dims): bool (uint8 here; 0 hides) or float32 (added to the scores, in base 2 like them;
+``-inf`` hides). Which keys of a tile are visible is worked out before the tile's keys and values
+are loaded, and a tile that no row sees is skipped unread (see [Note: skipping hidden tiles] in
+csrc/cpu/decode_attention.cpp; the launch also trims each row's keys past the last one its mask
+shows, so that a static cache's hidden tail gives no split any work).
 """
 
 import triton
@@ -35,14 +42,15 @@ import triton.language as tl
 
 __all__ = ["decode_split_kernel"]
 
-LOG2E: tl.constexpr = 1.4426950408889634
-LN2: tl.constexpr = 0.6931471805599453
+# tl.constexpr(...), not an annotation: the compiler refuses `x: tl.constexpr = ...` (the interpreter took it)
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
 def _tanh(x):
     """tanh from one exp2, stable for any |x| (absolute error about 1e-7)."""
-    e = tl.exp2(-2.0 * LOG2E * tl.abs(x))
+    e = tl.exp2(tl.abs(x) * (-2.0 * LOG2E))  # the tensor first: the interpreter needs it
     t = (1.0 - e) / (1.0 + e)
     return tl.where(x >= 0, t, -t)
 
@@ -59,17 +67,10 @@ def _key_range(lens_ptr, b, kv_len, split, n_splits, HAS_LENS: tl.constexpr, BLO
 
 
 @triton.jit
-def _tile_scores(q, k, offs_n, end, kpos_base, qp, qk_scale, cap2, window,
-                 HAS_POS: tl.constexpr, SOFTCAP: tl.constexpr, CAUSAL: tl.constexpr,
-                 WINDOW: tl.constexpr, LOWP_DOT: tl.constexpr):  # fmt: skip
-    """Base-2 scores ``[BLOCK_R, BLOCK_N]`` of one tile, ``-inf`` where a key is invisible."""
-    if LOWP_DOT:
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-    else:
-        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * qk_scale
-    if SOFTCAP:
-        s = cap2 * _tanh(s)
-    visible = (offs_n < end)[None, :]
+def _tile_visible(offs_n, end, row_ok, kpos_base, qp, window,
+                  HAS_POS: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):  # fmt: skip
+    """``[BLOCK_R, BLOCK_N]``: which keys of the tile each row sees by position (and ``kv_lens``)."""
+    visible = (offs_n < end)[None, :] & row_ok[:, None]
     if CAUSAL or WINDOW:
         kp = offs_n.to(tl.int64)
         if HAS_POS:
@@ -78,7 +79,19 @@ def _tile_scores(q, k, offs_n, end, kpos_base, qp, qk_scale, cap2, window,
             visible = visible & (kp[None, :] <= qp[:, None])
         if WINDOW:
             visible = visible & (kp[None, :] > qp[:, None] - window)
-    return tl.where(visible, s, float("-inf"))
+    return visible
+
+
+@triton.jit
+def _tile_scores(q, k, qk_scale, cap2, SOFTCAP: tl.constexpr, LOWP_DOT: tl.constexpr):
+    """Base-2 scores ``[BLOCK_R, BLOCK_N]`` of one tile (softcapped), before any mask."""
+    if LOWP_DOT:
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+    else:
+        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee") * qk_scale
+    if SOFTCAP:
+        s = cap2 * _tanh(s)
+    return s
 
 
 @triton.jit
@@ -93,11 +106,13 @@ def _accumulate_pv(p, v, acc, LOWP_DOT: tl.constexpr):
 
 @triton.jit
 def decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, lens_ptr, kpos_ptr, qpos_ptr, out_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, lens_ptr, kpos_ptr, qpos_ptr, mask_ptr, out_ptr, lse_ptr,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-    stride_pb, kv_heads, group, q_len, kv_len, dim, rows_total, qk_scale, cap2, window,
+    stride_pb, stride_mb, stride_mh, stride_ms, stride_ml,
+    kv_heads, group, q_len, kv_len, dim, rows_total, qk_scale, cap2, window,
     HAS_LENS: tl.constexpr, HAS_POS: tl.constexpr, SOFTCAP: tl.constexpr, CAUSAL: tl.constexpr,
-    WINDOW: tl.constexpr, LOWP_DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, LOWP_DOT: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Partial attention of one split: ``out [S, B·Hq·Sq, D]`` float32 and ``lse [S, B·Hq·Sq]`` float32.
 
@@ -118,6 +133,7 @@ def decode_split_kernel(
     qp = qi.to(tl.int64)
     if CAUSAL or WINDOW:
         qp += tl.load(qpos_ptr + b).to(tl.int64)
+    mask_rows = mask_ptr + b * stride_mb + head.to(tl.int64) * stride_mh + qi.to(tl.int64) * stride_ms
     start, end = _key_range(lens_ptr, b, kv_len, split, n_splits, HAS_LENS, BLOCK_N)
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
@@ -127,22 +143,33 @@ def decode_split_kernel(
     nan_count = tl.zeros([BLOCK_R], tl.int32)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n < end)[:, None] & d_ok[None, :]
-        key_off = offs_n.to(tl.int64)[:, None]
-        k = tl.load(k_base + key_off * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + key_off * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _tile_scores(q, k, offs_n, end, kpos_ptr + b * stride_pb, qp, qk_scale, cap2, window,
-                         HAS_POS, SOFTCAP, CAUSAL, WINDOW, LOWP_DOT)  # fmt: skip
-        bad = (s != s) | (s == float("inf"))
-        nan_count += tl.sum(bad.to(tl.int32), axis=1)
-        s = tl.where(bad, float("-inf"), s)
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m - m_safe)
-        row_sum = row_sum * alpha + tl.sum(p, axis=1)
-        acc = _accumulate_pv(p, v, acc * alpha[:, None], LOWP_DOT)
-        m = m_new
+        visible = _tile_visible(
+            offs_n, end, row_ok, kpos_ptr + b * stride_pb, qp, window, HAS_POS, CAUSAL, WINDOW
+        )
+        if HAS_MASK:
+            mask = tl.load(
+                mask_rows[:, None] + offs_n.to(tl.int64)[None, :] * stride_ml, mask=visible, other=0
+            )
+            visible = visible & (mask != 0) if MASK_BOOL else visible & (mask != float("-inf"))
+        if tl.max(visible.to(tl.int32)) > 0:  # a tile no row sees is never read (see **Masks**)
+            kv_mask = (offs_n < end)[:, None] & d_ok[None, :]
+            key_off = offs_n.to(tl.int64)[:, None]
+            k = tl.load(k_base + key_off * stride_kl + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + key_off * stride_vl + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = _tile_scores(q, k, qk_scale, cap2, SOFTCAP, LOWP_DOT)
+            if HAS_MASK and not MASK_BOOL:
+                s = s + mask * LOG2E
+            s = tl.where(visible, s, float("-inf"))
+            bad = (s != s) | (s == float("inf"))
+            nan_count += tl.sum(bad.to(tl.int32), axis=1)
+            s = tl.where(bad, float("-inf"), s)
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m - m_safe)
+            row_sum = row_sum * alpha + tl.sum(p, axis=1)
+            acc = _accumulate_pv(p, v, acc * alpha[:, None], LOWP_DOT)
+            m = m_new
     empty = m == float("-inf")
     out = tl.where(empty[:, None], 0.0, acc / tl.where(empty, 1.0, row_sum)[:, None])
     lse = tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, row_sum))) * LN2)

@@ -68,6 +68,7 @@ def decode_partial(
     is_causal: bool,
     window: int,
     splits: int,
+    attn_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-split partial attention states.
 
@@ -76,6 +77,8 @@ def decode_partial(
             contiguous; kv_lens ``[B]`` int or None; kv_pos ``[B, L]`` int or None; q_pos ``[B]`` int,
             needed when ``is_causal`` or ``window >= 0`` (``window < 0``: none); ``softcap`` 0: off.
         splits: number of key splits ``S >= 1``.
+        attn_mask: None, or a bool or float32 mask broadcastable to ``[B, Hq, Sq, L]`` (see **Masks**
+            in [Note: Triton decode kernel]).
 
     Returns:
         ``out [S, B, Hq, Sq, D]`` float32 and ``lse [S, B, Hq, Sq]`` float32, natural log; a split
@@ -92,15 +95,21 @@ def decode_partial(
     grid = (b * hkv, splits, triton.cdiv(rows, block_r))
     qk_scale, cap2 = _scales(scale, softcap)
     masked = is_causal or window >= 0
+    mask = None
+    if attn_mask is not None:  # bool as uint8 (0 hides), read through the strides of its expansion
+        mask = attn_mask.view(torch.uint8) if attn_mask.dtype == torch.bool else attn_mask
+        mask = mask.expand(b, hq, sq, kv_len)
     # Absent optional tensors are never read (their flags are off); lse stands in for their pointers.
-    lens_arg, pos_arg, qpos_arg = (lse if t is None else t for t in (kv_lens, kv_pos, q_pos))
+    lens_arg, pos_arg, qpos_arg, mask_arg = (lse if t is None else t for t in (kv_lens, kv_pos, q_pos, mask))
+    mask_strides = (0, 0, 0, 0) if mask is None else mask.stride()
     decode_split_kernel[grid](
-        q, k, v, lens_arg, pos_arg, qpos_arg, out, lse,
+        q, k, v, lens_arg, pos_arg, qpos_arg, mask_arg, out, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), 0 if kv_pos is None else kv_pos.stride(0),
+        v.stride(0), v.stride(1), v.stride(2), 0 if kv_pos is None else kv_pos.stride(0), *mask_strides,
         hkv, hq // hkv, sq, kv_len, d, b * hq * sq, qk_scale, cap2, max(window, 0),
         HAS_LENS=kv_lens is not None, HAS_POS=masked and kv_pos is not None, SOFTCAP=softcap > 0.0,
-        CAUSAL=is_causal, WINDOW=window >= 0, LOWP_DOT=_lowp_dot(q.dtype, INTERPRETED),
+        CAUSAL=is_causal, WINDOW=window >= 0, HAS_MASK=mask is not None,
+        MASK_BOOL=attn_mask is not None and attn_mask.dtype == torch.bool, LOWP_DOT=_lowp_dot(q.dtype, INTERPRETED),
         BLOCK_R=block_r, BLOCK_N=_block_n(q.device), BLOCK_D=max(16, triton.next_power_of_2(d)),
         num_warps=4, num_stages=3,
     )  # fmt: skip

@@ -42,6 +42,31 @@ def _as_int64(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.to(torch.int64).contiguous()
 
 
+def _compact_mask(attn_mask: torch.Tensor) -> torch.Tensor:
+    """``attn_mask`` bool or float32, without the broadcast (stride 0) extent of an expanded mask."""
+    for dim in range(attn_mask.dim()):
+        if attn_mask.stride(dim) == 0 and attn_mask.shape[dim] > 1:
+            attn_mask = attn_mask.narrow(dim, 0, 1)
+    return attn_mask if attn_mask.dtype in (torch.bool, torch.float32) else attn_mask.float()
+
+
+def _trim_to_mask(
+    kv_lens: torch.Tensor | None, attn_mask: torch.Tensor, batch: int, kv_len: int
+) -> torch.Tensor:
+    """``kv_lens`` cut at each row's last key that the mask shows to some query: keys past it are
+    hidden anyway, and the splits then share only the keys before it (a static cache's hidden tail
+    costs nothing). On the device, without a synchronisation."""
+    shown = attn_mask if attn_mask.dtype == torch.bool else attn_mask != float("-inf")
+    shown = (
+        shown.reshape((1,) * (4 - shown.dim()) + tuple(shown.shape)).any(dim=2).any(dim=1)
+    )  # [B | 1, L | 1]
+    if kv_len == 0:
+        return torch.zeros(batch, dtype=torch.int64, device=shown.device)
+    ends = torch.arange(1, kv_len + 1, device=shown.device) * shown  # [B | 1, L]
+    lens = ends.amax(dim=-1).expand(batch).contiguous()  # the kernel reads lens_ptr + b
+    return lens if kv_lens is None else torch.minimum(lens, kv_lens.clamp(0, kv_len))
+
+
 @torch.library.custom_op("torch_cp::triton_decode_attention", mutates_args=())
 def decode_attention(
     q: torch.Tensor,
@@ -55,6 +80,7 @@ def decode_attention(
     is_causal: bool,
     window: int,
     num_splits: int,
+    attn_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-KV decode attention with log-sum-exp, on Triton.
 
@@ -67,22 +93,30 @@ def decode_attention(
         scale: score scale. softcap: ``s -> softcap·tanh(s / softcap)``; 0 turns it off.
         window: sliding window (key visible when ``pos > q - window``); ``< 0``: none.
         num_splits: key splits per (row, KV head); 0 chooses from the device size.
+        attn_mask: bool (True = attend) or additive float mask broadcastable to ``[B, Hq, Sq, L]``;
+            ``-inf`` hides a key. Tiles of keys no query sees are not read.
 
     Returns:
         ``out [B, Hq, Sq, D]`` float32 and ``lse [B, Hq, Sq]`` float32, **natural log**; a query with no
         visible key has ``out = 0``, ``lse = -inf``.
     """
     op = "triton_decode_attention"
-    check_decode_op_args(op, q, k, v, kv_lens, kv_pos, q_pos, scale, softcap, is_causal, window, num_splits)
+    check_decode_op_args(
+        op, q, k, v, kv_lens, kv_pos, q_pos, scale, softcap, is_causal, window, num_splits, attn_mask
+    )
     reason = unsupported_reason(q, k)
     if reason:
         raise ValueError(f"{op}: {reason}")
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     b, hq, sq, d = q.shape
+    kv_lens = _as_int64(kv_lens)
+    if attn_mask is not None:
+        attn_mask = _compact_mask(attn_mask)
+        kv_lens = _trim_to_mask(kv_lens, attn_mask, b, k.shape[2])
     splits = choose_splits(num_splits, b * k.shape[1], k.shape[2], q.device)
     out, lse = decode_partial(
-        q, k, v, _as_int64(kv_lens), _as_int64(kv_pos), _as_int64(q_pos), scale, softcap, is_causal, window,
-        splits,
+        q, k, v, kv_lens, _as_int64(kv_pos), _as_int64(q_pos), scale, softcap, is_causal, window, splits,
+        attn_mask,
     )  # fmt: skip
     if splits == 1:
         return out[0], lse[0]
@@ -91,7 +125,9 @@ def decode_attention(
 
 
 @decode_attention.register_fake
-def _decode_attention_fake(q, k, v, kv_lens, kv_pos, q_pos, scale, softcap, is_causal, window, num_splits):
+def _decode_attention_fake(
+    q, k, v, kv_lens, kv_pos, q_pos, scale, softcap, is_causal, window, num_splits, attn_mask=None
+):
     return q.new_empty(q.shape, dtype=torch.float32), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
