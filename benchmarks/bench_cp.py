@@ -2,10 +2,15 @@
 
     python benchmarks/bench_cp.py                       # L = 4K..64K, 2 threads, and 2 gloo ranks
     python benchmarks/bench_cp.py --contexts 8192 --threads 1 --no-distributed
+    python benchmarks/bench_cp.py --contexts "" --no-distributed --static-cache 8192:6000,32768:30000
 
 Part 1 (kernels, one process): decode attention (B 1, Hq 32, Hkv 8, D 128, Sq 1, fp32) over a cache
 of L tokens: the C++ kernel, torch SDPA with ``enable_gqa=True``, and the machine's read ceiling
 (``k.sum() + v.sum()`` over the same bytes). Each output is checked against a float64 reference.
+Part 1b (static cache): a cache of Lmax slots holding L tokens, as a static KV cache holds them:
+the C++ kernel with a bool ``attn_mask`` [1, 1, 1, Lmax] (True on the L tokens; it skips the tiles
+no query sees), the C++ kernel with ``kv_lens = L``, and SDPA with the same mask over the Lmax slots.
+Ratios are paired per round (see [Note: paired ratio] in benchmarks/harness.py).
 Part 2 (cache parallelism): 2 gloo processes on 1 thread each, each holding half the cache: the
 local kernel, the merge (all-gather and all-reduce), the whole step, beside one rank holding all of
 it, and beside ``torch_cp.perf_model`` fed with the measured 1-thread read bandwidth.
@@ -37,6 +42,9 @@ from benchmarks.harness import (
     load_note,
     machine_info,
     measure_interleaved,
+    measure_rounds,
+    paired_ratio,
+    pool,
     print_header,
     progress,
     write_results,
@@ -57,6 +65,7 @@ COLUMNS = (
     Column("gbps", "GB/s", "{:.1f}"),
     Column("of_ceiling", "of read ceiling", "{:.0%}"),
     Column("vs_sdpa", "speedup vs SDPA", "{:.2f}x"),
+    Column("vs_kv_lens", "time / kv_lens time", "{:.2f}x"),
     Column("predicted_ms", "model ms", "{:.3f}"),
     Column("max_err", "max err / max|V|", "{:.1e}"),
 )
@@ -103,6 +112,37 @@ def _kernel_rows_at(length: int, threads: int, repeats: int) -> list[dict]:
 
 def kernel_rows(contexts: Sequence[int], threads: int, repeats: int) -> list[dict]:
     return [row for length in contexts for row in _kernel_rows_at(length, threads, repeats)]
+
+
+def _static_cache_rows_at(slots: int, length: int, threads: int, repeats: int) -> list[dict]:
+    progress(f"static cache: {length} tokens in {slots} slots")
+    q, k, v = _cache(slots)
+    mask = (torch.arange(slots) < length)[None, None, None, :]
+    lens = torch.tensor([length])
+    ref = _reference(q, k[:, :, :length], v[:, :, :length])
+    fns = {
+        "cpp, attn_mask": lambda: attention_state(q, k, v, attn_mask=mask, backend="cpp")[0],
+        "cpp, kv_lens": lambda: attention_state(q, k, v, kv_lens=lens, backend="cpp")[0],
+        "sdpa, attn_mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
+    }
+    rounds = measure_rounds(fns, rounds=3, repeats=repeats, warmup=2, threads=threads)
+    nbytes = 2 * HKV * length * D * 4  # the bytes of the L tokens: all a kernel needs to read
+    rows = []
+    for name, blocks in rounds.items():
+        m = pool(blocks)
+        medians = [b.median_ms for b in blocks]
+        row = {"part": "static cache", "context": f"{length}/{slots}", "impl": name, "status": "ok"}
+        row |= {"median_ms": m.median_ms, "iqr_ms": m.iqr_ms, "gbps": nbytes / m.median_ms / 1e6}
+        row["vs_sdpa"] = paired_ratio([b.median_ms for b in rounds["sdpa, attn_mask"]], medians)
+        row["vs_kv_lens"] = paired_ratio(medians, [b.median_ms for b in rounds["cpp, kv_lens"]])
+        row["max_err"] = ((fns[name]().double() - ref).abs().max() / v.abs().max()).item()
+        rows.append(row)
+    return rows
+
+
+def static_cache_rows(pairs: Sequence[tuple[int, int]], threads: int, repeats: int) -> list[dict]:
+    """Part 1b: ``pairs`` of (slots, tokens)."""
+    return [row for slots, length in pairs for row in _static_cache_rows_at(slots, length, threads, repeats)]
 
 
 # Issue 5's CPU targets at L >= 32K: the C++ kernel reads the cache at >= 60% of the read ceiling
@@ -207,7 +247,13 @@ def distributed_rows(length: int, repeats: int) -> list[dict]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--contexts", default="4096,16384,32768,65536", help="comma-separated cache lengths")
+    p.add_argument(
+        "--contexts", default="4096,16384,32768,65536", help="comma-separated cache lengths ('': none)"
+    )
+    p.add_argument(
+        "--static-cache", default="8192:6000,32768:30000",
+        help="comma-separated SLOTS:TOKENS static caches for part 1b ('': none)",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads for part 1")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--distributed-context", type=int, default=32768)
@@ -222,7 +268,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     info = machine_info()
     print_header(info)
     table = ResultTable(COLUMNS)
-    for row in kernel_rows([int(c) for c in args.contexts.split(",")], args.threads, args.repeats):
+    for row in kernel_rows([int(c) for c in args.contexts.split(",") if c], args.threads, args.repeats):
+        table.add(**row)
+    pairs = [tuple(int(x) for x in pair.split(":")) for pair in args.static_cache.split(",") if pair]
+    for row in static_cache_rows(pairs, args.threads, args.repeats):
         table.add(**row)
     if not args.no_distributed:
         for row in distributed_rows(args.distributed_context, args.repeats):
@@ -232,6 +281,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(line)
     notes = [
         f"Part 1 uses {args.threads} threads for every implementation; part 2 one thread per rank.",
+        "Static cache rows: GB/s counts only the L tokens' bytes; 'speedup vs SDPA' and 'time / kv_lens "
+        "time' are medians of per-round ratios.",
         "'of read ceiling' divides by the GB/s of k.sum() + v.sum() over the same cache in the same run; "
         "the read-ceiling row's 'speedup vs SDPA' is the most a kernel reading the cache once at that speed "
         "could gain over SDPA.",

@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -97,8 +98,20 @@ bool tile_visible(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t n)
   return false;
 }
 
+// Whether a bool mask shows every key of [t0, t0 + n) to every row and nothing else hides one (a
+// byte search per distinct mask row: most tiles of a padding or static-cache mask are so).
+bool all_shown(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t n) {
+  if (p.positional() || p.mask.flags == nullptr || p.mask.sl != 1) return false;
+  const int64_t rows = p.mask.sh == 0 ? p.q_len : p.rows();
+  for (int64_t r = 0; r < rows; ++r) {
+    if (std::memchr(p.mask.flags + p.mask_row(b, h, r) + t0, 0, n) != nullptr) return false;
+  }
+  return true;
+}
+
 // Fills the additive mask of one tile [rows, n]; returns false when it is all 0 (nothing to add).
 bool fill_bias(const Problem& p, int64_t b, int64_t h, int64_t t0, int64_t n, float* bias) {
+  if (all_shown(p, b, h, t0, n)) return false;
   bool any = false;
   for (int64_t r = 0; r < p.rows(); ++r) {
     const int64_t row = p.mask.any() ? p.mask_row(b, h, r) : 0;
@@ -224,7 +237,9 @@ std::vector<uint8_t> visible_tiles(const Problem& p) {
   if (!p.masked()) return visible;
   const int64_t n_tiles = (p.kv_len + kTile - 1) / kTile;
   visible.assign(p.batch * p.kv_heads * n_tiles, 0);
-  at::parallel_for(0, p.batch * p.kv_heads, 1, [&](int64_t begin, int64_t end) {
+  // A visible tile costs a probe or two: one thread takes (b, h) pairs worth 64K tiles (no fork under that).
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, n_tiles));
+  at::parallel_for(0, p.batch * p.kv_heads, grain, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.kv_heads, h = bh % p.kv_heads, len = p.length(b);
       for (int64_t i = 0; i * kTile < len; ++i)
