@@ -251,3 +251,14 @@ def test_float32_backward_and_explicit_kernel_backend_refused():
             torch_cp.attention(q, k, v, enable_gqa=True, backend="cpp")
     with torch.no_grad():
         assert not torch_cp.attention(q, k, v, enable_gqa=True).requires_grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kv_lens_past_the_cache_is_the_whole_cache_for_the_default_query_positions(backend):
+    """kv_lens > L means L valid keys (the reference's reading): the default q_pos follows the last of
+    them (it was taken from kv_lens itself, which shifted the causal window by the excess)."""
+    q, k, v = _qkv(2, 4, 1, 1, 5, 24, seed=125)
+    opts = {"is_causal": True, "window": 4}
+    over, over_lse = _state(q, k, v, backend, kv_lens=torch.tensor([5, 7]), **opts)
+    exact = torch_cp.attention_reference(q, k, v, kv_lens=torch.tensor([5, 5]), **opts)
+    _assert_fp32_close(over, over_lse, *exact, v)
