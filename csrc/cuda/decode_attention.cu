@@ -102,7 +102,7 @@ __device__ __forceinline__ bool mask_shows(const Params& p, int64_t b, int64_t h
   const int64_t i = b * p.m_sb + head * p.m_sh + qi * p.m_sq + t * p.m_sl;
   if (p.mask_flags != nullptr) return p.mask_flags[i];
   const float x = p.mask_values[i];
-  bias = x * float(kLog2e);
+  bias = x * 1.4426950408889634f;  // log2 e: the kernel's scores are base 2
   return x != -INFINITY;
 }
 
