@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
-from torch_graphpipe.graph_capture import CapturedGraph, capture
+from torch_graphpipe.graph_capture import CapturedGraph, CaptureMethod, capture
 from torch_graphpipe.groups import stages_from_module_groups
 from torch_graphpipe.microbatch import split_batch
 from torch_graphpipe.planner import Plan, plan, plan_stages
@@ -32,6 +32,7 @@ from torch_graphpipe.stage_module import (
     match_persistence,
     unowned_state,
 )
+from torch_graphpipe.train_mode import train_mode_differences
 from torch_graphpipe.validate import validate_schedule
 
 __all__ = ["PartitionArg", "PipelineSetup", "PlanOptions", "setup_pipeline"]
@@ -50,6 +51,7 @@ class PlanOptions:
     leaf_modules: tuple[type, ...] = ()  # extra module types traced as one operator
     costs: CostTable | None = None  # fixed operator costs instead of profiling on rank 0
     memory_budget_bytes: float | None = None  # per-stage memory bound for the partitioner
+    capture_method: CaptureMethod = "auto"  # symbolic tracing, torch.export, or tracing then export
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -79,8 +81,15 @@ def setup_pipeline(
     rank that must run the same plan (all replicas, see [Note: data parallel stages])."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     micro = split_batch(tuple(example_inputs), num_microbatches, "example_inputs")
-    captured = capture(module, options.leaf_modules)
+    captured = capture(module, options.leaf_modules, micro[0], options.capture_method)
     masks = _check_partition(partition, captured, world, num_microbatches, options)
+    differences = train_mode_differences(module, captured.graph_module)
+    if differences and rank == 0:  # see [Note: train-mode differences]
+        log.warning(
+            "GraphPipe training will not match single-process training of %s in train mode: %s "
+            "(see [Note: train-mode differences] in torch_graphpipe/train_mode.py)",
+            type(module).__name__, "; ".join(differences),
+        )  # fmt: skip
     if isinstance(partition, Plan):
         the_plan = partition
     else:
@@ -163,6 +172,7 @@ def _make_plan(
             memory_budget_bytes=options.memory_budget_bytes,
             costs=options.costs,
             leaf_modules=options.leaf_modules,
+            capture_method=captured.method,
         )
     costs = options.costs
     if costs is None:

@@ -13,7 +13,7 @@ import torch
 
 from torch_graphpipe.chain import partition_chain
 from torch_graphpipe.graph import OpGraph, members
-from torch_graphpipe.graph_capture import capture
+from torch_graphpipe.graph_capture import CaptureMethod, capture
 from torch_graphpipe.partition import partition_dag
 from torch_graphpipe.profile import CommModel, CostTable, profile_graph
 from torch_graphpipe.schedule import Schedule, build_1f1b
@@ -126,17 +126,19 @@ def plan(
     costs: CostTable | None = None,
     leaf_modules: Sequence[type] = (),
     repeats: int = 3,
+    capture_method: CaptureMethod = "auto",
 ) -> Plan:
     """Trace, profile on one micro-batch of ``example_inputs`` (the whole batch), partition, schedule.
 
     ``costs`` skips profiling (a fixed table, e.g. for tests); ``memory_budget_bytes`` bounds each
     stage's parameters (times ``CostTable.param_copies``) plus its in-flight activations.
+    ``capture_method`` picks symbolic tracing or ``torch.export`` (see :func:`torch_graphpipe.capture`).
     """
     _check_args(num_stages, num_microbatches, stage_graph)
     if not isinstance(example_inputs, (tuple, list)):
         raise TypeError(f"example_inputs must be a tuple of inputs, got {type(example_inputs).__name__}")
-    captured = capture(module, leaf_modules)
     micro = split_microbatches(example_inputs, num_microbatches)
+    captured = capture(module, leaf_modules, micro[0], capture_method)
     if costs is None:
         size = next((x.shape[0] for x in micro[0] if isinstance(x, torch.Tensor) and x.dim() > 0), 1)
         costs = profile_graph(

@@ -3,9 +3,10 @@
 [Note: shape oracle]
 A receiver must allocate its buffer before the message arrives, so every rank needs the shape, dtype
 and ``requires_grad`` of every value that crosses a stage edge. Each rank keeps a copy of the traced
-model whose parameters and buffers live on the ``meta`` device (no storage, so the other stages'
-weights are not held) and runs it on meta copies of the micro-batch inputs; the result is cached per
-input signature. A value is a pytree (a tensor, or a tuple of tensors and Python scalars); its tensor
+model whose parameters and buffers are fake tensors (``FakeTensorMode``: shapes, dtypes and devices,
+no storage, so the other stages' weights are not held) and runs it on fake copies of the micro-batch
+inputs; the result is cached per input signature. Fake rather than ``meta`` tensors: an exported
+graph names devices (``aten.to(device=cpu)``, ``arange(device=cpu)``), which meta tensors refuse. A value is a pytree (a tensor, or a tuple of tensors and Python scalars); its tensor
 leaves travel, its other leaves (sizes, flags) are taken from the oracle, which assumes that they do
 not depend on the data.
 """
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils import _pytree as pytree
 
 __all__ = ["ShapeOracle", "Specs", "TensorSpec", "ValueSpec"]
@@ -73,14 +75,15 @@ class Specs:
 
 
 class ShapeOracle:
-    """Meta-device twin of the traced model; see [Note: shape oracle]."""
+    """Fake-tensor twin of the traced model; see [Note: shape oracle]."""
 
     def __init__(self, gm: fx.GraphModule) -> None:
+        self._mode = FakeTensorMode(allow_non_fake_inputs=True)  # constants of the graph stay real
         memo: dict[int, Any] = {}
         for t in [*gm.parameters(), *gm.buffers()]:
-            meta = t.detach().to("meta")
+            fake = self._mode.from_tensor(t.detach())
             memo[id(t)] = (
-                torch.nn.Parameter(meta, t.requires_grad) if isinstance(t, torch.nn.Parameter) else meta
+                torch.nn.Parameter(fake, t.requires_grad) if isinstance(t, torch.nn.Parameter) else fake
             )
         self._meta = copy.deepcopy(gm, memo)
         self._cache: dict[Any, Specs] = {}
@@ -96,23 +99,22 @@ class ShapeOracle:
         return self._cache[key]
 
     def _run(self, inputs: Sequence[Any]) -> Specs:
-        meta_inputs = pytree.tree_map(_to_meta, tuple(inputs))
+        fake = self._mode.from_tensor
+        fake_inputs = pytree.tree_map(
+            lambda x: fake(x.detach()) if isinstance(x, torch.Tensor) else x, tuple(inputs)
+        )
         interp = fx.Interpreter(self._meta, garbage_collect_values=False)
         try:
-            with torch.enable_grad():
-                output = interp.run(*meta_inputs)
-        except Exception as exc:  # any op may lack a meta kernel
+            with torch.enable_grad(), self._mode:
+                output = interp.run(*fake_inputs)
+        except Exception as exc:  # any op may lack a fake (meta) kernel
             raise ValueError(
-                f"cannot infer the shapes of the model's values on the meta device: {exc}"
+                f"cannot infer the shapes of the model's values with fake tensors: {exc}"
             ) from exc
         values = {
             n.name: ValueSpec.of(v) for n, v in interp.env.items() if n.op not in ("placeholder", "output")
         }
         return Specs(values=values, output=ValueSpec.of(output))
-
-
-def _to_meta(x: Any) -> Any:
-    return x.detach().to("meta") if isinstance(x, torch.Tensor) else x
 
 
 def _signature(inputs: Sequence[Any]) -> Any:

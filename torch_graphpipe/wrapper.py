@@ -20,6 +20,7 @@ from torch_graphpipe.data_parallel import (
     gather_batch,
     make_groups,
 )
+from torch_graphpipe.graph_capture import CaptureMethod
 from torch_graphpipe.microbatch import join_outputs, split_batch
 from torch_graphpipe.planner import Plan
 from torch_graphpipe.profile import CostTable
@@ -42,8 +43,11 @@ class GraphPipe(torch.nn.Module):
     into ``data_parallel`` shards of ``num_microbatches`` micro-batches along dim 0) used to trace,
     profile and plan; ``loss_fn(output, target)`` returns the mean loss of a micro-batch.
     ``partition`` is ``"auto"`` (the planner), a list of module-name lists, one per stage (see
-    [Note: explicit partition]), or a :class:`Plan`. ``self.module`` holds this stage's operators and
-    parameters only; ``parameters()`` are this rank's, for any optimizer.
+    [Note: explicit partition]), or a :class:`Plan`. ``capture_method`` is how the model's graph is
+    captured: ``"auto"`` traces with ``torch.fx`` and falls back to ``torch.export`` (non-strict) when
+    tracing fails, as it does on Hugging Face models (see [Note: export capture]). ``self.module``
+    holds this stage's operators and parameters only; ``parameters()`` are this rank's, for any
+    optimizer.
     """
 
     def __init__(
@@ -61,6 +65,7 @@ class GraphPipe(torch.nn.Module):
         memory_budget_bytes: float | None = None,
         device: torch.device | str | None = None,
         data_parallel: int = 1,
+        capture_method: CaptureMethod = "auto",
     ) -> None:
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
@@ -92,6 +97,7 @@ class GraphPipe(torch.nn.Module):
             leaf_modules=tuple(leaf_modules),
             costs=costs,
             memory_budget_bytes=memory_budget_bytes,
+            capture_method=capture_method,
         )
         shard = split_batch(tuple(example_inputs), self.data_parallel, "example_inputs")[0]
         setup = setup_pipeline(module, shard, num_microbatches, partition, self._group, options, group)
