@@ -1,6 +1,6 @@
-"""GraphPipe vs torch.distributed.pipelining's Schedule1F1B: iteration time of pipeline training on CPU.
+"""GraphPipe vs every chain schedule of torch.distributed.pipelining: iteration time of pipeline training on CPU.
 
-    python benchmarks/bench_graphpipe.py                       # all workloads (about 5 minutes on 2 cores)
+    python benchmarks/bench_graphpipe.py                       # all workloads (about 6 minutes on 2 cores)
     python benchmarks/bench_graphpipe.py --workloads two_branch,chain
 
 Every stage is one gloo process. This machine has 2 cores and a pipeline has up to 8 stages, so stage
@@ -9,9 +9,12 @@ plan applies) and sleeps for its operators' cost, as if it ran on a device of it
 fixed units for the synthetic models and, for the zoo models, per-operator times profiled on the
 full-size model (one thread) and scaled so that a stage takes ``--target-ms`` per micro-batch on
 average. Sleeps are calibrated: a forward sleeps its cost minus the real forward time it took, a
-backward its cost minus twice that. For each workload, three runtimes run side by side, rotating
-order: GraphPipe on the DAG plan, GraphPipe on the best chain plan, and Schedule1F1B on that chain
-(``benchmarks.graphpipe_baseline.ChainBaseline``). Beside the measured median the table gives the
+backward its cost minus twice that. For each workload the runtimes run side by side, rotating
+order: GraphPipe on the DAG plan, GraphPipe on the best chain plan, and each of torch 2.13's chain
+schedules (``benchmarks.graphpipe_torch_schedules``: GPipe, 1F1B, Interleaved1F1B, LoopedBFS,
+InterleavedZeroBubble, ZBVZeroBubble, DualPipeV) on the chain split with as many stages per rank as
+it needs, at the same batch and micro-batch size, with each runtime's predicted peak memory per
+device beside it; one that cannot run is a row saying why. Beside the measured median the table gives the
 simulator's prediction for the same plan and sleeps (messages cost the measured gloo latency), the
 planning time, and the peak in-flight micro-batches per stage (simulated / measured from GraphPipe's
 own trace). Writes ``benchmarks/results/graphpipe_cpu.{json,md,png}`` and timeline PNGs.
@@ -40,7 +43,16 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: find the packages
 
-from benchmarks.graphpipe_baseline import ChainBaseline
+from benchmarks.graphpipe_baseline import TORCH_SCHEDULES
+from benchmarks.graphpipe_torch_schedules import LABELS as TORCH_LABELS
+from benchmarks.graphpipe_torch_schedules import (
+    WEIGHT_SHARE,
+    TorchRun,
+    build_runners,
+    gp_memory,
+    peak_held,
+    torch_memory,
+)
 from benchmarks.graphpipe_workloads import Sleepy, Workload, workloads
 from benchmarks.harness import (
     DEFAULT_OUT_DIR,
@@ -71,13 +83,12 @@ from torch_graphpipe.calibrate import Calibration, fit_calibration, simulate_cal
 from torch_graphpipe.groups import stages_from_module_groups
 from torch_graphpipe.simulator import SimulationResult
 
-LABELS = {  # plan key -> runtime label; "baseline" runs the chain plan with Schedule1F1B
+LABELS = {  # GraphPipe's plan key -> runtime label
     "dag": "GraphPipe (DAG, planner)",
     "dag_explicit": "GraphPipe (DAG, explicit partition)",
     "chain": "GraphPipe (chain)",
-    "baseline": "Schedule1F1B (chain)",
 }
-BASELINE = LABELS["baseline"]
+BASELINE = TORCH_LABELS["Schedule1F1B"]
 PLAN_COMM = CommModel(alpha_ms=0.3, bytes_per_ms=1.0e6)  # gloo over loopback, for planning
 
 
@@ -106,14 +117,17 @@ def _costs(wl: Workload, microbatch: int, target_ms: float) -> tuple[CostTable, 
     return CostTable(ops=ops, comm=PLAN_COMM, microbatch_size=raw.microbatch_size), elapsed
 
 
-def _plans(wl: Workload, costs: CostTable, microbatches: int) -> dict[str, Plan]:
+def _plans(wl: Workload, costs: CostTable, microbatches: int) -> tuple[dict[str, Plan], dict[int, Plan]]:
+    """GraphPipe's plans by key, and the chain splits for torch's schedules by stages per rank."""
     graph = capture(wl.build("tiny")).graph
     plans = {kind: plan_graph(graph, costs, wl.stages, microbatches, kind) for kind in ("dag", "chain")}
     if wl.groups is not None:
         plans["dag_explicit"] = plan_stages(
             graph, costs, stages_from_module_groups(graph, wl.groups), microbatches
         )
-    return plans
+    per_rank = sorted({v for v, _ in TORCH_SCHEDULES.values()})
+    chains = {v: plan_graph(graph, costs, v * wl.stages, microbatches, "chain") for v in per_rank}
+    return plans, chains
 
 
 # -- the distributed run (one process per stage) -------------------------------------------------
@@ -122,7 +136,8 @@ def _plans(wl: Workload, costs: CostTable, microbatches: int) -> dict[str, Plan]
 @dataclasses.dataclass(frozen=True)
 class Job:
     workload: str
-    plans: dict[str, Plan]
+    plans: dict[str, Plan]  # GraphPipe's
+    chains: dict[int, Plan]  # chain splits for torch's schedules, by stages per rank
     microbatches: int
     batch: int
     rounds: int
@@ -146,7 +161,9 @@ def _ping_ms(rank: int) -> float:
     return float(value)
 
 
-def _runners(job: Job, wl: Workload, rank: int) -> tuple[dict[str, Callable[[], Any]], dict[str, GraphPipe]]:
+def _runners(
+    job: Job, wl: Workload, rank: int
+) -> tuple[dict[str, Callable[[], Any]], dict[str, GraphPipe], dict[str, TorchRun]]:
     torch.manual_seed(0)
     model = wl.build("tiny")
     inputs, target = wl.batch("tiny", job.batch)
@@ -165,13 +182,8 @@ def _runners(job: Job, wl: Workload, rank: int) -> tuple[dict[str, Callable[[], 
             gp.module = Sleepy(gp.module, stage.cost.fwd_ms, stage.cost.bwd_ms)
         pipes[LABELS[key]] = gp
         runners[LABELS[key]] = lambda gp=gp: gp.step(*inputs, target=target)
-    cost = job.plans["chain"].stages[rank].cost
-    base = ChainBaseline(
-        copy.deepcopy(model), example_inputs=inputs, loss_fn=wl.loss_fn, plan=job.plans["chain"],
-        stage_wrapper=lambda stage, r: Sleepy(stage, cost.fwd_ms, cost.bwd_ms),
-    )  # fmt: skip
-    runners[BASELINE] = lambda: base.step(*inputs, target=target if base.is_last else None)
-    return runners, pipes
+    torch_runners, runs = build_runners(model, inputs, target, wl.loss_fn, job.chains)
+    return runners | torch_runners, pipes, runs
 
 
 def _time(runners: dict[str, Callable[[], Any]], rounds: int, steps: int) -> dict[str, list[float]]:
@@ -207,12 +219,18 @@ def _worker(rank: int, world: int, init: str, job: Job) -> None:
     try:
         alpha = _ping_ms(rank)
         wl = workloads()[job.workload]
-        runners, pipes = _runners(job, wl, rank)
+        runners, pipes, runs = _runners(job, wl, rank)
         times = _time(runners, job.rounds, job.steps)
         events = {label: _trace(gp, runners[label]) for label, gp in pipes.items()}
         if rank == 0:
             executed = {label: gp.plan for label, gp in pipes.items()}
-            payload = {"times": times, "alpha_ms": alpha, "events": events, "executed": executed}
+            payload = {
+                "times": times,
+                "alpha_ms": alpha,
+                "events": events,
+                "executed": executed,
+                "torch": runs,
+            }
             torch.save(payload, job.out)
     except Exception:  # mp.spawn reports only the first rank to fail, often a victim: say who failed first
         progress(f"rank {rank} failed:\n{traceback.format_exc()}")
@@ -231,10 +249,10 @@ def _simulate(p: Plan, alpha_ms: float) -> SimulationResult:
 
 
 def _rows(
-    name: str, job: Job, result: dict[str, Any], profile_s: float, out_dir: Path
+    name: str, job: Job, result: dict[str, Any], profile_s: float, out_dir: Path, param_copies: float
 ) -> list[dict[str, Any]]:
     alpha, plans = result["alpha_ms"], result["executed"]
-    plans[BASELINE] = plans[LABELS["chain"]]
+    plans[BASELINE] = plans[LABELS["chain"]]  # Schedule1F1B on the chain plan: the same schedule
     base = statistics.median(result["times"][BASELINE])
     chain = LABELS["chain"]
     cal = (
@@ -244,34 +262,61 @@ def _rows(
     )
     rows = []
     for label, samples in result["times"].items():
-        sim = _simulate(plans[label], alpha)
-        sim_cal = simulate_calibrated(plans[label], cal).iteration_time
-        measured = traced_result(result["events"][label]) if label in result["events"] else None
-        pngs = []
-        if "DAG" in label or label == BASELINE:
-            tag = label.split("(")[1].rstrip(")").replace(", ", "_").replace(" ", "_")
-            pngs.append(
-                plot_timeline(
-                    sim, out_dir / f"graphpipe_cpu_{name}_sim_{tag}.png", title=f"{name}: simulated {label}"
-                )
-            )
-            if measured is not None:
-                path = out_dir / f"graphpipe_cpu_{name}_measured_{tag}.png"
-                pngs.append(plot_timeline(measured, path, title=f"{name}: measured {label}"))
         q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
         median = statistics.median(samples)
-        rows.append({
-            "model": name, "runtime": label, "stages": plans[label].num_stages, "microbatches": job.microbatches,
-            "median_ms": median, "iqr_ms": q[2] - q[0], "sim_ms": sim.iteration_time,
-            "meas_over_sim": median / sim.iteration_time, "speedup": base / median,
-            "sim_cal_ms": sim_cal, "meas_over_cal": median / sim_cal, "overrun_ms": cal.overrun_ms,
-            "message_ms": cal.message_ms, "latency_ms": cal.latency_ms,
-            "plan_s": plans[label].planning_time_s, "profile_s": profile_s,
-            "peak_sim": "/".join(map(str, sim.peak_in_flight)),
-            "peak_meas": "/".join(map(str, measured.peak_in_flight)) if measured is not None else None,
-            "status": "ok", "alpha_ms": alpha, "samples_ms": samples, "pngs": [p.name for p in pngs],
-        })  # fmt: skip
+        row = {
+            "model": name, "runtime": label, "microbatches": job.microbatches, "median_ms": median,
+            "iqr_ms": q[2] - q[0], "speedup": base / median, "profile_s": profile_s, "status": "ok",
+            "alpha_ms": alpha, "samples_ms": samples,
+        }  # fmt: skip
+        run = result["torch"].get(label)
+        if run is not None:
+            chain_plan = job.chains[run["per_rank"]]
+            memory = torch_memory(run["order"], chain_plan, param_copies)
+            row |= {"stages": chain_plan.num_stages, "peak_sim": "/".join(map(str, peak_held(run["order"])))}
+            row |= {"memory": memory, "plan_s": chain_plan.planning_time_s}
+        if label in plans:
+            row |= _plan_columns(name, label, plans[label], alpha, cal, result["events"].get(label), out_dir)
+            row |= {"meas_over_sim": median / row["sim_ms"], "meas_over_cal": median / row["sim_cal_ms"]}
+            if run is None:
+                row["memory"] = gp_memory(plans[label], row["_peaks"], param_copies)
+        row.pop("_peaks", None)
+        rows.append(row)
+    for label, run in result["torch"].items():
+        if run["error"] is not None:
+            rows.append({"model": name, "runtime": label, "stages": job.chains[run["per_rank"]].num_stages,
+                         "microbatches": job.microbatches, "status": "cannot run", "error": run["error"]})  # fmt: skip
+    budget = max(next(r for r in rows if r["runtime"] == BASELINE)["memory"])
+    for row in rows:
+        if "memory" in row:
+            row["memory_mb"] = max(row["memory"]) / 1e6
+            row["memory_ratio"] = max(row["memory"]) / budget
+            row["within_budget"] = max(row["memory"]) <= budget * (1 + 1e-9)
     return rows
+
+
+def _plan_columns(
+    name: str, label: str, plan: Plan, alpha: float, cal: Calibration, events: Any, out_dir: Path
+) -> dict[str, Any]:
+    """Simulated, calibrated and traced columns of a runtime that runs one of our plans."""
+    sim = _simulate(plan, alpha)
+    sim_cal = simulate_calibrated(plan, cal).iteration_time
+    measured = traced_result(events) if events is not None else None
+    pngs = []
+    if "DAG" in label or label == BASELINE:
+        tag = label.split("(")[1].rstrip(")").replace(", ", "_").replace(" ", "_")
+        path = out_dir / f"graphpipe_cpu_{name}_sim_{tag}.png"
+        pngs.append(plot_timeline(sim, path, title=f"{name}: simulated {label}"))
+        if measured is not None:
+            path = out_dir / f"graphpipe_cpu_{name}_measured_{tag}.png"
+            pngs.append(plot_timeline(measured, path, title=f"{name}: measured {label}"))
+    return {
+        "stages": plan.num_stages, "sim_ms": sim.iteration_time, "sim_cal_ms": sim_cal,
+        "overrun_ms": cal.overrun_ms, "message_ms": cal.message_ms, "latency_ms": cal.latency_ms,
+        "plan_s": plan.planning_time_s, "peak_sim": "/".join(map(str, sim.peak_in_flight)),
+        "peak_meas": "/".join(map(str, measured.peak_in_flight)) if measured is not None else None,
+        "pngs": [p.name for p in pngs], "_peaks": sim.peak_in_flight,
+    }  # fmt: skip
 
 
 COLUMNS = (
@@ -286,9 +331,11 @@ COLUMNS = (
     Column("sim_cal_ms", "calibrated sim ms", "{:.1f}"),
     Column("meas_over_cal", "measured/calibrated", "{:.3f}"),
     Column("speedup", "speedup vs 1F1B", "{:.2f}x"),
+    Column("memory_mb", "peak MB/device (pred.)", "{:.2f}"),
+    Column("memory_ratio", "memory / 1F1B's", "{:.2f}"),
     Column("plan_s", "planning s", "{:.3f}"),
     Column("profile_s", "profiling s", "{:.1f}"),
-    Column("peak_sim", "peak in-flight (sim)"),
+    Column("peak_sim", "peak in-flight (sim / schedule)"),
     Column("peak_meas", "peak in-flight (measured)"),
     Column("error", "error"),
 )
@@ -296,15 +343,15 @@ COLUMNS = (
 
 def run_workload(wl: Workload, args: argparse.Namespace, out_dir: Path) -> list[dict[str, Any]]:
     costs, profile_s = _costs(wl, args.profile_microbatch, args.target_ms)
-    plans = _plans(wl, costs, args.microbatches)
+    plans, chains = _plans(wl, costs, args.microbatches)
     progress(f"{wl.name}: planned DAG in {plans['dag'].planning_time_s:.3f} s, chain in "
              f"{plans['chain'].planning_time_s:.3f} s; running {wl.stages} processes")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench_gp_") as tmp:
-        job = Job(wl.name, plans, args.microbatches, 2 * args.microbatches, args.rounds, args.steps,
+        job = Job(wl.name, plans, chains, args.microbatches, 2 * args.microbatches, args.rounds, args.steps,
                   os.path.join(tmp, "result.pt"))  # fmt: skip
         mp.spawn(_worker, args=(wl.stages, "file://" + os.path.join(tmp, "store"), job), nprocs=wl.stages)
         result = torch.load(job.out, weights_only=False)
-    return _rows(wl.name, job, result, profile_s, out_dir)
+    return _rows(wl.name, job, result, profile_s, out_dir, costs.param_copies)
 
 
 def _summary(rows: list[dict[str, Any]]) -> list[str]:
@@ -313,13 +360,29 @@ def _summary(rows: list[dict[str, Any]]) -> list[str]:
         mine = {r["runtime"]: r for r in rows if r["model"] == model and r.get("status") == "ok"}
         dag = max((r for k, r in mine.items() if "DAG" in k), key=lambda r: r["speedup"])
         chain = mine[LABELS["chain"]]
-        ratios = [r["meas_over_sim"] for r in mine.values()]
-        calibrated = [r["meas_over_cal"] for r in mine.values()]
+        torch_rows = [r for k, r in mine.items() if k in TORCH_LABELS.values()]
+        fit = [r for r in torch_rows if r["within_budget"]]
+        best = max(fit, key=lambda r: r["speedup"])
+        fastest = max(torch_rows, key=lambda r: r["speedup"])
+        over = "" if fastest is best else (
+            f" (fastest at any memory: {fastest['runtime']} {fastest['speedup']:.2f}x, "
+            f"{fastest['memory_ratio']:.2f}x Schedule1F1B's memory)"
+        )  # fmt: skip
+        cannot = [
+            r["runtime"].split(" ")[0]
+            for r in rows
+            if r["model"] == model and r.get("status") == "cannot run"
+        ]
+        ratios = [r["meas_over_sim"] for r in mine.values() if "meas_over_sim" in r]
+        calibrated = [r["meas_over_cal"] for r in mine.values() if "meas_over_cal" in r]
         out.append(
             f"{model}: {dag['runtime']} {dag['speedup']:.2f}x the speed of Schedule1F1B (simulated "
-            f"{mine[BASELINE]['sim_ms'] / dag['sim_ms']:.2f}x), stage-0 in-flight {dag['peak_sim'].split('/')[0]} "
-            f"vs {chain['peak_sim'].split('/')[0]}; GraphPipe's step time on the chain plan {1 / chain['speedup'] - 1:+.1%} "
-            f"vs Schedule1F1B's; measured/simulated {min(ratios):.2f}-{max(ratios):.2f} "
+            f"{mine[BASELINE]['sim_ms'] / dag['sim_ms']:.2f}x) and {dag['speedup'] / best['speedup']:.2f}x the best "
+            f"torch schedule within Schedule1F1B's memory, {best['runtime']} ({best['speedup']:.2f}x){over}"
+            f"{'; cannot run: ' + ', '.join(cannot) if cannot else ''}; predicted memory per device "
+            f"{dag['memory_ratio']:.2f}x Schedule1F1B's; stage-0 in-flight {dag['peak_sim'].split('/')[0]} vs "
+            f"{chain['peak_sim'].split('/')[0]}; GraphPipe's step time on the chain plan "
+            f"{1 / chain['speedup'] - 1:+.1%} vs Schedule1F1B's; measured/simulated {min(ratios):.2f}-{max(ratios):.2f} "
             f"(calibrated {min(calibrated):.2f}-{max(calibrated):.2f})."
         )
     return out
@@ -363,8 +426,16 @@ def _notes(args: argparse.Namespace, info: dict[str, Any], rows: list[dict[str, 
         + ".",
         f"Median of {args.rounds} rounds x {args.steps} steps per runtime, runtimes in rotating order; a step is timed "
         "between two barriers.",
-        "Schedule1F1B runs the chain plan's stages through torch.distributed.pipelining (see [Note: chain baseline] "
-        "in benchmarks/graphpipe_baseline.py): model inputs travel along the chain, the loss is scaled by 1/M.",
+        "torch's schedules run the chain split of the model through torch.distributed.pipelining (see [Note: chain "
+        "baseline] in benchmarks/graphpipe_baseline.py): model inputs travel along the chain, the loss is scaled by "
+        "1/M; schedules with 2 stages per rank run a chain split into 2 x ranks stages (each stage sleeps its own "
+        f"cost). Every stage's backward sleep is split {1 - WEIGHT_SHARE:.0%} input gradient / {WEIGHT_SHARE:.0%} "
+        "weight gradient (see [Note: weight-gradient share] in benchmarks/graphpipe_workloads.py), so the "
+        "zero-bubble schedules have weight-gradient work to move into bubbles; a full backward pays both. A "
+        "schedule's 'peak in-flight' is, per rank, the most micro-batches its stages hold in its action list.",
+        "Memory (see [Note: predicted memory] in benchmarks/graphpipe_torch_schedules.py): predicted peak bytes per "
+        "device (parameters x 4 + held activations, from the plan's profiled bytes at full size); the budget of "
+        "the comparison is Schedule1F1B's per-device peak; 'best torch schedule' is the fastest within it.",
         load_note(info),
         "Timelines (one row per stage, forward light, backward dark, ms): " + pngs,
     ]

@@ -1,4 +1,4 @@
-"""The benchmarks' sequential baseline: a chain plan executed by ``torch.distributed.pipelining.Schedule1F1B``.
+"""The benchmarks' sequential baselines: a chain plan executed by one of ``torch.distributed.pipelining``'s schedules.
 
 [Note: chain baseline]
 The model is split by a chain :class:`Plan` (``stage_graph="chain"``) into the same stage modules that
@@ -15,6 +15,19 @@ with the strides of the gradient its successor computed, which gloo rejects when
 non-contiguous view (the gradient of a ``torch.cat`` input is); the adapter makes the gradients of
 received tensors contiguous, and the tensors it sends (a stage may end in a transpose, as an mmt
 split did once its profiled costs moved the boundary).
+
+Schedules with several stages per rank run a chain plan of ``virtual stages per rank x ranks`` stages
+(``TORCH_SCHEDULES``): the looped ones (``ScheduleInterleaved1F1B``, ``ScheduleLoopedBFS``,
+``ScheduleInterleavedZeroBubble``) place stage ``s`` on rank ``s % ranks``, the V ones
+(``ScheduleZBVZeroBubble``, ``ScheduleDualPipeV``) go down the ranks and back up, so the first and
+the last stage share rank 0. The zero-bubble schedules split each backward into an input-gradient
+(``I``) and a weight-gradient (``W``) action and detach the stage's outputs in place in between, so
+the adapter never returns a view. torch 2.13's ``W`` computes the gradients of the weights it found
+during ``I``: those on a path that meets a path from a stage input. A weight whose path reaches the
+outputs without meeting one (a branch reading a model input that travels along the chain, an
+embedding) silently got no gradient (``towers.2.0.weight`` of a three-tower model under
+``ScheduleInterleavedZeroBubble``). For these schedules the adapter adds ``0 * r.sum()`` to every
+output, ``r`` the first received tensor that requires grad, so every weight's path meets an input's.
 """
 
 from __future__ import annotations
@@ -34,7 +47,7 @@ from torch_graphpipe.routing import StageRoute, route
 from torch_graphpipe.shape_oracle import ShapeOracle, Specs, TensorSpec
 from torch_graphpipe.stage_module import build_stage_module
 
-__all__ = ["ChainBaseline"]
+__all__ = ["TORCH_SCHEDULES", "ChainBaseline", "stage_ranks"]
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -60,9 +73,18 @@ class _PipeliningStage(torch.nn.Module):
         self.stage, self.route, self.last = stage, route, last
         self.carry_in, self.carry_out, self.num_inputs = carry_in, carry_out, num_inputs
         self.specs: Specs | None = None  # shapes of the values, set before each step
+        self.anchor = False  # tie every output to a received tensor (zero-bubble schedules)
 
     def forward(self, *received: torch.Tensor) -> Any:
         assert self.specs is not None, "set specs before a step"
+        anchor = next((x for x in received if x.requires_grad), None) if self.anchor else None
+        out = self._forward(*received)
+        if anchor is None:
+            return out
+        zero = anchor.sum() * 0  # see [Note: chain baseline]: weights the input-gradient pass would miss
+        return pytree.tree_map(lambda x: _tie(x, zero), out)
+
+    def _forward(self, *received: torch.Tensor) -> Any:
         if self.route.stage == 0:
             inputs: list[Any] = list(received)
             rest: Sequence[torch.Tensor] = ()
@@ -83,7 +105,19 @@ class _PipeliningStage(torch.nn.Module):
         by_name = dict(zip(self.route.out_values, sent))
         leaves = [x for v in self.route.send[0][1] for x in pytree.tree_leaves(by_name[v])]
         sends = (*(inputs[k] for k in self.carry_out), *(x for x in leaves if isinstance(x, torch.Tensor)))
-        return tuple(x.contiguous() for x in sends)  # gloo sends only contiguous tensors
+        return tuple(_own(x) for x in sends)
+
+
+def _tie(x: Any, zero: torch.Tensor) -> Any:
+    if isinstance(x, torch.Tensor) and x.requires_grad and x.is_floating_point():
+        return x + zero.to(x.dtype)
+    return x
+
+
+def _own(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor that is not a view: gloo sends only contiguous tensors, and the zero-bubble
+    schedules detach a stage's outputs in place after the input-gradient backward."""
+    return x.clone(memory_format=torch.contiguous_format) if x._is_view() else x.contiguous()
 
 
 def _input_reads(gm: fx.GraphModule, stages: Sequence[StageRoute]) -> list[set[int]]:
@@ -123,8 +157,35 @@ def _zeros(spec: TensorSpec) -> torch.Tensor:
     return torch.zeros(spec.shape, dtype=spec.dtype).requires_grad_(spec.requires_grad)
 
 
+# torch 2.13's chain schedules: (class name, virtual stages per rank, stage-to-rank style)
+TORCH_SCHEDULES: dict[str, tuple[int, str]] = {
+    "ScheduleGPipe": (1, "loop"),
+    "Schedule1F1B": (1, "loop"),
+    "ScheduleInterleaved1F1B": (2, "loop"),
+    "ScheduleLoopedBFS": (2, "loop"),
+    "ScheduleInterleavedZeroBubble": (2, "loop"),
+    "ScheduleZBVZeroBubble": (2, "v"),
+    "ScheduleDualPipeV": (2, "v"),
+}
+
+SPLIT_BACKWARD = ("ScheduleInterleavedZeroBubble", "ScheduleZBVZeroBubble", "ScheduleDualPipeV")  # I and W
+
+
+def stage_ranks(num_stages: int, world: int, style: str) -> dict[int, int]:
+    """Rank of every stage: ``loop`` puts stage ``s`` on rank ``s % world``; ``v`` goes down the ranks
+    and back up (two stages per rank: ``r`` and ``2 * world - 1 - r``), as torch's V schedules do."""
+    if num_stages % world:
+        raise ValueError(f"{num_stages} stages do not divide over {world} ranks")
+    if style == "loop":
+        return {s: s % world for s in range(num_stages)}
+    return {s: s % world if (s // world) % 2 == 0 else world - 1 - s % world for s in range(num_stages)}
+
+
 class ChainBaseline:
-    """``Schedule1F1B`` over the stages of a chain plan, one stage per rank (for benchmarks and tests)."""
+    """One of torch's chain schedules (``TORCH_SCHEDULES``) over the stages of a chain plan with
+    ``virtual stages per rank x world`` stages (for benchmarks and tests); see [Note: chain baseline].
+
+    ``stage_wrapper(stage_module, stage_index)`` may wrap each stage (the benchmark's sleeps)."""
 
     def __init__(
         self,
@@ -133,53 +194,75 @@ class ChainBaseline:
         example_inputs: Sequence[Any],
         loss_fn: Callable[[Any, Any], torch.Tensor],
         plan: Plan,
+        schedule: str = "Schedule1F1B",
         process_group: dist.ProcessGroup | None = None,
         stage_wrapper: Callable[[torch.nn.Module, int], torch.nn.Module] | None = None,
     ) -> None:
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+        import torch.distributed.pipelining as pipelining
 
+        if schedule not in TORCH_SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; choose from {sorted(TORCH_SCHEDULES)}")
         if plan.stage_graph != "chain":
             raise ValueError(f"ChainBaseline needs a chain plan, got stage_graph={plan.stage_graph!r}")
         group = process_group if process_group is not None else dist.group.WORLD
         self.rank, world = dist.get_rank(group), dist.get_world_size(group)
-        if world != plan.num_stages:
-            raise ValueError(f"the plan has {plan.num_stages} stages but the process group has {world} ranks")
-        captured = capture(module)
-        routing = route(plan, captured.graph)
-        self.num_microbatches = plan.num_microbatches
-        self._oracle = ShapeOracle(captured.graph_module)
-        stage: torch.nn.Module = build_stage_module(captured.graph_module, routing.stages[self.rank])
-        if stage_wrapper is not None:
-            stage = stage_wrapper(stage, self.rank)
-        reads = _input_reads(captured.graph_module, routing.stages)
-        carry = [tuple(sorted(set().union(*reads[i:]))) for i in range(1, world)] + [()]  # after stage i
-        num_inputs = sum(1 for n in captured.graph_module.graph.nodes if n.op == "placeholder")
-        self.module = _PipeliningStage(
-            stage, routing.stages[self.rank], carry[self.rank - 1] if self.rank else (), carry[self.rank],
-            num_inputs, self.rank == world - 1,
-        )  # fmt: skip
-        self.is_last = self.rank == world - 1
+        per_rank, style = TORCH_SCHEDULES[schedule]
+        n = plan.num_stages
+        if n != per_rank * world:
+            raise ValueError(
+                f"{schedule} runs {per_rank} stage(s) per rank: the plan needs {per_rank * world} stages, has {n}"
+            )
         micro = split_batch(tuple(example_inputs), plan.num_microbatches, "example_inputs")[0]
-        self.module.specs = self._oracle.specs(micro)
-        input_args, output_args = _example_args(self.module, micro, self.module.specs)
-        pipe_stage = PipelineStage(
-            self.module, self.rank, world, torch.device("cpu"), input_args=input_args, output_args=output_args,
-            group=group,
-        )  # fmt: skip
-        m = plan.num_microbatches
-        self.schedule = Schedule1F1B(
-            pipe_stage, m, loss_fn=lambda out, y: loss_fn(out, y) / m, scale_grads=False
-        )
+        captured = capture(module, example_inputs=micro)
+        routing = route(plan, captured.graph)
+        self.num_microbatches = m = plan.num_microbatches
+        self._oracle = ShapeOracle(captured.graph_module)
+        reads = _input_reads(captured.graph_module, routing.stages)
+        carry = [tuple(sorted(set().union(*reads[i:]))) for i in range(1, n)] + [()]  # after stage i
+        num_inputs = sum(1 for node in captured.graph_module.graph.nodes if node.op == "placeholder")
+        ranks = stage_ranks(n, world, style)
+        self.local = [s for s in range(n) if ranks[s] == self.rank]
+        self.is_first, self.is_last = 0 in self.local, n - 1 in self.local
+        specs = self._oracle.specs(micro)
+        self.modules: list[_PipeliningStage] = []
+        stages = []
+        for s in self.local:
+            stage: torch.nn.Module = build_stage_module(captured.graph_module, routing.stages[s])
+            if stage_wrapper is not None:
+                stage = stage_wrapper(stage, s)
+            adapter = _PipeliningStage(
+                stage, routing.stages[s], carry[s - 1] if s else (), carry[s], num_inputs, s == n - 1
+            )
+            adapter.specs = specs
+            adapter.anchor = schedule in SPLIT_BACKWARD
+            input_args, output_args = _example_args(adapter, micro, specs)
+            self.modules.append(adapter)
+            stages.append(
+                pipelining.PipelineStage(
+                    adapter,
+                    s,
+                    n,
+                    torch.device("cpu"),
+                    input_args=input_args,
+                    output_args=output_args,
+                    group=group,
+                )
+            )
+        cls = getattr(pipelining, schedule)
+        target = stages[0] if per_rank == 1 else stages
+        self.schedule = cls(target, m, loss_fn=lambda out, y: loss_fn(out, y) / m, scale_grads=False)
 
     def parameters(self) -> Any:
-        return self.module.parameters()
+        return (p for mod in self.modules for p in mod.parameters())
 
     def step(self, *inputs: Any, target: Any = None) -> float | None:
-        """One training step; returns the mean micro-batch loss on the last stage, else ``None``."""
+        """One training step; returns the mean micro-batch loss on the rank of the last stage, else ``None``."""
         micro = split_batch(tuple(inputs), self.num_microbatches, "inputs")
-        self.module.specs = self._oracle.specs(micro[0])
+        specs = self._oracle.specs(micro[0])
+        for mod in self.modules:
+            mod.specs = specs
         losses: list[torch.Tensor] = []
-        args = inputs if self.rank == 0 else ()
+        args = inputs if self.is_first else ()
         if self.is_last:
             self.schedule.step(*args, target=target, losses=losses, return_outputs=False)
             return float(sum(loss.detach() for loss in losses))
@@ -187,5 +270,18 @@ class ChainBaseline:
         return None
 
     @property
-    def stage_module(self) -> fx.GraphModule | torch.nn.Module:
-        return self.module.stage
+    def stage_modules(self) -> list[torch.nn.Module]:
+        """This rank's stage modules (inside the adapters), in stage order."""
+        return [mod.stage for mod in self.modules]
+
+    def compute_order(self) -> dict[int, list[tuple[int, str, int]]]:
+        """Per rank, the schedule's compute actions ``(stage, "F" | "B" | "I" | "W", micro-batch)``."""
+        order = self.schedule.pipeline_order or {}
+        out: dict[int, list[tuple[int, str, int]]] = {}
+        for rank, actions in order.items():
+            out[rank] = [
+                (a.stage_index, a.computation_type.value, a.microbatch_index)
+                for a in actions
+                if a is not None and a.computation_type.value in ("F", "B", "I", "W")
+            ]
+        return out

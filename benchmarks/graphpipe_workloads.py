@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from torch_collage.zoo import get_model
+from torch_zoo import get_model
 
 __all__ = ["Sleepy", "Workload", "workloads"]
 
@@ -108,11 +108,29 @@ class _SleepBackward(torch.autograd.Function):
 
 
 class Sleepy(nn.Module):
-    """A stage that sleeps for its emulated cost; see the module docstring."""
+    """A stage that sleeps for its emulated cost; see the module docstring.
 
-    def __init__(self, inner: nn.Module, fwd_ms: float, bwd_ms: float) -> None:
+    [Note: weight-gradient share]
+    With ``weight_share`` > 0 that share of the backward sleep happens in a hook on one of the stage's
+    parameters, which runs when that parameter's gradient is computed: in the weight-gradient pass
+    (``W``) of a schedule that splits the backward into input and weight gradients, in the one
+    backward of the others. The rest sleeps on the outputs' gradient path (``I``). The zero-bubble
+    papers assume ``I`` and ``W`` cost about the same (``weight_share=0.5``). (A sleeping branch from
+    the parameter into the outputs would do the same, but torch 2.13's ``W`` then fails with "Trying to
+    backward through the graph a second time": a weight reaching the outputs twice.)"""
+
+    def __init__(self, inner: nn.Module, fwd_ms: float, bwd_ms: float, weight_share: float = 0.0) -> None:
         super().__init__()
         self.inner, self.fwd_s, self.bwd_s = inner, fwd_ms / 1e3, bwd_ms / 1e3
+        weight = next((p for p in inner.parameters() if p.requires_grad), None)
+        self.weight_share = weight_share if weight is not None else 0.0
+        self._weight_sleep_s = 0.0  # set by each forward (calibrated like the rest)
+        if weight is not None and self.weight_share > 0:  # see [Note: weight-gradient share]
+            weight.register_hook(self._sleep_in_weight_gradient)
+
+    def _sleep_in_weight_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        time.sleep(self._weight_sleep_s)
+        return grad
 
     def forward(self, *args: Any) -> Any:
         start = time.perf_counter()
@@ -122,7 +140,9 @@ class Sleepy(nn.Module):
         leaves, spec = torch.utils._pytree.tree_flatten(out)
         idx = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.requires_grad]
         if idx and torch.is_grad_enabled():
-            wrapped = _SleepBackward.apply(max(0.0, self.bwd_s - 2 * real), *(leaves[i] for i in idx))
+            bwd = max(0.0, self.bwd_s - 2 * real)
+            self._weight_sleep_s = bwd * self.weight_share
+            wrapped = _SleepBackward.apply(bwd * (1 - self.weight_share), *(leaves[i] for i in idx))
             for i, w in zip(idx, wrapped):
                 leaves[i] = w
         return torch.utils._pytree.tree_unflatten(leaves, spec)

@@ -170,7 +170,7 @@ def _check_baseline(case: Case, world: int, seed: int) -> None:
         if baseline.is_last:
             torch.testing.assert_close(loss, ref_loss.item(), rtol=RTOL, atol=0)
     ref_params = dict(ref.named_parameters())
-    for name, p in baseline.stage_module.named_parameters():
+    for name, p in baseline.stage_modules[0].named_parameters():
         torch.testing.assert_close(
             p.grad, ref_params[name].grad, rtol=RTOL, atol=ATOL, msg=lambda m, n=name: f"{n}: {m}"
         )
@@ -182,7 +182,7 @@ def test_chain_baseline_matches_one_process():
 
 
 def _zoo_worker(rank: int, world: int, init: str) -> None:
-    from torch_collage.zoo import get_model
+    from torch_zoo import get_model
 
     init_gloo(rank, world, init)
     try:
@@ -230,7 +230,7 @@ def test_data_parallel_stages_match_one_process():
 
 
 def test_zoo_multi_branch_models_train():
-    pytest.importorskip("torch_collage.zoo")
+    pytest.importorskip("torch_zoo")
     spawn(_zoo_worker, 3)
 
 
