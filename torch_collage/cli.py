@@ -105,7 +105,7 @@ def _cache(args: argparse.Namespace) -> int:
             cache.close()
         span = (
             f"; entries from {_when(stats.oldest)} to {_when(stats.newest)}"
-            if stats.oldest is not None
+            if stats.oldest is not None and stats.newest is not None
             else ""
         )
         print(

@@ -88,7 +88,7 @@ def segment_candidates(
         for b in points[i + 1 :]
         if (a, b) != (0, graph.size)
     ]
-    out = []
+    out: list[Candidate] = []
     for spec in specs:
         if spec.name == "eager" or spec.fusion != "region" or spec.max_depth is not None:
             continue

@@ -106,7 +106,7 @@ def fold_constants(gm: fx.GraphModule) -> fx.GraphModule:
         elif node in consts:
             args, kwargs = fx.node.map_arg((node.args, node.kwargs), values.__getitem__)
             with torch.no_grad():
-                values[node] = node.target(*args, **kwargs)  # type: ignore[operator]
+                values[node] = node.target(*args, **kwargs)
         else:
             env[node] = graph.node_copy(node, lookup)
     graph.eliminate_dead_code()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import struct
+from typing import Any
 
 import torch
 
@@ -85,7 +86,7 @@ def _is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _check_scalars(scale: object, softcap: object, window: object, num_splits: object) -> None:
+def _check_scalars(scale: Any, softcap: Any, window: Any, num_splits: Any) -> None:
     if scale is not None and not _is_real(scale):
         raise TypeError(f"attention: scale must be a float or None, got {scale!r}")
     if scale is not None and not math.isfinite(scale):
@@ -98,7 +99,7 @@ def _check_scalars(scale: object, softcap: object, window: object, num_splits: o
         )
     if window is not None and not (isinstance(window, numbers.Integral) and not isinstance(window, bool)):
         raise TypeError(f"attention: window must be a positive int or None, got {window!r}")
-    if window is not None and not 1 <= window <= _MAX_WINDOW:
+    if window is not None and not 1 <= int(window) <= _MAX_WINDOW:
         raise ValueError(f"attention: window must be a positive int (at most 2**62) or None, got {window!r}")
     if not (isinstance(num_splits, numbers.Integral) and not isinstance(num_splits, bool)):
         raise TypeError(f"attention: num_splits must be an int, got {num_splits!r}")

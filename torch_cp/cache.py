@@ -25,6 +25,7 @@ class LayerShard:
             shape = (*k.shape[:2], 0, k.shape[3])
             self.k, self.v = k.new_empty(shape), v.new_empty(shape)
             self.pos = torch.empty(0, dtype=torch.int64, device=k.device)
+        assert self.k is not None and self.v is not None and self.pos is not None
         need = self.length + k.shape[2]
         if need > self.k.shape[2]:
             self._grow(max(need, 2 * self.k.shape[2], 16))
@@ -50,6 +51,7 @@ class LayerShard:
             new[:, :, : self.length] = t[:, :, : self.length]
             return new
 
+        assert self.k is not None and self.v is not None and self.pos is not None
         self.k, self.v = grown(self.k), grown(self.v)
         pos = self.pos.new_empty(capacity)
         pos[: self.length] = self.pos[: self.length]
@@ -97,13 +99,15 @@ class ShardedKVCache:
     def local(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's keys and values of ``layer``: ``[B, Hkv, L_local, D]`` views."""
         shard = self._layer(layer)
-        if shard.k is None:
+        if shard.k is None or shard.v is None:
             raise ValueError(f"ShardedKVCache: layer {layer} is empty; call update() first")
         return shard.k[:, :, : shard.length], shard.v[:, :, : shard.length]
 
     def positions(self, layer: int) -> torch.Tensor:
         """Global positions of this rank's tokens of ``layer``: ``[L_local]`` int64."""
         shard = self._layer(layer)
+        if shard.pos is None:
+            raise ValueError(f"ShardedKVCache: layer {layer} is empty; call update() first")
         return shard.pos[: shard.length]
 
     def seq_len(self, layer: int = 0) -> int:
@@ -126,4 +130,4 @@ class ShardedKVCache:
         kwargs.setdefault("enable_gqa", q.shape[1] != k.shape[1])
         kv_pos = self.positions(layer).expand(q.shape[0], -1)
         q_pos = torch.full((q.shape[0],), self.seq_len(layer) - q.shape[2], device=q.device)
-        return attention(q, k_local, v_local, group=self.group, kv_pos=kv_pos, q_pos=q_pos, **kwargs)
+        return attention(q, k_local, v_local, group=self.group, kv_pos=kv_pos, q_pos=q_pos, **kwargs)  # type: ignore[return-value]

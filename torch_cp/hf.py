@@ -33,7 +33,7 @@ try:
     import transformers
     from transformers import cache_utils, masking_utils
 except ImportError as _err:  # pragma: no cover - exercised only without the extra
-    transformers = cache_utils = masking_utils = None
+    transformers = cache_utils = masking_utils = None  # type: ignore[assignment]
     _IMPORT_ERROR: ImportError | None = _err
 else:
     _IMPORT_ERROR = None
@@ -54,7 +54,7 @@ def _require_transformers() -> None:
         ) from _IMPORT_ERROR
 
 
-class ShardedLayer(cache_utils.CacheLayerMixin if cache_utils else object):
+class ShardedLayer(cache_utils.CacheLayerMixin if cache_utils else object):  # type: ignore[misc]
     """One layer's shard of the KV cache (block-cyclic over the ranks, see :class:`torch_cp.ShardedKVCache`)."""
 
     is_sliding = False
@@ -86,7 +86,7 @@ class ShardedLayer(cache_utils.CacheLayerMixin if cache_utils else object):
         return -1
 
 
-class ShardedCache(cache_utils.Cache if cache_utils else object):
+class ShardedCache(cache_utils.Cache if cache_utils else object):  # type: ignore[misc]
     """A transformers ``Cache`` that keeps only this rank's shard of every layer's keys and values.
 
     Args:

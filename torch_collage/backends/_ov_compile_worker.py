@@ -31,7 +31,7 @@ def main() -> None:
             compiled.export_model(blob)
             with open(request["blob"], "wb") as f:
                 f.write(blob.getbuffer())
-            reply = {"ok": True}
+            reply: dict[str, object] = {"ok": True}
         except Exception as exc:  # the parent turns it into a BackendCompileError
             reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         sys.stdout.write(json.dumps(reply) + "\n")

@@ -10,7 +10,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
@@ -136,7 +136,7 @@ def inductor_compile_graph(
     try:
         with torch.no_grad(), torch._inductor.config.patch({"freezing": freezing, **(options or {})}):
             compiled = compile_fx(graph_copy, list(example_inputs))
-            runner = _NoGradRunner(compiled)
+            runner = _NoGradRunner(cast(Callable[..., Any], compiled))
             runner(*example_inputs)
     except Exception as exc:
         raise BackendCompileError.from_exception(backend, exc, _OP_PATTERNS) from exc

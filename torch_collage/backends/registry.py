@@ -114,7 +114,9 @@ def get_backend(name: str, **options: Any) -> Backend:
     factory = get_spec(name).runner
     if factory is None:
         raise ValueError(f"backend {name!r} places partitions only; it has no whole-module runner")
-    valid = {f.name for f in dataclasses.fields(factory)} if dataclasses.is_dataclass(factory) else set()
+    valid: set[str] = (
+        {f.name for f in dataclasses.fields(factory)} if dataclasses.is_dataclass(factory) else set()
+    )
     unknown = sorted(set(options) - valid)
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for backend {name!r}; valid options: {sorted(valid)}")
