@@ -64,6 +64,7 @@ class PipelineSetup:
     oracle: ShapeOracle  # shapes of every value (meta device)
     unowned: dict[str, torch.Tensor]  # state no stage uses (rank 0 keeps it for checkpoints)
     state_keys: tuple[str, ...]  # the full model's state_dict keys, in order
+    capture_method: Literal["fx", "export"]  # how the model's graph was captured
 
 
 def setup_pipeline(
@@ -117,6 +118,7 @@ def setup_pipeline(
         oracle=oracle,
         unowned=unowned_state(module, stages) if rank == 0 else {},
         state_keys=state_keys,
+        capture_method=captured.method,
     )
 
 

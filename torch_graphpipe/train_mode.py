@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-__all__ = ["train_mode_differences"]
+__all__ = ["mode_dependent_ops", "train_mode_differences"]
 
 _DROPOUT_OPS = ("dropout", "native_dropout", "feature_dropout", "alpha_dropout")
 _BATCH_NORM_OPS = (
@@ -53,6 +53,13 @@ def train_mode_differences(module: torch.nn.Module, gm: fx.GraphModule) -> list[
     return out
 
 
+def mode_dependent_ops(gm: fx.GraphModule) -> list[str]:
+    """The dropout and BatchNorm operators of an ATen graph (whose train / eval behaviour was fixed
+    when it was captured; see [Note: export capture])."""
+    dropout = [n.name for n in gm.graph.nodes if _is_op(n, _DROPOUT_OPS) and _dropout_p(n, any_mode=True) > 0]
+    return dropout + [n.name for n in gm.graph.nodes if _is_op(n, _BATCH_NORM_OPS)]
+
+
 def _is_op(node: fx.Node, names: tuple[str, ...]) -> bool:
     if node.op != "call_function":
         return False
@@ -60,12 +67,13 @@ def _is_op(node: fx.Node, names: tuple[str, ...]) -> bool:
     return name in names
 
 
-def _dropout_p(node: fx.Node) -> float:
-    """The drop probability of a functional or ATen dropout call (0.5, F.dropout's default, if unknown)."""
+def _dropout_p(node: fx.Node, any_mode: bool = False) -> float:
+    """The drop probability of a functional or ATen dropout call (0.5, F.dropout's default, if unknown);
+    0 for a call in eval mode unless ``any_mode``."""
     train: Any = node.kwargs.get(
         "train", node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
     )
-    if train is False:
+    if train is False and not any_mode:
         return 0.0
     p: Any = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
     return float(p) if isinstance(p, (int, float)) else 0.5

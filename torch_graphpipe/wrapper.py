@@ -27,6 +27,7 @@ from torch_graphpipe.profile import CostTable
 from torch_graphpipe.runtime import StageRuntime
 from torch_graphpipe.shape_oracle import TensorSpec, ValueSpec
 from torch_graphpipe.stage_module import StageParts, split_stage_module
+from torch_graphpipe.train_mode import mode_dependent_ops
 from torch_graphpipe.wire import P2P, pack, packed_size, unpack
 
 __all__ = ["GraphPipe"]
@@ -102,6 +103,8 @@ class GraphPipe(torch.nn.Module):
         shard = split_batch(tuple(example_inputs), self.data_parallel, "example_inputs")[0]
         setup = setup_pipeline(module, shard, num_microbatches, partition, self._group, options, group)
         self._plan, self._oracle = setup.plan, setup.oracle
+        # an exported graph keeps the mode it was captured in (see [Note: export capture])
+        self._fixed_mode = module.training if setup.capture_method == "export" else None
         self._unowned, self._state_keys = setup.unowned, setup.state_keys
         self.route = setup.routing.stages[self.stage]
         self.loss_stage = setup.routing.loss_stage
@@ -126,6 +129,15 @@ class GraphPipe(torch.nn.Module):
         super().train(mode)
         if hasattr(self, "_oracle"):
             self._oracle.train(mode)
+        fixed = getattr(self, "_fixed_mode", None)
+        if fixed is not None and mode != fixed and isinstance(self.module, torch.fx.GraphModule):
+            ops = mode_dependent_ops(self.module)
+            if ops:
+                log.warning(
+                    "rank %d: stage %d was captured with torch.export in %s mode; its operators %s keep "
+                    "that mode's behaviour after %s() (capture the model in the mode you run it in)",
+                    self.rank, self.stage, "train" if fixed else "eval", ops[:3], "train" if mode else "eval",
+                )  # fmt: skip
         return self
 
     def step(self, *inputs: Any, target: Any = None) -> float:

@@ -16,7 +16,7 @@ from _gp_dist import init_gloo, shared_seed, spawn
 from _gp_models import Untraceable
 
 from torch_graphpipe import GraphCaptureError, GraphPipe, capture
-from torch_graphpipe.train_mode import train_mode_differences
+from torch_graphpipe.train_mode import mode_dependent_ops, train_mode_differences
 
 transformers = pytest.importorskip("transformers")
 
@@ -96,6 +96,10 @@ def test_train_mode_differences_are_named():
     bn = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).train()
     assert ["BatchNorm" in d for d in train_mode_differences(bn, capture(bn).graph_module)] == [True]
     assert train_mode_differences(bn.eval(), capture(bn).graph_module) == []
+    exported = capture(noisy, example_inputs=ids, method="export").graph_module
+    assert mode_dependent_ops(exported) and not mode_dependent_ops(
+        capture(bert, example_inputs=ids).graph_module
+    )
 
 
 class _Records(logging.Handler):
@@ -162,6 +166,12 @@ def _check_dropout_warns(seed: int, records: _Records) -> None:
     assert loss == loss  # trains (not NaN); the masks differ from single-process training
     if dist.get_rank() == 0:
         assert any("will not match single-process training" in m and "dropout" in m for m in records.messages)
+    records.messages.clear()
+    gp.eval()  # the exported graph keeps train-mode dropout: said, not silent
+    if mode_dependent_ops(gp.module):
+        assert any("captured with torch.export in train mode" in m for m in records.messages), (
+            records.messages
+        )
 
 
 @pytest.mark.distributed

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from _gp_dist import init_gloo, shared_seed, spawn
+from _gp_graphs import two_chains
 from _gp_models import CASES
 
 from torch_graphpipe import CommModel, CostTable, GraphPipe, OpCost, capture, plan_graph, plan_stages
@@ -106,3 +107,20 @@ def test_every_rank_executes_the_simulated_schedule():
     """Each rank's executed actions are the planned (and simulated) schedule's program, on a plan whose
     output travels on an extra edge (multi_output) and on one with a split join stage (skip)."""
     spawn(_run_worker, 3)
+
+
+def test_memory_budget_counts_the_output_edges():
+    """Two independent branches: the loss stage needs both outputs, so branch a's stages hold one
+    micro-batch more than the DAG search counts (it sees the data edges only). The budget is checked
+    on the planned stage graph: 6000 bytes fit the search's model but not the schedule that runs."""
+    graph = two_chains(4)
+    costs = CostTable(
+        ops={n.name: OpCost(fwd_ms=1, bwd_ms=2, out_bytes=1000) for n in graph.nodes}, param_copies=1.0
+    )
+    with pytest.raises(
+        ValueError, match=r"stage 2 of the DAG search's partition needs 8000 bytes with 4 micro"
+    ):
+        plan_graph(graph, costs, 8, 8, memory_budget_bytes=6000)
+    planned = plan_graph(graph, costs, 8, 8, memory_budget_bytes=8000)
+    assert list(planned.simulate().peak_in_flight) == [s.in_flight for s in planned.stages]
+    assert all(s.cost.memory_bytes(s.in_flight, 1.0) <= 8000 for s in planned.stages)
