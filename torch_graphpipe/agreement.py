@@ -118,7 +118,7 @@ def _decide(
     told = [r for r in range(1, len(rows)) if absent is None or r != absent[0]]
     sends = [(r, dist.isend(answer, group=group, group_dst=r)) for r in told]
     for r, work in sends:
-        _talk(lambda work=work: work, group, r, call)
+        _talk(_posted(work), group, r, call)
     if absent is not None:
         raise _absent(group, absent[0], call, f"did not answer: {type(absent[1]).__name__}: {absent[1]}")
     return code
@@ -148,6 +148,11 @@ def _talk(post: Callable[[], dist.Work | None], group: dist.ProcessGroup, peer: 
         _wait(post())
     except RuntimeError as exc:
         raise _absent(group, peer, call, f"did not answer: {type(exc).__name__}: {exc}") from exc
+
+
+def _posted(work: dist.Work | None) -> Callable[[], dist.Work | None]:
+    """A request already posted, for :func:`_talk`."""
+    return lambda: work
 
 
 def _wait(work: dist.Work | None) -> None:

@@ -119,10 +119,10 @@ def late_splits(graph: OpGraph, model: StageCostModel, stages: Sequence[int]) ->
     loss = loss_stage(graph, owner)
     out = []
     for s, mask in enumerate(stages):
-        preds = {owner[p] for v in members(mask) for p in graph.preds[v]}
+        producers = {owner[p] for v in members(mask) for p in graph.preds[v]}
         if s == loss:
-            preds |= {owner[v] for v in output_nodes(graph)}
-        preds = sorted(preds - {s})
+            producers |= {owner[v] for v in output_nodes(graph)}
+        preds = sorted(producers - {s})
         best: tuple[float, int, int] | None = None
         for pred in preds if len(preds) > 1 else ():
             late = 0
