@@ -101,15 +101,13 @@ class DataflowGraph:
 # ``arange``/``gt``. A backend given the whole graph folds them and pre-packs the weights. Were such a
 # node a unit of its own, a partition consuming it from another partition would receive ``t(W)`` as
 # an *input*, could not pre-pack it, and (ONNX Runtime, OpenVINO) would convert it on every call; the
-# partition producing it would copy it out on every call. On gpt2 at batch 8 (Xeon, 2026-12-05) an
-# OpenVINO partition of 16 ops holding the last block's MLP and the head ran 15.1 ms with its
-# transposed weights as inputs and 11.3 ms with them as constants (the whole model on OpenVINO: 18-19
-# ms); a partition that computed the 25 transposes for the others cost 5.8 ms on OpenVINO. So these
-# nodes are not units: ``extract`` copies the ones a partition reads into it, and each backend sees
-# ``addmm(b, x, t(W))`` with ``W`` constant, as in the whole graph. (Folding them into new constants
-# before placement was tried first: it made whole-graph Inductor and OpenVINO 3-4% slower on gpt2
-# and bert, whose pattern rewrites expect the transpose.) Random and mutating ops are never constant
-# expressions, nor are values the graph returns.
+# partition producing it would copy it out on every call: on gpt2 at batch 8 an OpenVINO partition
+# holding the last block's MLP and the head ran 15.1 ms with its transposed weights as inputs and
+# 11.3 ms with them as constants. So these nodes are not units: ``extract`` copies the ones a
+# partition reads into it, and each backend sees ``addmm(b, x, t(W))`` with ``W`` constant, as in
+# the whole graph. They are not folded into new constants before placement either: that made
+# whole-graph Inductor and OpenVINO 3-4% slower on gpt2 and bert, whose pattern rewrites expect the
+# transpose. Random and mutating ops are never constant expressions, nor are values the graph returns.
 _constant_expressions: weakref.WeakKeyDictionary[fx.Graph, frozenset[fx.Node]] = weakref.WeakKeyDictionary()
 
 

@@ -147,12 +147,10 @@ def to_onnx(graph: ExportedGraph, backend: str = _NAME) -> bytes:
 
     [Note: a fresh ONNX registry per export]
     ``torch.onnx.export`` builds its registry of ATen -> ONNX functions afresh on every call (0.4 s
-    of a small MLP's 0.56 s export here). Building one per process and calling the exporter's core
-    with it (d9b627d) exported a small MLP byte for byte the same and cut resnet18's cold explain
-    from 159 to 136 s, but in the zoo benchmark's process exporting mmt's whole graph then sat in
-    onnxscript's rewriter for minutes (its cold search took 383 s, against 100 s before; an identical
-    benchmark process on the public path: 25 s for that candidate). What the exports share through
-    the registry was not found, so each export gets its own again.
+    of a small MLP's 0.56 s export). Sharing one registry between exports through the exporter's
+    core would save that, but in a process that had exported other graphs, exporting mmt's whole
+    graph then sat in onnxscript's rewriter for minutes (25 s on the public path). What exports share
+    through the registry is not known, so each export builds its own.
     """
     try:
         with quiet_treespec_deprecation():
