@@ -124,9 +124,25 @@ def freeze_inputs(gm: fx.GraphModule, args: Sequence[Any], indices: Sequence[int
     for node in gm.graph.nodes:
         if node.op != "placeholder":
             env[node] = graph.node_copy(node, lambda n: env[n])
+        if node.op == "get_attr":  # lifted constants (``torch.tensor([])`` in a model's forward)
+            _copy_attr(gm, frozen, str(node.target))
     frozen.graph = graph
     frozen.recompile()
     return frozen
+
+
+def _copy_attr(src: torch.nn.Module, dst: torch.nn.Module, target: str) -> None:
+    """``dst.<target>`` = ``src.<target>`` (a dotted path), creating empty submodules on the way."""
+    *path, name = target.split(".")
+    for part in path:
+        if not hasattr(dst, part):
+            dst.add_module(part, torch.nn.Module())
+        src, dst = getattr(src, part), getattr(dst, part)
+    value = getattr(src, name)
+    if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+        dst.register_buffer(name, value, persistent=False)
+    else:
+        setattr(dst, name, value)
 
 
 def refresh(module: torch.nn.Module) -> None:

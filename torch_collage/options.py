@@ -22,6 +22,9 @@ class CollageOptions:
     time_budget_s: float = 300.0  # wall-clock cap on measuring candidates (and on refinement)
     max_depth: int = 3  # most ATen ops one candidate subgraph may hold (the whole graph is always tried too)
     search: Literal["dp", "dp+refine"] = "dp"  # exact DP only, or DP then measured local refinement
+    # "search": mixes of backends over subgraphs; "fast": the whole graph on the fastest single backend
+    # (a few compiles per graph, no subgraph candidates)
+    mode: Literal["search", "fast"] = "search"
     verify: bool = True  # check the assembled module against eager on random inputs before using it
     on_backend_failure: Literal["fallback", "raise"] = (
         "fallback"  # a failing candidate: infinite cost or raise
@@ -48,6 +51,7 @@ class CollageOptions:
             )
         object.__setattr__(self, "cache_dir", os.fspath(self.cache_dir))
         _check_choice("search", self.search, ("dp", "dp+refine"))
+        _check_choice("mode", self.mode, ("search", "fast"))
         _check_choice("on_backend_failure", self.on_backend_failure, ("fallback", "raise"))
         for name in ("verify", "progress", "freeze"):
             _check_bool(name, getattr(self, name))

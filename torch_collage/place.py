@@ -110,14 +110,18 @@ class Placer:
             graph, enumerate_candidates(graph, list(model.specs.values()), options.max_depth), model
         )
         have = set(cands)
-        coarse = segment_candidates(graph, model.specs.values(), options.segments)
+        coarse = (
+            []
+            if options.mode == "fast"
+            else segment_candidates(graph, model.specs.values(), options.segments)
+        )
         cands += [c for c in coarse if c not in have]  # a short segment may equal a fine candidate
         costs = measure_candidates(cands, model, set(coarse))
         check_coverable(graph, costs, model)
         placement = self.stages.search(graph, cands, lambda c: costs.get(c, math.inf), model.switch_cost)
         placement = merge_measured(placement, graph, model, costs)
         e2e = EndToEnd(gm, model, self.stages.compare)
-        if options.search == "dp+refine" and len(model.specs) > 1:
+        if options.search == "dp+refine" and options.mode == "search" and len(model.specs) > 1:
             placement = refine_replayed(placement, e2e, costs, self.stages.refine)
         singles = {b: costs.get(Candidate(graph.full, b), math.inf) for b in model.specs}
         choice = choose(e2e, placement, singles)

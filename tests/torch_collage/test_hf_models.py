@@ -1,0 +1,94 @@
+"""Real Hugging Face model code (built from small configs, random weights, no downloads) compiled with
+``backend="collage"``: inference with a padded attention mask and the model's default ``use_cache``,
+and a training step in ``train()`` mode (dropout on), both equal to eager."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from torch_zoo.hf import ARCHITECTURES  # noqa: E402
+
+# The default suite runs GPT-2 (its DynamicCache, a lifted constant, a padded mask); every other
+# architecture runs with -m slow: each takes 0.5-5 minutes on 2 cores, mostly compiling.
+QUICK = ("gpt2",)
+_OPTIONS = {"mode": "fast", "backends": ["eager", "onnxruntime"], "repeats": 3, "warmup": 1}
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    """Every tensor in a model output: ModelOutputs, tuples, and the caches' keys and values."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    layers = getattr(obj, "layers", None)  # a transformers Cache
+    if layers is not None:
+        return [
+            t
+            for layer in layers
+            for t in _tensors([getattr(layer, "keys", None), getattr(layer, "values", None)])
+        ]
+    return []
+
+
+def _check_same(got: Any, want: Any) -> None:
+    got_t, want_t = _tensors(got), _tensors(want)
+    assert len(got_t) == len(want_t) and want_t
+    for g, w in zip(got_t, want_t):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def _params(arch: str) -> list[Any]:
+    return [pytest.param(a, marks=() if a in QUICK else pytest.mark.slow) for a in ARCHITECTURES if a]
+
+
+@pytest.mark.parametrize("arch", _params("inference"))
+def test_inference_matches_eager(tmp_path, arch):
+    torch.manual_seed(0)
+    make, inputs = ARCHITECTURES[arch]
+    model = make().eval()
+    x = inputs()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="collage", options={**_OPTIONS, "cache_dir": str(tmp_path)})
+    with torch.no_grad():
+        _check_same(compiled(**x), model(**x))
+        x2 = inputs()  # fresh values, same shapes: no new placement needed
+        _check_same(compiled(**x2), model(**x2))
+
+
+def _loss(out: Any) -> torch.Tensor:
+    logits = out.logits if hasattr(out, "logits") else _tensors(out)[0]
+    return logits.float().square().mean()
+
+
+@pytest.mark.parametrize("arch", _params("training"))
+def test_training_step_matches_eager(tmp_path, arch):
+    """train() mode, dropout on: the compiled step draws eager's dropout masks from the same seed."""
+    torch.manual_seed(0)
+    make, inputs = ARCHITECTURES[arch]
+    model = make().train()
+    ref = copy.deepcopy(model)
+    x = inputs()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="collage", options={**_OPTIONS, "cache_dir": str(tmp_path)})
+    torch.manual_seed(7)
+    loss = _loss(compiled(**x))
+    loss.backward()
+    torch.manual_seed(7)
+    want = _loss(ref(**x))
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        if q.grad is None:
+            assert p.grad is None, name
+            continue
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    for b, c in zip(model.buffers(), ref.buffers()):  # BatchNorm statistics, counters
+        torch.testing.assert_close(b, c)

@@ -1,0 +1,110 @@
+"""Hugging Face architectures built from small configs with random weights (no downloads): real model
+code standing in for "a user's model". Needs transformers (the ``hf`` extra).
+
+``ARCHITECTURES[name] = (build, inputs)``: ``build()`` returns the model (its task head included),
+``inputs()`` fresh keyword inputs (text models: a batch of 2 with the second sequence padded;
+seq2seq models: decoder inputs too; vision models: 32x32 images).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import transformers
+from torch import nn
+
+__all__ = ["ARCHITECTURES"]
+
+_SEQ, _BATCH, _VOCAB = 12, 2, 256
+_TEXT = dict(vocab_size=_VOCAB, max_position_embeddings=64)
+_BERTISH = dict(**_TEXT, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+
+
+def _bert() -> nn.Module:
+    return transformers.BertForSequenceClassification(transformers.BertConfig(**_BERTISH, num_labels=3))
+
+
+def _roberta() -> nn.Module:
+    return transformers.RobertaForMaskedLM(transformers.RobertaConfig(**_BERTISH, pad_token_id=1))
+
+
+def _distilbert() -> nn.Module:
+    cfg = transformers.DistilBertConfig(vocab_size=_VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64)
+    return transformers.DistilBertForSequenceClassification(cfg)
+
+
+def _gpt2() -> nn.Module:
+    cfg = transformers.GPT2Config(vocab_size=_VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _llama() -> nn.Module:
+    cfg = transformers.LlamaConfig(
+        vocab_size=_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _t5() -> nn.Module:
+    cfg = transformers.T5Config(
+        vocab_size=_VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0
+    )
+    return transformers.T5ForConditionalGeneration(cfg)
+
+
+def _bart() -> nn.Module:
+    cfg = transformers.BartConfig(
+        vocab_size=_VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+    )  # fmt: skip
+    return transformers.BartForConditionalGeneration(cfg)
+
+
+def _vit() -> nn.Module:
+    cfg = transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, num_labels=5,
+    )  # fmt: skip
+    return transformers.ViTForImageClassification(cfg)
+
+
+def _convnext() -> nn.Module:
+    cfg = transformers.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=5)
+    return transformers.ConvNextForImageClassification(cfg)
+
+
+def _resnet() -> nn.Module:
+    cfg = transformers.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=5
+    )
+    return transformers.ResNetForImageClassification(cfg)
+
+
+def _text_inputs(seq2seq: bool = False) -> dict[str, torch.Tensor]:
+    ids = torch.randint(2, _VOCAB, (_BATCH, _SEQ))
+    mask = torch.ones(_BATCH, _SEQ, dtype=torch.long)
+    mask[1, -4:] = 0  # the second sequence is padded
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if seq2seq:
+        inputs["decoder_input_ids"] = torch.randint(2, _VOCAB, (_BATCH, _SEQ // 2))
+    return inputs
+
+
+def _image_inputs() -> dict[str, torch.Tensor]:
+    return {"pixel_values": torch.randn(_BATCH, 3, 32, 32)}
+
+
+ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], Callable[[], dict[str, torch.Tensor]]]] = {
+    "bert": (_bert, _text_inputs),
+    "roberta": (_roberta, _text_inputs),
+    "distilbert": (_distilbert, _text_inputs),
+    "gpt2": (_gpt2, _text_inputs),
+    "llama": (_llama, _text_inputs),
+    "t5": (_t5, lambda: _text_inputs(seq2seq=True)),
+    "bart": (_bart, lambda: _text_inputs(seq2seq=True)),
+    "vit": (_vit, _image_inputs),
+    "convnext": (_convnext, _image_inputs),
+    "resnet": (_resnet, _image_inputs),
+}
