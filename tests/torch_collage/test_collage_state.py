@@ -68,8 +68,9 @@ def test_state_changes_exactly_as_eager_calls_change_it(tmp_path, make, grad):
             out, want = compiled(x), ref(x_ref)
         torch.testing.assert_close(out, want)
         torch.testing.assert_close(x, x_ref)
-        for got, expected in zip(_state(model), _state(ref)):
-            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        for got, expected in zip(_state(model), _state(ref)):  # counters exact; statistics to rounding
+            exact = not expected.is_floating_point()
+            torch.testing.assert_close(got, expected, rtol=0 if exact else None, atol=0 if exact else None)
 
 
 def test_training_with_dropout_matches_eager_from_the_same_seed(tmp_path):
