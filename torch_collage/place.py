@@ -106,15 +106,11 @@ class Placer:
         if graph.size == 0:
             empty = Choice(AssembledGraph(gm, []), 0.0, "eager")
             return empty.assembled, self._report(kind, model, Placement((), 0.0), empty, {}, {}, 0, start)
-        cands = with_whole_graphs(
-            graph, enumerate_candidates(graph, list(model.specs.values()), options.max_depth), model
-        )
+        fast = options.mode == "fast"  # whole graphs only
+        fine = [] if fast else enumerate_candidates(graph, list(model.specs.values()), options.max_depth)
+        cands = with_whole_graphs(graph, fine, model)
         have = set(cands)
-        coarse = (
-            []
-            if options.mode == "fast"
-            else segment_candidates(graph, model.specs.values(), options.segments)
-        )
+        coarse = [] if fast else segment_candidates(graph, model.specs.values(), options.segments)
         cands += [c for c in coarse if c not in have]  # a short segment may equal a fine candidate
         costs = measure_candidates(cands, model, set(coarse))
         check_coverable(graph, costs, model)

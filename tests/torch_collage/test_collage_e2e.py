@@ -462,3 +462,13 @@ def test_assembled_placement_is_checked_against_eager(tmp_path, caplog, backend,
     drift_warned = any("differs from eager" in r.getMessage() for r in caplog.records)
     assert drift_warned == (want == "eager")
     torch.testing.assert_close(assembled(x), model(x))
+
+
+def test_fast_mode_measures_whole_graphs_only(tmp_path):
+    """mode="fast": one candidate per backend (the whole graph), the fastest end to end runs it."""
+    backends = ["eager", "inductor"]
+    model, x = _mlp().eval(), torch.randn(4, 16)
+    report = torch_collage.explain(model, x, backends=backends, mode="fast", cache_dir=str(tmp_path), **_FAST)
+    (graph,) = report.graphs
+    assert graph.candidates == len(backends) and len(graph.partitions) == 1
+    assert graph.partitions[0].backend in backends

@@ -14,10 +14,11 @@ transformers = pytest.importorskip("transformers")
 
 from torch_zoo.hf import ARCHITECTURES  # noqa: E402
 
-# The default suite runs GPT-2 (its DynamicCache, a lifted constant, a padded mask); every other
-# architecture runs with -m slow: each takes 0.5-5 minutes on 2 cores, mostly compiling.
-QUICK = ("gpt2",)
-_OPTIONS = {"mode": "fast", "backends": ["eager", "onnxruntime"], "repeats": 3, "warmup": 1}
+# Every architecture with mode="fast" (whole graphs on eager and ONNX Runtime: seconds each) in the
+# default suite; with collage's default options (the full search over every backend: minutes each
+# on 2 cores) under -m slow.
+_FAST = {"mode": "fast", "backends": ["eager", "onnxruntime"], "repeats": 3, "warmup": 1}
+_OPTIONS = {"fast": _FAST, "default": {}}
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -45,18 +46,22 @@ def _check_same(got: Any, want: Any) -> None:
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
 
 
-def _params(arch: str) -> list[Any]:
-    return [pytest.param(a, marks=() if a in QUICK else pytest.mark.slow) for a in ARCHITECTURES if a]
+def _params() -> list[Any]:
+    return [
+        pytest.param(arch, kind, marks=() if kind == "fast" else pytest.mark.slow, id=f"{arch}-{kind}")
+        for kind in _OPTIONS
+        for arch in ARCHITECTURES
+    ]
 
 
-@pytest.mark.parametrize("arch", _params("inference"))
-def test_inference_matches_eager(tmp_path, arch):
+@pytest.mark.parametrize(("arch", "kind"), _params())
+def test_inference_matches_eager(tmp_path, arch, kind):
     torch.manual_seed(0)
     make, inputs = ARCHITECTURES[arch]
     model = make().eval()
     x = inputs()
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="collage", options={**_OPTIONS, "cache_dir": str(tmp_path)})
+    compiled = torch.compile(model, backend="collage", options={**_OPTIONS[kind], "cache_dir": str(tmp_path)})
     with torch.no_grad():
         _check_same(compiled(**x), model(**x))
         x2 = inputs()  # fresh values, same shapes: no new placement needed
@@ -68,8 +73,8 @@ def _loss(out: Any) -> torch.Tensor:
     return logits.float().square().mean()
 
 
-@pytest.mark.parametrize("arch", _params("training"))
-def test_training_step_matches_eager(tmp_path, arch):
+@pytest.mark.parametrize(("arch", "kind"), _params())
+def test_training_step_matches_eager(tmp_path, arch, kind):
     """train() mode, dropout on: the compiled step draws eager's dropout masks from the same seed."""
     torch.manual_seed(0)
     make, inputs = ARCHITECTURES[arch]
@@ -77,7 +82,7 @@ def test_training_step_matches_eager(tmp_path, arch):
     ref = copy.deepcopy(model)
     x = inputs()
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="collage", options={**_OPTIONS, "cache_dir": str(tmp_path)})
+    compiled = torch.compile(model, backend="collage", options={**_OPTIONS[kind], "cache_dir": str(tmp_path)})
     torch.manual_seed(7)
     loss = _loss(compiled(**x))
     loss.backward()
