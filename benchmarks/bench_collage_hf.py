@@ -43,7 +43,7 @@ from benchmarks.harness import (
     progress,
     write_results,
 )
-from torch_zoo.hf import ARCHITECTURES
+from torch_zoo.hf import ARCHITECTURES, output_tensors
 
 COLUMNS = (
     Column("model", "model"),
@@ -74,25 +74,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        return [t for v in obj.values() for t in _tensors(v)]
-    if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in _tensors(v)]
-    layers = getattr(obj, "layers", None)  # a transformers Cache
-    if layers is not None:
-        return [
-            t
-            for layer in layers
-            for t in _tensors([getattr(layer, "keys", None), getattr(layer, "values", None)])
-        ]
-    return []
-
-
 def _mismatch(got: Any, want: Any) -> str:
-    got_t, want_t = _tensors(got), _tensors(want)
+    got_t, want_t = output_tensors(got), output_tensors(want)
     if len(got_t) != len(want_t):
         return f"{len(got_t)} output tensors, eager has {len(want_t)}"
     for i, (g, w) in enumerate(zip(got_t, want_t)):
@@ -176,7 +159,7 @@ def training_rows(name: str, args: argparse.Namespace, cache_dir: str) -> list[d
 
 
 def _loss(out: Any) -> torch.Tensor:
-    logits = out.logits if hasattr(out, "logits") else _tensors(out)[0]
+    logits = out.logits if hasattr(out, "logits") else output_tensors(out)[0]
     return logits.float().square().mean()
 
 

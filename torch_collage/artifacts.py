@@ -25,12 +25,13 @@ import logging
 import os
 import shutil
 import stat
-import threading
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
+
+from torch_collage.once import warn_once
 
 __all__ = ["ArtifactStore"]
 
@@ -142,7 +143,8 @@ class ArtifactStore:
             tmp.mkdir(parents=True)
         except OSError as exc:
             self.unwritable = str(exc)
-            _warn_once(
+            warn_once(
+                logger,
                 self.root,
                 "unwritable",
                 "torch_collage: compiled partitions cannot be saved under %s (%s); they are compiled, "
@@ -159,7 +161,8 @@ class ArtifactStore:
             if not saver(tmp):
                 return False
         except Exception as exc:  # e.g. a full disk: said once per kind of failure, then DEBUG
-            _warn_once(
+            warn_once(
+                logger,
                 self.root,
                 f"saver {type(exc).__name__}",
                 "torch_collage: could not save a compiled partition under %s: %s: %s",
@@ -170,7 +173,8 @@ class ArtifactStore:
             return False
         size = _size_of(tmp)
         if size > self.max_bytes:
-            _warn_once(
+            warn_once(
+                logger,
                 self.root,
                 "oversize",
                 "torch_collage: a compiled partition of %.1f MiB is larger than the whole store under %s "
@@ -265,16 +269,3 @@ def _touch(path: Path) -> None:
         os.utime(path, (now, now))
     except OSError:
         pass
-
-
-_warned: set[tuple[str, str]] = set()  # (directory, reason) already logged at WARNING by this process
-_warned_lock = threading.Lock()
-
-
-def _warn_once(path: Path, reason: str, message: str, *args: object) -> None:
-    """``message`` at WARNING the first time ``reason`` happens to ``path`` in this process, then DEBUG
-    (a model with graph breaks opens the store once per graph)."""
-    with _warned_lock:
-        first = (str(path), reason) not in _warned
-        _warned.add((str(path), reason))
-    logger.log(logging.WARNING if first else logging.DEBUG, message, *args)

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from torch_collage.once import warn_once
+
 __all__ = ["CacheStats", "CachedCost", "CostCache", "cost_cache_path"]
 
 logger = logging.getLogger(__name__)
@@ -190,7 +192,8 @@ class CostCache:
             self._stop_using_file(f"not used: {exc} (after {_ATTEMPTS} tries)")
             return
         self.skipped += 1
-        _warn_once(
+        warn_once(
+            logger,
             self.path,
             "read",
             "torch_collage: cost cache %s: a lookup failed (%s); taken as a miss",
@@ -202,7 +205,8 @@ class CostCache:
         if value is None:
             with self._lock:
                 self.skipped += 1
-            _warn_once(
+            warn_once(
+                logger,
                 self.path,
                 "row",
                 "torch_collage: cost cache %s has rows that do not parse "
@@ -226,7 +230,8 @@ class CostCache:
 
     def _stop_writing(self, reason: str) -> None:
         self.degraded = reason
-        _warn_once(
+        warn_once(
+            logger,
             self.path,
             reason,
             "torch_collage: cost cache %s %s; new costs are kept in memory for this process",
@@ -247,7 +252,8 @@ class CostCache:
             return self._open_file()
         except _Unusable as exc:
             self.degraded = f"not used: {exc}"
-            _warn_once(
+            warn_once(
+                logger,
                 self.path,
                 str(exc),
                 "torch_collage: cost cache %s not used (%s); costs are kept in memory for this process",
@@ -483,18 +489,3 @@ def _put_back(aside: Path, path: Path) -> None:
         os.unlink(aside)
     except OSError:
         pass
-
-
-# -- logging ------------------------------------------------------------------------------------
-
-_warned: set[tuple[str, str]] = set()  # (path, reason) already logged at WARNING by this process
-_warned_lock = threading.Lock()
-
-
-def _warn_once(path: Path, reason: str, message: str, *args: Any) -> None:
-    """``message`` at WARNING the first time ``reason`` happens to ``path`` in this process, then DEBUG
-    (a model with graph breaks opens the cache once per graph)."""
-    with _warned_lock:
-        first = (str(path), reason) not in _warned
-        _warned.add((str(path), reason))
-    logger.log(logging.WARNING if first else logging.DEBUG, message, *args)

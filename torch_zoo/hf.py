@@ -9,12 +9,13 @@ seq2seq models: decoder inputs too; vision models: 32x32 images).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import transformers
 from torch import nn
 
-__all__ = ["ARCHITECTURES"]
+__all__ = ["ARCHITECTURES", "output_tensors"]
 
 _SEQ, _BATCH, _VOCAB = 12, 2, 256
 _TEXT = dict(vocab_size=_VOCAB, max_position_embeddings=64)
@@ -108,3 +109,18 @@ ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], Callable[[], dict[str, t
     "convnext": (_convnext, _image_inputs),
     "resnet": (_resnet, _image_inputs),
 }
+
+
+def output_tensors(obj: Any) -> list[torch.Tensor]:
+    """Every tensor in a model's output, in order: ModelOutputs, tuples, and a cache's keys and values."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in output_tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in output_tensors(v)]
+    layers = getattr(obj, "layers", None)  # a transformers Cache
+    if layers is not None:
+        pairs = [[getattr(layer, "keys", None), getattr(layer, "values", None)] for layer in layers]
+        return output_tensors(pairs)
+    return []

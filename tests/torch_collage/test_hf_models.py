@@ -12,7 +12,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from torch_zoo.hf import ARCHITECTURES  # noqa: E402
+from torch_zoo.hf import ARCHITECTURES, output_tensors  # noqa: E402
 
 # Every architecture with mode="fast" (whole graphs on eager and ONNX Runtime: seconds each) in the
 # default suite; with collage's default options (the full search over every backend: minutes each
@@ -21,26 +21,8 @@ _FAST = {"mode": "fast", "backends": ["eager", "onnxruntime"], "repeats": 3, "wa
 _OPTIONS = {"fast": _FAST, "default": {}}
 
 
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    """Every tensor in a model output: ModelOutputs, tuples, and the caches' keys and values."""
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        return [t for v in obj.values() for t in _tensors(v)]
-    if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in _tensors(v)]
-    layers = getattr(obj, "layers", None)  # a transformers Cache
-    if layers is not None:
-        return [
-            t
-            for layer in layers
-            for t in _tensors([getattr(layer, "keys", None), getattr(layer, "values", None)])
-        ]
-    return []
-
-
 def _check_same(got: Any, want: Any) -> None:
-    got_t, want_t = _tensors(got), _tensors(want)
+    got_t, want_t = output_tensors(got), output_tensors(want)
     assert len(got_t) == len(want_t) and want_t
     for g, w in zip(got_t, want_t):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
@@ -69,7 +51,7 @@ def test_inference_matches_eager(tmp_path, arch, kind):
 
 
 def _loss(out: Any) -> torch.Tensor:
-    logits = out.logits if hasattr(out, "logits") else _tensors(out)[0]
+    logits = out.logits if hasattr(out, "logits") else output_tensors(out)[0]
     return logits.float().square().mean()
 
 
