@@ -287,9 +287,7 @@ class CostModel:
                 fn = self.specs[backend].compile(sub.module, inputs)
             reason = self._check(fn, sub, mask)
         except Exception as exc:
-            return None, self._failed(
-                backend, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", exc
-            )
+            return None, self._failed(backend, _reason(exc), exc)
         if reason:
             logger.info("torch_collage: %s candidate rejected: %s", backend, reason)
             return None, f"mismatch: {reason}"
@@ -388,6 +386,17 @@ def _probe(spec: BackendSpec, x: torch.Tensor) -> Callable[..., Any] | None:
         return fn
     except Exception:
         return None
+
+
+_MAX_REASON_CHARS = 1000
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a backend failed: the exception's type and whole message (a backend's error names the op
+    and says why), on one line, clipped to ``_MAX_REASON_CHARS``."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    reason = f"{type(exc).__name__}: {text}"
+    return reason if len(reason) <= _MAX_REASON_CHARS else reason[: _MAX_REASON_CHARS - 3] + "..."
 
 
 def _release_saved_copy(fn: Callable[..., Any]) -> None:

@@ -62,6 +62,9 @@ class GraphReport:
     # side and compared paired ([Note: end-to-end check] in choose.py; a warm compile replays the
     # cached comparison); empty when the searched placement had no contender
     end_to_end_ms: dict[str, float] = field(default_factory=dict)
+    whole_graph_failures: dict[str, str] = field(
+        default_factory=dict
+    )  # backend -> why its whole graph failed
 
 
 def graph_report(
@@ -110,6 +113,7 @@ def graph_report(
         searched_ms=searched.predicted_ms,
         segments=_segment_reports(graph, segments, costs),
         end_to_end_ms=compared,
+        whole_graph_failures={b: r for (m, b), r in rejected.items() if m == graph.full},
     )
 
 

@@ -472,3 +472,19 @@ def test_fast_mode_measures_whole_graphs_only(tmp_path):
     (graph,) = report.graphs
     assert graph.candidates == len(backends) and len(graph.partitions) == 1
     assert graph.partitions[0].backend in backends
+
+
+def _failing_compile(gm, example_inputs):
+    raise RuntimeError("lowering failed\nno kernel for aten.addmm.default with these strides")
+
+
+def test_whole_graph_failures_keep_the_full_reason_and_are_listed_first(tmp_path):
+    with registered_backend("failing", compile=_failing_compile):
+        report = torch_collage.explain(
+            _mlp().eval(), torch.randn(4, 16), backends=["eager", "failing"], cache_dir=str(tmp_path), **_FAST
+        )
+    (graph,) = report.graphs
+    why = graph.whole_graph_failures["failing"]
+    assert "lowering failed" in why and "aten.addmm.default" in why  # the second line is kept
+    text = report.to_markdown()
+    assert text.index("failing failed on the whole graph") < text.index("| # | backend")
