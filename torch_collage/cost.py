@@ -26,7 +26,7 @@ from torch_collage.freeze import written_inputs
 from torch_collage.graph import DataflowGraph
 from torch_collage.options import CollageOptions
 from torch_collage.subgraph import Subgraph, constants_digest, digest, extract, tensor_signature
-from torch_collage.timing import measure
+from torch_collage.timing import InterferenceProbe, QuietProbe, measure
 
 __all__ = [
     "CompiledPart",
@@ -42,6 +42,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _PROBE_SHAPE = (64, 256)
+_PROBE = InterferenceProbe()  # the process's fastest probe time is its baseline
 
 
 def record_values(
@@ -129,6 +130,7 @@ class CostModel:
         cache: CostCache,
         warned: set[tuple[str, str]] | None = None,
         rng: dict[fx.Node, RngState] | None = None,
+        probe: InterferenceProbe | QuietProbe | None = None,
     ) -> None:
         self.gm, self.graph, self.values, self.specs, self.options, self.cache = (
             gm,
@@ -151,7 +153,9 @@ class CostModel:
         self._warned = set() if warned is None else warned
         self._written = frozenset(written_inputs(gm.graph))  # [Note: inputs the graph writes]
         self._rng = rng or {}  # the generator's state before each random op: [Note: random ops]
-        self._session: dict[str, CachedCost] = {}  # verdicts kept for this model only
+        self._session: dict[str, CachedCost] = {}  # verdicts and busy timings kept for this model only
+        self._probe = probe or _PROBE
+        self.noisy = 0  # timings still under interference when taken again: [Note: quiet measurements]
 
     def args(self, nodes: Sequence[fx.Node]) -> list[Any]:
         """The recorded values of ``nodes`` to run a part of the graph on: fresh copies of the inputs
@@ -184,8 +188,10 @@ class CostModel:
         key = self.key("candidate", cand.backend, sub)
         cached = self.cache.get(key) or self._session.get(key)
         if cached is None:
+            noisy = self.noisy
             cached = self._measure(sub, cand.backend, cand.mask)
-            if cached.ok or self._trusted(sub):
+            quiet = self.noisy == noisy  # [Note: quiet measurements]
+            if (cached.ok and quiet) or (not cached.ok and self._trusted(sub)):
                 self.cache.put(key, cached)
             else:  # [Note: verdicts on non-finite values]
                 self._session[key] = cached
@@ -271,7 +277,24 @@ class CostModel:
         return fn
 
     def time_call(self, call: Callable[[], Any]) -> float:
-        """Median ms of ``call()`` under the timing protocol and thread count (counted as a measurement)."""
+        """Median ms of ``call()`` under the timing protocol and thread count (counted as a measurement),
+        taken again once if the machine was busy; ``noisy`` counts those still busy the second time
+        ([Note: quiet measurements])."""
+        for attempt in range(2):
+            before = self._probe.slowdown()
+            ms = self._time_once(call)
+            after = self._probe.slowdown()
+            if not self._probe.busy(max(before, after)):
+                return ms
+            logger.debug(
+                "torch_collage: timing under interference (probe %.2fx), attempt %d",
+                max(before, after),
+                attempt,
+            )
+        self.noisy += 1
+        return ms
+
+    def _time_once(self, call: Callable[[], Any]) -> float:
         opts = self.options
         with torch.no_grad():
             m = measure(call, warmup=opts.warmup, repeats=opts.repeats, max_time_s=2.0, threads=self.threads)
@@ -316,11 +339,20 @@ class CostModel:
             "switch", a, self.versions[a], b, self.versions[b], str(self.threads), str(_PROBE_SHAPE),
             device_label(self.device),
         )  # fmt: skip
-        cached = self.cache.get(key)
+        cached = self.cache.get(key) or self._session.get(key)
         if cached is None:
+            noisy = self.noisy
             cached = CachedCost(self._measure_switch(a, b), "")
-            self.cache.put(key, cached)
+            self.put_if_quiet(key, cached, noisy)
         return cached.ms if cached.ok else 0.0
+
+    def put_if_quiet(self, key: str, cost: CachedCost, noisy_before: int) -> None:
+        """Cache ``cost`` if no timing since ``noisy_before`` was busy, else keep it for this model only
+        ([Note: quiet measurements])."""
+        if self.noisy == noisy_before:
+            self.cache.put(key, cost)
+        else:
+            self._session[key] = cost
 
     def _measure_switch(self, a: str, b: str) -> float:
         x = torch.randn(_PROBE_SHAPE, device=self.device)

@@ -66,6 +66,7 @@ def e2e_many_ms(
         except (ValueError, TypeError):
             pass  # unreadable: time again
     built = [assemble() for _, assemble in items]
+    noisy = model.noisy
     samples: list[list[float]] = [[] for _ in items]
 
     def run_rounds(members: list[int], count: int) -> None:
@@ -87,7 +88,8 @@ def e2e_many_ms(
             run_rounds(finalists, 1)
             ms.update(zip(finalists, _paired_scores([samples[i] for i in finalists])))
     out = [ms[i] for i in order]
-    model.cache.put_text(group, json.dumps(out))
+    if model.noisy == noisy:  # a comparison timed while the machine was busy is not kept
+        model.cache.put_text(group, json.dumps(out))
     return out
 
 

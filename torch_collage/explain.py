@@ -66,6 +66,8 @@ class ExplainReport:
             lines += [f"### Graph {i} ({g.kind}): chose {g.chosen}", "", _singles_line(g), ""]
             lines += [f"- {b} failed on the whole graph: {r}" for b, r in g.whole_graph_failures.items()]
             lines += [""] if g.whole_graph_failures else []
+            if g.noisy:
+                lines += [f"{g.noisy} timing(s) ran while the machine was busy: used here, not cached.", ""]
             if g.searched and math.isfinite(g.searched_ms):
                 lines += [f"The search's placement: {g.searched}, predicted {g.searched_ms:.3f} ms.", ""]
             if g.end_to_end_ms:

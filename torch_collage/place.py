@@ -35,6 +35,7 @@ from torch_collage.refine import RefineFn, refine, refine_replayed
 from torch_collage.report import GraphReport, graph_report
 from torch_collage.search import Placement, search_cover
 from torch_collage.segments import segment_candidates
+from torch_collage.timing import InterferenceProbe, QuietProbe
 
 __all__ = ["Placer", "Stages", "default_placer", "measurement_count", "place_graph"]
 
@@ -55,8 +56,11 @@ class Placer:
     """Places graphs with ``stages``. ``measurements`` counts the timings its placements ran (a warm
     compile runs none); each unavailable backend and each backend failure is logged once."""
 
-    def __init__(self, stages: Stages | None = None) -> None:
+    def __init__(
+        self, stages: Stages | None = None, probe: InterferenceProbe | QuietProbe | None = None
+    ) -> None:
         self.stages = stages or Stages()
+        self.probe = probe  # None: the process's shared probe ([Note: quiet measurements])
         self.measurements = 0
         self._warned_unavailable: set[str] = set()
         self._warned_failures: set[tuple[str, str]] = set()
@@ -73,7 +77,9 @@ class Placer:
                 graph = DataflowGraph.from_graph(gm.graph)
                 values = record_values(gm, inputs, rng)
                 specs = self.active_specs(options)
-                model = CostModel(gm, graph, values, specs, options, cache, self._warned_failures, rng)
+                model = CostModel(
+                    gm, graph, values, specs, options, cache, self._warned_failures, rng, self.probe
+                )
                 try:
                     return self._place(gm, inputs, model, kind)
                 finally:
@@ -153,6 +159,7 @@ class Placer:
             loaded=model.loaded,
             segments=model.options.segments,
             compared=choice.compared,
+            noisy=model.noisy,
         )
 
 

@@ -112,9 +112,11 @@ def refine_replayed(
             return _placement_from_json(stored, cost, model)
         except (ValueError, KeyError, TypeError) as exc:
             logger.warning("torch_collage: cached refinement unreadable (%s); refining again", exc)
+    noisy = model.noisy
     refined = refine_fn(placement, graph, list(model.specs), cost, model.switch_cost, e2e.pair, budget)
     refined = remeasure(refined, model, costs)
-    model.cache.put_text(key, json.dumps([[str(p.mask), p.backend] for p in refined.partitions]))
+    if model.noisy == noisy:  # [Note: quiet measurements]
+        model.cache.put_text(key, json.dumps([[str(p.mask), p.backend] for p in refined.partitions]))
     return refined
 
 

@@ -62,9 +62,10 @@ class GraphReport:
     # side and compared paired ([Note: end-to-end check] in choose.py; a warm compile replays the
     # cached comparison); empty when the searched placement had no contender
     end_to_end_ms: dict[str, float] = field(default_factory=dict)
-    whole_graph_failures: dict[str, str] = field(
-        default_factory=dict
-    )  # backend -> why its whole graph failed
+    # backend -> why its whole graph failed (compile error or mismatch, the backend's whole message)
+    whole_graph_failures: dict[str, str] = field(default_factory=dict)
+    # timings taken under interference: used for this search only ([Note: quiet measurements] in timing.py)
+    noisy: int = 0
 
 
 def graph_report(
@@ -83,6 +84,7 @@ def graph_report(
     loaded: int,
     segments: int,
     compared: dict[str, float],
+    noisy: int = 0,
 ) -> GraphReport:
     """The report of one placed graph: the ``searched`` placement, and what the end-to-end check
     ``chosen`` (``"mixed"``: the searched one; else the single backend that runs the whole graph)."""
@@ -114,6 +116,7 @@ def graph_report(
         segments=_segment_reports(graph, segments, costs),
         end_to_end_ms=compared,
         whole_graph_failures={b: r for (m, b), r in rejected.items() if m == graph.full},
+        noisy=noisy,
     )
 
 

@@ -17,6 +17,8 @@ from torch_collage.backends._export import GraphIO, export_graph
 from torch_collage.backends.registry import registered_backend
 from torch_collage.entry import make_backend
 from torch_collage.options import CollageOptions
+from torch_collage.place import Placer
+from torch_collage.timing import QuietProbe
 
 _FAST = {"max_depth": 2, "repeats": 3, "warmup": 1, "progress": False}
 needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino missing")
@@ -253,10 +255,11 @@ def test_warm_compile_through_torch_compile_loads_what_it_saved(tmp_path):
     x = torch.randn(4, 16)
     with registered_backend("saving", compile=backend.compile, save=backend.save, load=backend.load):
         opts = CollageOptions(backends=("saving",), cache_dir=str(tmp_path), **_FAST)
+        placer = Placer(probe=QuietProbe())  # counts timings: [Note: quiet measurements]
         reports: list = []
         for _ in range(2):
             torch._dynamo.reset()
-            compiled = torch.compile(model, backend=make_backend(opts, reports.append))
+            compiled = torch.compile(model, backend=make_backend(opts, reports.append, placer))
             with torch.no_grad():
                 torch.testing.assert_close(compiled(x), model(x))
     cold, warm = reports

@@ -54,15 +54,35 @@ def test_training_gradients_equal_eager(tmp_path):
     assert sorted(r.kind for r in reports) == ["backward", "forward"]  # both graphs were placed
 
 
+def _quiet_placer(**kwargs):
+    """A placer that takes the machine as quiet, so a cold search caches every timing whatever else
+    the machine runs ([Note: quiet measurements]): tests that count a warm compile's timings use it."""
+    from torch_collage.place import Placer
+    from torch_collage.timing import QuietProbe
+
+    return Placer(probe=QuietProbe(), **kwargs)
+
+
 def test_warm_cache_measures_nothing(tmp_path):
     opts = {"backends": ["eager", "inductor"], "cache_dir": str(tmp_path), "search": "dp+refine", **_FAST}
     x = torch.randn(4, 16)
-    cold = torch_collage.explain(_mlp().eval(), x, **opts)
-    assert cold.candidates_measured > 0
-    before = torch_collage.measurement_count()
-    warm = torch_collage.explain(_mlp().eval(), x, **opts)
-    assert torch_collage.measurement_count() == before and warm.candidates_measured == 0
+    placer = _quiet_placer()
+    before_all = torch_collage.measurement_count()
+    cold = torch_collage.explain(_mlp().eval(), x, placer=placer, **opts)
+    assert cold.candidates_measured > 0 and placer.measurements >= cold.candidates_measured
+    assert torch_collage.measurement_count() == before_all  # the default placer's count is its own
+    before = placer.measurements
+    warm = torch_collage.explain(_mlp().eval(), x, placer=placer, **opts)
+    assert placer.measurements == before and warm.candidates_measured == 0
     assert [p.backend for p in warm.partitions] == [p.backend for p in cold.partitions]
+
+
+def test_measurement_count_counts_the_default_placers_timings(tmp_path):
+    before = torch_collage.measurement_count()
+    report = torch_collage.explain(
+        _mlp().eval(), torch.randn(4, 16), backends=["eager"], cache_dir=str(tmp_path), **_FAST
+    )
+    assert torch_collage.measurement_count() - before >= report.candidates_measured > 0
 
 
 def test_warm_compile_stops_where_the_cold_budget_did(tmp_path):
@@ -70,20 +90,21 @@ def test_warm_compile_stops_where_the_cold_budget_did(tmp_path):
     from the cache is fast, and must not measure the candidates the cold search skipped."""
     opts = {"backends": ["eager", "inductor"], "cache_dir": str(tmp_path), "search": "dp", **_FAST}
     x = torch.randn(4, 16)
-    cold = torch_collage.explain(_mlp().eval(), x, time_budget_s=0.05, **opts)
+    placer = _quiet_placer()
+    cold = torch_collage.explain(_mlp().eval(), x, time_budget_s=0.05, placer=placer, **opts)
     assert cold.candidates_measured > 0
-    before = torch_collage.measurement_count()
-    warm = torch_collage.explain(_mlp().eval(), x, time_budget_s=0.05, **opts)
-    assert torch_collage.measurement_count() == before and warm.candidates_measured == 0
+    before = placer.measurements
+    warm = torch_collage.explain(_mlp().eval(), x, time_budget_s=0.05, placer=placer, **opts)
+    assert placer.measurements == before and warm.candidates_measured == 0
 
 
 def test_warm_compile_replays_the_refinement(tmp_path):
     """A refinement cut off by its time budget must not go on searching when compiled warm."""
-    from torch_collage.place import Placer, Stages
+    from torch_collage.place import Stages
     from torch_collage.refine import refine
 
     calls = []
-    placer = Placer(Stages(refine=lambda *a, **k: calls.append(1) or refine(*a, **k)))
+    placer = _quiet_placer(stages=Stages(refine=lambda *a, **k: calls.append(1) or refine(*a, **k)))
     opts = {"backends": ["eager", "inductor"], "cache_dir": str(tmp_path), "search": "dp+refine", **_FAST}
     x = torch.randn(4, 16)
     cold = torch_collage.explain(_mlp().eval(), x, placer=placer, **opts)
@@ -100,7 +121,7 @@ def test_warm_compile_measures_nothing_after_refinement_merged_partitions(tmp_pa
     stand-ins passed to the placer (the DP starts from backends alternating per unit; a comparison
     prefers fewer partitions short of the whole graph); compiling and measuring are real."""
     from torch_collage.candidates import Candidate
-    from torch_collage.place import Placer, Stages
+    from torch_collage.place import Stages
     from torch_collage.refine import refine
     from torch_collage.search import Partition, Placement
 
@@ -118,8 +139,8 @@ def test_warm_compile_measures_nothing_after_refinement_merged_partitions(tmp_pa
         return [score(p) for p, _ in items]
 
     refined = []
-    placer = Placer(
-        Stages(
+    placer = _quiet_placer(
+        stages=Stages(
             search=alternating,
             compare=fewer_partitions,
             refine=lambda *a, **k: refined.append(refine(*a, **k)) or refined[-1],

@@ -206,3 +206,58 @@ def test_a_graph_no_backend_can_run_names_the_node_and_each_reason(tmp_path):
 
     with pytest.raises(UnplaceableGraph, match=r"noise.*eager: mismatch"):
         torch_collage.explain(Noisy(), torch.randn(4, 8), **{**_FAST, "cache_dir": str(tmp_path)})
+
+
+# --- costs that do not remember a busy minute ([Note: quiet measurements]) -------------------------
+
+
+class _ScriptedProbe:
+    """The machine's state as a test sets it: each ``slowdown()`` returns the next value."""
+
+    def __init__(self, slowdowns):
+        self.slowdowns = list(slowdowns)
+
+    def slowdown(self) -> float:
+        return self.slowdowns.pop(0) if self.slowdowns else 1.0
+
+    def busy(self, slowdown: float) -> bool:
+        from torch_collage.timing import BUSY_FACTOR
+
+        return slowdown > BUSY_FACTOR
+
+
+@pytest.mark.parametrize(
+    ("slowdowns", "persisted"), [([1.0] * 2, 1), ([3.0, 1.0, 1.0, 1.0], 1), ([3.0] * 4, 0)]
+)
+def test_a_cost_measured_while_the_machine_is_busy_is_not_cached(tmp_path, slowdowns, persisted):
+    """Quiet: cached. Busy once: timed again, cached. Busy twice: used, counted as noisy, not cached."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from torch_collage.backends.registry import get_spec
+    from torch_collage.cache import CostCache
+    from torch_collage.candidates import Candidate
+    from torch_collage.cost import CostModel, record_values
+    from torch_collage.graph import DataflowGraph
+    from torch_collage.options import CollageOptions
+
+    model, x = _mlp(), torch.randn(4, 8)
+    gm = make_fx(model)(x)
+    graph = DataflowGraph.from_graph(gm.graph)
+    cache = CostCache(str(tmp_path))
+    cost = CostModel(gm, graph, record_values(gm, [x]), {"eager": get_spec("eager")},
+                     CollageOptions(cache_dir=str(tmp_path), repeats=3, warmup=1), cache,
+                     probe=_ScriptedProbe(slowdowns))  # fmt: skip
+    ms = cost.cost(Candidate(graph.full, "eager"))
+    assert 0 < ms < float("inf")
+    assert cache.stats().measured == persisted and cost.noisy == 1 - persisted
+    assert cost.cost(Candidate(graph.full, "eager")) == ms  # this search keeps it either way
+    cache.close()
+
+
+def test_the_probe_is_relative_to_the_fastest_run_seen():
+    from torch_collage.timing import InterferenceProbe
+
+    probe = InterferenceProbe()
+    first = probe.slowdown()
+    assert first == 1.0 and probe.best_ms > 0
+    assert all(probe.slowdown() >= 1.0 for _ in range(3))
