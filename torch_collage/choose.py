@@ -35,7 +35,7 @@ import torch
 from torch import fx
 
 from torch_collage.assembly import AssembledGraph
-from torch_collage.cost import outputs_match
+from torch_collage.cost import copy_strided, outputs_match
 from torch_collage.endtoend import EndToEnd, assemble
 from torch_collage.graph import DataflowGraph
 from torch_collage.search import Partition, Placement
@@ -128,7 +128,7 @@ def verify(e2e: EndToEnd, choice: Choice, inputs: Sequence[Any]) -> Choice:
     model, gm = e2e.model, e2e.gm
     want = list(fx.node.map_arg(_outputs(gm), lambda n: model.values[n]))
     with torch.no_grad(), model.replaying_rng():
-        got = list(choice.assembled(*[x.clone() if isinstance(x, torch.Tensor) else x for x in inputs]))
+        got = list(choice.assembled(*[copy_strided(x) if isinstance(x, torch.Tensor) else x for x in inputs]))
     reason = outputs_match(got, want, model.options.rtol * 10, model.options.atol * 10)
     if not reason:
         return choice

@@ -60,13 +60,29 @@ def record_values(
             if rng is not None and n.op == "call_function" and not deterministic(n):
                 rng[n] = rng_state(device)
             value = super().run_node(n)
-            values[n] = value.clone() if n in written and isinstance(value, torch.Tensor) else value
+            values[n] = copy_strided(value) if n in written and isinstance(value, torch.Tensor) else value
             return value
 
-    clones = [x.clone() if isinstance(x, torch.Tensor) else x for x in inputs]
+    clones = [copy_strided(x) if isinstance(x, torch.Tensor) else x for x in inputs]
     with torch.no_grad():
         _Recorder(gm).run(*clones)
     return values
+
+
+def copy_strided(x: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` with ``x``'s strides, also where ``x`` is a view with gaps (``h[:, 0]``) or an
+    expanded one (stride 0), which ``clone`` would make contiguous: code compiled for a candidate may
+    rely on the strides it was traced with (Inductor asserts its inputs' strides), and the real
+    calls pass the views."""
+    if x.is_contiguous():
+        return x.clone()
+    expanded = [d for d in range(x.dim()) if x.stride(d) == 0 and x.shape[d] > 1]
+    src = x[tuple(slice(0, 1) if d in expanded else slice(None) for d in range(x.dim()))]
+    try:
+        out = torch.empty_strided(src.shape, x.stride(), dtype=x.dtype, device=x.device).copy_(src)
+    except RuntimeError:  # strides whose elements overlap otherwise: a contiguous copy
+        return x.clone()
+    return out.expand(x.shape) if expanded else out
 
 
 def outputs_match(got: Sequence[Any], want: Sequence[Any], rtol: float, atol: float) -> str:
@@ -160,7 +176,7 @@ class CostModel:
     def args(self, nodes: Sequence[fx.Node]) -> list[Any]:
         """The recorded values of ``nodes`` to run a part of the graph on: fresh copies of the inputs
         the graph writes, so that no run changes them ([Note: inputs the graph writes])."""
-        return [self.values[n].clone() if n in self._written else self.values[n] for n in nodes]
+        return [copy_strided(self.values[n]) if n in self._written else self.values[n] for n in nodes]
 
     def replaying_rng(self, mask: int | None = None) -> contextlib.AbstractContextManager[None]:
         """Runs under the generator's state before the first random op of units ``mask`` (all of

@@ -261,3 +261,13 @@ def test_the_probe_is_relative_to_the_fastest_run_seen():
     first = probe.slowdown()
     assert first == 1.0 and probe.best_ms > 0
     assert all(probe.slowdown() >= 1.0 for _ in range(3))
+
+
+def test_copies_for_measuring_keep_the_strides_of_views():
+    from torch_collage.cost import copy_strided
+
+    h = torch.randn(2, 12, 32)
+    for view in (h[:, 0], h.transpose(1, 2), torch.randn(1, 4).expand(3, 4), h[:, ::2]):
+        copy = copy_strided(view)
+        assert copy.stride() == view.stride() and torch.equal(copy, view)
+        assert copy.data_ptr() != view.data_ptr()
