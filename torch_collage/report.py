@@ -66,6 +66,9 @@ class GraphReport:
     whole_graph_failures: dict[str, str] = field(default_factory=dict)
     # timings taken under interference: used for this search only ([Note: quiet measurements] in timing.py)
     noisy: int = 0
+    # a graph with symbolic shapes: the sizes' ranges this placement covers and the size it was
+    # measured at ([Note: shape ranges] in shapes.py); empty for static shapes
+    shape_range: str = ""
 
 
 def graph_report(
