@@ -85,6 +85,7 @@ from torch_graphpipe.simulator import SimulationResult
 
 LABELS = {  # GraphPipe's plan key -> runtime label
     "dag": "GraphPipe (DAG, planner)",
+    "dag_zb": "GraphPipe (DAG, zero-bubble)",
     "dag_explicit": "GraphPipe (DAG, explicit partition)",
     "chain": "GraphPipe (chain)",
 }
@@ -106,12 +107,17 @@ def _costs(wl: Workload, microbatch: int, target_ms: float) -> tuple[CostTable, 
     else:
         graph = capture(wl.build("tiny")).graph
         unit = {n.name: 1.0 if n.target.endswith("lin") else 0.0 for n in graph.nodes}
-        raw = CostTable(ops={k: OpCost(fwd_ms=u, bwd_ms=2 * u, out_bytes=4096) for k, u in unit.items()})
+        raw = CostTable(
+            ops={
+                k: OpCost(fwd_ms=u, bwd_ms=2 * u, wgt_ms=2 * u * WEIGHT_SHARE, out_bytes=4096)
+                for k, u in unit.items()
+            }
+        )
     elapsed = time.perf_counter() - start
     total = sum(c.fwd_ms + c.bwd_ms for c in raw.ops.values())
     scale = target_ms * wl.stages / total
     ops = {
-        k: dataclasses.replace(c, fwd_ms=c.fwd_ms * scale, bwd_ms=c.bwd_ms * scale)
+        k: dataclasses.replace(c, fwd_ms=c.fwd_ms * scale, bwd_ms=c.bwd_ms * scale, wgt_ms=c.wgt_ms * scale)
         for k, c in raw.ops.items()
     }
     return CostTable(ops=ops, comm=PLAN_COMM, microbatch_size=raw.microbatch_size), elapsed
@@ -121,6 +127,7 @@ def _plans(wl: Workload, costs: CostTable, microbatches: int) -> tuple[dict[str,
     """GraphPipe's plans by key, and the chain splits for torch's schedules by stages per rank."""
     graph = capture(wl.build("tiny")).graph
     plans = {kind: plan_graph(graph, costs, wl.stages, microbatches, kind) for kind in ("dag", "chain")}
+    plans["dag_zb"] = plan_graph(graph, costs, wl.stages, microbatches, schedule_kind="zero_bubble")
     if wl.groups is not None:
         plans["dag_explicit"] = plan_stages(
             graph, costs, stages_from_module_groups(graph, wl.groups), microbatches
@@ -172,14 +179,15 @@ def _runners(
     for key, p in job.plans.items():
         gp = GraphPipe(copy.deepcopy(model), partition=p, **kw)
         stage = gp.plan.stages[rank]
+        share = stage.cost.wgt_ms / stage.cost.bwd_ms if stage.cost.bwd_ms > 0 else 0.0  # W of zero-bubble
         if gp.parts is not None and stage.late_cost is not None:  # split stage: each part sleeps its share
             late = stage.late_cost
             gp.parts.early = Sleepy(
-                gp.parts.early, stage.cost.fwd_ms - late.fwd_ms, stage.cost.bwd_ms - late.bwd_ms
+                gp.parts.early, stage.cost.fwd_ms - late.fwd_ms, stage.cost.bwd_ms - late.bwd_ms, share
             )
-            gp.parts.late = Sleepy(gp.parts.late, late.fwd_ms, late.bwd_ms)
+            gp.parts.late = Sleepy(gp.parts.late, late.fwd_ms, late.bwd_ms, share)
         else:
-            gp.module = Sleepy(gp.module, stage.cost.fwd_ms, stage.cost.bwd_ms)
+            gp.module = Sleepy(gp.module, stage.cost.fwd_ms, stage.cost.bwd_ms, share)
         pipes[LABELS[key]] = gp
         runners[LABELS[key]] = lambda gp=gp: gp.step(*inputs, target=target)
     torch_runners, runs = build_runners(model, inputs, target, wl.loss_fn, job.chains)
@@ -245,7 +253,7 @@ def _worker(rank: int, world: int, init: str, job: Job) -> None:
 def _simulate(p: Plan, alpha_ms: float) -> SimulationResult:
     fwd = [s.cost.fwd_ms for s in p.stages]
     bwd = [s.cost.bwd_ms for s in p.stages]
-    return simulate(p.schedule, fwd, bwd, dict.fromkeys(p.edges, alpha_ms), p.late_cost())
+    return simulate(p.schedule, fwd, bwd, dict.fromkeys(p.edges, alpha_ms), p.late_cost(), wgt=p.wgt_cost())
 
 
 def _rows(

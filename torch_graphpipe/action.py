@@ -3,7 +3,9 @@
 ``"3F2"``: stage 3 runs the forward of micro-batch 2; ``"3B2"`` its backward. A stage split at a late
 input (see [Note: late inputs] in torch_graphpipe/schedule.py) runs its forward in two parts, ``"3F2"``
 then ``"3FL2"`` (the part that reads the late input), and its backward in the reverse order,
-``"3BL2"`` then ``"3B2"``.
+``"3BL2"`` then ``"3B2"``. A zero-bubble schedule (see [Note: zero-bubble DAG schedule] in
+torch_graphpipe/zero_bubble.py) splits a backward: ``"3B2"`` computes the input gradients only and
+``"3W2"`` the weight gradients, later.
 ``"3SEND_F2>5"``: stage 3 sends the activations of micro-batch 2 to stage 5;
 ``"5RECV_F2<3"``: stage 5 receives them from stage 3. ``SEND_B`` / ``RECV_B`` carry gradients back.
 """
@@ -16,10 +18,10 @@ from typing import Literal, cast
 
 __all__ = ["Action", "ActionKind"]
 
-ActionKind = Literal["F", "B", "FL", "BL", "SEND_F", "RECV_F", "SEND_B", "RECV_B"]
-_COMPUTE = ("F", "B", "FL", "BL")
+ActionKind = Literal["F", "B", "FL", "BL", "W", "SEND_F", "RECV_F", "SEND_B", "RECV_B"]
+_COMPUTE = ("F", "B", "FL", "BL", "W")
 _FORWARD = ("F", "FL", "SEND_F", "RECV_F")
-_PATTERN = re.compile(r"^(\d+)(FL|BL|F|B|SEND_F|RECV_F|SEND_B|RECV_B)(\d+)(?:([<>])(\d+))?$")
+_PATTERN = re.compile(r"^(\d+)(FL|BL|F|B|W|SEND_F|RECV_F|SEND_B|RECV_B)(\d+)(?:([<>])(\d+))?$")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -27,7 +29,7 @@ class Action:
     """What ``stage`` does to ``microbatch``; sends and receives name the ``peer`` stage."""
 
     stage: int  # stage that performs the action
-    kind: ActionKind  # F / B compute (FL / BL: late part), or a send / receive of activations (F) or gradients (B)
+    kind: ActionKind  # F / B / W compute (FL / BL: late part; W: weight gradients), or a send / receive of activations (F) or gradients (B)
     microbatch: int  # micro-batch index, from 0
     peer: int | None = None  # the other stage of a send or receive; None for compute
 

@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch_graphpipe.graph_capture import CapturedGraph, CaptureMethod, capture
 from torch_graphpipe.groups import stages_from_module_groups
 from torch_graphpipe.microbatch import split_batch
-from torch_graphpipe.planner import Plan, plan, plan_stages
+from torch_graphpipe.planner import Plan, ScheduleKind, plan, plan_stages
 from torch_graphpipe.profile import CostTable, profile_graph
 from torch_graphpipe.routing import Routing, route, with_routing
 from torch_graphpipe.shape_oracle import ShapeOracle
@@ -52,6 +52,7 @@ class PlanOptions:
     costs: CostTable | None = None  # fixed operator costs instead of profiling on rank 0
     memory_budget_bytes: float | None = None  # per-stage memory bound for the partitioner
     capture_method: CaptureMethod = "auto"  # symbolic tracing, torch.export, or tracing then export
+    schedule_kind: ScheduleKind = "1f1b"  # DAG 1F1B, or zero-bubble (backwards split into B and W)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -175,12 +176,13 @@ def _make_plan(
             costs=options.costs,
             leaf_modules=options.leaf_modules,
             capture_method=captured.method,
+            schedule_kind=options.schedule_kind,
         )
     costs = options.costs
     if costs is None:
         size = next((x.shape[0] for x in microbatch if isinstance(x, torch.Tensor) and x.dim() > 0), 1)
         costs = profile_graph(captured.graph_module, captured.graph, microbatch, microbatch_size=size)
-    return plan_stages(captured.graph, costs, masks, num_microbatches)
+    return plan_stages(captured.graph, costs, masks, num_microbatches, schedule_kind=options.schedule_kind)
 
 
 def _agree(group: dist.ProcessGroup, make: Any) -> Plan:

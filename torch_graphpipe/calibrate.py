@@ -71,13 +71,17 @@ def fit_calibration(trace: Trace, plan: Plan) -> Calibration:
 
 def simulate_calibrated(plan: Plan, calibration: Calibration) -> SimulationResult:
     """Simulate ``plan`` with every compute action ``overrun_ms`` longer (a split stage runs two per
-    direction), ``message_ms`` per send and receive on its stage and ``latency_ms`` per message."""
+    direction, a zero-bubble stage a ``W`` too), ``message_ms`` per send and receive on its stage and ``latency_ms`` per message."""
     over = calibration.overrun_ms
     actions = [2 if s.late_cost is not None else 1 for s in plan.stages]
+    split = [any(a.kind == "W" for a in prog) for prog in plan.schedule.programs]  # a zero-bubble stage
     fwd = [s.cost.fwd_ms + n * over for s, n in zip(plan.stages, actions)]
-    bwd = [s.cost.bwd_ms + n * over for s, n in zip(plan.stages, actions)]
+    bwd = [s.cost.bwd_ms + (n + w) * over for s, n, w in zip(plan.stages, actions, split)]
+    wgt = [s.cost.wgt_ms + w * over for s, w in zip(plan.stages, split)]
     delay = dict.fromkeys(plan.edges, calibration.latency_ms)
-    return simulate(plan.schedule, fwd, bwd, delay, plan.late_cost(over), message_cost=calibration.message_ms)
+    return simulate(
+        plan.schedule, fwd, bwd, delay, plan.late_cost(over), message_cost=calibration.message_ms, wgt=wgt
+    )
 
 
 def traced_result(trace: Trace) -> SimulationResult:
@@ -90,8 +94,9 @@ def traced_result(trace: Trace) -> SimulationResult:
             for k, m, s, e in row
         ))  # fmt: skip
         live = peak = 0
+        release = "W" if any(kind == "W" for kind, *_ in row) else "B"  # a zero-bubble stage holds until W
         for kind, *_ in row:
-            live += {"F": 1, "B": -1}.get(kind, 0)  # FL / BL: the late part of a micro-batch already counted
+            live += 1 if kind == "F" else -1 if kind == release else 0  # FL / BL: part of one micro-batch
             peak = max(peak, live)
         peaks.append(peak)
     total = max((e.end for row in timeline for e in row), default=0.0)

@@ -21,12 +21,14 @@ from torch_graphpipe.simulator import SimulationResult, simulate
 from torch_graphpipe.sp import decompose
 from torch_graphpipe.stage_cost import StageCost, StageCostModel
 from torch_graphpipe.stage_graph import LateSplit, StageGraph, build_stage_graph, late_splits
+from torch_graphpipe.zero_bubble import build_zero_bubble
 
-__all__ = ["Plan", "StagePlan", "plan", "plan_graph", "plan_stages", "split_microbatches"]
+__all__ = ["Plan", "ScheduleKind", "StagePlan", "plan", "plan_graph", "plan_stages", "split_microbatches"]
 
 log = logging.getLogger(__name__)
 
 StageGraphKind = Literal["dag", "chain"]
+ScheduleKind = Literal["1f1b", "zero_bubble"]  # see [Note: DAG 1F1B], [Note: zero-bubble DAG schedule]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,7 +56,7 @@ class Plan:
     num_microbatches: int  # micro-batches per step
     microbatch_size: int  # samples per micro-batch
     comm: CommModel  # communication model used for planning and simulation
-    schedule: Schedule  # DAG 1F1B schedule
+    schedule: Schedule  # DAG 1F1B or zero-bubble schedule
     bottleneck_ms: float  # slowest stage's time per micro-batch (compute + communication)
     planning_time_s: float  # wall time of partitioning and scheduling
 
@@ -71,7 +73,16 @@ class Plan:
         delay = {e: self.comm.time_ms(b) for e, b in zip(self.edges, self.edge_bytes)}
         fwd = [s.cost.fwd_ms for s in self.stages]
         bwd = [s.cost.bwd_ms for s in self.stages]
-        return simulate(self.schedule, fwd, bwd, delay, self.late_cost())
+        return simulate(self.schedule, fwd, bwd, delay, self.late_cost(), wgt=self.wgt_cost())
+
+    @property
+    def schedule_kind(self) -> ScheduleKind:
+        """``"zero_bubble"`` when the schedule splits backwards into ``B`` and ``W``, else ``"1f1b"``."""
+        return "zero_bubble" if any(a.kind == "W" for p in self.schedule.programs for a in p) else "1f1b"
+
+    def wgt_cost(self) -> list[float]:
+        """Per stage, the weight-gradient share of its backward (the ``W`` actions of a zero-bubble schedule)."""
+        return [s.cost.wgt_ms for s in self.stages]
 
     def late_cost(self, overrun_ms: float = 0.0) -> dict[int, tuple[float, float]]:
         """``{stage: (forward, backward) ms of its late part}`` for :func:`simulate` (plus ``overrun_ms``)."""
@@ -83,8 +94,8 @@ class Plan:
 
     def __str__(self) -> str:
         lines = [
-            f"Plan: {self.num_stages} stages ({self.stage_graph}), {self.num_microbatches} micro-batches "
-            f"of {self.microbatch_size}, bottleneck {self.bottleneck_ms:.4g} ms/micro-batch",
+            f"Plan: {self.num_stages} stages ({self.stage_graph}, {self.schedule_kind} schedule), "
+            f"{self.num_microbatches} micro-batches of {self.microbatch_size}, bottleneck {self.bottleneck_ms:.4g} ms/micro-batch",
             f"edges: {', '.join(f'{a}->{b}' for a, b in self.edges) or 'none'}",
         ]
         for s in self.stages:
@@ -127,12 +138,15 @@ def plan(
     leaf_modules: Sequence[type] = (),
     repeats: int = 3,
     capture_method: CaptureMethod = "auto",
+    schedule_kind: ScheduleKind = "1f1b",
 ) -> Plan:
     """Trace, profile on one micro-batch of ``example_inputs`` (the whole batch), partition, schedule.
 
     ``costs`` skips profiling (a fixed table, e.g. for tests); ``memory_budget_bytes`` bounds each
     stage's parameters (times ``CostTable.param_copies``) plus its in-flight activations.
-    ``capture_method`` picks symbolic tracing or ``torch.export`` (see :func:`torch_graphpipe.capture`).
+    ``capture_method`` picks symbolic tracing or ``torch.export`` (see :func:`torch_graphpipe.capture`);
+    ``schedule_kind="zero_bubble"`` splits backwards into input and weight gradients (see [Note:
+    zero-bubble DAG schedule]).
     """
     _check_args(num_stages, num_microbatches, stage_graph)
     if not isinstance(example_inputs, (tuple, list)):
@@ -153,6 +167,7 @@ def plan(
         num_microbatches,
         stage_graph,
         memory_budget_bytes=memory_budget_bytes,
+        schedule_kind=schedule_kind,
     )
 
 
@@ -164,9 +179,10 @@ def plan_graph(
     stage_graph: StageGraphKind = "dag",
     *,
     memory_budget_bytes: float | None = None,
+    schedule_kind: ScheduleKind = "1f1b",
 ) -> Plan:
     """Partition and schedule an already captured graph with the given costs."""
-    _check_args(num_stages, num_microbatches, stage_graph)
+    _check_args(num_stages, num_microbatches, stage_graph, schedule_kind)
     if num_stages > len(graph):
         raise ValueError(f"num_stages={num_stages} is more than the graph's {len(graph)} operators")
     start = time.perf_counter()
@@ -175,8 +191,10 @@ def plan_graph(
     if chain:
         stages = partition_chain(graph, model, num_stages, memory_budget_bytes=memory_budget_bytes).stages
     else:
-        stages = _dag_stages(graph, model, costs, num_stages, num_microbatches, memory_budget_bytes)
-    return _assemble(graph, costs, model, stages, num_microbatches, stage_graph, start)
+        stages = _dag_stages(
+            graph, model, costs, num_stages, num_microbatches, memory_budget_bytes, schedule_kind
+        )
+    return _assemble(graph, costs, model, stages, num_microbatches, stage_graph, start, schedule_kind)
 
 
 def _dag_stages(
@@ -186,6 +204,7 @@ def _dag_stages(
     num_stages: int,
     num_microbatches: int,
     budget: float | None,
+    schedule_kind: ScheduleKind,
 ) -> tuple[int, ...]:
     """[Note: DAG plan candidates] The DAG search's family of partitions misses some good ones (a stage
     holding the tail of one branch and the join, see [Note: partition search]), and the best chain
@@ -210,7 +229,7 @@ def _dag_stages(
     if not found:
         assert error is not None
         raise error
-    times = [_simulated_ms(graph, model, costs, masks, num_microbatches) for _, masks in found]
+    times = [_simulated_ms(graph, model, costs, masks, num_microbatches, schedule_kind) for _, masks in found]
     best = min(range(len(found)), key=lambda i: (times[i], i))
     log.info(
         "DAG plan from the %s (simulated step: %s)",
@@ -236,22 +255,34 @@ def _check_memory(graph: OpGraph, model: StageCostModel, masks: Sequence[int], b
 
 
 def _simulated_ms(
-    graph: OpGraph, model: StageCostModel, costs: CostTable, masks: Sequence[int], num_microbatches: int
+    graph: OpGraph,
+    model: StageCostModel,
+    costs: CostTable,
+    masks: Sequence[int],
+    num_microbatches: int,
+    schedule_kind: ScheduleKind,
 ) -> float:
     sg = build_stage_graph(graph, model, masks)
-    splits, schedule = _schedule(graph, model, sg, num_microbatches, "dag")
+    splits, schedule = _schedule(graph, model, sg, num_microbatches, "dag", schedule_kind, costs)
     delay = {e: costs.comm.time_ms(b) for e, b in zip(sg.edges, sg.edge_bytes)}
     late = {s: (c.fwd_ms, c.bwd_ms) for s, c in ((s, model.of_mask(x.late_mask)) for s, x in splits.items())}
-    return simulate(
-        schedule, [c.fwd_ms for c in sg.costs], [c.bwd_ms for c in sg.costs], delay, late
-    ).iteration_time
+    fwd, bwd, wgt = ([getattr(c, f) for c in sg.costs] for f in ("fwd_ms", "bwd_ms", "wgt_ms"))
+    return simulate(schedule, fwd, bwd, delay, late, wgt=wgt).iteration_time
 
 
-def plan_stages(graph: OpGraph, costs: CostTable, stages: Sequence[int], num_microbatches: int) -> Plan:
+def plan_stages(
+    graph: OpGraph,
+    costs: CostTable,
+    stages: Sequence[int],
+    num_microbatches: int,
+    *,
+    schedule_kind: ScheduleKind = "1f1b",
+) -> Plan:
     """A DAG plan with the given stages (node bitsets, convex, covering every node once)."""
-    _check_args(len(stages), num_microbatches, "dag")
+    _check_args(len(stages), num_microbatches, "dag", schedule_kind)
     start = time.perf_counter()
-    return _assemble(graph, costs, StageCostModel(graph, costs), stages, num_microbatches, "dag", start)
+    model = StageCostModel(graph, costs)
+    return _assemble(graph, costs, model, stages, num_microbatches, "dag", start, schedule_kind)
 
 
 def _assemble(
@@ -262,10 +293,11 @@ def _assemble(
     num_microbatches: int,
     stage_graph: StageGraphKind,
     start: float,
+    schedule_kind: ScheduleKind,
 ) -> Plan:
     num_stages = len(masks)
     sg = build_stage_graph(graph, model, masks, chain=stage_graph == "chain")
-    splits, schedule = _schedule(graph, model, sg, num_microbatches, stage_graph)
+    splits, schedule = _schedule(graph, model, sg, num_microbatches, stage_graph, schedule_kind, costs)
     elapsed = time.perf_counter() - start
     log.info("planned %d operators into %d %s stages in %.3f s", len(graph), num_stages, stage_graph, elapsed)
     return Plan(
@@ -286,12 +318,24 @@ def _assemble(
 
 
 def _schedule(
-    graph: OpGraph, model: StageCostModel, sg: StageGraph, num_microbatches: int, stage_graph: StageGraphKind
+    graph: OpGraph,
+    model: StageCostModel,
+    sg: StageGraph,
+    num_microbatches: int,
+    stage_graph: StageGraphKind,
+    schedule_kind: ScheduleKind,
+    costs: CostTable,
 ) -> tuple[dict[int, LateSplit], Schedule]:
-    """The DAG 1F1B schedule, with join stages split at their late input on a DAG plan."""
+    """The DAG 1F1B or zero-bubble schedule, with join stages split at their late input on a DAG plan."""
     splits = {x.stage: x for x in late_splits(graph, model, sg.stages)} if stage_graph == "dag" else {}
     late = [(s, x.pred) for s, x in splits.items()]
-    return splits, build_1f1b(len(sg.stages), sg.edges, num_microbatches, late)
+    n = len(sg.stages)
+    if schedule_kind == "1f1b":
+        return splits, build_1f1b(n, sg.edges, num_microbatches, late)
+    fwd, bwd, wgt = ([getattr(c, f) for c in sg.costs] for f in ("fwd_ms", "bwd_ms", "wgt_ms"))
+    delay = {e: costs.comm.time_ms(b) for e, b in zip(sg.edges, sg.edge_bytes)}
+    zb = build_zero_bubble(n, sg.edges, num_microbatches, late, fwd=fwd, bwd=bwd, wgt=wgt, edge_delay=delay)
+    return splits, zb
 
 
 def _short(names: tuple[str, ...], limit: int = 4) -> str:
@@ -333,8 +377,12 @@ def _check_positive(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be >= 1, got {value}")
 
 
-def _check_args(num_stages: Any, num_microbatches: Any, stage_graph: Any) -> None:
+def _check_args(
+    num_stages: Any, num_microbatches: Any, stage_graph: Any, schedule_kind: Any = "1f1b"
+) -> None:
     _check_positive("num_stages", num_stages)
     _check_positive("num_microbatches", num_microbatches)
     if stage_graph not in ("dag", "chain"):
         raise ValueError(f"stage_graph must be 'dag' or 'chain', got {stage_graph!r}")
+    if schedule_kind not in ("1f1b", "zero_bubble"):
+        raise ValueError(f"schedule_kind must be '1f1b' or 'zero_bubble', got {schedule_kind!r}")

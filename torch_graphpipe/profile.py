@@ -36,6 +36,7 @@ class OpCost:
 
     fwd_ms: float = 0.0  # forward time, milliseconds
     bwd_ms: float = 0.0  # backward time, milliseconds
+    wgt_ms: float = 0.0  # the weight-gradient part of bwd_ms (see [Note: zero-bubble DAG schedule])
     out_bytes: int = 0  # bytes of its output (activation sent to a consumer, stored per micro-batch)
     param_bytes: int = 0  # bytes of the parameters it owns
 
@@ -43,6 +44,8 @@ class OpCost:
         for f in dataclasses.fields(self):
             if getattr(self, f.name) < 0:
                 raise ValueError(f"OpCost.{f.name} must be >= 0, got {getattr(self, f.name)}")
+        if self.wgt_ms > self.bwd_ms:
+            raise ValueError(f"OpCost.wgt_ms={self.wgt_ms} is part of bwd_ms={self.bwd_ms}, so at most it")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -141,24 +144,28 @@ def _profile_ops(
         interp.run(*microbatch_inputs)
     env = interp.env
     fx_nodes = {n.name: n for n in gm.graph.nodes}
-    samples: dict[str, tuple[list[float], list[float]]] = {}  # signature -> pooled (fwd, bwd) samples
+    samples: dict[
+        str, tuple[list[float], list[float], list[float]]
+    ] = {}  # signature -> pooled (fwd, bwd, wgt)
     signature = {}
     for node in graph.nodes:
         fx_node = fx_nodes[node.name]
         fn = _callable(gm, fx_node)
         args, kwargs = fx.node.map_arg((fx_node.args, fx_node.kwargs), lambda a: env[a])
+        is_weight = fx.node.map_arg((fx_node.args, fx_node.kwargs), lambda a: a.op == "get_attr")
         signature[node.name] = _signature(fn, fx_node, args, kwargs)
-        fwd, bwd = _time_node(fn, args, kwargs, repeats)
-        pooled = samples.setdefault(signature[node.name], ([], []))
-        pooled[0].extend(fwd)
-        pooled[1].extend(bwd)
+        timed = _time_node(fn, args, kwargs, pytree.tree_leaves(is_weight), repeats)
+        pooled = samples.setdefault(signature[node.name], ([], [], []))
+        for into, new in zip(pooled, timed):
+            into.extend(new)
     ops = {}
     for node in graph.nodes:
-        fwd, bwd = samples[signature[node.name]]
+        fwd, bwd, wgt = samples[signature[node.name]]
         fx_node = fx_nodes[node.name]
         ops[node.name] = OpCost(
             fwd_ms=statistics.median(fwd),
             bwd_ms=statistics.median(bwd),
+            wgt_ms=min(statistics.median(wgt), statistics.median(bwd)),
             out_bytes=_nbytes(env[fx_node]),
             param_bytes=_param_bytes(gm, fx_node),
         )
@@ -190,24 +197,44 @@ def _callable(gm: fx.GraphModule, node: fx.Node) -> Callable[..., Any]:
 
 
 def _time_node(
-    fn: Callable[..., Any], args: Any, kwargs: Any, repeats: int
-) -> tuple[list[float], list[float]]:
-    """``repeats`` forward and backward times (ms) after one warm-up."""
-    fwd_times, bwd_times = [], []
+    fn: Callable[..., Any], args: Any, kwargs: Any, is_weight: Sequence[bool], repeats: int
+) -> tuple[list[float], list[float], list[float]]:
+    """``repeats`` forward, backward and weight-gradient times (ms) after one warm-up.
+
+    An operator with weights (its module's parameters, or arguments read from the model's attributes,
+    ``is_weight`` per argument leaf) and other inputs is differentiated in two timed passes, input
+    gradients then weight gradients, as a zero-bubble schedule runs it (see [Note: split backward]);
+    the backward time is their sum, the weight-gradient time the second."""
+    fwd_times, bwd_times, wgt_times = [], [], []
+    own = list(fn.parameters()) if isinstance(fn, torch.nn.Module) else []
     for _ in range(repeats + 1):  # first round warms up
         a, k = pytree.tree_map(_leaf_input, (args, kwargs))
         start = time.perf_counter()
         out = fn(*a, **k)
         fwd_times.append((time.perf_counter() - start) * 1e3)
         outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+        leaves = [(x, w) for x, w in zip(pytree.tree_leaves((a, k)), is_weight) if _grad_leaf(x)]
+        weights = [p for p in own if p.requires_grad] + [x for x, w in leaves if w]
+        inputs = [x for x, w in leaves if not w]
         if not outs:
             bwd_times.append(0.0)
+            wgt_times.append(0.0)
             continue
         grads = [torch.randn_like(t) for t in outs]
         start = time.perf_counter()
-        torch.autograd.backward(outs, grads)
-        bwd_times.append((time.perf_counter() - start) * 1e3)
-    return fwd_times[1:], bwd_times[1:]
+        if inputs:
+            torch.autograd.grad(outs, inputs, grads, retain_graph=bool(weights), allow_unused=True)
+        middle = time.perf_counter()
+        if weights:
+            torch.autograd.grad(outs, weights, grads, allow_unused=True)
+        end = time.perf_counter()
+        bwd_times.append((end - start) * 1e3)
+        wgt_times.append((end - middle) * 1e3 if weights else 0.0)
+    return fwd_times[1:], bwd_times[1:], wgt_times[1:]
+
+
+def _grad_leaf(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.requires_grad
 
 
 def _leaf_input(x: Any) -> Any:

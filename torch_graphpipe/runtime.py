@@ -17,6 +17,11 @@ runs the late part on them and on every received value, and computes the loss. `
 backward of the late part (the roots above), which leaves gradients on the boundary leaves and on the
 received values, and sends the late predecessor its gradients; ``B j`` backpropagates the boundary
 gradients through the early part and sends the other predecessors theirs.
+
+On a stage whose program has ``W`` actions (a zero-bubble schedule, see [Note: zero-bubble DAG
+schedule]) every backward above computes the gradients of the received values (and boundary leaves)
+only and keeps what the weight gradients need; ``W j`` computes those, for both parts of a split stage
+(see [Note: split backward]).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from torch_graphpipe.action import Action
 from torch_graphpipe.routing import StageRoute
 from torch_graphpipe.schedule import Schedule
 from torch_graphpipe.shape_oracle import Specs, TensorSpec
+from torch_graphpipe.split_backward import backward_input
 from torch_graphpipe.stage_module import StageParts
 from torch_graphpipe.wire import P2P, pack, packed_size, unpack
 
@@ -56,6 +62,7 @@ class _Step:
     outputs: list[Any] = dataclasses.field(default_factory=list)
     loss_sum: torch.Tensor | None = None
     boundary: dict[int, tuple[list[Any], list[Any]]] = dataclasses.field(default_factory=dict)  # split stages
+    weights: dict[int, list[Callable[[], None]]] = dataclasses.field(default_factory=dict)  # pending W work
 
 
 class StageRuntime:
@@ -66,6 +73,7 @@ class StageRuntime:
         self.program = schedule.programs[route.stage]
         self.late = schedule.late_pred(route.stage)  # the late predecessor of a split stage
         self.num_microbatches = schedule.num_microbatches
+        self.split_backward = any(a.kind == "W" for a in self.program)  # see [Note: split backward]
         self.events: list[tuple[str, int, float, float]] | None = None  # (kind, mb, start, end) when set
         self.executed: list[Action] | None = None  # when set, every action as it is carried out
         self._peers = dict(route.recv) | dict(route.send)
@@ -119,14 +127,17 @@ class StageRuntime:
             elif a.kind in ("F", "FL"):
                 late = module.late if isinstance(module, StageParts) else module
                 self._forward(late, a.microbatch, step, training)
+            elif a.kind == "W":
+                for weights in step.weights.pop(a.microbatch, []):
+                    weights()
             elif a.kind == "BL":
-                assert self.late is not None
-                self._backward(a.microbatch, step)
+                assert self.late is not None and isinstance(module, StageParts)
+                self._backward(module.late, a.microbatch, step)
                 self._grad_messages(a.microbatch, step, [self.late], keep=True)
             elif isinstance(module, StageParts):
-                self._backward_early(a.microbatch, step)
+                self._backward_early(module.early, a.microbatch, step)
             else:
-                self._backward(a.microbatch, step)
+                self._backward(module, a.microbatch, step)
                 self._grad_messages(a.microbatch, step, [p for p, _ in self.route.recv])
             if self.events is not None:
                 self.events.append((a.kind, a.microbatch, start, time.perf_counter()))
@@ -210,7 +221,7 @@ class StageRuntime:
         step.losses[mb] = loss
         step.loss_sum = loss.detach() if step.loss_sum is None else step.loss_sum + loss.detach()
 
-    def _backward(self, mb: int, step: _Step) -> None:
+    def _backward(self, module: torch.nn.Module, mb: int, step: _Step) -> None:
         """Backward from the sent values that received gradients and from the scaled loss."""
         roots: list[torch.Tensor] = []
         grads: list[torch.Tensor] = []
@@ -225,10 +236,31 @@ class StageRuntime:
         if loss is not None and loss.requires_grad:
             roots.append(loss / self.num_microbatches)
             grads.append(torch.ones_like(loss))
-        if roots:
+        kept = step.boundary.get(mb)
+        inputs = [
+            *_tensor_leaves(list(step.received.get(mb, {}).values())),
+            *_tensor_leaves(kept[1] if kept else []),
+        ]
+        self._run_backward(module, mb, step, roots, grads, inputs)
+
+    def _run_backward(
+        self,
+        module: torch.nn.Module,
+        mb: int,
+        step: _Step,
+        roots: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        inputs: list[torch.Tensor],
+    ) -> None:
+        """The whole backward, or on a zero-bubble stage its input gradients now and its weight
+        gradients at ``W`` (see [Note: split backward])."""
+        if self.split_backward:
+            weights = backward_input(roots, grads, inputs, list(module.parameters()))
+            step.weights.setdefault(mb, []).append(weights)
+        elif roots:
             torch.autograd.backward(roots, grads)
 
-    def _backward_early(self, mb: int, step: _Step) -> None:
+    def _backward_early(self, module: torch.nn.Module, mb: int, step: _Step) -> None:
         outs, leaves = step.boundary.pop(mb)
         roots: list[torch.Tensor] = []
         grads: list[torch.Tensor] = []
@@ -237,8 +269,9 @@ class StageRuntime:
                 if o.requires_grad and x.grad is not None:
                     roots.append(o)
                     grads.append(x.grad)
-        if roots:
-            torch.autograd.backward(roots, grads)
+        received = step.received.get(mb, {})
+        inputs = _tensor_leaves([received[v] for v in self.route.in_values if v in received])
+        self._run_backward(module, mb, step, roots, grads, inputs)
         self._grad_messages(mb, step, [p for p, _ in self.route.recv if p != self.late])
 
     def _grad_messages(self, mb: int, step: _Step, peers: Sequence[int], keep: bool = False) -> None:

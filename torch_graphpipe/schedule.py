@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from torch_graphpipe.action import Action
 from torch_graphpipe.stage_graph import longest_path_depths
 
-__all__ = ["Schedule", "ScheduleError", "build_1f1b"]
+__all__ = ["Schedule", "ScheduleError", "build_1f1b", "expand_program", "warmup_counts"]
 
 
 class ScheduleError(ValueError):
@@ -103,22 +103,43 @@ def build_1f1b(
     late_of = dict(late)
     if len(late_of) != len(late) or any((p, s) not in edges for s, p in late):
         raise ValueError(f"late must name at most one predecessor per stage along an edge, got {list(late)}")
-    depth = longest_path_depths(num_stages, edges)
-    preds = [sorted(a for a, b in edges if b == s) for s in range(num_stages)]
-    succs = [sorted(b for a, b in edges if a == s) for s in range(num_stages)]
-    programs = []
-    for s in range(num_stages):
-        prog: list[Action] = []
-        for kind, mb in _compute_order(min(depth[s], num_microbatches), num_microbatches):
-            prog.extend(_around(s, kind, mb, preds[s], succs[s], late_of.get(s)))
-        programs.append(tuple(prog))
+    warmup = warmup_counts(num_stages, edges, num_microbatches)
+    programs = tuple(
+        expand_program(s, edges, _compute_order(warmup[s], num_microbatches), late_of.get(s))
+        for s in range(num_stages)
+    )
     return Schedule(
         num_stages=num_stages,
         num_microbatches=num_microbatches,
         edges=edges,
-        programs=tuple(programs),
+        programs=programs,
         late=late,
     )
+
+
+def warmup_counts(
+    num_stages: int, edges: Sequence[tuple[int, int]], num_microbatches: int
+) -> tuple[int, ...]:
+    """Per stage, the forwards it runs before its first backward: ``min(M, depth_s)``."""
+    depth = longest_path_depths(num_stages, edges)
+    return tuple(min(d, num_microbatches) for d in depth)
+
+
+def expand_program(
+    stage: int, edges: Sequence[tuple[int, int]], order: Sequence[tuple[str, int]], late: int | None
+) -> tuple[Action, ...]:
+    """A stage's program from its compute order ``[(kind, microbatch)]`` (kinds ``F``, ``B``, ``W``):
+    receives before and sends after each ``F`` and ``B`` (split at ``late``, see [Note: late inputs]);
+    a ``W`` exchanges nothing."""
+    preds = sorted(a for a, b in edges if b == stage)
+    succs = sorted(b for a, b in edges if a == stage)
+    prog: list[Action] = []
+    for kind, mb in order:
+        if kind == "W":
+            prog.append(Action(stage=stage, kind="W", microbatch=mb))
+        else:
+            prog.extend(_around(stage, kind, mb, preds, succs, late))
+    return tuple(prog)
 
 
 def _compute_order(warmup: int, num_microbatches: int) -> list[tuple[str, int]]:

@@ -5,7 +5,9 @@ for its cost; a send does not block the sender and its message arrives ``edge_de
 receive waits for that arrival. Times are in the unit of the costs given (milliseconds for plans).
 On a stage split at a late input (see [Note: late inputs]) ``FL`` and ``BL`` cost that stage's late
 part and ``F`` and ``B`` the rest. ``message_cost`` is the time a send or a receive occupies its own
-stage (packing, posting, unpacking), on top of the message's ``edge_delay`` in flight.
+stage (packing, posting, unpacking), on top of the message's ``edge_delay`` in flight. A stage that
+runs ``W`` actions (see [Note: zero-bubble DAG schedule]) spends ``wgt`` of its backward cost in them
+and the rest in ``B`` (and ``BL``); its micro-batches stay in flight until their ``W``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ class TimelineEntry:
     """One forward or backward box of the timeline."""
 
     stage: int  # stage index
-    kind: str  # "F" or "B" ("FL" / "BL": the late part of a split stage)
+    kind: str  # "F" or "B" ("FL" / "BL": the late part of a split stage; "W": weight gradients)
     microbatch: int  # micro-batch index
     start: float  # start time
     end: float  # end time
@@ -36,7 +38,7 @@ class SimulationResult:
 
     iteration_time: float  # time until the last stage finishes its last action
     bubble_fraction: float  # idle share of all stages' time in [0, 1)
-    peak_in_flight: tuple[int, ...]  # per stage, most micro-batches forwarded but not yet backwarded
+    peak_in_flight: tuple[int, ...]  # per stage, most micro-batches forwarded but not yet backwarded (W'd)
     timeline: tuple[tuple[TimelineEntry, ...], ...]  # per stage, compute boxes in time order
 
     def busy_time(self, stage: int) -> float:
@@ -50,11 +52,13 @@ def simulate(
     edge_delay: Mapping[tuple[int, int], float] | None = None,
     late_cost: Mapping[int, tuple[float, float]] | None = None,
     message_cost: float = 0.0,
+    wgt: Sequence[float] | None = None,
 ) -> SimulationResult:
     """Simulate ``schedule`` with per-stage forward/backward costs and per-edge message delays.
 
     ``late_cost[s] = (fwd, bwd)`` is the share of stage ``s``'s costs in its late part (``FL``/``BL``);
-    a split stage missing from it puts all of its cost in ``F`` and ``B``.
+    a split stage missing from it puts all of its cost in ``F`` and ``B``. ``wgt[s]`` is the share of
+    ``bwd[s]`` a stage's ``W`` actions take (default 0); ``B`` (and ``BL``) take the rest.
     """
     if len(fwd) != schedule.num_stages or len(bwd) != schedule.num_stages:
         raise ValueError(f"need {schedule.num_stages} forward and backward costs, got {len(fwd)}, {len(bwd)}")
@@ -66,20 +70,29 @@ def simulate(
             )
     if message_cost < 0:
         raise ValueError(f"message_cost must be >= 0, got {message_cost}")
-    engine = _Engine(schedule, fwd, bwd, edge_delay or {}, late_cost)
+    wgt = list(wgt) if wgt is not None else [0.0] * schedule.num_stages
+    if len(wgt) != schedule.num_stages or any(not 0 <= w <= b + 1e-9 for w, b in zip(wgt, bwd)):
+        raise ValueError(
+            f"wgt must give each stage a share of its backward cost, got {wgt} for bwd {list(bwd)}"
+        )
+    engine = _Engine(schedule, fwd, bwd, edge_delay or {}, late_cost, wgt)
     engine.message_cost = message_cost
     engine.run()
     return engine.result()
 
 
 class _Engine:
-    def __init__(self, schedule, fwd, bwd, edge_delay, late_cost) -> None:
+    def __init__(self, schedule, fwd, bwd, edge_delay, late_cost, wgt) -> None:
         self.schedule, self.delay = schedule, edge_delay
         self.cost: dict[tuple[int, str], float] = {}
+        self.releases: list[str] = []  # per stage, the action that ends a micro-batch's stay: "W" or "B"
         for s in range(schedule.num_stages):
             lf, lb = late_cost.get(s, (0.0, 0.0))
-            self.cost.update({(s, "F"): max(0.0, fwd[s] - lf), (s, "FL"): lf})
-            self.cost.update({(s, "B"): max(0.0, bwd[s] - lb), (s, "BL"): lb})
+            w = wgt[s] if any(a.kind == "W" for a in schedule.programs[s]) else 0.0
+            lb = min(lb, bwd[s] - w)
+            self.cost.update({(s, "F"): max(0.0, fwd[s] - lf), (s, "FL"): lf, (s, "W"): w})
+            self.cost.update({(s, "B"): max(0.0, bwd[s] - w - lb), (s, "BL"): max(0.0, lb)})
+            self.releases.append("W" if any(a.kind == "W" for a in schedule.programs[s]) else "B")
         n = schedule.num_stages
         self.clock = [0.0] * n
         self.pc = [0] * n
@@ -128,7 +141,10 @@ class _Engine:
         self.boxes[s].append(
             TimelineEntry(stage=s, kind=a.kind, microbatch=a.microbatch, start=start, end=start + cost)
         )
-        self.in_flight[s] += {"F": 1, "B": -1}.get(a.kind, 0)
+        if a.kind == "F":
+            self.in_flight[s] += 1
+        elif a.kind == self.releases[s]:
+            self.in_flight[s] -= 1
         self.peak[s] = max(self.peak[s], self.in_flight[s])
 
     def result(self) -> SimulationResult:

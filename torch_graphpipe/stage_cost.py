@@ -8,6 +8,11 @@ operators of a stage is received once. Model inputs are available to every stage
 computed where an output is produced, so neither costs communication. Memory is the parameters times
 ``param_copies`` plus, per micro-batch in flight, the outputs of its operators and the inputs it
 received (kept for backward).
+
+The weight-gradient part ``wgt_ms`` of a stage's backward (the ``W`` of a zero-bubble schedule, see
+[Note: zero-bubble DAG schedule]) is its operators' ``OpCost.wgt_ms`` where the operator depends on a
+received value, and the whole backward of the operators that do not: the input-gradient pass ``B``
+never reaches those.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class StageCost:
     comm_ms: float  # receive time of activations and gradients, milliseconds
     param_bytes: int  # parameter bytes held
     act_bytes: int  # activation bytes kept per micro-batch in flight
+    wgt_ms: float = 0.0  # the part of bwd_ms a zero-bubble schedule runs as W (see [Note: stage cost model])
 
     @property
     def time_ms(self) -> float:
@@ -49,6 +55,7 @@ class StageCostModel:
         ops = [costs.of(n.name) for n in graph.nodes]
         self.fwd = [c.fwd_ms for c in ops]
         self.bwd = [c.bwd_ms for c in ops]
+        self.wgt = [c.wgt_ms for c in ops]
         self.out_bytes = [c.out_bytes for c in ops]
         self.params = [c.param_bytes for c in ops]
         self.msg = [costs.comm.time_ms(c.out_bytes) for c in ops]
@@ -62,23 +69,30 @@ class StageCostModel:
     def runs(self, parts: Sequence[int]) -> list[StageCost]:
         """Costs of ``parts[0]``, ``parts[0] | parts[1]``, ... (each part after the previous ones)."""
         out: list[StageCost] = []
-        inside = ext = sending = 0
-        fwd = bwd = 0.0
+        inside = ext = sending = dependent = 0
+        fwd = bwd = wgt = 0.0
         params = own_bytes = 0
         for part in parts:
             inside |= part
-            for v in members(part):
+            for v in members(part):  # topological order: a node's predecessors in the stage come first
                 fwd += self.fwd[v]
                 bwd += self.bwd[v]
                 params += self.params[v]
                 own_bytes += self.out_bytes[v]
                 ext |= self.pred_mask[v]
+                if self.pred_mask[v] & (~inside | dependent):
+                    dependent |= 1 << v
+                    wgt += self.wgt[v]
+                else:
+                    wgt += self.bwd[v]
             ext &= ~inside
             sending = self._still_sending(sending | part, inside)
             recv = members(ext)
             comm = sum(self.msg[p] for p in recv) + sum(self.msg[p] for p in members(sending))
             act = own_bytes + sum(self.out_bytes[p] for p in recv)
-            out.append(StageCost(fwd_ms=fwd, bwd_ms=bwd, comm_ms=comm, param_bytes=params, act_bytes=act))
+            out.append(
+                StageCost(fwd_ms=fwd, bwd_ms=bwd, comm_ms=comm, param_bytes=params, act_bytes=act, wgt_ms=wgt)
+            )
         return out
 
     def _still_sending(self, candidates: int, inside: int) -> int:

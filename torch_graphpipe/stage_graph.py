@@ -180,6 +180,7 @@ def _chain_graph(graph: OpGraph, model: StageCostModel, masks: list[int]) -> Sta
                 comm_ms=sum(model.msg[p] for p in incoming) + sum(model.msg[p] for p in outgoing),
                 param_bytes=sum(model.params[v] for v in own),
                 act_bytes=sum(model.out_bytes[v] for v in own) + sum(model.out_bytes[p] for p in incoming),
+                wgt_ms=model.of_mask(mask).wgt_ms,  # the same received values, passed on or not
             )
         )
     n = len(masks)

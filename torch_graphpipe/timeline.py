@@ -10,7 +10,8 @@ __all__ = ["plot_timeline"]
 
 
 def plot_timeline(result: SimulationResult, path: str | Path, *, title: str = "") -> Path:
-    """One row per stage; forward boxes (F, FL) light, backward boxes (B, BL) dark, hue by micro-batch."""
+    """One row per stage; forward boxes (F, FL) light, backward boxes (B, BL) dark, weight-gradient
+    boxes (W) hatched, hue by micro-batch."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,6 +32,7 @@ def plot_timeline(result: SimulationResult, path: str | Path, *, title: str = ""
                 height=0.8,
                 color=colour,
                 alpha=0.55 if e.kind in ("F", "FL") else 1.0,
+                hatch="///" if e.kind == "W" else None,
                 edgecolor="black",
                 linewidth=0.5,
             )

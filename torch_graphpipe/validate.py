@@ -21,7 +21,9 @@ def validate_schedule(schedule: Schedule) -> None:
     no deadlock when sends never block and receives wait. A stage split at a late predecessor (see
     [Note: late inputs]) also runs one ``FL`` and one ``BL`` per micro-batch, in the order ``F``,
     ``FL``, ``BL``, ``B``; it receives the late predecessor's activations before ``FL``, sends its own
-    after ``FL``, receives gradients before ``BL`` and sends the late predecessor's after ``BL``.
+    after ``FL``, receives gradients before ``BL`` and sends the late predecessor's after ``BL``. A stage
+    of a zero-bubble schedule (see [Note: zero-bubble DAG schedule]) runs one ``W`` per micro-batch,
+    after its ``B``, or none at all.
     """
     _check_shape(schedule)
     for s, prog in enumerate(schedule.programs):
@@ -65,6 +67,8 @@ def _check_compute(schedule: Schedule, s: int, prog: tuple[Action, ...]) -> None
                 raise ScheduleError(f"stage {s}: {a} appears twice")
             position[(a.kind, a.microbatch)] = i
     kinds = ("F", "FL", "BL", "B") if schedule.late_pred(s) is not None else ("F", "B")
+    if any(a.kind == "W" for a in prog):
+        kinds = (*kinds, "W")
     for mb in range(schedule.num_microbatches):
         for kind in kinds:
             if (kind, mb) not in position:

@@ -22,7 +22,7 @@ from torch_graphpipe.data_parallel import (
 )
 from torch_graphpipe.graph_capture import CaptureMethod
 from torch_graphpipe.microbatch import join_outputs, split_batch
-from torch_graphpipe.planner import Plan
+from torch_graphpipe.planner import Plan, ScheduleKind
 from torch_graphpipe.profile import CostTable
 from torch_graphpipe.runtime import StageRuntime
 from torch_graphpipe.shape_oracle import TensorSpec, ValueSpec
@@ -46,7 +46,9 @@ class GraphPipe(torch.nn.Module):
     ``partition`` is ``"auto"`` (the planner), a list of module-name lists, one per stage (see
     [Note: explicit partition]), or a :class:`Plan`. ``capture_method`` is how the model's graph is
     captured: ``"auto"`` traces with ``torch.fx`` and falls back to ``torch.export`` (non-strict) when
-    tracing fails, as it does on Hugging Face models (see [Note: export capture]). ``self.module``
+    tracing fails, as it does on Hugging Face models (see [Note: export capture]). ``schedule_kind`` is
+    ``"1f1b"`` (DAG 1F1B) or ``"zero_bubble"`` (backwards split into input and weight gradients, the
+    weight gradients placed in the bubbles; see [Note: zero-bubble DAG schedule]). ``self.module``
     holds this stage's operators and parameters only; ``parameters()`` are this rank's, for any
     optimizer.
     """
@@ -67,6 +69,7 @@ class GraphPipe(torch.nn.Module):
         device: torch.device | str | None = None,
         data_parallel: int = 1,
         capture_method: CaptureMethod = "auto",
+        schedule_kind: ScheduleKind = "1f1b",
     ) -> None:
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
@@ -99,6 +102,7 @@ class GraphPipe(torch.nn.Module):
             costs=costs,
             memory_budget_bytes=memory_budget_bytes,
             capture_method=capture_method,
+            schedule_kind=schedule_kind,
         )
         shard = split_batch(tuple(example_inputs), self.data_parallel, "example_inputs")[0]
         setup = setup_pipeline(module, shard, num_microbatches, partition, self._group, options, group)

@@ -117,6 +117,38 @@ def test_training_matches_one_process(case_name):
     spawn(_train_worker, len(CASES[case_name].partition), case_name)
 
 
+def _zero_bubble_worker(rank: int, world: int, init: str, names: list[str]) -> None:
+    """Backwards split into input gradients (B) and weight gradients (W, placed in the bubbles): the
+    same losses and gradients as one process (see [Note: split backward])."""
+    init_gloo(rank, world, init)
+    try:
+        for seed, name in enumerate(names):
+            case = CASES[name]
+            graph = capture(case.build()).graph
+            rng = torch.Generator().manual_seed(seed)
+            ops = {}
+            for n in graph.nodes:  # random costs: the W's land in different places for every draw
+                f = float(torch.rand(1, generator=rng)) + 0.1
+                ops[n.name] = OpCost(fwd_ms=f, bwd_ms=2 * f, wgt_ms=f * float(torch.rand(1, generator=rng)))
+            costs = CostTable(ops=ops, comm=CommModel.free())
+            gp = _check_training(
+                case, case.partition, 2 * world, seed, costs=costs, schedule_kind="zero_bubble"
+            )
+            assert gp.plan.schedule_kind == "zero_bubble" and gp.runtime.split_backward
+        dist.barrier()  # all ranks done before any tears the group down (gloo may abort otherwise)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    "names",
+    [["chain", "concat"], ["skip", "multi_output"]],
+    ids=["4 stages", "3 stages with split join stages"],
+)
+def test_zero_bubble_training_matches_one_process(names):
+    spawn(_zero_bubble_worker, len(CASES[names[0]].partition), names)
+
+
 def _chain_worker(rank: int, world: int, init: str) -> None:
     init_gloo(rank, world, init)
     try:
