@@ -2,12 +2,13 @@
 
 aot_autograd lowers the captured graph to ATen; the forward and the backward graph (or the
 inference graph under ``no_grad``) are each placed. Placement happens on a graph's first call, when
-real input tensors are at hand (aot_autograd hands compilers fake ones), and again for every new
-input signature (shapes, dtypes, strides), reusing cached costs.
+real input tensors are at hand (aot_autograd hands compilers fake ones). A graph with symbolic
+shapes is placed once for its range of sizes ([Note: shape ranges] in shapes.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -25,7 +26,7 @@ from torch_collage.freeze import FrozenInputs, freeze_inputs, static_input_indic
 from torch_collage.options import CollageOptions
 from torch_collage.place import Placer, place_graph
 from torch_collage.report import GraphReport
-from torch_collage.subgraph import tensor_signature
+from torch_collage.shapes import RangeKey, describe_range, flexible, has_symbolic_inputs
 
 __all__ = ["collage_backend", "make_backend"]
 
@@ -63,7 +64,8 @@ class _LazyPlacer:
         self.gm, self.options, self.kind, self.sink, self.placer = gm, options, kind, sink, placer
         self._placed: dict[str, _Placed] = {}
         self._last: _Placed | None = None
-        self._symbolic = _has_symbolic_inputs(gm)
+        self._symbolic = has_symbolic_inputs(gm)
+        self._range_key = RangeKey(gm) if self._symbolic else None
         self._lock = threading.Lock()
 
     # [Note: call overhead]
@@ -72,7 +74,8 @@ class _LazyPlacer:
     # run. When the graph has no symbolic shapes, dynamo's guards already pin every input's shape,
     # stride and dtype, so the last placement is reused after checking only that frozen inputs are
     # unchanged (identity and version counter, ~4 us). Graphs with symbolic shapes (dynamo's
-    # automatic dynamic shapes) key placements by the full signature, as before.
+    # automatic dynamic shapes) key placements by their inputs without the symbolic sizes, one
+    # placement for the graph's range ([Note: shape ranges] in shapes.py).
     #
     # [Note: skipping dynamo's module guards]
     # Most of what dynamo's frame costs a collage call is its guards on the module's parameters
@@ -90,7 +93,7 @@ class _LazyPlacer:
         return placed(*args)
 
     def _lookup(self, args: Sequence[Any]) -> _Placed:
-        key = tensor_signature(args) if self._symbolic else ""
+        key = self._range_key(args) if self._range_key is not None else ""
         placed = self._placed.get(key)
         if placed is None or not placed.still_valid(args):
             with self._lock:
@@ -106,12 +109,21 @@ class _LazyPlacer:
         if self.static:
             frozen = FrozenInputs.of(args, self.static)
             gm = freeze_inputs(self.gm, args, self.static)
+        dynamic = frozen.dynamic(args) if frozen else args
         # aot_autograd's first call runs under an analysis dispatch mode; measure outside it
         with _disable_current_modes():
-            assembled, report = place_graph(
-                gm, frozen.dynamic(args) if frozen else args, self.options, self.kind, self.placer
-            )
-        logger.info("torch_collage: %s graph placed: %s (%.1f s)", self.kind, assembled, report.search_s)
+            assembled, report = place_graph(gm, dynamic, self.options, self.kind, self.placer)
+            sizes = describe_range(gm, dynamic) if self._symbolic else ""
+            if sizes:
+                assembled = flexible(gm, assembled, dynamic, self.options.rtol, self.options.atol)
+                report = dataclasses.replace(report, shape_range=sizes)
+        logger.info(
+            "torch_collage: %s graph placed: %s (%.1f s)%s",
+            self.kind,
+            assembled,
+            report.search_s,
+            f" for sizes {sizes}" if sizes else "",
+        )
         if self.sink is not None:
             self.sink(report)
         return _Placed(assembled, frozen)
@@ -121,21 +133,6 @@ def _written_indices(gm: fx.GraphModule) -> set[int]:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     written = set(written_inputs(gm.graph))
     return {i for i, n in enumerate(placeholders) if n in written}
-
-
-def _has_symbolic_inputs(gm: fx.GraphModule) -> bool:
-    """Whether any input of ``gm`` has a symbolic size or stride (or its example value is unknown)."""
-    for node in gm.graph.nodes:
-        if node.op != "placeholder":
-            continue
-        val = node.meta.get("val")
-        if isinstance(val, torch.SymInt) or (val is None and "val" not in node.meta):
-            return True
-        if isinstance(val, torch.Tensor) and any(
-            isinstance(d, torch.SymInt) for d in (*val.shape, *val.stride(), val.storage_offset())
-        ):
-            return True
-    return False
 
 
 def make_backend(

@@ -4,6 +4,7 @@ failed compile raises. The lowest layer of ``torch_collage``: it imports nothing
 
 from __future__ import annotations
 
+import operator
 import os
 import re
 from collections.abc import Callable, Collection, Sequence
@@ -21,6 +22,7 @@ __all__ = [
     "BackendInfo",
     "BackendSpec",
     "CompileFn",
+    "DynamicCompileFn",
     "Fusion",
     "LoadFn",
     "NodePredicate",
@@ -31,6 +33,7 @@ __all__ = [
     "node_tensor_meta",
     "op_name",
     "runner_spec",
+    "size_arithmetic",
 ]
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -123,6 +126,11 @@ def _clip(text: str) -> str:
 
 Fusion = Literal["single", "elementwise_epilogue", "region"]
 CompileFn = Callable[[fx.GraphModule, tuple[torch.Tensor, ...]], Callable[..., Any]]
+# (graph, example tensors, each input's dynamic dimensions) -> a callable for every size of those
+# dimensions; see [Note: shape ranges] in torch_collage/shapes.py
+DynamicCompileFn = Callable[
+    [fx.GraphModule, tuple[torch.Tensor, ...], tuple[tuple[int, ...], ...]], Callable[..., Any]
+]
 SaveFn = Callable[[Callable[..., Any], Path], bool]  # (compiled callable, empty directory) -> saved?
 LoadFn = Callable[[Path, tuple[torch.Tensor, ...]], Callable[..., Any]]  # (directory, example inputs)
 NodePredicate = Callable[[fx.Node], bool]
@@ -199,6 +207,9 @@ class BackendSpec:
     load: LoadFn | None = None
     # Optional: the whole-module runner, ``runner(**its_options) -> Backend`` (``get_backend``).
     runner: Callable[..., Backend] | None = None
+    # Optional: compile a partition once for every size of its dynamic dimensions (its inputs are
+    # tensors only); without it, a graph with symbolic shapes compiles the partition per size.
+    compile_dynamic: DynamicCompileFn | None = None
     rules: tuple[OpRule, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -211,12 +222,37 @@ class BackendSpec:
             object.__setattr__(self, "rules", rules)
 
     def supports_node(self, node: fx.Node) -> bool:
-        """Whether this backend may run ``node`` (a ``call_function`` node of an ATen graph)."""
+        """Whether this backend may run ``node`` (a ``call_function`` node of an ATen graph). Size
+        arithmetic of a graph with symbolic shapes (``s0 * s1``, ``sym_size``) goes with any backend:
+        it is computed inside the partition, or folded where the sizes are baked ([Note: baked
+        sizes])."""
+        if size_arithmetic(node):
+            return True
         if not self.mutating_ok and (_mutates(node) or not _tensor_valued(node)):
             return False
         if callable(self.supports):
             return bool(self.supports(node))
         return any(rule.matches(node) for rule in self.rules)
+
+
+_SIZE_OPS = frozenset(
+    {
+        operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod, operator.neg,
+        torch.sym_max, torch.sym_min, torch.ops.aten.sym_size.int, torch.ops.aten.sym_stride.int,
+        torch.ops.aten.sym_numel.default, torch.ops.aten.sym_storage_offset.default,
+    }
+)  # fmt: skip
+
+
+def size_arithmetic(node: fx.Node) -> bool:
+    """``node`` computes an integer size from sizes (or reads one off a tensor)."""
+    val = node.meta.get("val")
+    return (
+        node.op == "call_function"
+        and node.target in _SIZE_OPS
+        and isinstance(val, (torch.SymInt, int))
+        and not isinstance(val, bool)
+    )
 
 
 def _mutates(node: fx.Node) -> bool:
@@ -244,9 +280,13 @@ def runner_spec(
     compiled partitions through their own ``save(directory)`` ([Note: compiled artifacts])."""
     backend = runner()
     compile_graph = getattr(backend, "compile_graph", None)  # ATen graphs without the module path
+    compile_fn = compile_graph if compile_graph is not None else _runner_compile(backend)
+    if not getattr(backend, "takes_scalars", False):
+        compile_fn = _baking_scalars(compile_fn)
     return BackendSpec(
         name=name,
-        compile=compile_graph if compile_graph is not None else _runner_compile(backend),
+        compile=compile_fn,
+        compile_dynamic=getattr(backend, "compile_graph_dynamic", None),
         supports=supports,
         fusion=fusion,
         max_depth=max_depth,
@@ -264,6 +304,68 @@ def _runner_compile(backend: Backend) -> CompileFn:
         return backend.compile(gm, tuple(example_inputs))
 
     return compile_fn
+
+
+def _baking_scalars(compile_fn: CompileFn) -> CompileFn:
+    """``compile_fn`` for graphs that may take integers (sizes of a graph with symbolic shapes): they
+    are baked into a copy of the graph as constants, and the compiled callable checks that each call
+    passes the same values ([Note: baked sizes])."""
+
+    def compile_baked(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> Callable[..., Any]:
+        scalars = {i: x for i, x in enumerate(example_inputs) if not isinstance(x, torch.Tensor)}
+        if not scalars:
+            return compile_fn(gm, example_inputs)
+        keep = [i for i in range(len(example_inputs)) if i not in scalars]
+        baked = bake_inputs(gm, scalars)
+        fn = compile_fn(baked, tuple(example_inputs[i] for i in keep))
+        return _BakedScalars(fn, keep, scalars)
+
+    return compile_baked
+
+
+# [Note: baked sizes]
+# A graph with symbolic shapes takes its sizes as integer inputs (``view(x, [s0, 64])``); the
+# runtimes that take an exported graph take tensors only. Compiled for one size, such a partition
+# has its integers baked in as constants, and its callable raises ``ValueError`` when called with
+# other values, so a call at another size can never run the graph of the old one; compiling per
+# size or for the whole range is the caller's business ([Note: shape ranges] in shapes.py).
+
+
+def bake_inputs(gm: fx.GraphModule, values: dict[int, Any]) -> fx.GraphModule:
+    """A copy of ``gm`` whose placeholders at ``values``' positions are replaced by those constants."""
+    graph = fx.Graph()
+    env: dict[fx.Node, Any] = {}
+    position = 0
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if position in values:
+                env[node] = values[position]
+            else:
+                env[node] = graph.node_copy(node)
+            position += 1
+        else:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    return fx.GraphModule(gm, graph)
+
+
+class _BakedScalars:
+    """Calls ``fn`` with the tensor inputs at ``keep`` after checking the baked ``scalars``."""
+
+    def __init__(self, fn: Callable[..., Any], keep: Sequence[int], scalars: dict[int, Any]) -> None:
+        self._fn, self._keep, self._scalars = fn, tuple(keep), dict(scalars)
+
+    def __call__(self, *args: Any) -> Any:
+        for i, value in self._scalars.items():
+            if args[i] != value:
+                raise ValueError(
+                    f"input {i}: compiled for the size {value!r}, got {args[i]!r}; compile again for new sizes"
+                )
+        return self._fn(*[args[i] for i in self._keep])
+
+    def release_saved_copy(self) -> None:
+        release = getattr(self._fn, "release_saved_copy", None)
+        if callable(release):
+            release()
 
 
 def _save_runner(fn: Callable[..., Any], directory: Path) -> bool:

@@ -10,7 +10,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import fx, nn
@@ -39,6 +39,7 @@ class InductorBackend:
     """
 
     freezing: bool = False  # Inductor's `freezing` for whole modules (partitions are always frozen)
+    takes_scalars: ClassVar[bool] = True  # dynamo guards integer inputs: [Note: baked sizes] in base.py
 
     @property
     def name(self) -> str:
@@ -60,6 +61,13 @@ class InductorBackend:
         ([Note: partitions without an inner frame]), its tensor attributes frozen ([Note: frozen
         partitions])."""
         return inductor_compile_graph(self.name, gm, example_inputs, freezing=True)
+
+    def compile_graph_dynamic(
+        self, gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], dims: tuple[tuple[int, ...], ...]
+    ) -> Callable[..., Any]:
+        """An ATen graph compiled once for every size of the dimensions ``dims`` (per input), frozen
+        ([Note: shape ranges] in torch_collage/shapes.py)."""
+        return inductor_compile_dynamic(self.name, gm, example_inputs, dims, freezing=True)
 
     def graph_version(self) -> str:
         """The version of what ``compile_graph`` builds (it freezes; ``compile`` may not)."""
@@ -90,6 +98,37 @@ def inductor_compile(
     except Exception as exc:
         raise BackendCompileError.from_exception(backend, exc, _OP_PATTERNS) from exc
     logger.debug("%s: compiled %s in %.2f s", backend, type(module).__name__, time.perf_counter() - start)
+    return runner
+
+
+def inductor_compile_dynamic(
+    backend: str,
+    gm: fx.GraphModule,
+    example_inputs: tuple[torch.Tensor, ...],
+    dims: tuple[tuple[int, ...], ...],
+    *,
+    freezing: bool = False,
+) -> Callable[..., Any]:
+    """``torch.compile`` of ``gm`` with the dimensions ``dims`` of each input marked dynamic (dynamo's
+    symbolic shapes: one compile for the range), compiled now on ``example_inputs``. It keeps a dynamo
+    frame, which a partition compiled for one size avoids ([Note: partitions without an inner frame])."""
+    start = time.perf_counter()
+    compiled = torch.compile(
+        fresh_entry(gm, "collage_inductor_dynamic"), backend="inductor", options={"freezing": freezing}
+    )
+    runner = _NoGradRunner(compiled)
+    marked = []
+    for x, dynamic in zip(example_inputs, dims, strict=True):
+        alias = x.detach().view_as(x)  # the mark stays on this alias, not on the caller's tensor
+        for d in dynamic:
+            torch._dynamo.mark_dynamic(alias, d)
+        marked.append(alias)
+    try:
+        with torch._inductor.config.patch(freezing=freezing):
+            runner(*marked)
+    except Exception as exc:
+        raise BackendCompileError.from_exception(backend, exc, _OP_PATTERNS) from exc
+    logger.debug("%s: compiled a graph for a range of sizes in %.2f s", backend, time.perf_counter() - start)
     return runner
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
 
 from torch_collage.backends._export import ExportedGraph, GraphIO, export_graph, quiet_treespec_deprecation
 from torch_collage.backends.base import BackendCompileError, runner_spec
@@ -74,8 +74,26 @@ class OnnxRuntimeBackend:
         return f"onnxruntime {v('onnxruntime')} (torch {torch.__version__}, onnxscript {v('onnxscript')})"
 
     def compile(self, module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> _OrtRunner:
+        return self._compile(module, example_inputs)
+
+    def compile_graph_dynamic(
+        self, gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], dims: tuple[tuple[int, ...], ...]
+    ) -> _OrtRunner:
+        """``gm`` exported with dynamic axes at ``dims`` (per input): one session for every size
+        there ([Note: shape ranges] in torch_collage/shapes.py). Not with ``io_binding``, whose
+        output buffers have one size."""
+        if self.io_binding:
+            raise BackendCompileError(_NAME, "io_binding binds outputs of one size; compile per size")
+        return self._compile(gm, example_inputs, dims)
+
+    def _compile(
+        self,
+        module: nn.Module,
+        example_inputs: tuple[torch.Tensor, ...],
+        dims: tuple[tuple[int, ...], ...] = (),
+    ) -> _OrtRunner:
         start = time.perf_counter()
-        graph = export_graph(_NAME, module, example_inputs)
+        graph = export_graph(_NAME, module, example_inputs, dims=dims)
         try:
             model = to_onnx(graph)
             runner = _OrtRunner(self._session(model), graph, self.io_binding, model)

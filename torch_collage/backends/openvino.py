@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from torch_collage.backends._export import ExportedGraph, GraphIO, export_graph, quiet_treespec_deprecation
 from torch_collage.backends.base import BackendCompileError, runner_spec
@@ -92,8 +92,23 @@ class OpenVinoBackend:
         return f"openvino {importlib.metadata.version('openvino')} (torch {torch.__version__})"
 
     def compile(self, module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> _OvRunner:
+        return self._compile(module, example_inputs)
+
+    def compile_graph_dynamic(
+        self, gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], dims: tuple[tuple[int, ...], ...]
+    ) -> _OvRunner:
+        """``gm`` exported and converted with dynamic dimensions at ``dims`` (per input): one compiled
+        model for every size there ([Note: shape ranges] in torch_collage/shapes.py)."""
+        return self._compile(gm, example_inputs, dims)
+
+    def _compile(
+        self,
+        module: nn.Module,
+        example_inputs: tuple[torch.Tensor, ...],
+        dims: tuple[tuple[int, ...], ...] = (),
+    ) -> _OvRunner:
         start = time.perf_counter()
-        graph = export_graph(_NAME, module, example_inputs)
+        graph = export_graph(_NAME, module, example_inputs, dims=dims)
         try:
             model = _convert(graph, example_inputs)
             blob: bytes | None = None
@@ -238,15 +253,19 @@ def _core() -> ov.Core:
 
 
 def _convert(graph: ExportedGraph, example_inputs: tuple[torch.Tensor, ...]) -> ov.Model:
-    """The ExportedProgram as an OpenVINO model with every input's shape fixed to the example's."""
+    """The ExportedProgram as an OpenVINO model with every input's shape fixed to the example's, but
+    for the dimensions the export made dynamic."""
     import openvino as ov
 
     with pause_openvino_telemetry(), quiet_treespec_deprecation():
         model = ov.convert_model(graph.program, example_input=example_inputs)
     positions = graph.match_inputs([port.get_names() for port in model.inputs])
+    sig = graph.signature
     model.reshape(
         {
-            port: ov.PartialShape(list(graph.signature.shapes[pos]))
+            port: ov.PartialShape(
+                [-1 if sig.dynamic and d in sig.dynamic[pos] else n for d, n in enumerate(sig.shapes[pos])]
+            )
             for port, pos in zip(model.inputs, positions)
         }
     )
