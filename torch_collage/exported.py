@@ -27,7 +27,7 @@ from torch import nn
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
-from torch_collage.backends._export import StaticSignature, quiet_treespec_deprecation
+from torch_collage.backends._export import StaticSignature, exported_dynamic_dims, quiet_treespec_deprecation
 from torch_collage.backends.registry import check_names
 from torch_collage.entry import _LazyPlacer
 from torch_collage.explain import ExplainReport
@@ -50,10 +50,13 @@ class ExportedCollage:
     def __init__(
         self, placer: _LazyPlacer, template: list[Any], user: Sequence[int], in_spec: pytree.TreeSpec,
         out_spec: pytree.TreeSpec, example: Sequence[torch.Tensor], reports: list[GraphReport],
+        dynamic: Sequence[frozenset[int]] = (), ranges: Sequence[tuple[int, int, int, int | None]] = (),
     ) -> None:  # fmt: skip
         self._placer, self._template, self._user = placer, template, tuple(user)
         self._in_spec, self._out_spec = in_spec, out_spec
-        self._signature = StaticSignature.of(example, example[0].device.type if example else "cpu")
+        device = example[0].device.type if example else "cpu"
+        self._signature = StaticSignature.of(example, device, dynamic)
+        self._ranges = tuple(ranges)  # (input, dim, min, max) of each dynamic dimension
         self._reports = reports
         # [Note: exported call path] The common call passes exactly the example's tensors,
         # positionally, and gets one tensor back: it skips flattening ``(args, kwargs)``, comparing
@@ -78,6 +81,13 @@ class ExportedCollage:
         values = self._template.copy()
         for pos, arg in zip(self._user, self._signature.prepare(flat)):  # ValueError naming the input
             values[pos] = arg
+        for i, dim, low, high in self._ranges:
+            size = flat[i].shape[dim]
+            if size < low or (high is not None and size > high):
+                raise ValueError(
+                    f"input {i}: size {size} of dimension {dim} is outside the exported range "
+                    f"[{low}, {high if high is not None else 'inf'}]; export again with a wider Dim"
+                )
         with torch.no_grad():
             out = self._placer(*values)
         if self._single_output:
@@ -89,6 +99,24 @@ class ExportedCollage:
         return f"ExportedCollage({runner})"
 
 
+def _dimension_ranges(program: torch.export.ExportedProgram) -> list[tuple[int, int, int, int | None]]:
+    """``(input, dim, min, max)`` of each user input dimension ``program`` exported as a symbol
+    (``max`` None: unbounded), from its range constraints."""
+    nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    out: list[tuple[int, int, int, int | None]] = []
+    for i, name in enumerate(program.graph_signature.user_inputs):
+        val = nodes[name].meta.get("val")
+        for dim, size in enumerate(val.shape if isinstance(val, torch.Tensor) else ()):
+            if not isinstance(size, torch.SymInt):
+                continue
+            vr = program.range_constraints.get(size.node.expr)
+            if vr is None:
+                continue
+            low = int(vr.lower) if vr.lower.is_Integer else 0
+            out.append((i, dim, low, int(vr.upper) if vr.upper.is_Integer else None))
+    return out
+
+
 def _all_tensors(args: Sequence[Any]) -> bool:
     # a plain loop: all() over a generator costs a few us more per call (see freeze.FrozenInputs)
     for arg in args:  # noqa: SIM110
@@ -97,20 +125,26 @@ def _all_tensors(args: Sequence[Any]) -> bool:
     return True
 
 
-def compile_exported(model: nn.Module, *example_inputs: Any, **options: Any) -> ExportedCollage:
+def compile_exported(
+    model: nn.Module, *example_inputs: Any, dynamic_shapes: Any = None, **options: Any
+) -> ExportedCollage:
     """Capture ``model`` with ``torch.export`` for ``example_inputs`` and place its inference graph
     with Collage ``options`` (the keys of ``torch.compile(..., backend="collage", options=...)``).
 
-    The returned callable runs without dynamo (see [Note: exported entry]); shapes are static. A
-    model that mutates its buffers or inputs when called (BatchNorm in training mode, say) raises
-    ``ValueError``: call ``model.eval()`` first.
+    The returned callable runs without dynamo (see [Note: exported entry]). Shapes are static unless
+    ``dynamic_shapes`` (``torch.export.export``'s argument, e.g. ``{"x": {1: Dim("seq", min=2,
+    max=512)}}``) makes some dynamic: the graph is then placed once, at the example's sizes, and
+    runs at every size of the range ([Note: shape ranges] in shapes.py). A model that mutates its
+    buffers or inputs when called (BatchNorm in training mode, say) raises ``ValueError``: call
+    ``model.eval()`` first.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     parsed = CollageOptions.from_mapping(options)
     check_names(parsed.backends)
     with torch.no_grad(), quiet_treespec_deprecation():
-        program = torch.export.export(model, tuple(example_inputs)).run_decompositions({})
+        program = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
+        program = program.run_decompositions({})
     sig = program.graph_signature
     side_effects = [s for s in sig.output_specs if s.kind != OutputKind.USER_OUTPUT]
     if side_effects:
@@ -139,6 +173,10 @@ def compile_exported(model: nn.Module, *example_inputs: Any, **options: Any) -> 
     reports: list[GraphReport] = []
     frozen = tuple(static) if parsed.freeze else ()
     placer = _LazyPlacer(program.graph_module, parsed, "inference", reports.append, frozen)
-    compiled = ExportedCollage(placer, template, user, in_spec, program.call_spec.out_spec, tensors, reports)
+    dynamic = exported_dynamic_dims(program) if dynamic_shapes is not None else ()
+    compiled = ExportedCollage(
+        placer, template, user, in_spec, program.call_spec.out_spec, tensors, reports, dynamic,
+        _dimension_ranges(program),
+    )  # fmt: skip
     compiled(*example_inputs)  # place now: compile cost up front, as with any ahead-of-time compile
     return compiled

@@ -158,3 +158,27 @@ def test_hf_generate_with_compiled_forward_matches_eager_greedy_tokens(tmp_path)
         got = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert torch.equal(got, want)
     assert len(reports) <= 2, [r.shape_range for r in reports]  # prefill, decode: each placed once
+
+
+def test_compile_exported_with_dynamic_shapes_places_once_for_the_range(tmp_path) -> None:
+    if not get_spec("onnxruntime").available()[0]:
+        pytest.skip("onnxruntime not installed")
+    import torch_collage
+
+    torch.manual_seed(3)
+    model = SeqModel().eval()
+    seq = torch.export.Dim("seq", min=2, max=40)
+    compiled = torch_collage.compile_exported(
+        model, torch.randn(2, 10, 16), dynamic_shapes={"x": {1: seq}}, backends=["onnxruntime"],
+        mode="fast", cache_dir=str(tmp_path), progress=False,
+    )  # fmt: skip
+    for length in (3, 10, 27, 40):
+        x = torch.randn(2, length, 16)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+    assert len(compiled.report.graphs) == 1 and "in [2, 40]" in compiled.report.graphs[0].shape_range
+    with pytest.raises(
+        ValueError, match=r"input 0: size 41 of dimension 1 is outside the exported range \[2, 40\]"
+    ):
+        compiled(torch.randn(2, 41, 16))
+    with pytest.raises(ValueError, match="input 0: compiled for shape"):
+        compiled(torch.randn(3, 10, 16))  # the batch stayed static

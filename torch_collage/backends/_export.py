@@ -18,7 +18,14 @@ from torch.utils import _pytree as pytree
 
 from torch_collage.backends.base import BackendCompileError
 
-__all__ = ["ExportedGraph", "GraphIO", "StaticSignature", "export_graph", "quiet_treespec_deprecation"]
+__all__ = [
+    "ExportedGraph",
+    "GraphIO",
+    "StaticSignature",
+    "export_graph",
+    "exported_dynamic_dims",
+    "quiet_treespec_deprecation",
+]
 
 
 @dataclass(frozen=True)
@@ -203,7 +210,7 @@ def export_graph(
     output_map, keep = _distinct(_user_output_names(backend, program))
     if len(keep) < len(output_map):
         program = _export(backend, _DistinctOutputs(module, keep), example_inputs, dynamic)
-    exported = _exported_dynamic_dims(program) if dynamic else ()
+    exported = exported_dynamic_dims(program) if dynamic else ()
     if dynamic and not any(exported):
         raise BackendCompileError(backend, "the export specialised every dynamic dimension")
     return ExportedGraph(
@@ -222,7 +229,7 @@ def _dynamic_shapes(dims: Sequence[Sequence[int]]) -> tuple[dict[int, Any] | Non
     return tuple({d: auto for d in ds} if ds else None for ds in dims)
 
 
-def _exported_dynamic_dims(program: ExportedProgram) -> tuple[frozenset[int], ...]:
+def exported_dynamic_dims(program: ExportedProgram) -> tuple[frozenset[int], ...]:
     """Per user input of ``program``, the dimensions it exported with a symbolic size."""
     nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     out = []
