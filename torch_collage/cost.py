@@ -69,6 +69,25 @@ def record_values(
     return values
 
 
+# [Note: timing a graph that writes its inputs]
+# A candidate, or an assembled placement, is timed by calling it repeatedly on one set of copies of
+# its inputs ([Note: inputs the graph writes]). Where it writes an input that it also reads, every
+# call sees the previous call's write: the position counter of a Hugging Face StaticCache
+# (``pos = arange(S) + n``, ``copy_(n, n + S)``) ran past the end of the cache after a few timed
+# calls, and ``index_copy`` raised IndexError. So before each timed call the written inputs of at
+# most ``RESTORE_BYTES`` (counters, positions, normalisation statistics) get their recorded values
+# back, a copy of a few bytes. A larger written input (a KV cache) is not restored, which would time
+# a copy of it with every call: with its positions restored, a cache update writes the same rows on
+# every call, and what the other written state drifts to changes no shape and no index.
+RESTORE_BYTES = 1 << 16
+
+
+def _restorable(x: torch.Tensor) -> bool:
+    return x.numel() * x.element_size() <= RESTORE_BYTES and all(
+        s != 0 for s, n in zip(x.stride(), x.shape) if n > 1
+    )
+
+
 def copy_strided(x: torch.Tensor) -> torch.Tensor:
     """A copy of ``x`` with ``x``'s strides, also where ``x`` is a view with gaps (``h[:, 0]``) or an
     expanded one (stride 0), which ``clone`` would make contiguous: code compiled for a candidate may
@@ -178,6 +197,24 @@ class CostModel:
         the graph writes, so that no run changes them ([Note: inputs the graph writes])."""
         return [copy_strided(self.values[n]) if n in self._written else self.values[n] for n in nodes]
 
+    def restorer(self, nodes: Sequence[fx.Node], args: Sequence[Any]) -> Callable[[], None] | None:
+        """For ``args = self.args(nodes)`` timed over repeated calls: a function giving the small inputs
+        the graph writes their recorded values back, to call before each call (None when there are
+        none); see [Note: timing a graph that writes its inputs]."""
+        pairs = [
+            (a, self.values[n])
+            for n, a in zip(nodes, args)
+            if n in self._written and isinstance(a, torch.Tensor) and _restorable(a)
+        ]
+        if not pairs:
+            return None
+
+        def restore() -> None:
+            for dst, src in pairs:
+                dst.copy_(src)
+
+        return restore
+
     def replaying_rng(self, mask: int | None = None) -> contextlib.AbstractContextManager[None]:
         """Runs under the generator's state before the first random op of units ``mask`` (all of
         the graph when None) as the recording had it, so eager reproduces its random values; the
@@ -245,7 +282,9 @@ class CostModel:
         if fn is None:
             return CachedCost(math.inf, reason)
         inputs = self.args(sub.inputs)
-        cost = CachedCost(self.time_call(lambda: fn(*inputs)), "")
+        restore = self.restorer(sub.inputs, inputs)  # [Note: timing a graph that writes its inputs]
+        call = (lambda: fn(*inputs)) if restore is None else (lambda: (restore(), fn(*inputs)))
+        cost = CachedCost(self.time_call(call), "")
         if mask == self.graph.full:
             self._kept[self._kept_key(backend, sub)] = fn
         return cost
