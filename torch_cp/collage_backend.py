@@ -2,10 +2,12 @@
 
 Registered through the ``torch_collage.backends`` entry point (pyproject.toml), so
 ``torch_collage.list_backends()`` lists ``torch_cp`` without importing this package by hand; listed
-unavailable, with the reason, where ``torch_cp._C`` cannot be imported. It claims one attention node
-at a time (fusion ``"single"``) where the kernel computes what SDPA computes, and compiles it to
-``torch.ops.torch_cp.decode_attention``; the measured placement decides whether it runs there.
-What it claims and why: [Note: attention nodes torch_cp claims].
+unavailable, with the reason, where ``torch_cp._C`` cannot be imported. It claims the attention
+nodes whose result the kernel computes as SDPA does and compiles them to
+``torch.ops.torch_cp.decode_attention``; beside them, a KV cache's update (run in place) and the
+``repeat_kv`` chains feeding the attention (never run: the kernel reads the cache with grouped heads).
+The measured placement decides what runs there. What it claims and why: [Note: attention nodes
+torch_cp claims], and [Note: KV cache nodes torch_cp claims] in collage_kv.py.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from torch_collage.backends.base import BackendCompileError, BackendSpec, node_tensor_meta, op_name
-from torch_cp import _ops
+from torch_cp import _ops, collage_kv
 
 __all__ = ["NAME", "SPEC", "backend_spec", "unsupported_reason"]
 
@@ -154,7 +156,13 @@ def unsupported_reason(node: fx.Node) -> str:
 
 
 def _supports(node: fx.Node) -> bool:
-    return not unsupported_reason(node)
+    if collage_kv.is_chain_op(node):  # [Note: KV cache nodes torch_cp claims]
+        found = collage_kv.chain_nodes(node)
+        return found is not None and not unsupported_reason(found[1])
+    user = collage_kv.mask_user(node)
+    if user is not None:
+        return not unsupported_reason(user)
+    return collage_kv.is_inplace_update(node) or not unsupported_reason(node)
 
 
 # --- compile: each claimed node of the partition runs the kernel ----------------------------------
@@ -180,45 +188,51 @@ class _KernelCall:
         return out if self.op == _SDPA else (out, lse)
 
 
-class _OutputStrides(fx.Interpreter):
-    """Runs a graph on fake tensors and records the strides of each claimed node's output."""
+class _FakeValues(fx.Interpreter):
+    """Runs a graph on fake tensors and records each node's value (shapes and strides)."""
 
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
-        self.strides: dict[str, tuple[int, ...]] = {}
+        self.values: dict[fx.Node, Any] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
-        if n.op == "call_function" and op_name(n) in _CLAIMED:
-            out = result if isinstance(result, torch.Tensor) else result[0]
-            self.strides[n.name] = tuple(out.stride())
+        self.values[n] = result
         return result
 
 
-def _output_strides(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> dict[str, tuple]:
+def _fake_values(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> dict[fx.Node, Any]:
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fakes = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
-    interpreter = _OutputStrides(gm)
+    interpreter = _FakeValues(gm)
     with mode:
         interpreter.run(*fakes)
-    return interpreter.strides
+    return interpreter.values
+
+
+def _is_attention(node: fx.Node) -> bool:
+    return node.op == "call_function" and op_name(node) in _CLAIMED
 
 
 def _compile(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> Callable[..., Any]:
-    """A copy of ``gm`` whose attention nodes call the kernel; returns ``gm``'s tuple."""
+    """A copy of ``gm`` whose attention nodes call the kernel (reading the sources of the repeat_kv
+    chains in the partition) and whose cache updates run in place; returns ``gm``'s tuple."""
     if not _ops.HAS_CPU_KERNELS:
         raise BackendCompileError(NAME, f"the C++ extension is not loaded: {_ops.extension_error()}")
-    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and op_name(n) in _CLAIMED]
-    if not nodes:
-        raise BackendCompileError(NAME, "the partition holds no attention node")
-    try:
-        strides = _output_strides(gm, tuple(example_inputs))
-    except Exception as exc:  # the partition does not run on its example inputs' shapes
-        raise BackendCompileError.from_exception(NAME, exc) from exc
     graph, copies = fx.Graph(), dict[fx.Node, fx.Node]()
     graph.output(graph.graph_copy(gm.graph, copies))
+    nodes = [n for n in gm.graph.nodes if _is_attention(n)]
+    try:
+        fake = _fake_values(gm, tuple(example_inputs))
+    except Exception as exc:  # the partition does not run on its example inputs' shapes
+        raise BackendCompileError.from_exception(NAME, exc) from exc
+    shapes = {copies[n]: tuple(v.shape) for n, v in fake.items() if isinstance(v, torch.Tensor)}
+    collage_kv.collapse_chains(graph, [copies[n] for n in nodes], shapes.get)  # part of a chain: runs as is
     for node in nodes:
-        copies[node].target = _KernelCall(op_name(node), node.target, strides[node.name])
+        out = fake[node] if isinstance(fake[node], torch.Tensor) else fake[node][0]
+        copies[node].target = _KernelCall(op_name(node), node.target, tuple(out.stride()))
+    for node in collage_kv.inplace_targets(graph):
+        collage_kv.run_in_place(node)
     return fx.GraphModule(gm, graph)
 
 
@@ -240,8 +254,17 @@ def _version() -> str:
     stat = Path(str(ext.__file__)).stat()
     return (
         f"torch_cp {metadata.version('torch-collage')} (_C {stat.st_size} bytes, mtime {stat.st_mtime_ns}), "
-        f"torch {torch.__version__}"
+        f"claims rev {_CLAIMS_REVISION}, torch {torch.__version__}"
     )
+
+
+# What the compiled partitions compute for the nodes claimed; part of the version, so that costs
+# cached for older claims are not reused. 2: KV cache updates in place, repeat_kv chains collapsed.
+_CLAIMS_REVISION = 2
+
+# The largest partition: an attention node, its mask's ``where``, the repeat_kv chains of its key and
+# value (4 nodes each) and the updates of both caches.
+_MAX_PARTITION = 12
 
 
 def backend_spec() -> BackendSpec:
@@ -250,7 +273,8 @@ def backend_spec() -> BackendSpec:
         name=NAME,
         compile=_compile,
         supports=_supports,
-        fusion="single",
+        fusion="region",  # connected claimed nodes
+        max_depth=_MAX_PARTITION,
         available=_available,
         version=_version,
     )

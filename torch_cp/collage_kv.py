@@ -1,0 +1,196 @@
+"""The KV-cache side of torch_cp's Collage backend: the cache update it runs in place, and the
+``repeat_kv`` copies of the cache it never makes.
+
+[Note: KV cache nodes torch_cp claims]
+A Hugging Face ``StaticCache`` decode step reaches collage functionalized (aot_autograd with
+``keep_inference_input_mutations``): ``self.keys.index_copy_(2, pos, k)`` becomes
+``new = index_copy(keys, 2, pos, k)``, the attention reads ``new``, and ``copy_(keys, new)`` at the
+end of the graph writes it back. Run as written, every step reads and writes the whole cache twice,
+and a runtime given ``index_copy`` returns the whole new cache as an output (one more copy): the step
+costs ``Lmax``, not the tokens held. Grouped-query attention adds ``repeat_kv``
+(``unsqueeze(2) -> expand -> clone -> _unsafe_view``), which materialises the cache ``Hq / Hkv``
+times over before SDPA reads it. So the backend also claims:
+
+- an **in-place cache update**: ``index_copy(p, dim, index, src)`` whose ``p`` is a graph input that
+  nothing else reads but the ``copy_(p, <this node>)`` writing the result back. Compiled, it runs
+  ``p.index_copy_(dim, index, src)`` on the user's tensor and returns ``p``; the ``copy_`` (on eager,
+  the only backend that runs mutations) then copies ``p`` onto itself, which ``Tensor.copy_`` skips.
+  The graph's result is the same; the write happens once, in place, touching ``index`` rows only.
+  Collage measures and checks candidates on copies of the inputs a graph writes, so only the user's
+  call writes the user's cache ([Note: inputs the graph writes] in torch_collage/freeze.py).
+- a **repeat_kv chain** feeding a claimed attention node as its key or value: in a partition that
+  holds the chain and the attention node, the kernel reads the chain's source ``[B, Hkv, L, D]``
+  with grouped heads (head ``h`` reads KV head ``h // (Hq / Hkv)``, as ``repeat_kv`` lays them out)
+  and the chain is never run. A partition holding part of a chain runs that part as ATen ops
+  (correct, never faster; the search measures it and moves on).
+- the ``where`` that turns a boolean mask into the additive one SDPA's CPU lowering passes, where
+  the attention node alone reads it. It runs as it is; claiming it keeps the attention's partition
+  reachable by the cover search, which expands only candidates holding the lowest uncovered node:
+  aot_autograd places that ``where`` after the ``repeat_kv`` chains, so a partition starting at the
+  cache update but without the ``where`` would wait on a node that comes later in the order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import fx
+
+from torch_collage.backends.base import op_name
+
+__all__ = [
+    "chain_nodes",
+    "chain_source",
+    "collapse_chains",
+    "inplace_targets",
+    "inplace_update_reason",
+    "is_chain_op",
+    "is_inplace_update",
+    "mask_user",
+    "meta_shape",
+    "run_in_place",
+]
+
+_INDEX_COPY = "aten.index_copy"
+_WHERE = "aten.where"
+_COPY_ = "aten.copy_"
+_UNSQUEEZE, _EXPAND, _CLONE = "aten.unsqueeze", "aten.expand", "aten.clone"
+_RESHAPES = ("aten._unsafe_view", "aten.view", "aten.reshape")
+_CHAIN_OPS = (_UNSQUEEZE, _EXPAND, _CLONE, *_RESHAPES)
+
+Shape = Callable[[fx.Node], "tuple[int, ...] | None"]
+
+
+def meta_shape(node: fx.Node) -> tuple[int, ...] | None:
+    """The static shape of ``node``'s value from its ``val`` metadata (None if unknown or symbolic)."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or not all(isinstance(s, int) for s in val.shape):
+        return None
+    return tuple(val.shape)
+
+
+def is_chain_op(node: fx.Node) -> bool:
+    return node.op == "call_function" and op_name(node) in _CHAIN_OPS
+
+
+def chain_source(end: fx.Node, shape: Shape = meta_shape) -> tuple[fx.Node, tuple[fx.Node, ...]] | None:
+    """``(x, chain)`` when ``end`` is the last node of ``repeat_kv(x)``: ``x [B, Hkv, L, D]``
+    -> ``unsqueeze(2)`` -> ``expand([B, Hkv, n, L, D])`` -> ``clone`` (optional) -> a reshape to
+    ``[B, Hkv * n, L, D]``, each node read only by the next; ``chain`` lists them from ``x`` on
+    (without ``x``). None otherwise. ``shape`` gives a node's static shape."""
+    if not is_chain_op(end) or op_name(end) not in _RESHAPES:
+        return None
+    nodes = [end]
+    node = end.args[0]
+    if (
+        isinstance(node, fx.Node)
+        and op_name(node) == _CLONE
+        and node.kwargs.get("memory_format")
+        in (
+            None,
+            torch.contiguous_format,
+        )
+    ):
+        nodes.append(node)
+        node = node.args[0]
+    if not (isinstance(node, fx.Node) and op_name(node) == _EXPAND):
+        return None
+    nodes.append(node)
+    unsq = node.args[0]
+    if not (isinstance(unsq, fx.Node) and op_name(unsq) == _UNSQUEEZE and unsq.args[1:] == (2,)):
+        return None
+    nodes.append(unsq)
+    x = unsq.args[0]
+    if not isinstance(x, fx.Node) or any(len(n.users) != 1 for n in nodes[1:]):
+        return None
+    src, out, wide = shape(x), shape(end), shape(node)
+    if src is None or out is None or wide is None or len(src) != 4:
+        return None
+    b, hkv, length, d = src
+    n_rep = wide[2] if len(wide) == 5 else 0
+    if wide != (b, hkv, n_rep, length, d) or out != (b, hkv * n_rep, length, d):
+        return None
+    return x, tuple(reversed(nodes))
+
+
+def chain_nodes(node: fx.Node, shape: Shape = meta_shape) -> tuple[fx.Node, fx.Node] | None:
+    """``(end, user)`` when ``node`` lies on a repeat_kv chain (see ``chain_source``) whose last node
+    ``end`` is read by ``user`` alone; None otherwise."""
+    end = node
+    for _ in range(len(_CHAIN_OPS)):
+        if not is_chain_op(end) or len(end.users) != 1:
+            return None
+        (user,) = end.users
+        found = chain_source(end, shape)
+        if found is not None and node in found[1]:
+            return end, user
+        end = user
+    return None
+
+
+def mask_user(node: fx.Node) -> fx.Node | None:
+    """The attention node that alone reads ``node``, a ``where`` making an additive mask, as its
+    ``attn_mask``; None otherwise."""
+    if node.op != "call_function" or op_name(node) != _WHERE or len(node.users) != 1:
+        return None
+    (user,) = node.users
+    mask = user.args[3] if len(user.args) > 3 else user.kwargs.get("attn_mask")
+    return user if mask is node else None
+
+
+def inplace_update_reason(node: fx.Node) -> str:
+    """Why ``node`` is not a cache update torch_cp runs in place ("" when it is); see
+    [Note: KV cache nodes torch_cp claims]."""
+    if node.op != "call_function" or op_name(node) != _INDEX_COPY:
+        return f"{op_name(node)} is not {_INDEX_COPY}"
+    cache = node.args[0]
+    if not isinstance(cache, fx.Node) or cache.op != "placeholder":
+        return "index_copy's destination is not a graph input"
+    writes = [u for u in cache.users if u is not node]
+    if len(writes) != 1 or op_name(writes[0]) != _COPY_ or writes[0].args[:2] != (cache, node):
+        return "the graph input is read by other nodes than index_copy and the copy_ writing it back"
+    if any(u.op == "output" for u in node.users):
+        return "the updated cache is a graph output"
+    return ""
+
+
+def is_inplace_update(node: fx.Node) -> bool:
+    return not inplace_update_reason(node)
+
+
+def collapse_chains(graph: fx.Graph, attention: list[fx.Node], shape: Shape) -> None:
+    """Points each attention node's key and value past their repeat_kv chains in ``graph`` at the
+    chains' sources, where both have one (the kernel takes K and V alike), then drops the chains
+    (they are read by nothing)."""
+    for node in attention:
+        kv = list(_kv_args(node))
+        found = [chain_source(a, shape) if isinstance(a, fx.Node) else None for _, _, a in kv]
+        if len(kv) != 2 or any(f is None for f in found):
+            continue
+        for (i, name, _), f in zip(kv, found):
+            assert f is not None
+            if i is None:
+                node.update_kwarg(name, f[0])
+            else:
+                node.update_arg(i, f[0])
+    graph.eliminate_dead_code()
+
+
+def _kv_args(node: fx.Node) -> Iterator[tuple[int | None, str, object]]:
+    """Key and value of an attention call: ``(position or None for a keyword, name, arg)``."""
+    for i, name in ((1, "key"), (2, "value")):
+        if i < len(node.args):
+            yield i, name, node.args[i]
+        elif name in node.kwargs:
+            yield None, name, node.kwargs[name]
+
+
+def inplace_targets(graph: fx.Graph) -> list[fx.Node]:
+    """The ``index_copy`` nodes of a partition (each one claimed as an in-place update)."""
+    return [n for n in graph.nodes if n.op == "call_function" and op_name(n) == _INDEX_COPY]
+
+
+def run_in_place(node: fx.Node) -> None:
+    """Makes ``index_copy(p, ...)`` run as ``p.index_copy_(...)`` (it returns ``p``)."""
+    node.target = torch.ops.aten.index_copy_.default
