@@ -115,7 +115,7 @@ class _LazyPlacer:
             assembled, report = place_graph(gm, dynamic, self.options, self.kind, self.placer)
             sizes = describe_range(gm, dynamic) if self._symbolic else ""
             if sizes:
-                assembled = flexible(gm, assembled, dynamic, self.options.rtol, self.options.atol)
+                assembled = flexible(gm, assembled, dynamic, self.options)
                 report = dataclasses.replace(report, shape_range=sizes)
         logger.info(
             "torch_collage: %s graph placed: %s (%.1f s)%s",

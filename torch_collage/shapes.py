@@ -34,11 +34,13 @@ import sympy
 import torch
 from torch import fx
 
+from torch_collage.artifacts import ArtifactStore
 from torch_collage.assembly import AssembledGraph, Step
 from torch_collage.backends.base import BackendSpec
 from torch_collage.backends.registry import get_spec
 from torch_collage.cost import device_of, kept_rng, outputs_match, record_values
-from torch_collage.subgraph import Subgraph, tensor_signature
+from torch_collage.options import CollageOptions
+from torch_collage.subgraph import Subgraph, constants_digest, digest, tensor_signature
 
 __all__ = [
     "MAX_SHAPES",
@@ -164,9 +166,9 @@ class FlexibleStep:
 
     def __init__(
         self, spec: BackendSpec, sub: Subgraph, fn: Any, example: Sequence[Any], parent_inputs: Sequence[fx.Node],
-        rtol: float, atol: float,
+        rtol: float, atol: float, store: ArtifactStore | None = None,
     ) -> None:  # fmt: skip
-        self.spec, self.sub, self.rtol, self.atol = spec, sub, rtol, atol
+        self.spec, self.sub, self.rtol, self.atol, self._store = spec, sub, rtol, atol, store
         self._fns: OrderedDict[str, Any] = OrderedDict({tensor_signature(example): fn})
         self._lock = threading.Lock()
         self._ranged: Any = None
@@ -203,24 +205,71 @@ class FlexibleStep:
             return None
         dims = tuple(dynamic_dims(parent_inputs[i]) for i in keep)
         tensors = tuple(example[i] for i in keep)
+        key = self._artifact_key(tensors, dims)
+        inner = self._load(key, tensors, example)
+        if inner is None:
+            try:
+                with torch.no_grad():
+                    inner = compile_dynamic(gm, tensors, dims)
+                    got = inner(*tensors)
+            except Exception as exc:  # a backend's failure for the range: compile per size instead
+                logger.info(
+                    "torch_collage: %s could not compile a partition for the range, compiling per size: %s",
+                    self.spec.name,
+                    exc,
+                )
+                return None
+            reason = self._mismatch(got, example)
+            if reason:
+                logger.info(
+                    "torch_collage: %s range-compiled partition differs from eager: %s",
+                    self.spec.name,
+                    reason,
+                )
+                return None
+            self._save(key, inner)
+        return _DropScalars(inner, keep) if len(keep) < len(example) else inner
+
+    def _artifact_key(self, tensors: Sequence[Any], dims: Sequence[tuple[int, ...]]) -> str | None:
+        """The compiled store's key of this partition compiled for the range ([Note: compiled
+        artifacts] in artifacts.py): structure, constants, and the inputs without their dynamic sizes."""
+        store, spec = self._store, self.spec
+        if store is None or not store.enabled or spec.load is None or spec.save is None:
+            return None
+        shapes = range_key(tensors, [frozenset(d) for d in dims], [False] * len(tensors))
+        return digest("range", spec.name, spec.version(), self.sub.structure, shapes,
+                      str(torch.get_num_threads()), constants_digest(self.sub))  # fmt: skip
+
+    def _load(self, key: str | None, tensors: Sequence[Any], example: Sequence[Any]) -> Any:
+        load = self.spec.load
+        if key is None or self._store is None or load is None:
+            return None
+        with torch.no_grad():
+            inner = self._store.load(key, lambda directory: load(directory, tuple(tensors)))
+        if inner is None:
+            return None
         try:
             with torch.no_grad():
-                inner = compile_dynamic(gm, tensors, dims)
-                got = inner(*tensors)
-        except Exception as exc:  # a backend's failure for the range: compile per size instead
-            logger.info(
-                "torch_collage: %s could not compile a partition for the range, compiling per size: %s",
-                self.spec.name,
-                exc,
-            )
-            return None
-        reason = self._mismatch(got, example)
+                reason = self._mismatch(inner(*tensors), example)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
         if reason:
-            logger.info(
-                "torch_collage: %s range-compiled partition differs from eager: %s", self.spec.name, reason
+            logger.warning(
+                "torch_collage: saved %s range partition unusable (%s); compiling again",
+                self.spec.name,
+                reason,
             )
+            self._store.discard(key)
             return None
-        return _DropScalars(inner, keep) if len(keep) < len(example) else inner
+        return inner
+
+    def _save(self, key: str | None, inner: Any) -> None:
+        save = self.spec.save
+        if key is not None and self._store is not None and save is not None:
+            self._store.save(key, lambda directory: save(inner, directory))
+        release = getattr(inner, "release_saved_copy", None)
+        if callable(release):
+            release()
 
     def _checked_ranged(self, args: Sequence[Any]) -> Any:
         sig = tensor_signature(args)
@@ -340,12 +389,13 @@ def _build(graph: fx.Graph, expr: sympy.Expr, where: dict[sympy.Symbol, tuple[fx
 
 
 def flexible(
-    gm: fx.GraphModule, assembled: AssembledGraph, args: Sequence[Any], rtol: float, atol: float
+    gm: fx.GraphModule, assembled: AssembledGraph, args: Sequence[Any], options: CollageOptions
 ) -> AssembledGraph:
     """``assembled`` (placed at ``args``) with each partition able to run at any size of ``gm``'s
     range ([Note: shape ranges]). Eager partitions run the graph as it is and stay as they are."""
     steps: list[Step] = []
     values: dict[fx.Node, Any] | None = None
+    store = ArtifactStore(options.cache_dir, options.compiled_cache_mb)
     for step in assembled.steps:
         if step.backend == "eager":
             steps.append(step)
@@ -355,7 +405,8 @@ def flexible(
                 values = record_values(gm, args)
         example = [values[n] for n in step.subgraph.inputs]
         flex = FlexibleStep(
-            get_spec(step.backend), step.subgraph, step.fn, example, step.subgraph.inputs, rtol, atol
-        )
+            get_spec(step.backend), step.subgraph, step.fn, example, step.subgraph.inputs,
+            options.rtol, options.atol, store,
+        )  # fmt: skip
         steps.append(Step(step.backend, flex, step.subgraph))
     return AssembledGraph(gm, steps)

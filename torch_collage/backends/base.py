@@ -4,6 +4,7 @@ failed compile raises. The lowest layer of ``torch_collage``: it imports nothing
 
 from __future__ import annotations
 
+import json
 import operator
 import os
 import re
@@ -294,7 +295,7 @@ def runner_spec(
         available=backend.available,
         version=getattr(backend, "graph_version", backend.version),  # compile_graph may differ
         save=_save_runner if hasattr(backend, "load") else None,
-        load=getattr(backend, "load", None),
+        load=_loading_scalars(backend.load) if hasattr(backend, "load") else None,
         runner=runner,
     )
 
@@ -366,6 +367,33 @@ class _BakedScalars:
         release = getattr(self._fn, "release_saved_copy", None)
         if callable(release):
             release()
+
+    def save(self, directory: Path) -> bool:
+        """The runner's own ``save``, plus the baked values (``_loading_scalars`` reads them back)."""
+        if not _save_runner(self._fn, directory):
+            return False
+        (directory / _SCALARS_FILE).write_text(json.dumps({str(i): v for i, v in self._scalars.items()}))
+        return True
+
+
+_SCALARS_FILE = "baked_sizes.json"
+
+
+def _loading_scalars(load: LoadFn) -> LoadFn:
+    """``load`` for example inputs that may hold the integers a saved ``_BakedScalars`` baked in:
+    they must equal the saved ones (else ``ValueError``, and the caller compiles again)."""
+
+    def load_baked(directory: Path, example_inputs: tuple[Any, ...]) -> Callable[..., Any]:
+        scalars = {i: x for i, x in enumerate(example_inputs) if not isinstance(x, torch.Tensor)}
+        if not scalars:
+            return load(directory, example_inputs)
+        saved = {int(i): v for i, v in json.loads((directory / _SCALARS_FILE).read_text()).items()}
+        if saved != scalars:
+            raise ValueError(f"saved for the sizes {saved}, asked for {scalars}")
+        keep = [i for i in range(len(example_inputs)) if i not in scalars]
+        return _BakedScalars(load(directory, tuple(example_inputs[i] for i in keep)), keep, scalars)
+
+    return load_baked
 
 
 def _save_runner(fn: Callable[..., Any], directory: Path) -> bool:
