@@ -32,6 +32,8 @@ demo: setup
 	$(PY) examples/collage_demo.py --model mlp --size full
 	@echo "== torch_cp: one decode step over a KV cache sharded on 2 local processes =="
 	$(VENV)/bin/torchrun --nproc-per-node 2 examples/cp_decode.py
+	@echo "== LLM decode with a static cache: every backend side by side, collage with torch_cp's attention =="
+	$(PY) benchmarks/bench_llm.py --small --contexts 4096 --batches 1 --rounds 2 --out-dir $${TMPDIR:-/tmp}/torch-collage-demo
 	@echo "== torch_graphpipe: a branchy model trained on 4 local processes, its plan =="
 	$(VENV)/bin/torchrun --standalone --nproc-per-node 4 examples/graphpipe_train.py
 
