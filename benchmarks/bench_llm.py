@@ -148,7 +148,7 @@ class Step:
     def __call__(self) -> torch.Tensor:
         for layer in self.cache.layers:
             layer.cumulative_length.fill_(self.held)
-        out = self.forward(input_ids=self.ids, past_key_values=self.cache, cache_position=self.position)
+        out = self.forward(input_ids=self.ids, cache=self.cache, cache_position=self.position)
         return out.logits
 
 

@@ -152,7 +152,7 @@ def _greedy(model: Any, ids: torch.Tensor, cache: Any, steps: int) -> tuple[list
     logits, tokens = [], []
     with torch.no_grad():
         for _ in range(steps + 1):
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
+            out = model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
             logits.append(out)
             ids = out.argmax(-1, keepdim=True)
             tokens.append(int(ids))
@@ -182,7 +182,7 @@ def test_decode_step_updates_the_cache_in_place_and_copies_none_of_it(one_thread
     pointers = [t.data_ptr() for t in _cache_tensors(cache)]
     step = torch.tensor([[got[-1]]])
     with torch.no_grad(), torch.profiler.profile(profile_memory=True) as prof:
-        model(input_ids=step, past_key_values=cache, use_cache=True)
+        model(input_ids=step, cache=cache, use_cache=True)
     largest = max((e.cpu_memory_usage, e.name) for e in prof.events())
     assert largest[0] < cache.layers[0].keys.nbytes, largest
     assert [t.data_ptr() for t in _cache_tensors(cache)] == pointers
