@@ -24,12 +24,13 @@ from typing import Any, TypeVar
 
 from torch_collage.once import warn_once
 
-__all__ = ["CacheStats", "CachedCost", "CostCache", "cost_cache_path"]
+__all__ = ["HIGH_SPREAD", "CacheStats", "CachedCost", "CostCache", "cost_cache_path"]
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _SCHEMA_VERSION = 1
+HIGH_SPREAD = 0.25  # a cost whose repeats' IQR exceeds this share of their median: [Note: quiet measurements]
 _FILE = "costs.sqlite"
 _SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database
 _BUSY_TIMEOUT_S = 10.0  # default: how long one statement waits for another process's lock
@@ -38,17 +39,28 @@ _TRANSIENT = {5, 6, 10}  # SQLITE_BUSY, SQLITE_LOCKED, SQLITE_IOERR (primary res
 _NOTADB = 26
 _TABLES = {
     "meta": "CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT)",
-    "costs": "CREATE TABLE IF NOT EXISTS costs (key TEXT PRIMARY KEY, ms REAL, reason TEXT, created REAL)",
+    "costs": "CREATE TABLE IF NOT EXISTS costs "
+    "(key TEXT PRIMARY KEY, ms REAL, reason TEXT, created REAL, spread REAL, label TEXT)",
     "outcomes": "CREATE TABLE IF NOT EXISTS outcomes (key TEXT PRIMARY KEY, value TEXT, created REAL)",
 }
+# columns of ``costs`` added after schema version 1 was written: a file without them gets them when
+# opened (ALTER TABLE, NULL in old rows), and one that cannot (read-only) is read without them
+_ADDED_COLUMNS = {"spread": "REAL", "label": "TEXT"}
+_GET = "SELECT ms, reason, spread, label FROM costs WHERE key = ?"
+_GET_OLD = "SELECT ms, reason FROM costs WHERE key = ?"
+_PUT = "INSERT OR REPLACE INTO costs(key, ms, reason, created, spread, label) VALUES (?, ?, ?, ?, ?, ?)"
+_PUT_OLD = "INSERT OR REPLACE INTO costs(key, ms, reason, created) VALUES (?, ?, ?, ?)"
 
 # [Note: sharing the cost cache]
 # Every compile opens <cache_dir>/costs.sqlite, often many processes at once (one worker per GPU, a
 # test runner's workers). The protocol:
-# * Opening reads the schema version and writes nothing. Only a file that lacks the version row or a
-#   table is set up, in one BEGIN IMMEDIATE transaction (one writer at a time) that reads the version
-#   again, then CREATE TABLE IF NOT EXISTS and INSERT OR IGNORE: processes setting up a fresh file
-#   at once all succeed, in any order.
+# * Opening reads the schema version and writes nothing. Only a file that lacks the version row, a
+#   table or a column added since (``_ADDED_COLUMNS``) is set up, in one BEGIN IMMEDIATE transaction
+#   (one writer at a time) that reads the version again, then CREATE TABLE IF NOT EXISTS, ALTER TABLE
+#   ADD COLUMN for the columns still missing and INSERT OR IGNORE: processes setting up a fresh file
+#   at once all succeed, in any order. Added columns keep the schema version: an older torch_collage
+#   names the columns it writes and reads, so it still shares the file. A file of the old layout that
+#   cannot be written is read without the added columns.
 # * Statements autocommit, each waits up to _BUSY_TIMEOUT_S for another process's lock, and one that
 #   still fails for a transient reason (locked, busy, I/O error) is tried _ATTEMPTS times. A write
 #   that fails anyway is kept in memory for the rest of the process (one warning); a read that fails
@@ -78,6 +90,9 @@ def cost_cache_path(cache_dir: str) -> Path:
 class CachedCost:
     ms: float  # median milliseconds; inf when rejected
     reason: str  # why it was rejected; empty when measured
+    # interquartile range of the timed repeats over their median ([Note: quiet measurements])
+    spread: float = 0.0
+    label: str = ""  # what was measured, for people: "backend: N ops (first op, ...)"
 
     @property
     def ok(self) -> bool:
@@ -96,6 +111,8 @@ class CacheStats:
     reasons: list[tuple[str, int]]  # rejection reasons, most frequent first
     unreadable: int = 0  # rows that do not parse (damaged); read as misses
     degraded: str = ""  # why the file is not used, or not written; empty when it is used normally
+    # measured costs whose repeats spread more than ``HIGH_SPREAD`` (timing.py), widest first
+    high_spread: list[CachedCost] = field(default_factory=list)
 
 
 class _Unusable(Exception):
@@ -119,18 +136,17 @@ class CostCache:
         self.degraded = ""  # why the file is not used, or not written; empty when it is
         self._lock = threading.Lock()
         self._memory = _connect_memory()  # what the file cannot take
+        self._old_layout = False  # the file lacks ``_ADDED_COLUMNS`` and could not get them
         self._file: sqlite3.Connection | None = self._open()
 
     def get(self, key: str) -> CachedCost | None:
-        row = self._read("SELECT ms, reason FROM costs WHERE key = ?", key)
+        row = self._read(_GET, key)
         return None if row is None else self._parsed(key, _cost_of(row))
 
     def put(self, key: str, cost: CachedCost) -> None:
         ms = cost.ms if math.isfinite(cost.ms) else None
-        self._write(
-            "INSERT OR REPLACE INTO costs(key, ms, reason, created) VALUES (?, ?, ?, ?)",
-            (key, ms, cost.reason, time.time()),
-        )
+        spread = cost.spread if math.isfinite(cost.spread) else None
+        self._write(_PUT, (key, ms, cost.reason, time.time(), spread, cost.label))
 
     def get_text(self, key: str) -> str | None:
         """A stored search outcome (e.g. a refined placement), or None."""
@@ -150,6 +166,7 @@ class CostCache:
             tiers = [_tier_stats(db) for db in self._tiers()]
         reasons: Counter[str] = sum((t.reasons for t in tiers), Counter())
         times = [x for t in tiers for x in t.times]
+        wide = sorted((c for t in tiers for c in t.high_spread), key=lambda c: -c.spread)
         return CacheStats(
             sum(t.measured for t in tiers),
             sum(t.rejected for t in tiers),
@@ -159,6 +176,7 @@ class CostCache:
             sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:top_reasons],
             sum(t.unreadable for t in tiers),
             self.degraded,
+            wide,
         )
 
     def close(self) -> None:
@@ -168,6 +186,12 @@ class CostCache:
 
     # -- reading and writing --------------------------------------------------------------------
 
+    def _for(self, db: sqlite3.Connection, sql: str) -> str:
+        """``sql``, or its form without the added columns for a file of the old layout."""
+        if db is self._memory or not self._old_layout:
+            return sql
+        return {_GET: _GET_OLD, _PUT: _PUT_OLD}.get(sql, sql)
+
     def _tiers(self) -> list[sqlite3.Connection]:
         return [self._memory] if self._file is None else [self._memory, self._file]
 
@@ -175,7 +199,7 @@ class CostCache:
         with self._lock:
             for db in self._tiers():
                 try:
-                    row = _fetch_one(db, sql, key)
+                    row = _fetch_one(db, self._for(db, sql), key)
                 except sqlite3.Error as exc:
                     self._failed_read(db, exc)
                     continue
@@ -220,7 +244,10 @@ class CostCache:
         with self._lock:
             db = self._file if self._file is not None and not self.degraded else self._memory
             try:
-                _retrying(lambda: db.execute(sql, params))
+                if self._for(db, sql) is not sql:  # the old layout: without the added columns
+                    _retrying(lambda: db.execute(_PUT_OLD, params[:4]))
+                else:
+                    _retrying(lambda: db.execute(sql, params))
                 return
             except sqlite3.Error as exc:
                 if db is self._memory:
@@ -285,7 +312,13 @@ class CostCache:
         )
         try:
             if _retrying(lambda: _needs_set_up(db)):
-                _retrying(lambda: _set_up(db))
+                try:
+                    _retrying(lambda: _set_up(db))
+                except sqlite3.OperationalError:
+                    if _needs_tables(db):
+                        raise
+                    # only the added columns are missing and the file cannot take them: read as is
+            self._old_layout = bool(_missing_columns(db))
         except BaseException:
             db.close()
             raise
@@ -315,7 +348,18 @@ def _needs_set_up(db: sqlite3.Connection) -> bool:
             f"written with schema version {row[0]!r}, this torch_collage reads {_SCHEMA_VERSION}; "
             "left as it is (another cache_dir, or `python -m torch_collage cache --clear`, starts afresh)"
         )
+    return _needs_tables(db) or bool(_missing_columns(db))
+
+
+def _needs_tables(db: sqlite3.Connection) -> bool:
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     return not tables >= set(_TABLES)
+
+
+def _missing_columns(db: sqlite3.Connection) -> list[str]:
+    """The ``_ADDED_COLUMNS`` that the file's ``costs`` table lacks (none when it has no such table)."""
+    have = {r[1] for r in db.execute("PRAGMA table_info(costs)")}
+    return [c for c in _ADDED_COLUMNS if have and c not in have]
 
 
 def _set_up(db: sqlite3.Connection) -> None:
@@ -325,6 +369,8 @@ def _set_up(db: sqlite3.Connection) -> None:
         if _needs_set_up(db):
             for create in _TABLES.values():
                 db.execute(create)
+            for column in _missing_columns(db):
+                db.execute(f"ALTER TABLE costs ADD COLUMN {column} {_ADDED_COLUMNS[column]}")
             db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(_SCHEMA_VERSION),))
         db.execute("COMMIT")
     except BaseException:
@@ -344,14 +390,17 @@ def _connect_memory() -> sqlite3.Connection:
 
 
 def _cost_of(row: tuple[Any, ...]) -> CachedCost | None:
-    """A row of ``costs`` (ms, reason); None if it does not parse."""
+    """A row of ``costs`` (ms, reason, and where the file has them spread and label); None if it
+    does not parse. An added column that does not parse is left at its default."""
     ms, reason = row[0], row[1]
     if not isinstance(reason, str):
         return None
+    spread = row[2] if len(row) > 2 and isinstance(row[2], (int, float)) and row[2] >= 0 else 0.0
+    label = row[3] if len(row) > 3 and isinstance(row[3], str) else ""
     if ms is None:
-        return CachedCost(math.inf, reason)
+        return CachedCost(math.inf, reason, float(spread), label)
     if isinstance(ms, (int, float)) and ms >= 0:
-        return CachedCost(float(ms), reason)
+        return CachedCost(float(ms), reason, float(spread), label)
     return None  # text, bytes, a negative time or NaN
 
 
@@ -367,10 +416,11 @@ class _TierStats:
     unreadable: int = 0
     times: list[float] = field(default_factory=list)
     reasons: Counter[str] = field(default_factory=Counter)
+    high_spread: list[CachedCost] = field(default_factory=list)
 
 
 def _tier_stats(db: sqlite3.Connection) -> _TierStats:
-    out = _TierStats()
+    out = _TierStats(high_spread=_high_spread(db))
     for ms, reason, created in _rows(db, "SELECT ms, reason, created FROM costs", "costs", out):
         cost = _cost_of((ms, reason))
         if cost is None:
@@ -388,6 +438,15 @@ def _tier_stats(db: sqlite3.Connection) -> _TierStats:
         out.outcomes += 1
         _add_time(out.times, created)
     return out
+
+
+def _high_spread(db: sqlite3.Connection) -> list[CachedCost]:
+    sql = "SELECT ms, reason, spread, label FROM costs WHERE ms IS NOT NULL AND spread > ?"
+    try:
+        rows = _retrying(lambda: db.execute(sql, (HIGH_SPREAD,)).fetchall())
+    except sqlite3.Error:  # the old layout has no spreads
+        return []
+    return [c for c in map(_cost_of, rows) if c is not None]
 
 
 def _rows(db: sqlite3.Connection, sql: str, table: str, out: _TierStats) -> list[tuple[Any, ...]]:

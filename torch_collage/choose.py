@@ -21,6 +21,15 @@ hands the cores from one runtime's thread pool to another's, and how long the pr
 threads keep spinning depends on what else the machine does (a placement that won the search by a
 few percent on candle_uno ran 1.11-1.32x OpenVINO's whole graph in later runs). A win of a few
 percent is not worth that risk.
+
+[Note: never slower than eager]
+Eager runs every graph, and a placement slower than it is worse than no compiler. So eager is timed
+among the contenders whenever the searched placement is mixed (its partitions were measured alone,
+and assembled they can run far slower: a mixed BERT placement ran 514 ms where eager ran 68 ms) or
+eager's own whole-graph cost is unknown, besides whenever it is within ``CLOSE_FACTOR`` of the best.
+And where eager was not timed beside the winner but its measured cost is below the winner's
+end-to-end time, the two are timed side by side once more and the faster runs. Only an eager whole
+graph that failed its own check (it cannot then be run checked) stays out.
 """
 
 from __future__ import annotations
@@ -38,9 +47,27 @@ from torch_collage.assembly import AssembledGraph
 from torch_collage.cost import copy_strided, outputs_match
 from torch_collage.endtoend import EndToEnd, assemble
 from torch_collage.graph import DataflowGraph
+from torch_collage.options import CollageOptions
 from torch_collage.search import Partition, Placement
+from torch_collage.timing import (
+    RECHECK_CONTENDERS,
+    RECHECK_FLOOR_MS,
+    RECHECK_MARGIN,
+    RECHECK_ROUNDS,
+    RECHECK_SLOWER,
+)
 
-__all__ = ["CLOSE_FACTOR", "MIXED_MARGIN", "Choice", "choose", "single", "verify"]
+__all__ = [
+    "CLOSE_FACTOR",
+    "MIXED_MARGIN",
+    "Choice",
+    "Recheck",
+    "check_seconds",
+    "choose",
+    "recheck",
+    "single",
+    "verify",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +86,7 @@ class Choice:
     measured_ms: float
     chosen: str
     compared: dict[str, float] = field(default_factory=dict)
+    placement: Placement | None = None  # what was assembled
 
 
 def single(graph: DataflowGraph, backend: str, ms: float) -> Placement:
@@ -68,14 +96,24 @@ def single(graph: DataflowGraph, backend: str, ms: float) -> Placement:
 
 def choose(e2e: EndToEnd, placement: Placement, singles: dict[str, float]) -> Choice:
     """The fastest end to end of the searched ``placement`` and the single backends (whole-graph ms
-    in ``singles``) within ``CLOSE_FACTOR`` of the best; see [Note: end-to-end check]."""
+    in ``singles``) within ``CLOSE_FACTOR`` of the best, and eager ([Note: never slower than
+    eager]); see [Note: end-to-end check]."""
     graph = e2e.graph
     whole = len(placement.partitions) == 1 and placement.partitions[0].mask == graph.full
     searched = placement.partitions[0].backend if whole else "mixed"
     contenders = [*_close_singles(graph, singles, searched), (searched, placement)]  # a tie: a single
+    eager = _eager(e2e, singles)
+    names = [name for name, _ in contenders]
+    if (
+        eager is not None
+        and "eager" not in names
+        and (searched == "mixed" or not math.isfinite(eager.predicted_ms))
+    ):
+        contenders.insert(0, ("eager", eager))
     if len(contenders) == 1:
         lazy = e2e.lazy(placement)
-        return Choice(lazy(), e2e.times([placement])[0], searched)
+        choice = Choice(lazy(), e2e.times([placement])[0], searched, placement=placement)
+        return _not_slower_than_eager(e2e, choice, eager)
     times = e2e.times([p for _, p in contenders], rounds=3)
     compared = {name: ms for (name, _), ms in zip(contenders, times)}
     logger.debug("torch_collage: end to end: %s", ", ".join(f"{n} {ms:.3f} ms" for n, ms in compared.items()))
@@ -87,7 +125,92 @@ def choose(e2e: EndToEnd, placement: Placement, singles: dict[str, float]) -> Ch
             "torch_collage: %s placement %.3f ms end to end, %s %.3f ms; using %s",
             searched, times[-1], contenders[k][0], times[k], contenders[k][0],
         )  # fmt: skip
-    return Choice(e2e.lazy(contenders[k][1])(), times[k], contenders[k][0], compared)
+    name, chosen = contenders[k]
+    choice = Choice(e2e.lazy(chosen)(), times[k], name, compared, chosen)
+    return _not_slower_than_eager(e2e, choice, eager)
+
+
+def _eager(e2e: EndToEnd, singles: dict[str, float]) -> Placement | None:
+    """Eager's whole graph as a placement, unless it failed its own check ([Note: never slower
+    than eager]); its cost is inf where it was not measured."""
+    if "eager" not in e2e.model.specs or (e2e.graph.full, "eager") in e2e.model.reasons:
+        return None
+    return single(e2e.graph, "eager", singles.get("eager", math.inf))
+
+
+def _not_slower_than_eager(e2e: EndToEnd, choice: Choice, eager: Placement | None) -> Choice:
+    """``choice``, or eager where ``choice`` ran slower end to end than eager's measured cost and
+    eager then wins side by side ([Note: never slower than eager])."""
+    if eager is None or choice.chosen == "eager" or "eager" in choice.compared or choice.placement is None:
+        return choice
+    if not choice.measured_ms > eager.predicted_ms:
+        return choice
+    mine, eagers = e2e.times([choice.placement, eager], rounds=3)
+    compared = {**choice.compared, choice.chosen: mine, "eager": eagers}
+    if eagers < mine:
+        logger.info(
+            "torch_collage: %s placement %.3f ms end to end, eager %.3f ms; using eager",
+            choice.chosen,
+            mine,
+            eagers,
+        )
+        return Choice(e2e.lazy(eager)(), eagers, "eager", compared, eager)
+    return Choice(choice.assembled, mine, choice.chosen, compared, choice.placement)
+
+
+def check_seconds(singles: dict[str, float], options: CollageOptions) -> float:
+    """Seconds the end-to-end check will likely take once whole graphs cost ``singles`` (ms): three
+    rounds over the close single backends, eager and a mixed placement as fast as the best, each
+    timing capped at 2 s ([Note: the compile budget] in timing.py)."""
+    finite = [ms for ms in singles.values() if math.isfinite(ms)]
+    if not finite:
+        return 0.0
+    best = min(finite)
+    timed = [ms for ms in finite if ms <= best * CLOSE_FACTOR] + [best]
+    eager = singles.get("eager", math.inf)
+    if math.isfinite(eager) and eager > best * CLOSE_FACTOR:
+        timed.append(eager)
+    calls = options.warmup + options.repeats
+    return 3 * sum(min(2.0, calls * ms / 1e3) + 0.005 for ms in timed)
+
+
+@dataclass(frozen=True)
+class Recheck:
+    """A warm compile's re-check of its cached choice ([Note: quiet measurements] in timing.py)."""
+
+    outcome: str  # "agreed", "ignored: ..." or "contradicted: ..." with what contradicted it
+    times: dict[str, float]  # the chosen placement and its rivals, timed side by side now (ms)
+
+    @property
+    def contradicted(self) -> bool:
+        return self.outcome.startswith("contradicted")
+
+
+def recheck(e2e: EndToEnd, choice: Choice, singles: dict[str, float]) -> Recheck:
+    """Time ``choice`` (made from cached costs) beside the ``RECHECK_CONTENDERS`` fastest other
+    whole-graph backends, ``RECHECK_ROUNDS`` short paired rounds, and say whether that contradicts
+    the cache; the timings are not counted as measurements ([Note: quiet measurements])."""
+    model, graph = e2e.model, e2e.graph
+    if choice.placement is None:
+        return Recheck("ignored: nothing to compare", {})
+    rivals = sorted((ms, b) for b, ms in singles.items() if b != choice.chosen and math.isfinite(ms))
+    items = [(choice.chosen, choice.placement)]
+    items += [(b, single(graph, b, ms)) for ms, b in rivals[:RECHECK_CONTENDERS]]
+    noisy, measured = model.noisy, model.measured
+    times = e2e.recheck_times([p for _, p in items], RECHECK_ROUNDS)
+    model.rechecks += model.measured - measured
+    model.measured = measured
+    now = dict(zip([name for name, _ in items], times))
+    if model.noisy != noisy:
+        return Recheck("ignored: the machine was busy", now)
+    mine = times[0]
+    if mine > RECHECK_SLOWER * choice.measured_ms + RECHECK_FLOOR_MS:
+        why = f"{choice.chosen} ran {mine:.3f} ms, cached {choice.measured_ms:.3f} ms"
+        return Recheck(f"contradicted: {why}", now)
+    for (name, _), ms in zip(items[1:], times[1:]):
+        if ms * (1 + RECHECK_MARGIN) + RECHECK_FLOOR_MS < mine:
+            return Recheck(f"contradicted: {name} ran {ms:.3f} ms, {choice.chosen} {mine:.3f} ms", now)
+    return Recheck("agreed", now)
 
 
 def _close_singles(
@@ -133,8 +256,8 @@ def verify(e2e: EndToEnd, choice: Choice, inputs: Sequence[Any]) -> Choice:
     if not reason:
         return choice
     logger.warning("torch_collage: assembled placement differs from eager (%s); running eager", reason)
-    eager = assemble(gm, single(e2e.graph, "eager", 0.0), model)
-    return Choice(eager, choice.measured_ms, "eager", choice.compared)
+    placement = single(e2e.graph, "eager", 0.0)
+    return Choice(assemble(gm, placement, model), choice.measured_ms, "eager", choice.compared, placement)
 
 
 def _outputs(gm: fx.GraphModule) -> Any:

@@ -18,6 +18,10 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch_collage.cache import CachedCost
 
 __all__ = ["main"]
 
@@ -49,7 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cache", help="show (or --clear) the cost cache and the compiled partitions")
     p.add_argument("--cache-dir", default=default_cache_dir(), help="default: %(default)s")
     p.add_argument("--clear", action="store_true", help="delete the costs and the compiled partitions")
-    p.add_argument("--reasons", type=int, default=5, help="most frequent rejection reasons to show")
+    p.add_argument(
+        "--reasons", type=int, default=5, help="most frequent rejection reasons (and widest spreads) to show"
+    )
     p.set_defaults(run=_cache)
 
     p = sub.add_parser("explain", help="place a zoo model and print the report")
@@ -118,8 +124,22 @@ def _cache(args: argparse.Namespace) -> int:
             print(f"{stats.unreadable} damaged row(s) are read as misses and overwritten when measured again")
         if stats.reasons:
             _print_table(("rejections", "reason"), [(str(n), _shorten(r)) for r, n in stats.reasons])
+        if stats.high_spread:
+            _print_high_spread(stats.high_spread, args.reasons)
     print(f"compiled partitions: {store.count()} ({_size(store.size_bytes())}) under {store.root}")
     return 0
+
+
+def _print_high_spread(costs: Sequence[CachedCost], shown: int) -> None:
+    """The costs whose timed repeats disagreed most ([Note: quiet measurements] in timing.py)."""
+    from torch_collage.cache import HIGH_SPREAD
+
+    print(
+        f"{len(costs)} cost(s) whose repeats spread more than {HIGH_SPREAD:.0%} of their median "
+        "(taken while something else ran?); `cache --clear` measures them again:"
+    )
+    rows = [(f"{c.spread:.0%}", f"{c.ms:.3f}", _shorten(c.label or "(no label)")) for c in costs[:shown]]
+    _print_table(("spread", "ms", "what"), rows)
 
 
 def _explain(args: argparse.Namespace) -> int:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import math
 import platform
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +28,7 @@ from torch_collage.freeze import written_inputs
 from torch_collage.graph import DataflowGraph
 from torch_collage.options import CollageOptions
 from torch_collage.subgraph import Subgraph, constants_digest, digest, extract, tensor_signature
-from torch_collage.timing import InterferenceProbe, QuietProbe, measure
+from torch_collage.timing import Budget, InterferenceProbe, QuietProbe, measure
 
 __all__ = [
     "CompiledPart",
@@ -166,6 +168,7 @@ class CostModel:
         warned: set[tuple[str, str]] | None = None,
         rng: dict[fx.Node, RngState] | None = None,
         probe: InterferenceProbe | QuietProbe | None = None,
+        budget: Budget | None = None,
     ) -> None:
         self.gm, self.graph, self.values, self.specs, self.options, self.cache = (
             gm,
@@ -191,6 +194,15 @@ class CostModel:
         self._session: dict[str, CachedCost] = {}  # verdicts and busy timings kept for this model only
         self._probe = probe or _PROBE
         self.noisy = 0  # timings still under interference when taken again: [Note: quiet measurements]
+        self.budget = budget or Budget(options.time_budget_s)  # [Note: the compile budget] in timing.py
+        # costs measured afresh instead of read from the cache, once a re-check contradicted it
+        # ([Note: quiet measurements]); ``_fresh`` holds what was measured since
+        self.refresh = False
+        self._fresh: dict[str, CachedCost] = {}
+        self.last_spread = 0.0  # the spread of the last timing's repeats
+        self.rechecks = 0  # timings of a warm compile's re-check, not counted in ``measured``
+        # (backend, whole graph?) -> [seconds, candidates] measured (cache misses) in this search
+        self._spent: dict[tuple[str, bool], list[float]] = {}
 
     def args(self, nodes: Sequence[fx.Node]) -> list[Any]:
         """The recorded values of ``nodes`` to run a part of the graph on: fresh copies of the inputs
@@ -239,11 +251,14 @@ class CostModel:
         """Median ms of ``cand`` on its backend; ``inf`` if it fails to compile or differs from eager."""
         sub = extract(self.gm, self.graph.nodes(cand.mask))
         key = self.key("candidate", cand.backend, sub)
-        cached = self.cache.get(key) or self._session.get(key)
+        cached = self._fresh.get(key) if self.refresh else self.cache.get(key) or self._session.get(key)
         if cached is None:
-            noisy = self.noisy
+            noisy, start = self.noisy, time.perf_counter()
             cached = self._measure(sub, cand.backend, cand.mask)
+            self._spent_on(cand, time.perf_counter() - start)
             quiet = self.noisy == noisy  # [Note: quiet measurements]
+            if self.refresh:
+                self._fresh[key] = cached
             if (cached.ok and quiet) or (not cached.ok and self._trusted(sub)):
                 self.cache.put(key, cached)
             else:  # [Note: verdicts on non-finite values]
@@ -278,16 +293,79 @@ class CostModel:
         return CompiledPart(sub, backend, fn, reason)
 
     def _measure(self, sub: Subgraph, backend: str, mask: int) -> CachedCost:
+        label = self._label(mask, backend)
         fn, reason = self._compile_checked(sub, backend, mask)
         if fn is None:
-            return CachedCost(math.inf, reason)
+            return CachedCost(math.inf, reason, 0.0, label)
         inputs = self.args(sub.inputs)
         restore = self.restorer(sub.inputs, inputs)  # [Note: timing a graph that writes its inputs]
         call = (lambda: fn(*inputs)) if restore is None else (lambda: (restore(), fn(*inputs)))
-        cost = CachedCost(self.time_call(call), "")
+        ms = self.time_call(call)
         if mask == self.graph.full:
             self._kept[self._kept_key(backend, sub)] = fn
-        return cost
+        return CachedCost(ms, "", self.last_spread, label)
+
+    def _label(self, mask: int, backend: str) -> str:
+        """What a cached cost is of, for people (``python -m torch_collage cache``)."""
+        if mask == self.graph.full:
+            return f"{backend}: whole graph ({self.graph.size} ops)"
+        names = self.graph.names(mask)
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        return f"{backend}: {len(names)} ops ({shown})"
+
+    # -- what measuring costs: [Note: the compile budget] in timing.py ---------------------------
+
+    def _spent_on(self, cand: Candidate, seconds: float) -> None:
+        whole = cand.mask == self.graph.full
+        spent = self._spent.setdefault((cand.backend, whole), [0.0, 0])
+        spent[0] += seconds
+        spent[1] += 1
+        if whole and cand.backend != "eager":
+            key = self._rate_key(cand.backend)
+            old = _float_or_none(self.cache.get_text(key))
+            rate = seconds / max(1, self.graph.size)
+            self.cache.put_text(key, json.dumps(rate if old is None else (old + rate) / 2))
+
+    def predicted_s(self, cand: Candidate) -> float | None:
+        """Seconds that measuring ``cand`` (compile, check, timing) will likely take: the mean over
+        this search's candidates of its backend and kind (whole graph or not), else for a whole graph
+        its backend's seconds per op on earlier graphs (cached), else that mean over the other
+        backends; None when nothing of the kind was measured yet."""
+        whole = cand.mask == self.graph.full
+        spent = self._spent.get((cand.backend, whole))
+        if spent:
+            return spent[0] / spent[1]
+        if whole:
+            rate = _float_or_none(self.cache.get_text(self._rate_key(cand.backend)))
+            if rate is not None:
+                return rate * self.graph.size
+        alike = [v for (b, w), v in self._spent.items() if w == whole and not (whole and b == "eager")]
+        if alike:
+            return sum(v[0] for v in alike) / sum(v[1] for v in alike)
+        return None
+
+    def search_key(self, *parts: str) -> str:
+        """Cache key of a budgeted search step: the graph, its inputs, the backends, threads and ``parts``."""
+        args = [self.values[n] for n in self.gm.graph.nodes if n.op == "placeholder"]
+        backends = ",".join(f"{b}={self.versions[b]}" for b in sorted(self.specs))
+        return digest("search", str(self.gm.graph), tensor_signature(args), backends, str(self.threads), *parts)
+
+    def was_cut(self, what: str) -> bool:
+        """Whether a cold search left ``what`` out for the budget (``cut``): a warm compile, faster,
+        leaves it out too, so that it finds every cost it needs cached ([Note: a budget-cut search
+        replays its cut] in measure.py)."""
+        return self.cache.get_text(self._cut_key(what)) is not None
+
+    def cut(self, what: str, kind: str) -> None:
+        """Leave ``what`` out for the budget, counted as ``kind`` in ``budget.skipped``; remembered."""
+        self.budget.skip(kind)
+        self.cache.put_text(self._cut_key(what), "cut")
+
+    def _cut_key(self, what: str) -> str:
+        return self.search_key("cut", str(self.options.time_budget_s), what)
+
+    def _rate_key(self, backend: str) -> str:
+        return digest("measure-rate", backend, self.versions[backend], device_label(self.device))
 
     def _trusted(self, sub: Subgraph) -> bool:
         """Whether a rejection of ``sub`` may be cached for good: eager's values it was checked on
@@ -331,13 +409,13 @@ class CostModel:
         self.loaded += 1
         return fn
 
-    def time_call(self, call: Callable[[], Any]) -> float:
+    def time_call(self, call: Callable[[], Any], repeats: int | None = None) -> float:
         """Median ms of ``call()`` under the timing protocol and thread count (counted as a measurement),
         taken again once if the machine was busy; ``noisy`` counts those still busy the second time
-        ([Note: quiet measurements])."""
+        ([Note: quiet measurements]). ``repeats``: timed calls (default: option ``repeats``)."""
         for attempt in range(2):
             before = self._probe.slowdown()
-            ms = self._time_once(call)
+            ms = self._time_once(call, repeats)
             after = self._probe.slowdown()
             if not self._probe.busy(max(before, after)):
                 return ms
@@ -349,11 +427,19 @@ class CostModel:
         self.noisy += 1
         return ms
 
-    def _time_once(self, call: Callable[[], Any]) -> float:
+    def _time_once(self, call: Callable[[], Any], repeats: int | None) -> float:
         opts = self.options
+        cap = self.budget.timing_cap_s(_MAX_TIMING_S)
         with torch.no_grad():
-            m = measure(call, warmup=opts.warmup, repeats=opts.repeats, max_time_s=2.0, threads=self.threads)
+            m = measure(
+                call,
+                warmup=opts.warmup,
+                repeats=repeats or opts.repeats,
+                max_time_s=cap,
+                threads=self.threads,
+            )
         self.measured += 1
+        self.last_spread = m.spread
         return m.median_ms
 
     def _compile_checked(
@@ -476,6 +562,15 @@ def _probe(spec: BackendSpec, x: torch.Tensor) -> Callable[..., Any] | None:
 
 
 _MAX_REASON_CHARS = 1000
+_MAX_TIMING_S = 2.0  # one timing's cap (warm-up included), shorter as the budget runs out
+
+
+def _float_or_none(text: str | None) -> float | None:
+    try:
+        value = float(json.loads(text)) if text is not None else None
+    except (ValueError, TypeError):
+        return None
+    return value if value is not None and math.isfinite(value) and value >= 0 else None
 
 
 def _reason(exc: BaseException) -> str:

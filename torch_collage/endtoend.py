@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -48,17 +49,26 @@ RUNOFF_ROUNDS = 4
 
 
 def e2e_many_ms(
-    model: CostModel, graph: DataflowGraph, items: Sequence[tuple[Placement, Assemble]], rounds: int = 2
+    model: CostModel,
+    graph: DataflowGraph,
+    items: Sequence[tuple[Placement, Assemble]],
+    rounds: int = 2,
+    *,
+    recheck: bool = False,
 ) -> list[float]:
     """End-to-end ms of each assembled placement, timed alternating over ``rounds`` rounds in rotated
     order, so they see the same machine state, and compared paired round by round, with a run-off
     between the best two when they are close ([Note: paired end-to-end rounds]). The result is cached
-    for this comparison only ([Note: end-to-end times are cached per comparison])."""
+    for this comparison only ([Note: end-to-end times are cached per comparison]). Rounds after the
+    first and the run-off are run only where the budget has time for them ([Note: the compile
+    budget] in timing.py). ``recheck``: a warm compile's re-check, a few calls per timing, no
+    run-off, nothing read from or written to the cache ([Note: quiet measurements])."""
     placeholders = [n for n in model.gm.graph.nodes if n.op == "placeholder"]
     args = model.args(placeholders)
     restore = model.restorer(placeholders, args)  # [Note: timing a graph that writes its inputs]
     group = _comparison_key(model, graph, [p for p, _ in items], args)
-    stored = model.cache.get_text(group)  # [Note: end-to-end times are cached per comparison]
+    # [Note: end-to-end times are cached per comparison]; measured afresh once a re-check contradicted it
+    stored = None if recheck or model.refresh else model.cache.get_text(group)
     if stored is not None:
         try:
             hit = [float(ms) for ms in json.loads(stored)]
@@ -69,29 +79,46 @@ def e2e_many_ms(
     built = [assemble() for _, assemble in items]
     noisy = model.noisy
     samples: list[list[float]] = [[] for _ in items]
+    repeats = _RECHECK_REPEATS if recheck else None
 
     def run_rounds(members: list[int], count: int) -> None:
         done = len(samples[members[0]])
         for r in range(done, done + count):
             k = r % len(members)  # the order rotates: none is always first after the previous compile
             for i in members[k:] + members[:k]:
-                samples[i].append(model.time_call(functools.partial(_call, built[i], args, restore)))
+                call = functools.partial(_call, built[i], args, restore)
+                samples[i].append(
+                    model.time_call(call) if repeats is None else model.time_call(call, repeats)
+                )
 
     order = list(range(len(items)))
-    run_rounds(order, rounds)
+    start = time.perf_counter()
+    run_rounds(order, 1)
+    per_round = time.perf_counter() - start
+    for left in range(rounds - 1, 0, -1):
+        if not model.budget.fits(per_round):
+            model.budget.skip("end-to-end rounds", left)
+            break
+        run_rounds(order, 1)
     ms = dict(zip(order, _paired_scores(samples)))
-    if len(order) > 1:
+    if len(order) > 1 and not recheck:
         finalists = sorted(order, key=ms.__getitem__)[:2]
         for _ in range(RUNOFF_ROUNDS):
             a, b = (ms[i] for i in finalists)
             if max(a, b) > min(a, b) * (1 + RUNOFF_MARGIN):
                 break
+            if not model.budget.fits(per_round * 2 / len(order)):
+                model.budget.skip("end-to-end run-off rounds")
+                break
             run_rounds(finalists, 1)
             ms.update(zip(finalists, _paired_scores([samples[i] for i in finalists])))
     out = [ms[i] for i in order]
-    if model.noisy == noisy:  # a comparison timed while the machine was busy is not kept
+    if model.noisy == noisy and not recheck:  # a comparison timed while the machine was busy is not kept
         model.cache.put_text(group, json.dumps(out))
     return out
+
+
+_RECHECK_REPEATS = 3  # timed calls per timing in a warm compile's re-check
 
 
 def _paired_scores(samples: Sequence[Sequence[float]]) -> list[float]:
@@ -161,6 +188,12 @@ class EndToEnd:
         keep = {p.describe(self.graph) for p in placements}
         self._built = {k: v for k, v in self._built.items() if k in keep}
         return self._compare(self.model, self.graph, list(zip(placements, lazies)), rounds=rounds)
+
+    def recheck_times(self, placements: Sequence[Placement], rounds: int) -> list[float]:
+        """End-to-end ms of each placement for a warm compile's re-check: a few calls per timing,
+        paired rounds, nothing cached (``e2e_many_ms(recheck=True)``)."""
+        items = [(p, self.lazy(p)) for p in placements]
+        return e2e_many_ms(self.model, self.graph, items, rounds=rounds, recheck=True)
 
     def pair(self, a: Placement, b: Placement) -> tuple[float, float]:
         first, second = self.times([a, b])

@@ -68,6 +68,9 @@ class ExplainReport:
             lines += [""] if g.whole_graph_failures else []
             if g.noisy:
                 lines += [f"{g.noisy} timing(s) ran while the machine was busy: used here, not cached.", ""]
+            lines += _budget_lines(g)
+            if g.recheck:
+                lines += [_recheck_line(g), ""]
             if g.searched and math.isfinite(g.searched_ms):
                 lines += [f"The search's placement: {g.searched}, predicted {g.searched_ms:.3f} ms.", ""]
             if g.end_to_end_ms:
@@ -100,6 +103,25 @@ def _segment_lines(g: GraphReport) -> list[str]:
         ]
         lines.append(f"| {s.first} .. {s.last} | {s.units} | {' | '.join(cells)} |")
     return [*lines, ""]
+
+
+def _budget_lines(g: GraphReport) -> list[str]:
+    """What the time budget left unmeasured and what the bounds ruled out ([Note: the compile
+    budget] in timing.py, [Note: candidates worth measuring] in measure.py)."""
+    lines = []
+    if g.unmeasured:
+        what = "; ".join(f"{name} ({n})" if n > 1 else name for name, n in g.unmeasured.items())
+        lines.append(f"Not measured within the {g.budget_s:g} s budget (search {g.search_s:.1f} s): {what}.")
+    if g.pruned:
+        lines.append(f"{g.pruned} candidate(s) not measured: their bound showed they could not win.")
+    return [*lines, ""] if lines else []
+
+
+def _recheck_line(g: GraphReport) -> str:
+    """The warm compile's re-check of its cached choice ([Note: quiet measurements] in timing.py)."""
+    times = "; ".join(f"{name} {ms:.3f} ms" for name, ms in g.recheck_ms.items())
+    again = ", measured again" if g.recheck.startswith("contradicted") else ""
+    return f"Cached choice re-checked side by side: {g.recheck}{again}" + (f" ({times})." if times else ".")
 
 
 def _e2e_line(g: GraphReport) -> str:

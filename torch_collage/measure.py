@@ -4,22 +4,27 @@ the searched cover's same-backend runs. Every cost comes from the ``CostModel`` 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 from torch_collage.candidates import Candidate
 from torch_collage.cost import CostModel
-from torch_collage.graph import DataflowGraph
+from torch_collage.graph import DataflowGraph, bits
 from torch_collage.search import Partition, Placement, merge_groups, merge_run
-from torch_collage.subgraph import digest, tensor_signature
 
 __all__ = [
+    "LOCAL_SPEEDUP",
+    "Progress",
+    "ReserveFn",
     "UnplaceableGraph",
     "check_coverable",
     "measure_candidates",
     "merge_measured",
+    "rank_candidates",
     "remeasure",
     "search_key",
     "with_whole_graphs",
@@ -41,37 +46,146 @@ def with_whole_graphs(graph: DataflowGraph, cands: list[Candidate], model: CostM
     return cands
 
 
-def measure_candidates(cands: list[Candidate], model: CostModel, coarse: set[Candidate]) -> Costs:
-    """Cost of every candidate: whole graphs first (the single-backend placements must always be
-    known), then eager singletons (they keep a cover reachable), then the ``coarse`` segments (a few
-    per backend, asked for by option ``segments``: [Note: coarse segments]), then the rest smallest
-    first. Past the time budget or ``max_candidates`` only the first three groups are still measured
-    (on bert at batch 8 the eager singletons alone took a 60 s budget).
+def measure_candidates(
+    cands: list[Candidate], model: CostModel, coarse: set[Candidate], reserve: ReserveFn = lambda costs: 0.0
+) -> Costs:
+    """Cost of the candidates worth measuring within the time budget, stage by stage: the whole
+    graphs (eager first, then the others by their expected measuring time), eager's singletons
+    (they keep a cover reachable and give each op's eager time), the ``coarse`` segments ([Note:
+    coarse segments]), then the rest, the most promising first and certain losers never ([Note:
+    candidates worth measuring]). Each step is taken only where its predicted seconds fit in what
+    the budget has left beyond ``reserve(costs)``, the seconds the stages after measuring will need
+    ([Note: the compile budget] in timing.py); what is left out is counted in ``model.budget``.
 
     [Note: a budget-cut search replays its cut]
     A warm compile measures nothing, so it is faster than the cold one and would get further within
-    the same budget. Where the budget cut a cold search short, the index it stopped at is cached, and
-    a warm one stops at the same candidate, so it finds every cost it needs in the cache."""
-    options, full = model.options, model.graph.full
-    order = sorted(cands, key=lambda c: (c.mask != full, not _essential(c), c not in coarse, c.size, c.mask))
-    key = search_key(model, "measure", f"{options.time_budget_s}:{options.max_candidates}:{len(order)}")
-    stored = model.cache.get_text(key)
-    limit = int(stored) if stored is not None and stored.isdigit() else None
-    deadline = time.perf_counter() + options.time_budget_s
-    costs: Costs = {}
-    reached = len(order)
-    with _progress(len(order), options.progress) as bar:
-        for i, cand in enumerate(order):
-            essential = cand.mask == full or _essential(cand) or cand in coarse
-            within = i < limit if limit is not None else time.perf_counter() < deadline
-            if reached == len(order) and not within:
-                reached = i
-            if essential or (within and i < options.max_candidates):
-                costs[cand] = model.cost(cand)
-            bar.update(1)
-    if limit is None:
-        model.cache.put_text(key, str(reached))
+    the same budget. So the candidates a cold search measured are cached, and a warm one measures
+    exactly those: it finds every cost it needs in the cache."""
+    options = model.options
+    key = search_key(model, "measure", f"{options.time_budget_s}:{options.max_candidates}:{len(cands)}")
+    replay = _replayed(model.cache.get_text(key), cands)
+    with Progress(model, len(cands), options.progress) as progress:
+        if replay is not None:
+            return {cand: progress.measure(cand) for cand in replay}
+        costs = _measure_budgeted(cands, model, coarse, reserve, progress)
+    model.cache.put_text(key, json.dumps([[str(c.mask), c.backend] for c in costs]))
     return costs
+
+
+ReserveFn = Callable[[Costs], float]  # costs measured so far -> seconds to keep for the later stages
+
+# [Note: candidates worth measuring]
+# Measuring a candidate compiles it (Inductor: about a second for a few ops on 2 cores) and a cold
+# search has hundreds, so the budget goes to the ones that could change the placement. Once every
+# backend's whole graph and eager's time per op are measured, a candidate ``c`` on backend ``b``
+# is bounded: its ops take about ``current = eager(c) * best / eager(all)`` in the best single
+# placement (their share of eager's time, scaled to the fastest whole graph); ``b`` runs them in at
+# least ``eager(c) * ratio_b / LOCAL_SPEEDUP`` (``ratio_b``: ``b``'s whole graph over eager's; a
+# piece may run up to ``LOCAL_SPEEDUP`` times better than the whole does, and a backend that fails
+# the whole graph is not bounded at all; eager runs a region no faster than its slowest op); and
+# moving them to ``b`` adds two switches from the best backend. A candidate that saves nothing even
+# so (``current - lower - switches <= 0``) is a certain loser and is not measured; the rest are
+# measured by that saving, largest first, until the budget is spent. On a 4-layer BERT where
+# Inductor's whole graph ran ~60x eager's time, that left every Inductor piece unmeasured.
+LOCAL_SPEEDUP = 2.0
+
+
+def _measure_budgeted(
+    cands: list[Candidate], model: CostModel, coarse: set[Candidate], reserve: ReserveFn, progress: Progress
+) -> Costs:
+    full, budget = model.graph.full, model.budget
+    costs: Costs = {}
+    whole = [c for c in cands if c.mask == full]
+    singles = [c for c in cands if c.mask != full and _essential(c)]
+    segments = [c for c in cands if c.mask != full and c in coarse and not _essential(c)]
+    fine = [c for c in cands if c.mask != full and c not in coarse and not _essential(c)]
+    progress.stage("whole graphs", whole)
+    for cand in sorted(whole, key=lambda c: (c.backend != "eager", model.predicted_s(c) or 0.0)):
+        if cand.backend == "eager" or budget.fits(model.predicted_s(cand) or 0.0, reserve(costs)):
+            costs[cand] = progress.measure(cand)
+        else:
+            budget.skip(f"whole graph on {cand.backend}")
+            progress.skip(cand)
+    # a cover needs eager's singletons only when eager's whole graph failed
+    eager_whole = math.isfinite(costs.get(Candidate(full, "eager"), math.inf))
+    for stage, group in (("eager ops", singles), ("segments", segments)):
+        progress.stage(stage, group)
+        for cand in group:
+            forced = stage == "eager ops" and not eager_whole
+            if forced or budget.fits(model.predicted_s(cand) or 0.0, reserve(costs)):
+                costs[cand] = progress.measure(cand)
+            else:
+                budget.skip(stage)
+                progress.skip(cand)
+    if fine and not budget.fits(0.0, reserve(costs)):  # no time left: not even for bounding them
+        budget.skip("candidates", len(fine))
+        progress.skip(*fine)
+        return costs
+    ranked, losers = rank_candidates(fine, model, costs)
+    budget.skip("certain losers", len(losers))
+    progress.stage("candidates", ranked)
+    progress.skip(*losers)
+    measured = 0
+    for cand in ranked:
+        if measured < model.options.max_candidates and budget.fits(
+            model.predicted_s(cand) or 0.0, reserve(costs)
+        ):
+            costs[cand] = progress.measure(cand)
+            measured += 1
+        else:
+            budget.skip("candidates" if measured < model.options.max_candidates else "over max_candidates")
+            progress.skip(cand)
+    return costs
+
+
+def rank_candidates(
+    fine: list[Candidate], model: CostModel, costs: Costs
+) -> tuple[list[Candidate], list[Candidate]]:
+    """``fine`` ordered by the most they could save, largest first, and the certain losers apart
+    ([Note: candidates worth measuring]). Without eager's time per op or any whole graph measured
+    nothing is bounded: ``fine`` keeps its order, smallest first."""
+    full = model.graph.full
+    eager = {c.lowest: ms for c, ms in costs.items() if c.backend == "eager" and c.size == 1}
+    total = sum(ms for ms in eager.values() if math.isfinite(ms))
+    wholes = {c.backend: ms for c, ms in costs.items() if c.mask == full and math.isfinite(ms)}
+    if not wholes or total <= 0:
+        return sorted(fine, key=lambda c: (c.size, c.mask)), []
+    best_backend = min(wholes, key=lambda b: wholes[b])
+    scale = wholes[best_backend] / total
+    keep: list[tuple[float, Candidate]] = []
+    losers: list[Candidate] = []
+    for cand in fine:
+        ops = [eager.get(u, math.nan) for u in bits(cand.mask)]
+        if not all(math.isfinite(ms) for ms in ops):
+            keep.append((0.0, cand))  # no eager time to bound it by: measured last
+            continue
+        if cand.backend == "eager":
+            lower = max(ops)
+        elif cand.backend in wholes:
+            lower = sum(ops) * wholes[cand.backend] / total / LOCAL_SPEEDUP
+        else:
+            lower = 0.0
+        switches = 0.0 if cand.backend == best_backend else 2 * model.switch_cost(best_backend, cand.backend)
+        saving = sum(ops) * scale - lower - switches
+        if saving > 0:
+            keep.append((saving, cand))
+        else:
+            losers.append(cand)
+    keep.sort(key=lambda sc: (-sc[0], sc[1].size, sc[1].mask))
+    return [c for _, c in keep], losers
+
+
+def _replayed(stored: str | None, cands: list[Candidate]) -> list[Candidate] | None:
+    """The candidates a cold search measured ([Note: a budget-cut search replays its cut]), or None
+    when none are stored (or they do not parse, or name a candidate not among ``cands``)."""
+    if stored is None:
+        return None
+    have = set(cands)
+    try:
+        out = [Candidate(int(mask), str(backend)) for mask, backend in json.loads(stored)]
+    except (ValueError, TypeError):
+        return None
+    return out if all(c in have for c in out) else None
 
 
 class UnplaceableGraph(RuntimeError):
@@ -101,15 +215,73 @@ def _essential(cand: Candidate) -> bool:
     return cand.backend == "eager" and cand.size == 1
 
 
-def _progress(total: int, enabled: bool) -> Any:
+class Progress:
+    """A progress bar over one graph's candidates: the stage, how many are done, and the seconds
+    left as predicted from what measuring each backend's candidates took so far in this search
+    (never more than the budget has left); off with option ``progress=False`` and for fewer than
+    50 candidates. ``measure(cand)`` is ``model.cost(cand)`` counted on the bar."""
+
+    def __init__(self, model: CostModel, total: int, enabled: bool) -> None:
+        self.model, self._stage = model, ""
+        self._todo: list[Candidate] = []
+        self._bar = _bar(total, enabled and total >= 50)
+        self._shown = 0.0
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.close()
+
+    def stage(self, name: str, todo: list[Candidate]) -> None:
+        self._stage, self._todo = name, list(todo)
+        self._bar.set_description_str(f"collage: {name}", refresh=False)
+        self._update(force=True)
+
+    def measure(self, cand: Candidate) -> float:
+        ms = self.model.cost(cand)
+        self.skip(cand)
+        return ms
+
+    def skip(self, *cands: Candidate) -> None:
+        done = set(cands)
+        self._todo = [c for c in self._todo if c not in done]
+        self._bar.update(len(cands))
+        self._update()
+
+    def eta_s(self) -> float | None:
+        """Predicted seconds to measure what is left of this stage (None: nothing measured to go by),
+        capped at what the budget has left."""
+        predictions = [self.model.predicted_s(c) for c in self._todo]
+        if any(p is None for p in predictions):
+            return None
+        return min(sum(p for p in predictions if p is not None), max(0.0, self.model.budget.left()))
+
+    def _update(self, force: bool = False) -> None:
+        now = time.perf_counter()
+        if self._bar.disable or (not force and now - self._shown < 0.5):
+            return
+        self._shown = now
+        eta = self.eta_s()
+        left = self.model.budget.left()
+        budget = f"; budget {left:.0f} s left" if math.isfinite(left) else ""
+        self._bar.set_postfix_str(f"~{eta:.0f} s to go{budget}" if eta is not None else f"?{budget}")
+
+
+def _bar(total: int, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="collage: measuring candidates", disable=not enabled or total < 50)
+    fmt = "{desc}: {n_fmt}/{total_fmt} candidates [{elapsed}{postfix}]"
+    return tqdm(total=total, desc="collage", bar_format=fmt, disable=not enabled, postfix="?")
 
 
-def merge_measured(placement: Placement, graph: DataflowGraph, model: Any, costs: Costs) -> Placement:
+def merge_measured(
+    placement: Placement, graph: DataflowGraph, model: Any, costs: Costs, reserve_s: float = 0.0
+) -> Placement:
     """The searched cover with each run of touching same-backend partitions merged into one region,
-    where that region measures no slower than its parts (``model``: ``cost`` and ``switch_cost``).
+    where that region measures no slower than its parts (``model``: ``cost``, ``switch_cost``,
+    ``budget`` and ``predicted_s``). A region whose measuring does not fit in the budget beyond
+    ``reserve_s`` stays apart, priced as its parts ([Note: the compile budget] in timing.py).
 
     [Note: merged regions are measured]
     Merging the cover's consecutive same-backend partitions saves calls and lets the backend fuse
@@ -126,6 +298,14 @@ def merge_measured(placement: Placement, graph: DataflowGraph, model: Any, costs
             continue
         run = merge_run(group)  # priced as the sum of its parts
         cand = Candidate(run.mask, run.backend)
+        if cand not in costs and model.was_cut(f"merge {cand.mask} {cand.backend}"):
+            model.budget.skip("merged regions")
+            parts.extend(group)
+            continue
+        if cand not in costs and not model.budget.fits(model.predicted_s(cand) or 0.0, reserve_s):
+            model.cut(f"merge {cand.mask} {cand.backend}", "merged regions")
+            parts.extend(group)
+            continue
         if cand not in costs:
             costs[cand] = model.cost(cand)
         if costs[cand] <= run.cost_ms:
@@ -154,6 +334,4 @@ def remeasure(placement: Placement, model: CostModel, costs: Costs) -> Placement
 
 def search_key(model: CostModel, *parts: str) -> str:
     """Cache key of a budgeted search step: the graph, its inputs, the backends, threads and ``parts``."""
-    args = [model.values[n] for n in model.gm.graph.nodes if n.op == "placeholder"]
-    backends = ",".join(f"{b}={model.versions[b]}" for b in sorted(model.specs))
-    return digest("search", str(model.gm.graph), tensor_signature(args), backends, str(model.threads), *parts)
+    return model.search_key(*parts)

@@ -19,7 +19,10 @@ class CollageOptions:
     """What Collage searches over and how carefully it measures. Times in seconds unless named ``_ms``."""
 
     backends: tuple[str, ...] = ()  # backends to place on; empty: every available registered backend
-    time_budget_s: float = 300.0  # wall-clock cap on measuring candidates (and on refinement)
+    # wall-clock cap on placing one graph: measuring, merging, refinement, the end-to-end check
+    # (timing.py's [Note: the compile budget]); 50 s keeps a cold compile with dynamo's capture
+    # under a minute; a training step places two graphs; inf: no cap
+    time_budget_s: float = 50.0
     max_depth: int = 3  # most ATen ops one candidate subgraph may hold (the whole graph is always tried too)
     search: Literal["dp", "dp+refine"] = "dp"  # exact DP only, or DP then measured local refinement
     # "search": mixes of backends over subgraphs; "fast": the whole graph on the fastest single backend

@@ -1,8 +1,12 @@
 """Place one ATen graph, stage by stage; data flows one way:
 
     record eager values -> candidates -> measure (``measure``) -> search (``search``)
-    -> merge measured runs (``measure``) -> refine (``refine``, optional) -> choose end to end and
-    verify against eager (``choose``) -> report (``report``)
+    -> merge measured runs (``measure``) -> refine (``refine``, optional) -> choose end to end,
+    re-check a choice made from cached costs and verify against eager (``choose``) -> report
+    (``report``)
+
+All stages of one graph draw on one ``Budget`` of ``time_budget_s`` ([Note: the compile budget] in
+timing.py).
 
 A ``Placer`` runs the stages with the collaborators in its ``Stages`` (tests pass their own) and
 holds what outlives one graph: the count of timings run and the warnings already given.
@@ -25,7 +29,7 @@ from torch_collage.backends.base import BackendSpec
 from torch_collage.backends.registry import get_spec, registered_names
 from torch_collage.cache import CostCache
 from torch_collage.candidates import Candidate, enumerate_candidates
-from torch_collage.choose import Choice, choose, verify
+from torch_collage.choose import Choice, Recheck, check_seconds, choose, recheck, verify
 from torch_collage.cost import CostModel, RngState, device_of, kept_rng, record_values
 from torch_collage.endtoend import CompareFn, EndToEnd, e2e_many_ms
 from torch_collage.graph import DataflowGraph
@@ -35,7 +39,7 @@ from torch_collage.refine import RefineFn, refine, refine_replayed
 from torch_collage.report import GraphReport, graph_report
 from torch_collage.search import Placement, search_cover
 from torch_collage.segments import segment_candidates
-from torch_collage.timing import InterferenceProbe, QuietProbe
+from torch_collage.timing import Budget, InterferenceProbe, QuietProbe
 
 __all__ = ["Placer", "Stages", "default_placer", "measurement_count", "place_graph"]
 
@@ -70,6 +74,7 @@ class Placer:
         self, gm: fx.GraphModule, inputs: Sequence[Any], options: CollageOptions, kind: str = "inference"
     ) -> tuple[AssembledGraph, GraphReport]:
         """Search a placement of ``gm`` for ``inputs`` (real tensors) and assemble it."""
+        budget = Budget(options.time_budget_s)  # [Note: the compile budget] in timing.py
         cache = CostCache(options.cache_dir)
         rng: dict[fx.Node, RngState] = {}
         try:
@@ -78,7 +83,7 @@ class Placer:
                 values = record_values(gm, inputs, rng)
                 specs = self.active_specs(options)
                 model = CostModel(
-                    gm, graph, values, specs, options, cache, self._warned_failures, rng, self.probe
+                    gm, graph, values, specs, options, cache, self._warned_failures, rng, self.probe, budget
                 )
                 try:
                     return self._place(gm, inputs, model, kind)
@@ -118,20 +123,54 @@ class Placer:
         have = set(cands)
         coarse = [] if fast else segment_candidates(graph, model.specs.values(), options.segments)
         cands += [c for c in coarse if c not in have]  # a short segment may equal a fine candidate
-        costs = measure_candidates(cands, model, set(coarse))
+        slack = 0.0 if math.isinf(options.time_budget_s) else _SLACK * options.time_budget_s
+
+        def reserve(costs: dict[Candidate, float]) -> float:  # the seconds the stages after measuring need
+            return check_seconds(_singles(graph, model, costs), options) + slack
+
+        def searched() -> Placement:
+            placement = self.stages.search(graph, cands, lambda c: costs.get(c, math.inf), model.switch_cost)
+            return merge_measured(placement, graph, model, costs, reserve(costs))
+
+        costs = measure_candidates(cands, model, set(coarse), reserve)
         check_coverable(graph, costs, model)
-        placement = self.stages.search(graph, cands, lambda c: costs.get(c, math.inf), model.switch_cost)
-        placement = merge_measured(placement, graph, model, costs)
+        placement = searched()
         e2e = EndToEnd(gm, model, self.stages.compare)
         if options.search == "dp+refine" and options.mode == "search" and len(model.specs) > 1:
-            placement = refine_replayed(placement, e2e, costs, self.stages.refine)
-        singles = {b: costs.get(Candidate(graph.full, b), math.inf) for b in model.specs}
+            placement = refine_replayed(placement, e2e, costs, self.stages.refine, reserve(costs))
+        singles = _singles(graph, model, costs)
+        warm = model.measured == 0  # every cost came from the cache
         choice = choose(e2e, placement, singles)
+        checked = None
+        if warm:  # [Note: quiet measurements] in timing.py
+            checked = recheck(e2e, choice, singles)
+            if checked.contradicted:
+                logger.warning("torch_collage: cached costs %s; measuring again", checked.outcome)
+                singles = self._remeasure_singles(model, costs, singles)
+                placement = searched()  # on the costs measured again
+                choice = choose(e2e, placement, singles)
         if options.verify:
             choice = verify(e2e, choice, inputs)
         return choice.assembled, self._report(
-            kind, model, placement, choice, singles, costs, len(cands), start
+            kind, model, placement, choice, singles, costs, len(cands), start, checked
         )
+
+    def _remeasure_singles(
+        self, model: CostModel, costs: dict[Candidate, float], singles: dict[str, float]
+    ) -> dict[str, float]:
+        """Each whole graph measured before, measured again (the cache is not read: ``refresh``)
+        where the budget has time for it; the end-to-end comparisons after it are timed afresh too."""
+        model.refresh = True
+        out = dict(singles)
+        for backend in singles:
+            cand = Candidate(model.graph.full, backend)
+            if cand not in costs:
+                continue
+            if backend == "eager" or model.budget.fits(model.predicted_s(cand) or 0.0):
+                out[backend] = costs[cand] = model.cost(cand)
+            else:
+                model.budget.skip(f"whole graph on {backend}")
+        return out
 
     def _report(
         self,
@@ -143,6 +182,7 @@ class Placer:
         costs: dict[Candidate, float],
         candidates: int,
         start: float,
+        checked: Recheck | None = None,
     ) -> GraphReport:
         return graph_report(
             kind=kind,
@@ -154,13 +194,26 @@ class Placer:
             costs=costs,
             candidates=candidates,
             measured=model.measured,
-            search_s=time.perf_counter() - start,
+            search_s=model.budget.spent(),
             rejected=model.reasons,
             loaded=model.loaded,
             segments=model.options.segments,
             compared=choice.compared,
             noisy=model.noisy,
+            budget=model.budget,
+            recheck=checked.outcome if checked else "",
+            recheck_ms=checked.times if checked else None,
         )
+
+
+# Of the budget, the share kept beyond the end-to-end check's predicted seconds, for the search,
+# merging, assembly and verification ([Note: the compile budget] in timing.py).
+_SLACK = 0.05
+
+
+def _singles(graph: DataflowGraph, model: CostModel, costs: dict[Candidate, float]) -> dict[str, float]:
+    """Each backend's whole-graph ms (inf: failed, or not measured)."""
+    return {b: costs.get(Candidate(graph.full, b), math.inf) for b in model.specs}
 
 
 _DEFAULT = Placer()

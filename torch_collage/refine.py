@@ -82,9 +82,14 @@ RefineFn = Callable[..., Placement]  # ``refine``'s signature
 
 
 def refine_replayed(
-    placement: Placement, e2e: EndToEnd, costs: dict[Candidate, float], refine_fn: RefineFn = refine
+    placement: Placement,
+    e2e: EndToEnd,
+    costs: dict[Candidate, float],
+    refine_fn: RefineFn = refine,
+    reserve_s: float = 0.0,
 ) -> Placement:
-    """``refine_fn`` on ``placement`` under a quarter of the time budget (at least 1 s), or its
+    """``refine_fn`` on ``placement`` under a quarter of the time budget (at least 1 s), and no more
+    than the budget has left beyond ``reserve_s`` ([Note: the compile budget] in timing.py), or its
     outcome replayed from the cache.
 
     [Note: replayed refinement]
@@ -113,7 +118,12 @@ def refine_replayed(
         except (ValueError, KeyError, TypeError) as exc:
             logger.warning("torch_collage: cached refinement unreadable (%s); refining again", exc)
     noisy = model.noisy
-    refined = refine_fn(placement, graph, list(model.specs), cost, model.switch_cost, e2e.pair, budget)
+    spend = budget if math.isinf(model.budget.seconds) else min(budget, model.budget.left() - reserve_s)
+    if spend > 0:
+        refined = refine_fn(placement, graph, list(model.specs), cost, model.switch_cost, e2e.pair, spend)
+    else:  # replayed as it is: the warm compile must not refine what the cold one had no time for
+        model.budget.skip("refinement")
+        refined = placement
     refined = remeasure(refined, model, costs)
     if model.noisy == noisy:  # [Note: quiet measurements]
         model.cache.put_text(key, json.dumps([[str(p.mask), p.backend] for p in refined.partitions]))

@@ -10,6 +10,7 @@ from torch_collage.candidates import Candidate
 from torch_collage.graph import DataflowGraph, bits
 from torch_collage.search import Partition, Placement
 from torch_collage.segments import consecutive_segments
+from torch_collage.timing import Budget
 
 __all__ = ["GraphReport", "PartitionReport", "SegmentReport", "graph_report"]
 
@@ -66,6 +67,17 @@ class GraphReport:
     whole_graph_failures: dict[str, str] = field(default_factory=dict)
     # timings taken under interference: used for this search only ([Note: quiet measurements] in timing.py)
     noisy: int = 0
+    budget_s: float = float("inf")  # option time_budget_s ([Note: the compile budget] in timing.py)
+    # what was not measured within the budget, by kind ("whole graph on inductor", "candidates",
+    # "merged regions", "end-to-end rounds", ...) -> how many; empty when nothing was left out
+    unmeasured: dict[str, int] = field(default_factory=dict)
+    # candidates not measured because their bound showed they could not win ([Note: candidates
+    # worth measuring] in measure.py)
+    pruned: int = 0
+    # a warm compile's re-check of its cached choice: "agreed", "ignored: ..." or "contradicted: ..."
+    # (then measured again); empty when the compile measured anything ([Note: quiet measurements])
+    recheck: str = ""
+    recheck_ms: dict[str, float] = field(default_factory=dict)  # the re-check's times, side by side
     # a graph with symbolic shapes: the sizes' ranges this placement covers and the size it was
     # measured at ([Note: shape ranges] in shapes.py); empty for static shapes
     shape_range: str = ""
@@ -88,6 +100,9 @@ def graph_report(
     segments: int,
     compared: dict[str, float],
     noisy: int = 0,
+    budget: Budget | None = None,
+    recheck: str = "",
+    recheck_ms: dict[str, float] | None = None,
 ) -> GraphReport:
     """The report of one placed graph: the ``searched`` placement, and what the end-to-end check
     ``chosen`` (``"mixed"``: the searched one; else the single backend that runs the whole graph)."""
@@ -120,6 +135,11 @@ def graph_report(
         end_to_end_ms=compared,
         whole_graph_failures={b: r for (m, b), r in rejected.items() if m == graph.full},
         noisy=noisy,
+        budget_s=budget.seconds if budget is not None else float("inf"),
+        unmeasured={k: n for k, n in (budget.skipped if budget else {}).items() if k != "certain losers"},
+        pruned=budget.skipped.get("certain losers", 0) if budget else 0,
+        recheck=recheck,
+        recheck_ms=dict(recheck_ms or {}),
     )
 
 

@@ -22,7 +22,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["InterferenceProbe", "Measurement", "QuietProbe", "measure", "quantile", "torch_threads"]
+__all__ = [
+    "Budget",
+    "InterferenceProbe",
+    "Measurement",
+    "QuietProbe",
+    "measure",
+    "quantile",
+    "torch_threads",
+]
 
 
 def quantile(values: Sequence[float], q: float) -> float:
@@ -59,6 +67,12 @@ class Measurement:
     @property
     def iqr_ms(self) -> float:
         return quantile(self.samples_ms, 0.75) - quantile(self.samples_ms, 0.25)
+
+    @property
+    def spread(self) -> float:
+        """The interquartile range over the median: how much the repeats disagreed (0 for one sample)."""
+        median = self.median_ms
+        return self.iqr_ms / median if median > 0 else 0.0
 
     @property
     def mean_ms(self) -> float:
@@ -163,7 +177,27 @@ def measure(
 # interference. Such a timing is taken once more; if the machine is still busy, its result is used
 # for this search only and never written to the cost cache (nor are the search outcomes built on
 # it), so a quiet compile later measures it afresh. The probe costs ~0.1 ms a side.
+#
+# Each cached cost also keeps the spread of its repeats (interquartile range over the median):
+# interference too short for the probes to catch still shows there, and `python -m torch_collage
+# cache` lists the entries whose spread was above ``HIGH_SPREAD`` (cache.py).
+#
+# A warm compile takes every cost from the cache, so a lie in it would be kept for good. It therefore
+# re-checks what it chose, cheaply: the chosen placement and up to ``RECHECK_CONTENDERS`` of the
+# fastest whole-graph backends are timed side by side for ``RECHECK_ROUNDS`` paired rounds of a few
+# calls each (place.py's ``recheck``). The cache is contradicted when the chosen placement now runs
+# more than ``RECHECK_SLOWER`` times its cached end-to-end time, or a contender beats it by more
+# than ``RECHECK_MARGIN`` (both beyond ``RECHECK_FLOOR_MS``, below which a call's jitter decides).
+# Then the whole-graph costs and the end-to-end check are measured again, not read, and the cache
+# is overwritten with what a quiet machine measured. A re-check taken while the probe saw the machine
+# busy proves nothing either way and is ignored. The re-check is not counted as a measurement: it
+# writes nothing unless it contradicts the cache.
 BUSY_FACTOR = 1.5
+RECHECK_CONTENDERS = 2
+RECHECK_ROUNDS = 2
+RECHECK_SLOWER = 1.5
+RECHECK_MARGIN = 0.15
+RECHECK_FLOOR_MS = 0.05
 
 
 class InterferenceProbe:
@@ -196,3 +230,45 @@ class QuietProbe:
 
     def busy(self, slowdown: float) -> bool:
         return False
+
+
+# [Note: the compile budget]
+# ``time_budget_s`` caps the cold placement of one graph: recording eager's values, measuring
+# candidates, merging, refinement, the end-to-end check and the verification all draw on one
+# ``Budget`` started when the placement starts. Every stage asks it before each step whose cost it
+# can predict from the steps already taken (seconds per candidate per backend, measured in this
+# search and kept in the cost cache across processes), and leaves what the end-to-end check will
+# need; what it skipped is counted by name in ``Budget.skipped`` and shown by ``explain``. A step
+# already started is not interrupted (a backend's compile cannot be), so the budget can be overrun
+# by the one step that was predicted wrong; timings get shorter as the budget runs out.
+
+
+class Budget:
+    """The wall-clock budget of one graph's placement: ``seconds`` from construction (inf: none).
+    ``skipped`` counts, by what they were, the steps left out to stay within it."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.perf_counter) -> None:
+        if not seconds >= 0:
+            raise ValueError(f"seconds must be >= 0, got {seconds!r}")
+        self.seconds, self._clock = seconds, clock
+        self.start = clock()
+        self.skipped: dict[str, int] = {}
+
+    def spent(self) -> float:
+        return self._clock() - self.start
+
+    def left(self) -> float:
+        return self.seconds - self.spent()
+
+    def fits(self, seconds: float, reserve: float = 0.0) -> bool:
+        """Whether a step of ``seconds`` fits in what is left beyond ``reserve`` (always, without a cap)."""
+        return math.isinf(self.seconds) or self.left() - reserve >= seconds
+
+    def skip(self, what: str, count: int = 1) -> None:
+        if count > 0:
+            self.skipped[what] = self.skipped.get(what, 0) + count
+
+    def timing_cap_s(self, default_s: float) -> float:
+        """How long one timing may run: ``default_s``, shorter once less than ten times that is
+        left (at least 0.05 s: warm-up and one sample still run)."""
+        return max(0.05, min(default_s, self.left() / 10))

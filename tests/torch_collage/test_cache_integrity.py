@@ -199,7 +199,8 @@ def _bad_malformed(path: Path) -> None:
     CostCache(str(path.parent)).close()
     db = sqlite3.connect(path)
     db.executemany(
-        "INSERT INTO costs VALUES (?, ?, ?, 1.0)", [(f"k{i}", float(i), "x" * 100) for i in range(200)]
+        "INSERT INTO costs(key, ms, reason, created) VALUES (?, ?, ?, 1.0)",
+        [(f"k{i}", float(i), "x" * 100) for i in range(200)],
     )
     db.commit()
     db.close()
@@ -236,7 +237,7 @@ def test_rows_that_do_not_parse_are_misses_counted_by_stats(tmp_path, caplog):
     cache.close()
     db = sqlite3.connect(tmp_path / "costs.sqlite")
     db.executemany(
-        "INSERT INTO costs VALUES (?, ?, ?, ?)",
+        "INSERT INTO costs(key, ms, reason, created) VALUES (?, ?, ?, ?)",
         [
             ("text", "fast", "", 1.0),  # text where milliseconds belong
             ("nulls", None, None, None),

@@ -59,7 +59,7 @@ def test_cache_says_when_rows_are_damaged_or_the_file_is_not_used(tmp_path, caps
     cache.put("a", CachedCost(1.5, ""))
     cache.close()
     with sqlite3.connect(tmp_path / "costs.sqlite") as db:
-        db.execute("INSERT INTO costs VALUES ('bad', 'fast', '', 0)")
+        db.execute("INSERT INTO costs(key, ms, reason, created) VALUES ('bad', 'fast', '', 0)")
     assert main(["cache", "--cache-dir", str(tmp_path)]) == 0
     assert "1 damaged row(s)" in capsys.readouterr().out
     with sqlite3.connect(tmp_path / "costs.sqlite") as db:

@@ -190,8 +190,19 @@ def test_merge_consecutive_same_backend():
 class _FixedModel:
     """What ``measure.merge_measured`` asks of a cost model, with fixed costs; records what it measured."""
 
-    def __init__(self, table: dict[Candidate, float]):
-        self.table, self.measured = table, []
+    def __init__(self, table: dict[Candidate, float], budget_s: float = float("inf")):
+        from torch_collage.timing import Budget
+
+        self.table, self.measured, self.budget = table, [], Budget(budget_s)
+
+    def predicted_s(self, cand: Candidate) -> float:
+        return 1.0
+
+    def was_cut(self, what: str) -> bool:
+        return False
+
+    def cut(self, what: str, kind: str) -> None:
+        self.budget.skip(kind)
 
     def cost(self, cand: Candidate) -> float:
         self.measured.append(cand)
