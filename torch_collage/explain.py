@@ -64,6 +64,8 @@ class ExplainReport:
         ]
         for i, g in enumerate(self.graphs):
             lines += [f"### Graph {i} ({g.kind}): chose {g.chosen}", "", _singles_line(g), ""]
+            if g.shape_range:  # [Note: shape ranges] in shapes.py
+                lines += [f"Placed once for every size of {g.shape_range}.", ""]
             lines += [f"- {b} failed on the whole graph: {r}" for b, r in g.whole_graph_failures.items()]
             lines += [""] if g.whole_graph_failures else []
             if g.noisy:

@@ -182,3 +182,17 @@ def test_compile_exported_with_dynamic_shapes_places_once_for_the_range(tmp_path
         compiled(torch.randn(2, 41, 16))
     with pytest.raises(ValueError, match="input 0: compiled for shape"):
         compiled(torch.randn(3, 10, 16))  # the batch stayed static
+
+
+def test_explain_shows_the_range_a_placement_covers(tmp_path) -> None:
+    import torch_collage
+
+    torch.manual_seed(4)
+    model = SeqModel().eval()
+    x = torch.randn(2, 11, 16)
+    torch._dynamo.mark_dynamic(x, 1, min=3, max=99)
+    report = torch_collage.explain(
+        model, x, backends=["eager"], mode="fast", cache_dir=str(tmp_path), progress=False
+    )
+    text = report.to_markdown()
+    assert "Placed once for every size of s" in text and "in [3, 99]; placed at" in text and "=11" in text
