@@ -11,7 +11,7 @@ num_microbatches=...)`` runs under an initialised process group, one stage per r
 from torch_graphpipe.action import Action
 from torch_graphpipe.graph import OpGraph, OpNode
 from torch_graphpipe.graph_capture import CapturedGraph, GraphCaptureError, capture
-from torch_graphpipe.planner import Plan, StagePlan, plan, plan_graph, plan_stages
+from torch_graphpipe.planner import Plan, StagePlan, choose_microbatches, plan, plan_graph, plan_stages
 from torch_graphpipe.profile import CommModel, CostTable, OpCost, profile_graph
 from torch_graphpipe.schedule import Schedule, ScheduleError, build_1f1b
 from torch_graphpipe.simulator import SimulationResult, TimelineEntry, simulate
@@ -41,6 +41,7 @@ __all__ = [
     "TimelineEntry",
     "build_1f1b",
     "capture",
+    "choose_microbatches",
     "plan",
     "plan_graph",
     "plan_stages",

@@ -41,7 +41,9 @@ class _Intervals:
         return (self.params[j] - self.params[i]) * self.copies + in_flight * act
 
 
-def _feasible(iv: _Intervals, stages: int, target: float, budget: float | None) -> list[list[int]] | None:
+def _feasible(
+    iv: _Intervals, stages: int, target: float, budget: float | None, cap: int
+) -> list[list[int]] | None:
     """``nxt[k][i]``: end of stage ``k`` starting at ``i`` in a feasible split, -1 when none."""
     n = iv.n
     ok = [[False] * (n + 1) for _ in range(stages + 1)]
@@ -54,30 +56,37 @@ def _feasible(iv: _Intervals, stages: int, target: float, budget: float | None) 
                     break
                 if not ok[k + 1][j] or iv.time(i, j) > target:
                     continue
-                if budget is None or iv.memory(i, j, stages - k) <= budget:
+                if budget is None or iv.memory(i, j, min(cap, stages - k)) <= budget:
                     ok[k][i], nxt[k][i] = True, j
                     break
     return nxt if ok[0][0] else None
 
 
 def partition_chain(
-    graph: OpGraph, model: StageCostModel, num_stages: int, *, memory_budget_bytes: float | None = None
+    graph: OpGraph,
+    model: StageCostModel,
+    num_stages: int,
+    *,
+    memory_budget_bytes: float | None = None,
+    num_microbatches: int | None = None,
 ) -> PartitionResult:
-    """Split the topological order into ``num_stages`` intervals minimising the slowest stage."""
+    """Split the topological order into ``num_stages`` intervals minimising the slowest stage (a stage
+    holds at most ``num_microbatches`` micro-batches, for the memory budget)."""
+    cap = num_microbatches or num_stages
     iv = _Intervals(graph, model)
     n = iv.n
     times = sorted({iv.time(i, j) for i in range(n) for j in range(i + 1, n + 1)})
     hi = len(times) - 1
     lo = min(hi, bisect.bisect_left(times, iv.compute[n] / num_stages))
-    if _feasible(iv, num_stages, times[hi], memory_budget_bytes) is None:
+    if _feasible(iv, num_stages, times[hi], memory_budget_bytes, cap) is None:
         raise ValueError(f"no chain of {num_stages} stages fits memory_budget_bytes={memory_budget_bytes}")
     while lo < hi:
         mid = (lo + hi) // 2
-        if _feasible(iv, num_stages, times[mid], memory_budget_bytes) is not None:
+        if _feasible(iv, num_stages, times[mid], memory_budget_bytes, cap) is not None:
             hi = mid
         else:
             lo = mid + 1
-    nxt = _feasible(iv, num_stages, times[lo], memory_budget_bytes)
+    nxt = _feasible(iv, num_stages, times[lo], memory_budget_bytes, cap)
     assert nxt is not None
     stages, i = [], 0
     for k in range(num_stages):

@@ -62,8 +62,11 @@ class PartitionResult:
 class _Search:
     """The dynamic program for one target bottleneck; see [Note: partition search]."""
 
-    def __init__(self, tree: CandidateTree, target_ms: float, budget: float | None, max_d: int) -> None:
+    def __init__(
+        self, tree: CandidateTree, target_ms: float, budget: float | None, max_d: int, cap: int
+    ) -> None:
         self.tree, self.target, self.budget, self.max_d = tree, target_ms, budget, max_d
+        self.cap = cap  # micro-batches per step: no stage holds more
         self.copies = tree.model.param_copies
         self.solve = cache(self._solve)
         self.series = cache(self._series)
@@ -75,7 +78,7 @@ class _Search:
     def fits(self, cost: StageCost, in_flight: int) -> bool:
         if cost.time_ms > self.target:
             return False
-        return self.budget is None or cost.memory_bytes(in_flight, self.copies) <= self.budget
+        return self.budget is None or cost.memory_bytes(min(in_flight, self.cap), self.copies) <= self.budget
 
     def k_key(self, k: int) -> int:
         return k if self.budget is not None else 0  # without a budget, depth after H is irrelevant
@@ -332,15 +335,21 @@ def _union(nodes) -> int:
 
 
 def partition_dag(
-    root: SPNode, model: StageCostModel, num_stages: int, *, memory_budget_bytes: float | None = None
+    root: SPNode,
+    model: StageCostModel,
+    num_stages: int,
+    *,
+    memory_budget_bytes: float | None = None,
+    num_microbatches: int | None = None,
 ) -> PartitionResult:
-    """Split the graph into exactly ``num_stages`` convex stages; see [Note: partition search]."""
+    """Split the graph into exactly ``num_stages`` convex stages; see [Note: partition search]. A stage
+    holds at most ``num_microbatches`` micro-batches (for the memory budget)."""
     tree = CandidateTree(root, model)
     times = tree.candidate_times()
     lo, hi = bisect.bisect_left(times, tree.compute[id(root)] / num_stages), len(times) - 1
 
     def search_at(i: int) -> _Search:
-        return _Search(tree, times[i], memory_budget_bytes, num_stages)
+        return _Search(tree, times[i], memory_budget_bytes, num_stages, num_microbatches or num_stages)
 
     if search_at(hi).solve(root, num_stages, 0) == INF:
         raise ValueError(

@@ -12,10 +12,11 @@ from typing import Any, Literal
 import torch
 
 from torch_graphpipe.chain import partition_chain
-from torch_graphpipe.graph import OpGraph, members
+from torch_graphpipe.graph import OpGraph, mask_of, members
 from torch_graphpipe.graph_capture import CaptureMethod, capture
 from torch_graphpipe.partition import partition_dag
 from torch_graphpipe.profile import CommModel, CostTable, profile_graph
+from torch_graphpipe.scaling import costs_at, microbatch_candidates
 from torch_graphpipe.schedule import Schedule, build_1f1b
 from torch_graphpipe.simulator import SimulationResult, simulate
 from torch_graphpipe.sp import decompose
@@ -23,7 +24,16 @@ from torch_graphpipe.stage_cost import StageCost, StageCostModel
 from torch_graphpipe.stage_graph import LateSplit, StageGraph, build_stage_graph, late_splits
 from torch_graphpipe.zero_bubble import build_zero_bubble
 
-__all__ = ["Plan", "ScheduleKind", "StagePlan", "plan", "plan_graph", "plan_stages", "split_microbatches"]
+__all__ = [
+    "Plan",
+    "ScheduleKind",
+    "StagePlan",
+    "choose_microbatches",
+    "plan",
+    "plan_graph",
+    "plan_stages",
+    "split_microbatches",
+]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +69,8 @@ class Plan:
     schedule: Schedule  # DAG 1F1B or zero-bubble schedule
     bottleneck_ms: float  # slowest stage's time per micro-batch (compute + communication)
     planning_time_s: float  # wall time of partitioning and scheduling
+    peak_bytes: tuple[float, ...] = ()  # per stage, predicted peak memory (see [Note: held activations])
+    memory_budget_bytes: float | None = None  # the per-device budget it was planned for
 
     @property
     def num_stages(self) -> int:
@@ -98,10 +110,13 @@ class Plan:
             f"{self.num_microbatches} micro-batches of {self.microbatch_size}, bottleneck {self.bottleneck_ms:.4g} ms/micro-batch",
             f"edges: {', '.join(f'{a}->{b}' for a, b in self.edges) or 'none'}",
         ]
+        if self.memory_budget_bytes is not None:
+            lines.append(f"memory budget {self.memory_budget_bytes / 1e6:.4g} MB per device")
         for s in self.stages:
+            peak = f", peak {self.peak_bytes[s.index] / 1e6:.4g} MB" if self.peak_bytes else ""
             lines.append(
                 f"  stage {s.index}: {len(s.node_names)} ops, {s.cost.time_ms:.4g} ms, "
-                f"in-flight {s.in_flight}, modules {_short(s.module_names)}"
+                f"in-flight {s.in_flight}{peak}, modules {_short(s.module_names)}"
                 + (f", late input from stage {s.late_pred}" if s.late_pred is not None else "")
             )
         return "\n".join(lines)
@@ -129,7 +144,7 @@ def plan(
     module: torch.nn.Module,
     example_inputs: Sequence[Any],
     num_stages: int,
-    num_microbatches: int,
+    num_microbatches: int | Literal["auto"],
     stage_graph: StageGraphKind = "dag",
     *,
     memory_budget_bytes: float | None = None,
@@ -146,29 +161,82 @@ def plan(
     stage's parameters (times ``CostTable.param_copies``) plus its in-flight activations.
     ``capture_method`` picks symbolic tracing or ``torch.export`` (see :func:`torch_graphpipe.capture`);
     ``schedule_kind="zero_bubble"`` splits backwards into input and weight gradients (see [Note:
-    zero-bubble DAG schedule]).
+    zero-bubble DAG schedule]). ``num_microbatches="auto"`` chooses the micro-batch count and size with
+    the partition (see [Note: memory-aware micro-batching]).
     """
-    _check_args(num_stages, num_microbatches, stage_graph)
     if not isinstance(example_inputs, (tuple, list)):
         raise TypeError(f"example_inputs must be a tuple of inputs, got {type(example_inputs).__name__}")
-    micro = split_microbatches(example_inputs, num_microbatches)
-    captured = capture(module, leaf_modules, micro[0], capture_method)
-    if costs is None:
-        size = next((x.shape[0] for x in micro[0] if isinstance(x, torch.Tensor) and x.dim() > 0), 1)
-        costs = profile_graph(
-            captured.graph_module, captured.graph, micro[0], repeats=repeats, comm=comm, microbatch_size=size
-        )
-    elif comm is not None:
-        costs = dataclasses.replace(costs, comm=comm)
-    return plan_graph(
-        captured.graph,
-        costs,
-        num_stages,
-        num_microbatches,
-        stage_graph,
-        memory_budget_bytes=memory_budget_bytes,
-        schedule_kind=schedule_kind,
+    auto = num_microbatches == "auto"
+    _check_args(num_stages, 1 if auto else num_microbatches, stage_graph, schedule_kind)
+    counts: list[int] = (
+        microbatch_candidates(_batch_size(example_inputs), num_stages) if auto else [int(num_microbatches)]
     )
+    micro = {m: split_microbatches(example_inputs, m)[0] for m in (counts[0], counts[-1])}
+    captured = capture(module, leaf_modules, micro[counts[-1]], capture_method)
+    if costs is None:
+        low, high = (
+            profile_graph(
+                captured.graph_module, captured.graph, micro[m], repeats=repeats, comm=comm,
+                microbatch_size=_batch_size(micro[m]),
+            )
+            for m in (counts[-1], counts[0])
+        )  # fmt: skip
+    else:
+        low = high = costs if comm is None else dataclasses.replace(costs, comm=comm)
+    options: dict[str, Any] = {"memory_budget_bytes": memory_budget_bytes, "schedule_kind": schedule_kind}
+    if not auto:
+        return plan_graph(captured.graph, low, num_stages, counts[0], stage_graph, **options)
+    return choose_microbatches(
+        captured.graph, low, high, num_stages, _batch_size(example_inputs), stage_graph, **options
+    )
+
+
+def choose_microbatches(
+    graph: OpGraph,
+    low: CostTable,
+    high: CostTable,
+    num_stages: int,
+    batch: int,
+    stage_graph: StageGraphKind = "dag",
+    *,
+    memory_budget_bytes: float | None = None,
+    schedule_kind: ScheduleKind = "1f1b",
+) -> Plan:
+    """The fastest plan over the micro-batch counts dividing ``batch`` that fits, with operator costs
+    profiled at two micro-batch sizes (``low``, ``high``); see [Note: memory-aware micro-batching]."""
+    plans: list[Plan] = []
+    error: ValueError | None = None
+    for m in microbatch_candidates(batch, num_stages):
+        costs = costs_at(low, high, batch // m)
+        try:
+            plans.append(
+                plan_graph(
+                    graph,
+                    costs,
+                    num_stages,
+                    m,
+                    stage_graph,
+                    memory_budget_bytes=memory_budget_bytes,
+                    schedule_kind=schedule_kind,
+                )
+            )
+        except ValueError as exc:  # does not fit the memory budget
+            error = exc
+    if not plans:
+        assert error is not None
+        raise error
+    times = [p.simulate().iteration_time for p in plans]
+    fastest = min(times)
+    best = next(p for p, t in zip(plans, times) if t <= fastest * (1 + low.tolerance))  # fewest, largest
+    log.info(
+        "micro-batches: %s",
+        ", ".join(f"{p.num_microbatches} x {p.microbatch_size}: {t:.4g} ms" for p, t in zip(plans, times)),
+    )
+    return best
+
+
+def _batch_size(inputs: Sequence[Any]) -> int:
+    return next((x.shape[0] for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0), 1)
 
 
 def plan_graph(
@@ -188,13 +256,58 @@ def plan_graph(
     start = time.perf_counter()
     model = StageCostModel(graph, costs)
     chain = stage_graph == "chain"
-    if chain:
-        stages = partition_chain(graph, model, num_stages, memory_budget_bytes=memory_budget_bytes).stages
-    else:
-        stages = _dag_stages(
-            graph, model, costs, num_stages, num_microbatches, memory_budget_bytes, schedule_kind
+    try:
+        if chain:
+            stages = partition_chain(
+                graph,
+                model,
+                num_stages,
+                memory_budget_bytes=memory_budget_bytes,
+                num_microbatches=num_microbatches,
+            ).stages
+        else:
+            stages = _dag_stages(
+                graph, model, costs, num_stages, num_microbatches, memory_budget_bytes, schedule_kind
+            )
+    except ValueError as exc:
+        if memory_budget_bytes is None:
+            raise
+        raise ValueError(_no_fit(graph, model, num_stages, num_microbatches, memory_budget_bytes)) from exc
+    return _assemble(
+        graph, costs, model, stages, num_microbatches, stage_graph, start, schedule_kind, memory_budget_bytes
+    )
+
+
+def _no_fit(
+    graph: OpGraph, model: StageCostModel, num_stages: int, num_microbatches: int, budget: float
+) -> str:
+    """Why no partition fits ``budget``: the operator too large alone, or the smallest stage of the
+    partition planned without a budget that does not fit."""
+    head = f"no partition into {num_stages} stages fits memory_budget_bytes={budget:.0f}"
+    copies = model.param_copies
+    need, v = max((model.of_mask(1 << v).memory_bytes(1, copies), v) for v in range(len(graph)))
+    if need > budget:
+        return (
+            f"{head}: operator {graph.nodes[v].name} alone needs {need:.0f} bytes (parameters x {copies:g} "
+            "and one micro-batch's activations)"
         )
-    return _assemble(graph, costs, model, stages, num_microbatches, stage_graph, start, schedule_kind)
+    masks = partition_dag(decompose(graph), model, num_stages).stages
+    sg = build_stage_graph(graph, model, masks)
+    over = [
+        (c.memory_bytes(min(f, num_microbatches), copies), s, min(f, num_microbatches))
+        for s, (c, f) in enumerate(zip(sg.costs, sg.in_flight))
+        if c.memory_bytes(min(f, num_microbatches), copies) > budget
+    ]
+    if not over:  # the search's in-flight counts were pessimistic; name the largest stage
+        over = [max((c.memory_bytes(min(f, num_microbatches), copies), s, min(f, num_microbatches))
+                    for s, (c, f) in enumerate(zip(sg.costs, sg.in_flight)))]  # fmt: skip
+    need, s, held = min(over)
+    names = [graph.nodes[v].name for v in members(sg.stages[s])]
+    return (
+        f"{head}: the smallest stage that does not fit, stage {s} ({_short(tuple(names))}), needs {need:.0f} "
+        f"bytes with {held} micro-batches in flight; raise the budget, use more stages, or smaller "
+        "micro-batches (num_microbatches='auto' chooses)"
+    )
 
 
 def _dag_stages(
@@ -215,14 +328,25 @@ def _dag_stages(
     searches = (
         (
             "DAG search",
-            lambda: partition_dag(decompose(graph), model, num_stages, memory_budget_bytes=budget),
+            lambda: partition_dag(
+                decompose(graph),
+                model,
+                num_stages,
+                memory_budget_bytes=budget,
+                num_microbatches=num_microbatches,
+            ),
         ),
-        ("chain split", lambda: partition_chain(graph, model, num_stages, memory_budget_bytes=budget)),
+        (
+            "chain split",
+            lambda: partition_chain(
+                graph, model, num_stages, memory_budget_bytes=budget, num_microbatches=num_microbatches
+            ),
+        ),
     )
     for label, search in searches:
         try:
             masks = search().stages
-            _check_memory(graph, model, masks, budget)
+            _check_memory(graph, model, masks, budget, num_microbatches)
             found.append((label, masks))
         except ValueError as exc:  # nothing of this family fits the memory budget
             error = error or exc
@@ -239,13 +363,16 @@ def _dag_stages(
     return found[best][1]
 
 
-def _check_memory(graph: OpGraph, model: StageCostModel, masks: Sequence[int], budget: float | None) -> None:
+def _check_memory(
+    graph: OpGraph, model: StageCostModel, masks: Sequence[int], budget: float | None, num_microbatches: int
+) -> None:
     """Raise ``ValueError`` when a stage of the full stage graph (output edges included, see [Note:
     output edges]) does not fit ``budget``."""
     if budget is None:
         return
     sg = build_stage_graph(graph, model, masks)
-    for s, (cost, in_flight) in enumerate(zip(sg.costs, sg.in_flight)):
+    for s, (cost, depth) in enumerate(zip(sg.costs, sg.in_flight)):
+        in_flight = min(depth, num_microbatches)
         need = cost.memory_bytes(in_flight, model.param_copies)
         if need > budget:
             raise ValueError(
@@ -294,11 +421,18 @@ def _assemble(
     stage_graph: StageGraphKind,
     start: float,
     schedule_kind: ScheduleKind,
+    budget: float | None = None,
 ) -> Plan:
     num_stages = len(masks)
     sg = build_stage_graph(graph, model, masks, chain=stage_graph == "chain")
-    splits, schedule = _schedule(graph, model, sg, num_microbatches, stage_graph, schedule_kind, costs)
+    splits, schedule = _schedule(
+        graph, model, sg, num_microbatches, stage_graph, schedule_kind, costs, budget
+    )
+    sg = dataclasses.replace(
+        sg, costs=tuple(_with_boundary(model, sg, s, c, splits) for s, c in enumerate(sg.costs))
+    )
     elapsed = time.perf_counter() - start
+    peaks = simulate(schedule, [0.0] * num_stages, [0.0] * num_stages).peak_in_flight  # the schedule's
     log.info("planned %d operators into %d %s stages in %.3f s", len(graph), num_stages, stage_graph, elapsed)
     return Plan(
         stages=tuple(
@@ -314,7 +448,23 @@ def _assemble(
         schedule=schedule,
         bottleneck_ms=max(c.time_ms for c in sg.costs),
         planning_time_s=elapsed,
+        peak_bytes=tuple(c.memory_bytes(p, costs.param_copies) for c, p in zip(sg.costs, peaks)),
+        memory_budget_bytes=budget,
     )
+
+
+def _with_boundary(
+    model: StageCostModel, sg: StageGraph, s: int, cost: StageCost, splits: dict[int, LateSplit]
+) -> StageCost:
+    """A split stage also holds the values its early part passes to its late part (the runtime keeps
+    them for the early part's backward, see [Note: runtime semantics])."""
+    split = splits.get(s)
+    if split is None:
+        return cost
+    mask = sg.stages[s]
+    early = mask & ~split.late_mask
+    boundary = mask_of(v for v in members(early) if model.succ_mask[v] & split.late_mask)
+    return dataclasses.replace(cost, act_bytes=cost.act_bytes + model.held_extra(mask, boundary))
 
 
 def _schedule(
@@ -325,6 +475,7 @@ def _schedule(
     stage_graph: StageGraphKind,
     schedule_kind: ScheduleKind,
     costs: CostTable,
+    budget: float | None = None,
 ) -> tuple[dict[int, LateSplit], Schedule]:
     """The DAG 1F1B or zero-bubble schedule, with join stages split at their late input on a DAG plan."""
     splits = {x.stage: x for x in late_splits(graph, model, sg.stages)} if stage_graph == "dag" else {}
@@ -334,7 +485,14 @@ def _schedule(
         return splits, build_1f1b(n, sg.edges, num_microbatches, late)
     fwd, bwd, wgt = ([getattr(c, f) for c in sg.costs] for f in ("fwd_ms", "bwd_ms", "wgt_ms"))
     delay = {e: costs.comm.time_ms(b) for e, b in zip(sg.edges, sg.edge_bytes)}
-    zb = build_zero_bubble(n, sg.edges, num_microbatches, late, fwd=fwd, bwd=bwd, wgt=wgt, edge_delay=delay)
+    caps = None
+    if budget is not None:  # a stage may defer W's as far as its memory allows
+        warmup = [min(d, num_microbatches) for d in sg.in_flight]
+        room = [(budget - c.param_bytes * costs.param_copies) // max(1, c.act_bytes) for c in sg.costs]
+        caps = [max(w, min(num_microbatches, int(r))) for w, r in zip(warmup, room)]
+    zb = build_zero_bubble(
+        n, sg.edges, num_microbatches, late, fwd=fwd, bwd=bwd, wgt=wgt, edge_delay=delay, max_in_flight=caps
+    )
     return splits, zb
 
 

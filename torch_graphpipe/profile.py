@@ -39,11 +39,16 @@ class OpCost:
     wgt_ms: float = 0.0  # the weight-gradient part of bwd_ms (see [Note: zero-bubble DAG schedule])
     out_bytes: int = 0  # bytes of its output (activation sent to a consumer, stored per micro-batch)
     param_bytes: int = 0  # bytes of the parameters it owns
+    saves: tuple[str, ...] | None = None  # operators whose outputs it saves for backward (None: unknown)
+    temp_bytes: int = 0  # bytes it saves for backward that are neither its inputs nor its output
+    alias_of: str | None = None  # the operator whose output its output is a view of (same storage)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            if getattr(self, f.name) < 0:
+            if f.name not in ("saves", "alias_of") and getattr(self, f.name) < 0:
                 raise ValueError(f"OpCost.{f.name} must be >= 0, got {getattr(self, f.name)}")
+        if self.temp_bytes < 0:
+            raise ValueError(f"OpCost.temp_bytes must be >= 0, got {self.temp_bytes}")
         if self.wgt_ms > self.bwd_ms:
             raise ValueError(f"OpCost.wgt_ms={self.wgt_ms} is part of bwd_ms={self.bwd_ms}, so at most it")
 
@@ -79,6 +84,7 @@ class CostTable:
     comm: CommModel = dataclasses.field(default_factory=CommModel)  # communication model
     microbatch_size: int = 1  # samples per micro-batch (to report time per sample)
     param_copies: float = 4.0  # parameter-sized buffers per parameter (weights, grads, 2 Adam moments)
+    tolerance: float = 0.05  # relative difference in simulated time planning treats as noise
 
     def of(self, name: str) -> OpCost:
         return self.ops.get(name, OpCost())
@@ -159,15 +165,20 @@ def _profile_ops(
         for into, new in zip(pooled, timed):
             into.extend(new)
     ops = {}
+    aliases = _aliases(gm, graph, env)
     for node in graph.nodes:
         fwd, bwd, wgt = samples[signature[node.name]]
         fx_node = fx_nodes[node.name]
+        saves, temp = _saved(gm, fx_node, env)
         ops[node.name] = OpCost(
             fwd_ms=statistics.median(fwd),
             bwd_ms=statistics.median(bwd),
             wgt_ms=min(statistics.median(wgt), statistics.median(bwd)),
             out_bytes=_nbytes(env[fx_node]),
             param_bytes=_param_bytes(gm, fx_node),
+            saves=saves,
+            temp_bytes=temp,
+            alias_of=aliases.get(node.name),
         )
     return ops
 
@@ -231,6 +242,67 @@ def _time_node(
         bwd_times.append((end - start) * 1e3)
         wgt_times.append((end - middle) * 1e3 if weights else 0.0)
     return fwd_times[1:], bwd_times[1:], wgt_times[1:]
+
+
+def _saved(gm: fx.GraphModule, node: fx.Node, env: dict[fx.Node, Any]) -> tuple[tuple[str, ...], int]:
+    """What ``node`` saves for backward (see [Note: held activations]): the operators (itself for its
+    output) whose values it keeps, and the bytes of what else it keeps (weights and model inputs
+    excepted)."""
+    fn = _callable(gm, node)
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: env[a])
+    a, k = pytree.tree_map(_leaf_input, (args, kwargs))
+    kept: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        kept.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*a, **k)
+    owner: dict[int, str | None] = {}  # storage -> the operator whose value it is (None: not held per mb)
+    for arg in node.all_input_nodes:
+        held = None if arg.op in ("get_attr", "placeholder") else arg.name
+        for t in _tensors(env[arg]):
+            owner[_storage(t)] = held
+    if isinstance(fn, torch.nn.Module):
+        owner.update((_storage(p), None) for p in [*fn.parameters(), *fn.buffers()])
+    owner.update((_storage(t), node.name) for t in _tensors(out))
+    saves: dict[str, None] = {}
+    temp: dict[int, int] = {}
+    for t in kept:
+        key = _storage(t)
+        if key in owner:
+            if owner[key] is not None:
+                saves[str(owner[key])] = None
+        else:
+            temp[key] = t.untyped_storage().nbytes()
+    return tuple(saves), sum(temp.values())
+
+
+def _aliases(gm: fx.GraphModule, graph: OpGraph, env: dict[fx.Node, Any]) -> dict[str, str]:
+    """``{operator: the earlier operator whose output storage its output shares}`` (views); a view of a
+    model input maps to ``""``."""
+    first: dict[int, str] = {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            first.update((_storage(t), "") for t in _tensors(env.get(node)))
+    fx_nodes = {n.name: n for n in gm.graph.nodes}
+    out: dict[str, str] = {}
+    for node in graph.nodes:
+        tensors = _tensors(env[fx_nodes[node.name]])
+        if tensors:
+            base = first.setdefault(_storage(tensors[0]), node.name)
+            if base != node.name:
+                out[node.name] = base
+    return out
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    return [x for x in pytree.tree_leaves(value) if isinstance(x, torch.Tensor)]
 
 
 def _grad_leaf(x: Any) -> bool:

@@ -35,6 +35,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from torch_graphpipe.action import Action
+from torch_graphpipe.memory import HeldActivations
 from torch_graphpipe.routing import StageRoute
 from torch_graphpipe.schedule import Schedule
 from torch_graphpipe.shape_oracle import Specs, TensorSpec
@@ -76,6 +77,7 @@ class StageRuntime:
         self.split_backward = any(a.kind == "W" for a in self.program)  # see [Note: split backward]
         self.events: list[tuple[str, int, float, float]] | None = None  # (kind, mb, start, end) when set
         self.executed: list[Action] | None = None  # when set, every action as it is carried out
+        self.memory: HeldActivations | None = None  # when set, measures held activations (training)
         self._peers = dict(route.recv) | dict(route.send)
 
     def train(
@@ -89,7 +91,13 @@ class StageRuntime:
 
         ``module`` is the stage module, or its two parts on a stage split at a late input."""
         step = _Step(inputs=inputs, targets=targets, specs=specs)
-        self._run(self.program, module, step, training=True)
+        if self.memory is None:
+            self._run(self.program, module, step, training=True)
+        else:  # see [Note: measured memory]
+            parts = [module.early, module.late] if isinstance(module, StageParts) else [module]
+            self.memory.exclude([inputs, targets, [list(m.parameters()) + list(m.buffers()) for m in parts]])
+            with self.memory.tracking():
+                self._run(self.program, module, step, training=True)
         return None if step.loss_sum is None else step.loss_sum / self.num_microbatches
 
     @torch.no_grad()
@@ -141,6 +149,8 @@ class StageRuntime:
                 self._grad_messages(a.microbatch, step, [p for p, _ in self.route.recv])
             if self.events is not None:
                 self.events.append((a.kind, a.microbatch, start, time.perf_counter()))
+            if self.memory is not None and training:
+                self.memory.sample([step.received, step.sent, step.boundary])
             if self.executed is not None:
                 self.executed.append(a)
             i += 1

@@ -161,6 +161,13 @@ def _topological(graph: OpGraph, masks: list[int]) -> list[int]:
     return [masks[s] for s in order]
 
 
+def _chain_held(model: StageCostModel, mask: int, incoming: list[int]) -> int:
+    """Held bytes per micro-batch of a chain stage (see [Note: held activations]): as in the DAG, plus
+    the values it receives only to pass them on."""
+    consumed = {p for v in members(mask) for p in members(model.pred_mask[v] & ~mask)}
+    return model.of_mask(mask).act_bytes + sum(model.out_bytes[p] for p in incoming if p not in consumed)
+
+
 def _chain_graph(graph: OpGraph, model: StageCostModel, masks: list[int]) -> StageGraph:
     """Stages linked as a chain: everything crossing a cut is passed through the neighbour."""
     crossing = []
@@ -179,7 +186,7 @@ def _chain_graph(graph: OpGraph, model: StageCostModel, masks: list[int]) -> Sta
                 bwd_ms=sum(model.bwd[v] for v in own),
                 comm_ms=sum(model.msg[p] for p in incoming) + sum(model.msg[p] for p in outgoing),
                 param_bytes=sum(model.params[v] for v in own),
-                act_bytes=sum(model.out_bytes[v] for v in own) + sum(model.out_bytes[p] for p in incoming),
+                act_bytes=_chain_held(model, mask, incoming),
                 wgt_ms=model.of_mask(mask).wgt_ms,  # the same received values, passed on or not
             )
         )

@@ -118,7 +118,7 @@ def test_memory_budget_counts_the_output_edges():
         ops={n.name: OpCost(fwd_ms=1, bwd_ms=2, out_bytes=1000) for n in graph.nodes}, param_copies=1.0
     )
     with pytest.raises(
-        ValueError, match=r"stage 2 of the DAG search's partition needs 8000 bytes with 4 micro"
+        ValueError, match=r"smallest stage that does not fit, stage 2 \(a1\), needs 8000 bytes with 4 micro"
     ):
         plan_graph(graph, costs, 8, 8, memory_budget_bytes=6000)
     planned = plan_graph(graph, costs, 8, 8, memory_budget_bytes=8000)
