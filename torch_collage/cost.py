@@ -329,14 +329,17 @@ class CostModel:
     def predicted_s(self, cand: Candidate) -> float | None:
         """Seconds that measuring ``cand`` (compile, check, timing) will likely take: the mean over
         this search's candidates of its backend and kind (whole graph or not), else for a whole graph
-        its backend's seconds per op on earlier graphs (cached), else that mean over the other
-        backends; None when nothing of the kind was measured yet."""
+        its backend's seconds per op on earlier graphs (cached) or its spec's prior
+        (``compile_s_per_op``), else that mean over the other backends; None when nothing of the
+        kind was measured yet."""
         whole = cand.mask == self.graph.full
         spent = self._spent.get((cand.backend, whole))
         if spent:
             return spent[0] / spent[1]
         if whole:
             rate = _float_or_none(self.cache.get_text(self._rate_key(cand.backend)))
+            if rate is None:  # nothing measured on this machine yet: the backend's own prior
+                rate = self.specs[cand.backend].compile_s_per_op
             if rate is not None:
                 return rate * self.graph.size
         alike = [v for (b, w), v in self._spent.items() if w == whole and not (whole and b == "eager")]
@@ -348,7 +351,9 @@ class CostModel:
         """Cache key of a budgeted search step: the graph, its inputs, the backends, threads and ``parts``."""
         args = [self.values[n] for n in self.gm.graph.nodes if n.op == "placeholder"]
         backends = ",".join(f"{b}={self.versions[b]}" for b in sorted(self.specs))
-        return digest("search", str(self.gm.graph), tensor_signature(args), backends, str(self.threads), *parts)
+        return digest(
+            "search", str(self.gm.graph), tensor_signature(args), backends, str(self.threads), *parts
+        )
 
     def was_cut(self, what: str) -> bool:
         """Whether a cold search left ``what`` out for the budget (``cut``): a warm compile, faster,

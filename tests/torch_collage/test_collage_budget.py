@@ -151,3 +151,28 @@ def test_progress_estimate_comes_from_the_time_measuring_took(tmp_path):
             assert progress.eta_s() == pytest.approx(4 * each)
             cost.budget.seconds = cost.budget.spent() + 0.2  # almost spent
             assert progress.eta_s() <= 0.2
+
+
+def test_a_backends_compile_prior_orders_the_first_whole_graphs(tmp_path):
+    """On a machine where nothing was measured yet, a backend whose spec says its compiles are slow
+    (``compile_s_per_op``) is predicted from that prior, so the whole graphs of backends without a
+    prior (measured first) go before it; a rate measured on this machine replaces the prior."""
+    from torch_collage.backends.registry import get_spec
+    from torch_collage.cache import CostCache
+    from torch_collage.cost import CostModel, record_values
+
+    model, x = _mlp(), torch.randn(8, 32)
+    gm = make_fx(model)(x)
+    graph = DataflowGraph.from_graph(gm.graph)
+    with (
+        registered_backend("slow_prior", compile=_sleepy_compile, compile_s_per_op=0.5),
+        registered_backend("no_prior", compile=_sleepy_compile),
+    ):
+        specs = {name: get_spec(name) for name in ("eager", "slow_prior", "no_prior")}
+        opts = CollageOptions(cache_dir=str(tmp_path), time_budget_s=30.0, **_FAST)
+        cost = CostModel(gm, graph, record_values(gm, [x]), specs, opts, CostCache(str(tmp_path)))
+        slow, unknown = Candidate(graph.full, "slow_prior"), Candidate(graph.full, "no_prior")
+        assert cost.predicted_s(slow) == pytest.approx(0.5 * graph.size)
+        assert cost.predicted_s(unknown) is None
+        cost.cost(slow)  # measured now: this search's own time replaces the prior
+        assert cost.predicted_s(slow) < 0.5 * graph.size

@@ -211,6 +211,9 @@ class BackendSpec:
     # Optional: compile a partition once for every size of its dynamic dimensions (its inputs are
     # tensors only); without it, a graph with symbolic shapes compiles the partition per size.
     compile_dynamic: DynamicCompileFn | None = None
+    # Optional prior: seconds per ATen op that compiling a whole graph takes on this backend, used
+    # to order and budget the first whole graphs before any was measured on this machine.
+    compile_s_per_op: float | None = None
     rules: tuple[OpRule, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -275,6 +278,7 @@ def runner_spec(
     fusion: Fusion = "region",
     patterns: tuple[tuple[str, ...], ...] = (),
     max_depth: int | None = None,
+    compile_s_per_op: float | None = None,
 ) -> BackendSpec:
     """The spec of a runtime that runs whole ATen graphs: a partition goes to the runner's
     ``compile_graph`` where it has one (``compile`` otherwise); a runner with ``load`` saves its
@@ -288,6 +292,7 @@ def runner_spec(
         name=name,
         compile=compile_fn,
         compile_dynamic=getattr(backend, "compile_graph_dynamic", None),
+        compile_s_per_op=compile_s_per_op,
         supports=supports,
         fusion=fusion,
         max_depth=max_depth,
