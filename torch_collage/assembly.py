@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import fx
 
 from torch_collage.freeze import fetch_attr
@@ -54,12 +55,14 @@ class AssembledGraph:
                 slot[node] = len(template)
                 template.append(fetch_attr(gm, str(node.target)))
         program = []
+        consumed = {n for step in self.steps for n in step.subgraph.inputs}
         for step in self.steps:
             ins = tuple(slot[n] for n in step.subgraph.inputs)
             for node in step.subgraph.outputs:
                 slot[node] = len(template)
                 template.append(None)
-            program.append((step.fn, ins, tuple(slot[n] for n in step.subgraph.outputs)))
+            restride = () if step.backend == "eager" else _eager_strides(step.subgraph.outputs, consumed)
+            program.append((step.fn, ins, tuple(slot[n] for n in step.subgraph.outputs), restride))
         self._template, self._program, self._slot = template, tuple(program), slot
         output = next(n for n in gm.graph.nodes if n.op == "output").args[0]
         self._output = output
@@ -72,12 +75,18 @@ class AssembledGraph:
             raise TypeError(f"expected {self._num_args} inputs, got {len(args)}")
         values = self._template.copy()
         values[: self._num_args] = args
-        for fn, ins, outs in self._program:
+        for fn, ins, outs, restride in self._program:
             result = fn(*[values[i] for i in ins])
             if not isinstance(result, (tuple, list)):
                 result = (result,)
             for i, value in zip(outs, result):
                 values[i] = value
+            for k, stride in restride:  # [Note: strides at partition boundaries]
+                value = values[outs[k]]
+                if value.stride() != stride and _layout_differs(value, stride):
+                    values[outs[k]] = torch.empty_strided(
+                        value.shape, stride, dtype=value.dtype, device=value.device
+                    ).copy_(value)
         if self._flat_output is not None:
             got = [values[i] for i in self._flat_output]
             return tuple(got) if self._output_is_tuple else got
@@ -85,3 +94,36 @@ class AssembledGraph:
 
     def __repr__(self) -> str:
         return "AssembledGraph(" + " -> ".join(s.backend for s in self.steps) + ")"
+
+
+def _layout_differs(value: torch.Tensor, stride: tuple[int, ...]) -> bool:
+    """Whether ``value``'s strides differ from ``stride`` in a dimension of size > 1."""
+    return any(n > 1 and a != b for n, a, b in zip(value.shape, value.stride(), stride))
+
+
+# [Note: strides at partition boundaries]
+# An ATen graph relies on the strides eager gives its values: ``transpose`` then ``view`` is valid
+# only on the layout eager produced, and Inductor asserts its inputs' strides. A runtime partition
+# (ONNX Runtime, OpenVINO) returns contiguous outputs, so in a mixed placement a later partition
+# got a layout the graph was not traced for: Llama's decode graph with OpenVINO beside eager failed
+# in ``view`` ("view size is not compatible with input tensor's size and stride"). So each output
+# of a non-eager partition that a later partition reads is given eager's strides (from the graph's
+# traced values) when it comes back with others: a copy, only where the layouts differ, checked by
+# a tuple comparison per value and call. Sizes that are symbolic leave strides unknown; those
+# values are passed on as they come.
+def _eager_strides(
+    outputs: Sequence[fx.Node], consumed: set[fx.Node]
+) -> tuple[tuple[int, tuple[int, ...]], ...]:
+    """(position in ``outputs``, eager's strides) of each output read by a later partition whose
+    traced value has concrete strides and more than one element."""
+    found = []
+    for k, node in enumerate(outputs):
+        val = node.meta.get("val")
+        if node not in consumed or not isinstance(val, torch.Tensor):
+            continue
+        stride = val.stride()
+        concrete = all(isinstance(x, int) for x in (*stride, *val.shape))
+        expanded = any(st == 0 and n > 1 for st, n in zip(stride, val.shape))
+        if concrete and not expanded and val.numel() > 1:
+            found.append((k, tuple(int(x) for x in stride)))
+    return tuple(found)

@@ -81,26 +81,36 @@ def e2e_many_ms(
     samples: list[list[float]] = [[] for _ in items]
     repeats = _RECHECK_REPEATS if recheck else None
 
+    failed: set[int] = set()
+
     def run_rounds(members: list[int], count: int) -> None:
         done = len(samples[members[0]])
         for r in range(done, done + count):
             k = r % len(members)  # the order rotates: none is always first after the previous compile
             for i in members[k:] + members[:k]:
                 call = functools.partial(_call, built[i], args, restore)
-                samples[i].append(
-                    model.time_call(call) if repeats is None else model.time_call(call, repeats)
-                )
+                try:
+                    samples[i].append(
+                        model.time_call(call) if repeats is None else model.time_call(call, repeats)
+                    )
+                except Exception as exc:
+                    if r > 0:  # it ran before: not a placement that cannot run
+                        raise
+                    failed.add(i)
+                    _log_failure(items[i][0], graph, exc)
 
-    order = list(range(len(items)))
     start = time.perf_counter()
-    run_rounds(order, 1)
+    run_rounds(list(range(len(items))), 1)
+    order = [i for i in range(len(items)) if i not in failed]
+    if not order:
+        return [math.inf] * len(items)
     per_round = time.perf_counter() - start
     for left in range(rounds - 1, 0, -1):
         if not model.budget.fits(per_round):
             model.budget.skip("end-to-end rounds", left)
             break
         run_rounds(order, 1)
-    ms = dict(zip(order, _paired_scores(samples)))
+    ms = dict(zip(order, _paired_scores([samples[i] for i in order])))
     if len(order) > 1 and not recheck:
         finalists = sorted(order, key=ms.__getitem__)[:2]
         for _ in range(RUNOFF_ROUNDS):
@@ -112,7 +122,7 @@ def e2e_many_ms(
                 break
             run_rounds(finalists, 1)
             ms.update(zip(finalists, _paired_scores([samples[i] for i in finalists])))
-    out = [ms[i] for i in order]
+    out = [ms.get(i, math.inf) for i in range(len(items))]
     if model.noisy == noisy and not recheck:  # a comparison timed while the machine was busy is not kept
         model.cache.put_text(group, json.dumps(out))
     return out
@@ -129,6 +139,19 @@ def _paired_scores(samples: Sequence[Sequence[float]]) -> list[float]:
     refs = [math.exp(sum(math.log(s[r]) for s in samples) / len(samples)) for r in range(n)]
     scale = statistics.median(refs)
     return [statistics.median(s[r] / refs[r] for r in range(n)) * scale for s in samples]
+
+
+def _log_failure(placement: Placement, graph: DataflowGraph, exc: Exception) -> None:
+    """An assembled placement that raised when first timed is left out of the comparison (infinitely
+    slow) rather than failing the compile: each partition was checked alone, but partitions
+    together can still fail (a layout a later one was not traced for)."""
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    logger.warning(
+        "torch_collage: placement %s failed end to end, not using it: %s: %s",
+        placement.describe(graph),
+        type(exc).__name__,
+        first,
+    )
 
 
 def _call(assembled: AssembledGraph, args: Sequence[Any], restore: Callable[[], None] | None) -> Any:

@@ -1,0 +1,80 @@
+"""Partitions together: a runtime's contiguous outputs get eager's strides where a later partition
+reads them ([Note: strides at partition boundaries]), and a placement that fails end to end is left
+out of the comparison instead of failing the compile."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import fx
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from torch_collage.assembly import AssembledGraph, Step
+from torch_collage.backends.registry import get_spec
+from torch_collage.subgraph import extract
+
+
+def _heads_then_merge(x: torch.Tensor) -> torch.Tensor:
+    t = (x * 2.0).transpose(1, 2)  # [B, H, S, D], not contiguous
+    return t.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1) + 1.0  # a view of eager's layout
+
+
+def _split(gm: fx.GraphModule) -> tuple[list[fx.Node], list[fx.Node]]:
+    ops = [n for n in gm.graph.nodes if n.op == "call_function"]
+    first = [n for n in ops if "mul" in str(n.target) or n is ops[1]]
+    return first, [n for n in ops if n not in first]
+
+
+def test_runtime_outputs_get_eager_strides_before_a_later_partition_reads_them() -> None:
+    spec = get_spec("onnxruntime")
+    if not spec.available()[0]:
+        pytest.skip(spec.available()[1])
+    x = torch.randn(2, 5, 3, 4)
+    gm = make_fx(_heads_then_merge)(x)
+    first, rest = _split(gm)
+    head, tail = extract(gm, first), extract(gm, rest)
+    assert "transpose" in str(head.structure) and "view" in str(tail.structure)
+    runtime = spec.compile(head.module, (x,))  # ONNX Runtime returns contiguous tensors
+    assert runtime(x)[0].is_contiguous()
+    assembled = AssembledGraph(gm, [Step("onnxruntime", runtime, head), Step("eager", tail.module, tail)])
+    y = torch.randn(2, 5, 3, 4)
+    torch.testing.assert_close(assembled(y), _heads_then_merge(y))
+
+
+def test_a_placement_that_fails_end_to_end_is_left_out_not_raised(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Each partition alone is fine, together they raise: the comparison gives the placement an
+    infinite time and the compile goes on with the others."""
+    from torch_collage.endtoend import e2e_many_ms
+    from torch_collage.search import Placement
+
+    x = torch.randn(3, 4)
+    gm = make_fx(lambda a: a.relu() + 1)(x)
+
+    def broken() -> AssembledGraph:
+        def fail(*args: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("view size is not compatible")
+
+        sub = extract(gm, [n for n in gm.graph.nodes if n.op == "call_function"])
+        return AssembledGraph(gm, [Step("broken", fail, sub)])
+
+    def works() -> AssembledGraph:
+        sub = extract(gm, [n for n in gm.graph.nodes if n.op == "call_function"])
+        return AssembledGraph(gm, [Step("eager", sub.module, sub)])
+
+    from torch_collage.cache import CostCache
+    from torch_collage.cost import CostModel, record_values
+    from torch_collage.graph import DataflowGraph
+    from torch_collage.options import CollageOptions
+
+    graph = DataflowGraph.from_graph(gm.graph)
+    opts = CollageOptions(cache_dir=str(tmp_path), repeats=3, warmup=1, progress=False)
+    model = CostModel(
+        gm, graph, record_values(gm, [x]), {"eager": get_spec("eager")}, opts, CostCache(str(tmp_path))
+    )
+    a, b = Placement((), 1.0), Placement((), 2.0)
+    with caplog.at_level(logging.WARNING, logger="torch_collage"):
+        ms = e2e_many_ms(model, graph, [(a, broken), (b, works)])
+    assert ms[0] == float("inf") and 0 < ms[1] < float("inf")
+    assert any("failed end to end" in r.getMessage() for r in caplog.records)
