@@ -2,6 +2,7 @@
 
     python benchmarks/bench_graphpipe.py                       # all workloads (about 6 minutes on 2 cores)
     python benchmarks/bench_graphpipe.py --workloads two_branch,chain
+    python benchmarks/bench_graphpipe.py --plans-only --workloads mmt,dlrm,candle_uno   # plans, no run
 
 Every stage is one gloo process. This machine has 2 cores and a pipeline has up to 8 stages, so stage
 compute is EMULATED: each stage runs the tiny version of the model (same operator graph, so the same
@@ -26,6 +27,7 @@ import argparse
 import copy
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import statistics
@@ -91,6 +93,7 @@ LABELS = {  # GraphPipe's plan key -> runtime label
 }
 BASELINE = TORCH_LABELS["Schedule1F1B"]
 PLAN_COMM = CommModel(alpha_ms=0.3, bytes_per_ms=1.0e6)  # gloo over loopback, for planning
+PROFILE_REPEATS = 11  # samples per operator: enough for a spread (see [Note: plans that reproduce])
 
 
 def _costs(wl: Workload, microbatch: int, target_ms: float) -> tuple[CostTable, float]:
@@ -101,7 +104,7 @@ def _costs(wl: Workload, microbatch: int, target_ms: float) -> tuple[CostTable, 
         captured = capture(model)
         inputs, _ = wl.batch("full", microbatch)
         raw = profile_graph(
-            captured.graph_module, captured.graph, inputs, repeats=3, microbatch_size=microbatch
+            captured.graph_module, captured.graph, inputs, repeats=PROFILE_REPEATS, microbatch_size=microbatch
         )
         graph = captured.graph
     else:
@@ -117,7 +120,14 @@ def _costs(wl: Workload, microbatch: int, target_ms: float) -> tuple[CostTable, 
     total = sum(c.fwd_ms + c.bwd_ms for c in raw.ops.values())
     scale = target_ms * wl.stages / total
     ops = {
-        k: dataclasses.replace(c, fwd_ms=c.fwd_ms * scale, bwd_ms=c.bwd_ms * scale, wgt_ms=c.wgt_ms * scale)
+        k: dataclasses.replace(
+            c,
+            fwd_ms=c.fwd_ms * scale,
+            bwd_ms=c.bwd_ms * scale,
+            wgt_ms=c.wgt_ms * scale,
+            fwd_spread_ms=c.fwd_spread_ms * scale,
+            bwd_spread_ms=c.bwd_spread_ms * scale,
+        )
         for k, c in raw.ops.items()
     }
     return CostTable(ops=ops, comm=PLAN_COMM, microbatch_size=raw.microbatch_size), elapsed
@@ -135,6 +145,26 @@ def _plans(wl: Workload, costs: CostTable, microbatches: int) -> tuple[dict[str,
     per_rank = sorted({v for v, _ in TORCH_SCHEDULES.values()})
     chains = {v: plan_graph(graph, costs, v * wl.stages, microbatches, "chain") for v in per_rank}
     return plans, chains
+
+
+def plan_id(p: Plan) -> str:
+    """A short fingerprint of a plan's partition and schedule (equal ids: the same plan)."""
+    text = repr([s.node_names for s in p.stages]) + str(p.schedule)
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def plans_only(wl: Workload, args: argparse.Namespace) -> list[str]:
+    """Profile and plan ``wl`` as a full run would, without running it: one line per plan."""
+    costs, profile_s = _costs(wl, args.profile_microbatch, args.target_ms)
+    plans, chains = _plans(wl, costs, args.microbatches)
+    named = {LABELS[k]: p for k, p in plans.items()} | {
+        f"chain split, {v} stage(s)/rank": p for v, p in chains.items()
+    }
+    return [
+        f"{wl.name} | {label} | plan {plan_id(p)} | in-flight {'/'.join(str(s.in_flight) for s in p.stages)} | "
+        f"simulated {p.simulate().iteration_time:.1f} ms | margin {p.margin:.1%} | profiling {profile_s:.1f} s"
+        for label, p in named.items()
+    ]
 
 
 # -- the distributed run (one process per stage) -------------------------------------------------
@@ -321,7 +351,8 @@ def _plan_columns(
     return {
         "stages": plan.num_stages, "sim_ms": sim.iteration_time, "sim_cal_ms": sim_cal,
         "overrun_ms": cal.overrun_ms, "message_ms": cal.message_ms, "latency_ms": cal.latency_ms,
-        "plan_s": plan.planning_time_s, "peak_sim": "/".join(map(str, sim.peak_in_flight)),
+        "plan_s": plan.planning_time_s, "margin": plan.margin, "plan_id": plan_id(plan),
+        "peak_sim": "/".join(map(str, sim.peak_in_flight)),
         "peak_meas": "/".join(map(str, measured.peak_in_flight)) if measured is not None else None,
         "pngs": [p.name for p in pngs], "_peaks": sim.peak_in_flight,
     }  # fmt: skip
@@ -342,6 +373,8 @@ COLUMNS = (
     Column("memory_mb", "peak MB/device (pred.)", "{:.2f}"),
     Column("memory_ratio", "memory / 1F1B's", "{:.2f}"),
     Column("plan_s", "planning s", "{:.3f}"),
+    Column("margin", "cost margin", "{:.1%}"),
+    Column("plan_id", "plan id"),
     Column("profile_s", "profiling s", "{:.1f}"),
     Column("peak_sim", "peak in-flight (sim / schedule)"),
     Column("peak_meas", "peak in-flight (measured)"),
@@ -404,7 +437,7 @@ def _notes(args: argparse.Namespace, info: dict[str, Any], rows: list[dict[str, 
         "calibrated sleep for the stage's operator costs, so stages overlap as if each had a device of its own.",
         *_summary(rows),
         f"Costs: synthetic models one unit per Linear (forward 1, backward 2); zoo models profiled at full size "
-        f"(micro-batch {args.profile_microbatch}, one thread); all scaled to a mean stage time of "
+        f"(micro-batch {args.profile_microbatch}, one thread, {PROFILE_REPEATS} samples per operator); all scaled to a mean stage time of "
         f"{args.target_ms} ms per micro-batch. Planning assumed messages of {PLAN_COMM.alpha_ms} ms + bytes / 1 GB/s.",
         "GraphPipe (DAG, planner) is torch_graphpipe.plan_graph(stage_graph='dag'): the better (by simulation) of "
         "the series-parallel DAG search and the best chain split laid out as a DAG. On two_branch the DAG search "
@@ -462,11 +495,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=2, help="timed steps per runtime and round")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
+    p.add_argument(
+        "--plans-only",
+        action="store_true",
+        help="profile and plan each workload, print the plans (ids, in-flight, simulated step), run nothing",
+    )
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.plans_only:
+        for name in [n.strip() for n in args.workloads.split(",") if n.strip()]:
+            print("\n".join(plans_only(workloads()[name], args)), flush=True)
+        return
     args.out_dir.mkdir(parents=True, exist_ok=True)
     info = machine_info()
     print_header(info)

@@ -11,6 +11,7 @@ a run (the end of one branch stays with the join; see [Note: branch tail with th
 from __future__ import annotations
 
 from torch_graphpipe.sp import SPNode
+from torch_graphpipe.stable import by_cost
 from torch_graphpipe.stage_cost import StageCost, StageCostModel
 
 __all__ = ["CandidateTree", "Tail"]
@@ -21,8 +22,9 @@ Tail = tuple[int, int, int, list[StageCost]]  # (idx, t, joint mask without the 
 class CandidateTree:
     """Target-independent data of the search: candidate stage costs per SP node (keyed by ``id``)."""
 
-    def __init__(self, root: SPNode, model: StageCostModel) -> None:
+    def __init__(self, root: SPNode, model: StageCostModel, margin: float = 0.0) -> None:
         self.model = model
+        self.margin = margin  # relative cost difference treated as equal (see [Note: plans that reproduce])
         self.whole: dict[int, StageCost] = {}
         self.runs: dict[int, list[list[StageCost]]] = {}  # series: runs[i][j - i] = cost(C_i..C_j)
         self.order: dict[int, tuple[SPNode, ...]] = {}  # parallel children, most expensive first
@@ -49,11 +51,10 @@ class CandidateTree:
             self.absorb[id(node)] = self._absorb(node)
             self.tails[id(node)] = self._tails(node)
         elif node.kind == "parallel":
-            # costliest first; among equals the earliest branch last, so that it is the one that may
-            # keep its tail with the join ([Note: branch tail with the join]) and the first stage of
-            # the graph sits on the shortest path to the sink
-            order = sorted(enumerate(node.children), key=lambda ic: (-self.compute[id(ic[1])], -ic[0]))
-            kids = [c for _, c in order]
+            # costliest first; among equals (within the margin) the earliest branch last, so that it is
+            # the one that may keep its tail with the join ([Note: branch tail with the join]) and the
+            # first stage of the graph sits on the shortest path to the sink
+            kids = by_cost(node.children, [self.compute[id(c)] for c in node.children], self.margin)
             self.order[id(node)] = tuple(kids)
             masks = [0] * (len(kids) + 1)
             for idx in range(len(kids) - 1, -1, -1):

@@ -14,6 +14,7 @@ import itertools
 
 from torch_graphpipe.graph import OpGraph
 from torch_graphpipe.partition import PartitionResult
+from torch_graphpipe.stable import TIE
 from torch_graphpipe.stage_cost import StageCostModel
 
 __all__ = ["partition_chain"]
@@ -86,7 +87,7 @@ def partition_chain(
             hi = mid
         else:
             lo = mid + 1
-    nxt = _feasible(iv, num_stages, times[lo], memory_budget_bytes, cap)
+    nxt = _feasible(iv, num_stages, times[lo] * (1 + TIE), memory_budget_bytes, cap)
     assert nxt is not None
     stages, i = [], 0
     for k in range(num_stages):

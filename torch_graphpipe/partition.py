@@ -41,6 +41,7 @@ from functools import cache
 
 from torch_graphpipe.candidates import CandidateTree
 from torch_graphpipe.sp import SPNode
+from torch_graphpipe.stable import TIE
 from torch_graphpipe.stage_cost import StageCost, StageCostModel
 
 __all__ = ["PartitionResult", "partition_dag"]
@@ -341,10 +342,16 @@ def partition_dag(
     *,
     memory_budget_bytes: float | None = None,
     num_microbatches: int | None = None,
+    margin: float = 0.0,
+    slack: float = 0.0,
 ) -> PartitionResult:
     """Split the graph into exactly ``num_stages`` convex stages; see [Note: partition search]. A stage
-    holds at most ``num_microbatches`` micro-batches (for the memory budget)."""
-    tree = CandidateTree(root, model)
+    holds at most ``num_microbatches`` micro-batches (for the memory budget).
+
+    Branch costs within ``margin`` (relative) of each other count as equal; the fewest in-flight
+    micro-batches are sought at the smallest bottleneck times ``1 + slack`` (see [Note: plans that
+    reproduce] in torch_graphpipe/stable.py)."""
+    tree = CandidateTree(root, model, margin)
     times = tree.candidate_times()
     lo, hi = bisect.bisect_left(times, tree.compute[id(root)] / num_stages), len(times) - 1
 
@@ -361,7 +368,9 @@ def partition_dag(
             hi = mid
         else:
             lo = mid + 1
-    search = search_at(lo)
+    search = _Search(
+        tree, times[lo] * (1 + slack + TIE), memory_budget_bytes, num_stages, num_microbatches or num_stages
+    )
     depth = search.solve(root, num_stages, 0)
     stages = search.stages(root, num_stages, 0)
     assert len(stages) == num_stages, (len(stages), num_stages)

@@ -1,12 +1,15 @@
 """Per-operator costs: measured forward / backward time, activation and parameter bytes.
 
 Every operator runs on the real activations of one micro-batch (recorded by running the traced module
-once); its forward and backward are timed separately, a few repeats, median. Operators doing the
-same work (same module type and configuration, or the same function, on inputs of the same shapes
-and dtypes; e.g. the blocks of parallel branches) pool their samples and get one median: timings on a
-shared machine are noisy, and identical branches measured apart came out up to 1.3x apart, which
-made the planner treat them differently from run to run. A fixed :class:`CostTable` can be built by
-hand instead, for unit tests of the planner.
+once); its forward and backward are timed separately, ``repeats`` times after a warm-up: the table
+keeps the median, the interquartile range and the number of samples (the planner trusts a median
+only as far as those allow, see [Note: plans that reproduce] in torch_graphpipe/stable.py).
+Operators doing the same work (same module type and configuration, or the same function, on inputs
+of the same shapes and dtypes; e.g. the blocks of parallel branches) pool their samples, get one
+median and spread, and share ``OpCost.signature``: timings on a shared machine are noisy, and
+identical branches measured apart came out up to 1.3x apart, which made the planner treat them
+differently from run to run. A fixed :class:`CostTable` can be built by hand instead, for unit tests
+of the planner.
 """
 
 from __future__ import annotations
@@ -42,11 +45,19 @@ class OpCost:
     saves: tuple[str, ...] | None = None  # operators whose outputs it saves for backward (None: unknown)
     temp_bytes: int = 0  # bytes it saves for backward that are neither its inputs nor its output
     alias_of: str | None = None  # the operator whose output its output is a view of (same storage)
+    fwd_spread_ms: float = (
+        0.0  # interquartile range of the forward samples (see [Note: plans that reproduce])
+    )
+    bwd_spread_ms: float = 0.0  # interquartile range of the backward samples
+    samples: int = 1  # timed runs of this operator behind the medians and spreads
+    signature: str = ""  # equal for operators doing the same work ("": unknown; see the module docstring)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            if f.name not in ("saves", "alias_of") and getattr(self, f.name) < 0:
+            if f.name not in ("saves", "alias_of", "signature") and getattr(self, f.name) < 0:
                 raise ValueError(f"OpCost.{f.name} must be >= 0, got {getattr(self, f.name)}")
+        if self.samples < 1:
+            raise ValueError(f"OpCost.samples must be >= 1, got {self.samples}")
         if self.temp_bytes < 0:
             raise ValueError(f"OpCost.temp_bytes must be >= 0, got {self.temp_bytes}")
         if self.wgt_ms > self.bwd_ms:
@@ -100,7 +111,7 @@ def profile_graph(
     graph: OpGraph,
     microbatch_inputs: Sequence[Any],
     *,
-    repeats: int = 3,
+    repeats: int = 7,
     comm: CommModel | None = None,
     microbatch_size: int = 1,
     num_threads: int | None = 1,
@@ -173,6 +184,10 @@ def _profile_ops(
         ops[node.name] = OpCost(
             fwd_ms=statistics.median(fwd),
             bwd_ms=statistics.median(bwd),
+            fwd_spread_ms=_iqr(fwd),
+            bwd_spread_ms=_iqr(bwd),
+            samples=repeats,
+            signature=signature[node.name],
             wgt_ms=min(statistics.median(wgt), statistics.median(bwd)),
             out_bytes=_nbytes(env[fx_node]),
             param_bytes=_param_bytes(gm, fx_node),
@@ -181,6 +196,14 @@ def _profile_ops(
             alias_of=aliases.get(node.name),
         )
     return ops
+
+
+def _iqr(samples: Sequence[float]) -> float:
+    """Interquartile range (0 for fewer than two samples)."""
+    if len(samples) < 2:
+        return 0.0
+    q = statistics.quantiles(samples, n=4, method="inclusive")
+    return q[2] - q[0]
 
 
 def _signature(fn: Callable[..., Any], node: fx.Node, args: Any, kwargs: Any) -> str:

@@ -50,6 +50,8 @@ def _at(lo: OpCost, hi: OpCost, a: int, b: int, size: int) -> OpCost:
         lo,
         fwd_ms=fwd,
         bwd_ms=bwd,
+        fwd_spread_ms=lo.fwd_spread_ms * fwd / lo.fwd_ms if lo.fwd_ms > 0 else lo.fwd_spread_ms,
+        bwd_spread_ms=lo.bwd_spread_ms * bwd / lo.bwd_ms if lo.bwd_ms > 0 else lo.bwd_spread_ms,
         wgt_ms=min(bwd, time(lo.wgt_ms, hi.wgt_ms)),
         out_bytes=round(lo.out_bytes * size / a),
         temp_bytes=round(lo.temp_bytes * size / a),

@@ -18,6 +18,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from torch_graphpipe.graph import OpGraph, members
+from torch_graphpipe.stable import TIE
 from torch_graphpipe.stage_cost import StageCost, StageCostModel
 
 __all__ = [
@@ -110,11 +111,15 @@ class LateSplit:
     late_mask: int  # the stage's operators that depend (within the stage) on that predecessor's values
 
 
-def late_splits(graph: OpGraph, model: StageCostModel, stages: Sequence[int]) -> tuple[LateSplit, ...]:
+def late_splits(
+    graph: OpGraph, model: StageCostModel, stages: Sequence[int], margin: float = 0.0
+) -> tuple[LateSplit, ...]:
     """For every stage with two or more predecessors, the predecessor whose values the cheapest part of
-    the stage depends on (the highest-numbered on a tie), when the rest of the stage costs something.
-    The loss stage's predecessors include the stages sending it outputs (see [Note: output edges]);
-    no operator reads those, so such a split's late part only assembles the output for the loss."""
+    the stage depends on (the highest-numbered among those within ``margin``, relative, of the
+    costliest early part; see [Note: plans that reproduce] in torch_graphpipe/stable.py), when the rest
+    of the stage costs something. The loss stage's predecessors include the stages sending it outputs
+    (see [Note: output edges]); no operator reads those, so such a split's late part only assembles the
+    output for the loss."""
     owner = {v: s for s, m in enumerate(stages) for v in members(m)}
     loss = loss_stage(graph, owner)
     out = []
@@ -123,17 +128,19 @@ def late_splits(graph: OpGraph, model: StageCostModel, stages: Sequence[int]) ->
         if s == loss:
             producers |= {owner[v] for v in output_nodes(graph)}
         preds = sorted(producers - {s})
-        best: tuple[float, int, int] | None = None
+        options: list[tuple[float, int, int]] = []
         for pred in preds if len(preds) > 1 else ():
             late = 0
             for v in members(mask):
                 if any(owner[p] == pred for p in graph.preds[v]) or model.pred_mask[v] & late:
                     late |= 1 << v
             early_ms = model.compute_ms(mask & ~late)
-            if early_ms > 0 and (best is None or (early_ms, pred) >= best[:2]):
-                best = (early_ms, pred, late)
-        if best is not None:
-            out.append(LateSplit(stage=s, pred=best[1], late_mask=best[2]))
+            if early_ms > 0:
+                options.append((early_ms, pred, late))
+        if options:
+            floor = max(o[0] for o in options) * (1 - max(margin, TIE))
+            _, pred, late = max((o for o in options if o[0] >= floor), key=lambda o: o[1])
+            out.append(LateSplit(stage=s, pred=pred, late_mask=late))
     return tuple(out)
 
 
