@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import re
 import time
@@ -19,7 +20,13 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from torch_collage.backends._export import ExportedGraph, GraphIO, export_graph, quiet_treespec_deprecation
+from torch_collage.backends._export import (
+    ExportedGraph,
+    GraphIO,
+    export_graph,
+    holds_whole_graph,
+    quiet_treespec_deprecation,
+)
 from torch_collage.backends.base import BackendCompileError, runner_spec
 
 if TYPE_CHECKING:
@@ -45,10 +52,14 @@ class OnnxRuntimeBackend:
 
     The compiled callable accepts CPU tensors of the example inputs' shapes and dtypes (else
     ``ValueError``), returns fresh tensors each call and records no autograd graph. With
-    ``io_binding`` it reuses one binding and is not thread-safe.
+    ``io_binding`` it reuses one binding and is not thread-safe. ``compile`` takes a whole module;
+    collage hands its partitions to ``compile_graph``.
     """
 
-    allow_spinning: bool = False  # let intra-op threads spin-wait after a call; see [Note: ORT call path]
+    # let intra-op threads spin-wait for work between and after calls: True always, False never,
+    # None only in a runner that holds a whole model (``compile``) or a graph collage places whole
+    # (marked ``WHOLE_GRAPH``); see [Note: ORT call path]
+    allow_spinning: bool | None = None
     io_binding: bool = False  # bind torch buffers with IOBinding, not session.run(numpy); see the Note
     num_threads: int | None = None  # intra-op threads; None: torch.get_num_threads() at compile time
 
@@ -73,8 +84,17 @@ class OnnxRuntimeBackend:
         v = importlib.metadata.version
         return f"onnxruntime {v('onnxruntime')} (torch {torch.__version__}, onnxscript {v('onnxscript')})"
 
+    def spins(self, whole: bool) -> bool:
+        """Whether a session for a whole model or graph (``whole``), or for a part of one, spins."""
+        return self.allow_spinning if self.allow_spinning is not None else whole
+
     def compile(self, module: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> _OrtRunner:
-        return self._compile(module, example_inputs)
+        """A whole module: nothing else runs between its calls but the caller's own code."""
+        return self._compile(module, example_inputs, spinning=self.spins(True))
+
+    def compile_graph(self, gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> _OrtRunner:
+        """A collage partition: spinning only where it is marked as the whole graph."""
+        return self._compile(gm, example_inputs, spinning=self.spins(holds_whole_graph(gm)))
 
     def compile_graph_dynamic(
         self, gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], dims: tuple[tuple[int, ...], ...]
@@ -84,19 +104,25 @@ class OnnxRuntimeBackend:
         output buffers have one size."""
         if self.io_binding:
             raise BackendCompileError(_NAME, "io_binding binds outputs of one size; compile per size")
-        return self._compile(gm, example_inputs, dims)
+        return self._compile(gm, example_inputs, dims, spinning=self.spins(holds_whole_graph(gm)))
+
+    def graph_version(self) -> str:
+        """The version of what ``compile_graph`` builds: sessions of whole graphs spin (their costs differ)."""
+        return f"{self.version()}; whole graphs spin"
 
     def _compile(
         self,
         module: nn.Module,
         example_inputs: tuple[torch.Tensor, ...],
         dims: tuple[tuple[int, ...], ...] = (),
+        *,
+        spinning: bool,
     ) -> _OrtRunner:
         start = time.perf_counter()
         graph = export_graph(_NAME, module, example_inputs, dims=dims)
         try:
             model = to_onnx(graph)
-            runner = _OrtRunner(self._session(model), graph, self.io_binding, model)
+            runner = _OrtRunner(self._session(model, spinning), graph, self.io_binding, model, spinning)
             runner.warm_up(example_inputs)
         except BackendCompileError:
             raise
@@ -109,18 +135,22 @@ class OnnxRuntimeBackend:
 
     def load(self, directory: Path, example_inputs: tuple[torch.Tensor, ...]) -> _OrtRunner:
         """The runner ``_OrtRunner.save`` wrote to ``directory`` (a session on the saved ONNX model: no
-        export), for this backend's threads; run once on ``example_inputs``."""
+        export), for this backend's threads, spinning as it did unless ``allow_spinning`` says; run
+        once on ``example_inputs``."""
         graph = GraphIO.from_json((directory / _IO_FILE).read_text())
         graph.signature.prepare(example_inputs)  # ValueError unless it was saved for these shapes
         model = (directory / _MODEL_FILE).read_bytes()
-        runner = _OrtRunner(self._session(model), graph, self.io_binding)
+        saved = directory / _SESSION_FILE
+        whole = saved.is_file() and json.loads(saved.read_text()).get("spinning") is True
+        spinning = self.spins(whole)
+        runner = _OrtRunner(self._session(model, spinning), graph, self.io_binding, spinning=spinning)
         runner.warm_up(example_inputs)
         return runner
 
-    def _session(self, model: bytes) -> ort.InferenceSession:
+    def _session(self, model: bytes, spinning: bool) -> ort.InferenceSession:
         import onnxruntime as ort
 
-        opts = session_options(self.num_threads or torch.get_num_threads(), self.allow_spinning)
+        opts = session_options(self.num_threads or torch.get_num_threads(), spinning)
         return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
@@ -140,19 +170,30 @@ def session_options(num_threads: int, allow_spinning: bool) -> ort.SessionOption
 
 
 # [Note: ORT call path]
-# Measured on the project's 2-core CPU (onnxruntime 1.32, torch 2.13), one process per setting, in a
-# quiet spell (other jobs share the machine; under load everything below got noisier, not different).
-# - Spinning (session.intra_op.allow_spinning). Median per call, off vs on: tiny MLP (batch 8,
-#   64->256->64) 20-21 us vs 10.5-11 us (one worker wake-up per call); 64x512->2048->2048->512 MLP
-#   2.28-2.33 ms vs 2.34-2.44 ms; 2-layer encoder (4x128x256) 5.7-5.9 ms both. A 256x256 torch matmul
-#   (0.16 ms alone) run right after each call: 0.16 / 0.18 / 0.20 ms with spinning off, 0.16 / 3.5 /
-#   0.7-5.0 ms with it on: the spinning workers hold both cores. Collage places neighbours next to every
-#   partition, so the default is off; only graphs of a few microseconds called back to back gain from on.
+# Measured on the project's 2-core CPU (onnxruntime 1.32, torch 2.13); the machine is shared, so
+# the figures are paired rounds in one process, with the load they were taken under.
+# - Spinning (session.intra_op.allow_spinning). Between the ops of one call a worker that blocked
+#   must be woken for the next parallel op; spinning workers wait on the core instead, and keep it
+#   after the call until their spin runs out. A conv+MLP (batch 8, 13 ONNX ops, 20 paired rounds, load
+#   8): 5th percentile of calls 0.38 ms spinning (ORT's default) against 0.51 ms not; at load 5.6 the
+#   20th percentile 0.40 against 0.77 ms, the 1.6x that made collage's ORT slower than ORT alone.
+#   Tiny MLP (batch 8, 64->256->64): 10.5-11 us against 20-21 us. But a torch op right after a
+#   spinning call waits for the core: a 128x128 matmul after each call of that conv+MLP took 6.3 ms
+#   (20th percentile, load 7) against 0.83 ms after a session that does not spin; earlier, quieter:
+#   a 0.16 ms 256x256 matmul ran in 0.7-5.0 ms. ``session.force_spinning_stop`` (spin within a call,
+#   stop when it returns) kept none of the gain (5th percentile 0.71 ms). So a session spins only
+#   where nothing of collage's runs between its calls: a whole module given to ``compile``, or a
+#   graph collage places whole on this backend, which the caller marks (``WHOLE_GRAPH`` in
+#   ``GraphModule.meta``). Its caller's own torch code after the call pays what it pays after ORT
+#   alone. A partition beside others never spins: neighbours follow it in every call.
 # - IOBinding vs session.run, interleaved A/B, best round median: tiny MLP 13.6 us vs 10.7 us (binding
 #   each input and a fresh output per call costs more Python calls than the output copy it saves), MLP
 #   4.42 vs 4.31 ms, encoder 9.6 vs 10.4 ms (that run was under load: within noise). session.run takes
 #   numpy views of the inputs without copying and returns fresh arrays, wrapped by torch.from_numpy.
 #   Default session.run; IOBinding stays as an option.
+# - The graph collage exports (ATen, after freezing) gave the same ONNX ops as the module's own
+#   ``torch.onnx.export`` on that conv+MLP and on the zoo's BERT (235 nodes each); the same session
+#   options ran them alike (BERT 0.98x).
 
 
 # torch.onnx warns once per torchvision op, on every export, that torchvision is not installed.
@@ -185,6 +226,7 @@ def numpy_dtype(dtype: torch.dtype) -> np.dtype:
 
 _IO_FILE = "io.json"
 _MODEL_FILE = "model.onnx"
+_SESSION_FILE = "session.json"  # how the saved runner's session was set up: {"spinning": bool}
 
 
 class _OrtRunner:
@@ -196,9 +238,11 @@ class _OrtRunner:
     """
 
     def __init__(
-        self, session: ort.InferenceSession, graph: GraphIO, io_binding: bool, model: bytes | None = None
-    ) -> None:
+        self, session: ort.InferenceSession, graph: GraphIO, io_binding: bool, model: bytes | None = None,
+        spinning: bool = False,
+    ) -> None:  # fmt: skip
         self._session = session
+        self.spinning = spinning  # whether the session's intra-op threads spin-wait ([Note: ORT call path])
         self._graph = graph.io if isinstance(graph, ExportedGraph) else graph  # running needs no program
         self._model = model
         sig = graph.signature
@@ -227,6 +271,7 @@ class _OrtRunner:
             return False
         (directory / _MODEL_FILE).write_bytes(self._model)
         (directory / _IO_FILE).write_text(self._graph.to_json())
+        (directory / _SESSION_FILE).write_text(json.dumps({"spinning": self.spinning}))
         self._model = None
         return True
 
@@ -259,7 +304,8 @@ class _OrtRunner:
         return outs
 
     def __repr__(self) -> str:
-        return f"<onnxruntime runner: {len(self._inputs)} inputs, {len(self._output_names)} outputs>"
+        spin = ", spinning" if self.spinning else ""
+        return f"<onnxruntime runner: {len(self._inputs)} inputs, {len(self._output_names)} outputs{spin}>"
 
 
 SPEC = runner_spec(_NAME, OnnxRuntimeBackend)
