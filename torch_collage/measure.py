@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from torch_collage.backends.base import BackendSpec
 from torch_collage.candidates import Candidate
 from torch_collage.cost import CostModel
 from torch_collage.graph import DataflowGraph, bits
@@ -37,13 +38,40 @@ Costs = dict[Candidate, float]
 
 def with_whole_graphs(graph: DataflowGraph, cands: list[Candidate], model: CostModel) -> list[Candidate]:
     """``cands`` plus the whole graph on every backend that supports all of it (the single-backend
-    placements are always among the contenders)."""
+    placements are always among the contenders), and on every other backend, its nearly whole
+    graph with eager's singletons around it ([Note: nearly whole graphs])."""
     have = set(cands)
     for name, spec in model.specs.items():
-        whole = Candidate(graph.full, name)
-        if whole not in have and all(spec.supports_node(u[0]) for u in graph.units):
-            cands.append(whole)
+        refused = _refused(graph, spec)
+        mask = graph.full & ~refused
+        if mask and (not refused or _nearly_whole(graph, refused)):
+            extra = [Candidate(mask, name)] + [Candidate(1 << u, "eager") for u in bits(refused)]
+            cands += [c for c in extra if c not in have]
+            have.update(extra)
     return cands
+
+
+# [Note: nearly whole graphs]
+# A graph that writes its inputs ends in ``copy_`` nodes (a static KV cache's update, BatchNorm's
+# running statistics in training), and only eager runs mutating ops. So no runtime could take such
+# a graph whole, and its whole-graph contender, the placement most likely to win on a CPU where
+# the runtimes differ by region less than a boundary costs, was never measured: a Llama decode
+# step could only be cut into small pieces. Where the units a backend refuses are few
+# (``NEARLY_WHOLE_REFUSED``) and the rest is convex (they are the graph's first or last steps,
+# like a write-back epilogue), that rest is a candidate measured with the whole graphs, and
+# eager's singletons for the refused units keep it coverable, also in ``mode="fast"``.
+NEARLY_WHOLE_REFUSED = 8
+
+
+def _refused(graph: DataflowGraph, spec: BackendSpec) -> int:
+    return sum(1 << i for i, unit in enumerate(graph.units) if not spec.supports_node(unit[0]))
+
+
+def _nearly_whole(graph: DataflowGraph, refused: int) -> bool:
+    count = refused.bit_count()
+    return (
+        count <= NEARLY_WHOLE_REFUSED and count < graph.size // 2 and graph.is_convex(graph.full & ~refused)
+    )
 
 
 def measure_candidates(
@@ -95,10 +123,12 @@ def _measure_budgeted(
 ) -> Costs:
     full, budget = model.graph.full, model.budget
     costs: Costs = {}
-    whole = [c for c in cands if c.mask == full]
-    singles = [c for c in cands if c.mask != full and _essential(c)]
-    segments = [c for c in cands if c.mask != full and c in coarse and not _essential(c)]
-    fine = [c for c in cands if c.mask != full and c not in coarse and not _essential(c)]
+    refused = {name: _refused(model.graph, spec) for name, spec in model.specs.items()}
+    # the whole graphs, and the nearly whole ones ([Note: nearly whole graphs])
+    whole = [c for c in cands if c.mask | refused[c.backend] == full and not _essential(c)]
+    singles = [c for c in cands if c not in whole and _essential(c)]
+    segments = [c for c in cands if c not in whole and c in coarse and not _essential(c)]
+    fine = [c for c in cands if c not in whole and c not in coarse and not _essential(c)]
     progress.stage("whole graphs", whole)
     for cand in sorted(whole, key=lambda c: (c.backend != "eager", model.predicted_s(c) or 0.0)):
         if cand.backend == "eager" or budget.fits(model.predicted_s(cand) or 0.0, reserve(costs)):

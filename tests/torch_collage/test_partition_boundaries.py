@@ -78,3 +78,42 @@ def test_a_placement_that_fails_end_to_end_is_left_out_not_raised(tmp_path, capl
         ms = e2e_many_ms(model, graph, [(a, broken), (b, works)])
     assert ms[0] == float("inf") and 0 < ms[1] < float("inf")
     assert any("failed end to end" in r.getMessage() for r in caplog.records)
+
+
+class _CountingMLP(torch.nn.Module):
+    """An MLP that counts its calls in a buffer: its graph ends in a ``copy_`` only eager runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        return self.body(x)
+
+
+def test_a_graph_that_writes_its_state_gets_a_nearly_whole_runtime_candidate(tmp_path) -> None:
+    """[Note: nearly whole graphs]: the runtime is measured on everything but the write-back, also
+    in mode="fast", and the state is still written exactly once per call."""
+    if not get_spec("onnxruntime").available()[0]:
+        pytest.skip("onnxruntime not installed")
+    import torch_collage
+
+    torch.manual_seed(5)
+    model = _CountingMLP().eval()
+    x = torch.randn(16, 32)
+    report = torch_collage.explain(
+        model, x, backends=["onnxruntime"], mode="fast", cache_dir=str(tmp_path), progress=False
+    )
+    (graph,) = report.graphs
+    assert graph.usable.get("onnxruntime", 0) >= 1, report.to_markdown()  # measured, matched eager
+    assert int(model.calls) == 1  # explain's one call, as one eager call: measuring wrote copies only
+    compiled = torch.compile(
+        model, backend="collage",
+        options={"backends": ["onnxruntime"], "mode": "fast", "cache_dir": str(tmp_path), "progress": False},
+    )  # fmt: skip
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(compiled(x), model.body(x))
+    assert int(model.calls) == 4

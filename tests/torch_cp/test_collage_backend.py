@@ -243,7 +243,8 @@ def test_explain_places_decode_attention_on_torch_cp(tmp_path) -> None:
         torch._dynamo.reset()
     (graph,) = report.graphs
     assert graph.usable.get("torch_cp", 0) >= 1  # collage ran its candidate and checked the output
-    assert "torch_cp[1]" in graph.searched, report.to_markdown()  # measured faster than SDPA
+    # measured faster than SDPA: the attention alone, or with the mask's where (the whole graph)
+    assert "torch_cp[1]" in graph.searched or "torch_cp[2]" in graph.searched, report.to_markdown()
     assert graph.chosen in ("mixed", "torch_cp"), report.to_markdown()  # it may take the mask's where too
     (placed,) = [p for p in graph.partitions if any("attention" in n for n in p.nodes)]
     assert placed.backend == "torch_cp" and placed.runner_up == "eager"
