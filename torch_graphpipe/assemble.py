@@ -112,7 +112,16 @@ def build_schedule(
         room = [(budget - c.param_bytes * costs.param_copies) // max(1, c.act_bytes) for c in sg.costs]
         caps = [max(w, min(num_microbatches, int(r))) for w, r in zip(warmup, room)]
     zb = build_zero_bubble(
-        n, sg.edges, num_microbatches, late, fwd=fwd, bwd=bwd, wgt=wgt, edge_delay=delay, max_in_flight=caps
+        n,
+        sg.edges,
+        num_microbatches,
+        late,
+        fwd=fwd,
+        bwd=bwd,
+        wgt=wgt,
+        edge_delay=delay,
+        max_in_flight=caps,
+        margin=margin,
     )
     return splits, zb
 

@@ -58,7 +58,12 @@ def dag_stages(
 
     def chain() -> Sequence[int]:
         return partition_chain(
-            graph, model, num_stages, memory_budget_bytes=budget, num_microbatches=num_microbatches
+            graph,
+            model,
+            num_stages,
+            memory_budget_bytes=budget,
+            num_microbatches=num_microbatches,
+            margin=margin,
         ).stages
 
     searches: list[tuple[str, Callable[[], Sequence[int]]]] = [

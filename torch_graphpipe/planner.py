@@ -188,6 +188,7 @@ def plan_graph(
                 num_stages,
                 memory_budget_bytes=memory_budget_bytes,
                 num_microbatches=num_microbatches,
+                margin=margin,
             ).stages
         else:
             stages = dag_stages(

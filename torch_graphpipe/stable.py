@@ -33,9 +33,10 @@ nearly every draw). So planning uses what a profile knows, and no more:
   (at least ``CostTable.tolerance``) of the fastest.
 
 The price is bounded by the margin: a plan simulated slower than another candidate by less than the
-two's combined uncertainty may be kept. Not covered: a chain split (``stage_graph="chain"``, and the
-chain candidate of a DAG plan) is the exact smallest bottleneck, so near-equal chain splits may differ
-by where one cut falls; the ``W`` placement of a zero-bubble schedule follows the stage costs.
+two's combined uncertainty may be kept. Chain splits (``stage_graph="chain"``, the chain candidate
+of a DAG plan, and the splits torch's chain schedules run) are chosen within the margin too, see
+[Note: stable chain splits] in torch_graphpipe/chain.py; the ``W`` placement of a zero-bubble schedule
+in [Note: W placement within the margin] in torch_graphpipe/zero_bubble.py.
 """
 
 from __future__ import annotations

@@ -18,6 +18,19 @@ micro-batches as the deepest stage holds in 1F1B (``max_s min(M, depth_s)``); th
 each stage's memory budget allows (see [Note: memory-aware micro-batching] in
 torch_graphpipe/planner.py).
 
+[Note: W placement within the margin]
+The greedy placement compares when a message arrives with when the stage is free, and on measured
+costs those two often differ by less than the costs' noise (on uniform stages they are equal by
+construction), so which ``W`` fills which bubble, and the whole schedule after it, changed between
+two profiles of one machine. A second placement uses no times at all: a stage runs a ``W`` only when
+its in-flight bound forces one before an ``F``, once after each ``B`` of its cool-down (no ``F`` left,
+ZB-H1's ``B W B W`` tail), and the rest after its last ``B``. Both are simulated over the given costs;
+the greedy one is taken only when it is faster by more than the combined ``margin`` (see [Note: plans
+that reproduce] in torch_graphpipe/stable.py). On the zoo's CANDLE-Uno and DLRM (8 stages, DAG and
+chain plans) the fixed placement is as fast as the greedy one or within the margin, and the schedule
+is the same over noisy profiles; on MMT the greedy one is 2-11% faster and is taken, so its ``W``
+placement still follows the costs there.
+
 The runtime (see [Note: split backward] in torch_graphpipe/runtime.py) computes ``B`` with
 ``torch.autograd.grad`` on the stage's received values and ``W`` from the gradients ``B`` left at the
 operators that use weights, so the two together cost one backward and give the same gradients. A
@@ -30,6 +43,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from torch_graphpipe.schedule import Schedule, ScheduleError, build_1f1b, expand_program, warmup_counts
+from torch_graphpipe.stable import ahead
 
 __all__ = ["build_zero_bubble"]
 
@@ -45,13 +59,15 @@ def build_zero_bubble(
     wgt: Sequence[float],
     edge_delay: Mapping[tuple[int, int], float] | None = None,
     max_in_flight: Sequence[int] | None = None,
+    margin: float = 0.0,
 ) -> Schedule:
     """Zero-bubble DAG schedule; see [Note: zero-bubble DAG schedule].
 
     ``fwd[s]`` and ``bwd[s]`` are stage ``s``'s forward and whole backward costs, ``wgt[s]`` the weight
     gradients' share of ``bwd[s]``; ``edge_delay`` the time a message takes on each edge (units of the
     costs). ``max_in_flight[s]`` (at least the stage's 1F1B warm-up ``min(M, depth_s)``) bounds the
-    micro-batches stage ``s`` holds between their ``F`` and ``W``."""
+    micro-batches stage ``s`` holds between their ``F`` and ``W``. ``margin`` is the costs' relative
+    uncertainty (see [Note: W placement within the margin])."""
     base = build_1f1b(num_stages, edges, num_microbatches, late)  # checks the arguments
     for name, costs in (("fwd", fwd), ("bwd", bwd), ("wgt", wgt)):
         if len(costs) != num_stages or any(c < 0 for c in costs):
@@ -65,8 +81,12 @@ def build_zero_bubble(
             f"max_in_flight must give each stage at least its 1F1B warm-up {list(warmup)}, got {list(caps)}"
         )
     orders = [[(a.kind, a.microbatch) for a in prog if a.kind in ("F", "B")] for prog in base.programs]
-    greedy = _Greedy(base.edges, orders, fwd, [b - w for b, w in zip(bwd, wgt)], wgt, edge_delay or {}, caps)
-    placed = greedy.run()
+    inp = [b - w for b, w in zip(bwd, wgt)]
+    fixed = _Greedy(base.edges, orders, fwd, inp, wgt, edge_delay or {}, caps, fixed=True)
+    greedy = _Greedy(base.edges, orders, fwd, inp, wgt, edge_delay or {}, caps, fixed=False)
+    placed_fixed, placed_greedy = fixed.run(), greedy.run()
+    # [Note: W placement within the margin]
+    placed = placed_greedy if ahead(greedy.makespan, fixed.makespan, margin) else placed_fixed
     late_of = dict(base.late)
     programs = tuple(expand_program(s, base.edges, placed[s], late_of.get(s)) for s in range(num_stages))
     return Schedule(
@@ -81,8 +101,10 @@ def build_zero_bubble(
 class _Greedy:
     """The list schedule of [Note: zero-bubble DAG schedule], over compute actions only."""
 
-    def __init__(self, edges, orders, fwd, inp, wgt, delay, caps) -> None:
-        self.orders, self.caps = orders, caps
+    def __init__(self, edges, orders, fwd, inp, wgt, delay, caps, *, fixed: bool) -> None:
+        self.orders, self.caps, self.fixed = orders, caps, fixed
+        self.last_f = [max((i for i, (k, _) in enumerate(o) if k == "F"), default=-1) for o in orders]
+        self.after_b = [False] * len(orders)  # fixed: a cool-down B was just placed
         self.cost = {"F": fwd, "B": inp, "W": wgt}
         n = len(orders)
         self.preds = [[a for a, b in edges if b == s] for s in range(n)]
@@ -116,6 +138,10 @@ class _Greedy:
         if kind == "F" and self.in_flight[s] >= self.caps[s]:  # memory: free a micro-batch first
             return ("W", self.pending[s][0])
         start = self.ready(s)
+        if self.fixed:  # one W after each cool-down B, else wait for the F/B's messages
+            if self.after_b[s] and self.pending[s]:
+                return "W", self.pending[s][0]
+            return (kind, mb) if start is not None else None
         if start is not None and start <= self.clock[s]:
             return kind, mb
         if self.pending[s]:  # idle until the messages arrive: fill with a weight gradient
@@ -142,6 +168,7 @@ class _Greedy:
         self.clock[s] = start + self.cost[kind][s]
         self.done[(s, kind, mb)] = self.clock[s]
         self.placed[s].append((kind, mb))
+        self.after_b[s] = kind == "B" and self.next[s] > self.last_f[s]
         if kind == "F":
             self.in_flight[s] += 1
         elif kind == "B":
@@ -149,3 +176,8 @@ class _Greedy:
         else:
             self.pending[s].remove(mb)
             self.in_flight[s] -= 1
+
+    @property
+    def makespan(self) -> float:
+        """When the last action ends (after :meth:`run`)."""
+        return max(self.clock, default=0.0)
