@@ -55,8 +55,11 @@ from benchmarks.harness import (
     progress,
     write_results,
 )
+from torch_collage.entry import make_backend
 from torch_collage.exported import compile_exported
 from torch_collage.fresh_entry import fresh_entry
+from torch_collage.options import CollageOptions
+from torch_collage.report import GraphReport
 from torch_collage.timing import torch_threads
 from torch_zoo import get_model
 
@@ -184,17 +187,25 @@ def dynamo_frame(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Callabl
 
 
 def collage_compiled(
-    module: nn.Module, inputs: tuple[torch.Tensor, ...], backend: str, cache_dir: str
+    module: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    backend: str,
+    cache_dir: str,
+    reports: list[GraphReport],
 ) -> Callable[..., Any]:
-    options: dict[str, Any] = {
-        "backends": [backend],
-        "mode": "fast",
-        "cache_dir": cache_dir,
-        "progress": False,
-    }
-    compiled = torch.compile(fresh_entry(module, "runners_collage"), backend="collage", options=options)
+    """``torch.compile(model, backend="collage", options=...)``, through ``make_backend`` (what the
+    "collage" entry point returns) to keep each graph's report."""
+    options = CollageOptions(backends=(backend,), mode="fast", cache_dir=cache_dir, progress=False)
+    compiled = torch.compile(
+        fresh_entry(module, "runners_collage"), backend=make_backend(options, reports.append)
+    )
     compiled(*inputs)
     return compiled
+
+
+def placed(reports: Sequence[GraphReport]) -> str:
+    """Each graph's partitions' backends ("onnxruntime", "eager", "inductor+eager"), graphs by ";"."""
+    return "; ".join("+".join(p.backend for p in g.partitions) for g in reports)
 
 
 def _compile(
@@ -225,20 +236,26 @@ def _check(
 
 
 def _makers(
-    backend: str, module: nn.Module, inputs: tuple[torch.Tensor, ...], cache_dir: str
+    backend: str,
+    module: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    cache_dir: str,
+    reports: dict[str, list[GraphReport]],
 ) -> dict[str, Callable[[], Callable[..., Any]]]:
-    """How to build each row's callable on ``backend``."""
+    """How to build each row's callable on ``backend``; collage's placements go to ``reports``."""
 
     def alone() -> Callable[..., Any]:
         return ALONE_BUILDERS[backend](copy.deepcopy(module), inputs)
 
     def exported() -> Callable[..., Any]:
-        return compile_exported(
+        fn = compile_exported(
             module, *inputs, backends=[backend], mode="fast", cache_dir=cache_dir, progress=False
         )
+        reports[EXPORTED].extend(fn.report.graphs)
+        return fn
 
     def compiled() -> Callable[..., Any]:
-        return collage_compiled(module, inputs, backend, cache_dir)
+        return collage_compiled(module, inputs, backend, cache_dir, reports[COMPILED])
 
     return {ALONE: alone, EXPORTED: exported, COMPILED: compiled}
 
@@ -252,7 +269,8 @@ def run_model(name: str, args: argparse.Namespace, table: ResultTable, cache_dir
     frame_ms: list[float] | None = None
     for backend in args.backends:
         progress(f"{name} (batch {batch}) on {backend}")
-        makers = _makers(backend, module, inputs, cache_dir)
+        reports: dict[str, list[GraphReport]] = {EXPORTED: [], COMPILED: []}
+        makers = _makers(backend, module, inputs, cache_dir, reports)
         fns: dict[str, Callable[..., Any]] = {}
         rows: dict[str, dict[str, Any]] = {}
         for what, make in makers.items():
@@ -261,6 +279,8 @@ def run_model(name: str, args: argparse.Namespace, table: ResultTable, cache_dir
                 row |= _check(fn, check, reference)
                 fns[what] = fn
             rows[what] = {"model": name, "batch": batch, "backend": backend, "row": what} | row
+            if reports.get(what):
+                rows[what]["placed"] = placed(reports[what])
         if frame is not None:
             fns[FRAME] = frame
         blocks = measure_rounds(
@@ -308,6 +328,7 @@ COLUMNS = (
     Column("iqr_ms", "IQR ms", "{:.3f}"),
     Column("ratio", "ratio to alone", "{:.3f}x"),
     Column("ratio_less_frame", "ratio less frame", "{:.3f}x"),
+    Column("placed", "placed on"),
     Column("max_abs_err", "max abs err", "{:.1e}"),
     Column("compile_s", "compile s", "{:.1f}"),
     Column("error", "error"),

@@ -185,7 +185,9 @@ def session_options(num_threads: int, allow_spinning: bool) -> ort.SessionOption
 #   where nothing of collage's runs between its calls: a whole module given to ``compile``, or a
 #   graph collage places whole on this backend, which the caller marks (``WHOLE_GRAPH`` in
 #   ``GraphModule.meta``). Its caller's own torch code after the call pays what it pays after ORT
-#   alone. A partition beside others never spins: neighbours follow it in every call.
+#   alone. A partition beside others never spins: neighbours follow it in every call. On a machine
+#   busy with other processes spinning loses instead (zoo bert, batch 1, load 3.8: 20.5 ms spinning
+#   against 6.4 ms not), as it does for ORT alone; the whole-graph choice follows ORT's default.
 # - IOBinding vs session.run, interleaved A/B, best round median: tiny MLP 13.6 us vs 10.7 us (binding
 #   each input and a fresh output per call costs more Python calls than the output copy it saves), MLP
 #   4.42 vs 4.31 ms, encoder 9.6 vs 10.4 ms (that run was under load: within noise). session.run takes
