@@ -71,7 +71,7 @@ class PipelineSetup:
 def setup_pipeline(
     module: torch.nn.Module,
     example_inputs: Sequence[Any],
-    num_microbatches: int,
+    num_microbatches: int | Literal["auto"],
     partition: PartitionArg,
     group: dist.ProcessGroup,
     options: PlanOptions,
@@ -80,8 +80,22 @@ def setup_pipeline(
     """Plan once for all ranks and build this rank's stage; see [Note: one plan on every rank].
 
     ``group`` is this pipeline (group rank = stage); ``agree_group`` (default ``group``) holds every
-    rank that must run the same plan (all replicas, see [Note: data parallel stages])."""
+    rank that must run the same plan (all replicas, see [Note: data parallel stages]).
+    ``num_microbatches="auto"`` (with ``partition="auto"``) plans first, choosing the count with the
+    partition (see [Note: memory-aware micro-batching]); the plan's count is then used."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
+    planned: Plan | None = None
+    if num_microbatches == "auto":
+        if isinstance(partition, Plan):
+            num_microbatches = partition.num_microbatches
+        elif partition != "auto":
+            raise ValueError(
+                "num_microbatches='auto' chooses the micro-batches with the partition: use "
+                "partition='auto', or pass an int with an explicit partition"
+            )
+        else:
+            planned = _agree(agree_group or group, lambda: _auto_plan(module, example_inputs, world, options))
+            num_microbatches = planned.num_microbatches
     micro = split_batch(tuple(example_inputs), num_microbatches, "example_inputs")
     captured = capture(module, options.leaf_modules, micro[0], options.capture_method)
     masks = _check_partition(partition, captured, world, num_microbatches, options)
@@ -94,6 +108,8 @@ def setup_pipeline(
         )  # fmt: skip
     if isinstance(partition, Plan):
         the_plan = partition
+    elif planned is not None:
+        the_plan = planned
     else:
         the_plan = _agree(agree_group or group, lambda: _make_plan(module, captured, example_inputs, micro[0], masks, world,
                                                     num_microbatches, options))  # fmt: skip
@@ -183,6 +199,23 @@ def _make_plan(
         size = next((x.shape[0] for x in microbatch if isinstance(x, torch.Tensor) and x.dim() > 0), 1)
         costs = profile_graph(captured.graph_module, captured.graph, microbatch, microbatch_size=size)
     return plan_stages(captured.graph, costs, masks, num_microbatches, schedule_kind=options.schedule_kind)
+
+
+def _auto_plan(
+    module: torch.nn.Module, example_inputs: Sequence[Any], world: int, options: PlanOptions
+) -> Plan:
+    return plan(
+        module,
+        tuple(example_inputs),
+        world,
+        "auto",
+        options.stage_graph,
+        memory_budget_bytes=options.memory_budget_bytes,
+        costs=options.costs,
+        leaf_modules=options.leaf_modules,
+        capture_method=options.capture_method,
+        schedule_kind=options.schedule_kind,
+    )
 
 
 def _agree(group: dist.ProcessGroup, make: Any) -> Plan:

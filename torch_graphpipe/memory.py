@@ -18,15 +18,18 @@ activation term is what this measures.
 from __future__ import annotations
 
 import os
+import socket
 import weakref
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.utils import _pytree as pytree
 
-__all__ = ["HeldActivations", "device_memory_bytes"]
+__all__ = ["HeldActivations", "default_memory_budget", "device_memory_bytes"]
 
 
 class _Saved:
@@ -85,12 +88,61 @@ class HeldActivations:
 
 
 def device_memory_bytes(device: torch.device | str, processes: int = 1) -> int:
-    """Memory of ``device`` in bytes: a GPU's total memory, or on a CPU the machine's memory shared by
-    ``processes`` stage processes."""
+    """Memory of ``device`` in bytes, shared by ``processes`` stage processes: a GPU's total memory, or
+    on a CPU the memory available to this process now; see [Note: default memory budget]."""
     device = torch.device(device)
     if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).total_memory)
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) // max(1, processes)
+        total = int(torch.cuda.get_device_properties(device).total_memory)
+    else:
+        total = _available_cpu_bytes()
+    return total // max(1, processes)
+
+
+def default_memory_budget(group: dist.ProcessGroup, device: torch.device) -> tuple[int, str]:
+    """The per-stage memory budget when none is given, and how it was found, the same on every rank of
+    ``group`` (a collective); see [Note: default memory budget].
+
+    [Note: default memory budget]
+    ``GraphPipe(num_microbatches="auto")`` without ``memory_budget_bytes`` plans for what the stages'
+    devices have. A GPU stage gets its device's total memory (the same on every run, so the plan does
+    not move with what else is allocated); a CPU stage gets the memory available to the process when
+    the pipeline is built (``MemAvailable`` of ``/proc/meminfo``, capped by the cgroup's
+    ``memory.max`` less its ``memory.current``; the physical memory where neither can be read). Ranks
+    on one host that share a device (every CPU rank of the host, or GPU ranks given the same GPU)
+    share its memory equally. The budget is the smallest over all ranks, since the planner takes one
+    budget for every stage. On a CPU the available memory moves between runs; it only changes the plan
+    where it binds, and then ``memory_budget_bytes=`` fixes it."""
+    share_key = (socket.gethostname(), str(device))
+    mine = (share_key, _available_cpu_bytes() if device.type != "cuda" else device_memory_bytes(device))
+    every: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, mine, group=group)
+    sharing = Counter(key for key, _ in every)
+    budget, (host, dev), total, n = min(
+        (total // sharing[key], key, total, sharing[key]) for key, total in every
+    )
+    how = f"{dev} memory on {host}: {total / 1e9:.3g} GB" + (f" shared by {n} ranks" if n > 1 else "")
+    return budget, how
+
+
+def _available_cpu_bytes() -> int:
+    """Memory this process may still use: ``MemAvailable``, capped by the cgroup v2 limit."""
+    total = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        total = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            current = int(f.read().strip())
+        if limit != "max":
+            total = min(total, int(limit) - current)
+    except (OSError, ValueError):
+        pass
+    return max(0, total)
 
 
 def _key(t: torch.Tensor) -> int:

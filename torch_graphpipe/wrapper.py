@@ -21,6 +21,7 @@ from torch_graphpipe.data_parallel import (
     make_groups,
 )
 from torch_graphpipe.graph_capture import CaptureMethod
+from torch_graphpipe.memory import default_memory_budget
 from torch_graphpipe.microbatch import join_outputs, split_batch
 from torch_graphpipe.planner import Plan, ScheduleKind
 from torch_graphpipe.profile import CostTable
@@ -51,6 +52,14 @@ class GraphPipe(torch.nn.Module):
     weight gradients placed in the bubbles; see [Note: zero-bubble DAG schedule]). ``self.module``
     holds this stage's operators and parameters only; ``parameters()`` are this rank's, for any
     optimizer.
+
+    ``num_microbatches="auto"`` (with ``partition="auto"``, or a :class:`Plan`, whose count is used)
+    lets the planner choose the micro-batch count and size with the partition (see [Note:
+    memory-aware micro-batching]); ``self.num_microbatches`` is the count chosen. It plans for
+    ``memory_budget_bytes`` per stage, by default what the stages' devices have (see [Note: default
+    memory budget] in torch_graphpipe/memory.py), and raises ``ValueError`` naming the smallest stage
+    (or operator) that does not fit, its bytes and the budget's origin when nothing fits. With an int
+    count, ``memory_budget_bytes`` bounds the partition only when given.
     """
 
     def __init__(
@@ -59,7 +68,7 @@ class GraphPipe(torch.nn.Module):
         *,
         example_inputs: Sequence[Any],
         loss_fn: Callable[[Any, Any], torch.Tensor],
-        num_microbatches: int,
+        num_microbatches: int | Literal["auto"],
         process_group: dist.ProcessGroup | None = None,
         partition: PartitionArg = "auto",
         stage_graph: Literal["dag", "chain"] = "dag",
@@ -76,18 +85,19 @@ class GraphPipe(torch.nn.Module):
             raise RuntimeError(
                 "GraphPipe needs an initialised torch.distributed process group (e.g. torchrun)"
             )
-        if (
+        auto = isinstance(num_microbatches, str) and num_microbatches == "auto"
+        if not auto and (
             isinstance(num_microbatches, bool)
             or not isinstance(num_microbatches, int)
             or num_microbatches < 1
         ):
-            raise ValueError(f"num_microbatches must be an int >= 1, got {num_microbatches!r}")
+            raise ValueError(f"num_microbatches must be an int >= 1 or 'auto', got {num_microbatches!r}")
         if not isinstance(example_inputs, (tuple, list)):
             raise TypeError(f"example_inputs must be a tuple of inputs, got {type(example_inputs).__name__}")
         group = process_group if process_group is not None else dist.group.WORLD
         assert group is not None
         check_layout(group, data_parallel)
-        _check_batch(tuple(example_inputs), data_parallel, num_microbatches)
+        _check_batch(tuple(example_inputs), data_parallel, 1 if auto else int(num_microbatches))
         self.rank = dist.get_rank(group)  # in the process group
         self._all = group  # every rank (all replicas): they agree before each call acts
         self._groups = make_groups(group, data_parallel)
@@ -95,7 +105,11 @@ class GraphPipe(torch.nn.Module):
         self.stage, self.replica = self._groups.stage, self._groups.replica
         self.data_parallel = self._groups.data_parallel
         self.device = torch.device(device) if device is not None else _default_device(group)
-        self.num_microbatches = num_microbatches
+        budget_source = "memory_budget_bytes"
+        if auto and memory_budget_bytes is None and not isinstance(partition, Plan):
+            memory_budget_bytes, how = default_memory_budget(group, self.device)
+            budget_source = f"the default memory budget ({how}; pass memory_budget_bytes= to set one)"
+            log.info("rank %d: memory budget per stage %d bytes: %s", self.rank, memory_budget_bytes, how)
         options = PlanOptions(
             stage_graph=stage_graph,
             leaf_modules=tuple(leaf_modules),
@@ -105,7 +119,13 @@ class GraphPipe(torch.nn.Module):
             schedule_kind=schedule_kind,
         )
         shard = split_batch(tuple(example_inputs), self.data_parallel, "example_inputs")[0]
-        setup = setup_pipeline(module, shard, num_microbatches, partition, self._group, options, group)
+        try:
+            setup = setup_pipeline(module, shard, num_microbatches, partition, self._group, options, group)
+        except ValueError as exc:
+            if auto and "fits memory_budget_bytes" in str(exc):  # see [Note: default memory budget]
+                raise ValueError(f"num_microbatches='auto': {exc} (the budget is {budget_source})") from exc
+            raise
+        self.num_microbatches = setup.plan.num_microbatches
         self._plan, self._oracle = setup.plan, setup.oracle
         # an exported graph keeps the mode it was captured in (see [Note: export capture])
         self._fixed_mode = module.training if setup.capture_method == "export" else None

@@ -4,6 +4,7 @@ partition under a budget (see [Note: memory-aware micro-batching]), and the erro
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -15,7 +16,7 @@ from _gp_models import CASES
 
 import torch_graphpipe
 from torch_graphpipe import CommModel, CostTable, GraphPipe, OpCost, choose_microbatches
-from torch_graphpipe.memory import HeldActivations
+from torch_graphpipe.memory import HeldActivations, _available_cpu_bytes, default_memory_budget
 
 TOLERANCE = 0.15  # predicted vs measured held bytes per stage
 
@@ -110,3 +111,47 @@ def test_predicted_held_memory_matches_measured():
     and a loss function that saves more than the model output adds to the loss stage (cross-entropy's
     log-probabilities: measured 2372 against 1856 on multi_output's stage 2): neither is modelled yet."""
     spawn(_measure_worker, 3, ["skip"])
+
+
+def _auto_worker(rank: int, world: int, init: str) -> None:
+    """``GraphPipe(num_microbatches="auto")``: the default budget is the host's available memory shared
+    by its ranks ([Note: default memory budget]); the chosen count trains like one process; a budget
+    nothing fits fails on every rank with the stage and its bytes; an explicit partition needs a count."""
+    init_gloo(rank, world, init)
+    try:
+        budget, how = default_memory_budget(dist.group.WORLD, torch.device("cpu"))
+        expected = _available_cpu_bytes() / world  # all ranks on this host, one CPU
+        assert abs(budget - expected) <= 0.2 * expected and f"shared by {world} ranks" in how, (budget, how)
+        case = CASES["fork_join"]
+        seed = shared_seed()
+        torch.manual_seed(seed)
+        model = case.build()
+        ref = copy.deepcopy(model)
+        x, y = case.batch(8 * world, torch.Generator().manual_seed(seed))
+        gp = GraphPipe(model, example_inputs=x, loss_fn=case.loss, num_microbatches="auto")
+        m = gp.num_microbatches
+        assert m == gp.plan.num_microbatches and m * gp.plan.microbatch_size == 8 * world, (m, str(gp.plan))
+        assert gp.plan.memory_budget_bytes is not None and "memory budget" in str(gp.plan)
+        loss = gp.step(*x, target=y)
+        ref_loss = case.loss(ref(*x), y)
+        ref_loss.backward()
+        torch.testing.assert_close(loss, ref_loss.item(), rtol=1e-5, atol=0)
+        grads = dict(ref.named_parameters())
+        for name, p in gp.module.named_parameters():
+            torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-5, atol=1e-6, msg=name)
+        with pytest.raises(
+            ValueError, match=r"num_microbatches='auto'.*(stage \d+|operator \w+).*needs \d+ bytes"
+        ):
+            GraphPipe(case.build(), example_inputs=x, loss_fn=case.loss, num_microbatches="auto",
+                      memory_budget_bytes=100)  # fmt: skip
+        with pytest.raises(ValueError, match="partition='auto'"):
+            GraphPipe(case.build(), example_inputs=x, loss_fn=case.loss, num_microbatches="auto",
+                      partition=case.partition)  # fmt: skip
+        dist.barrier()  # all ranks done before any tears the group down (gloo may abort otherwise)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_graphpipe_auto_microbatches_default_budget():
+    spawn(_auto_worker, 4)
