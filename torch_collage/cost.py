@@ -21,6 +21,7 @@ import torch
 from torch import fx
 
 from torch_collage.artifacts import ArtifactStore
+from torch_collage.backends._export import WHOLE_GRAPH
 from torch_collage.backends.base import BackendSpec, deterministic
 from torch_collage.cache import CachedCost, CostCache
 from torch_collage.candidates import Candidate
@@ -451,6 +452,8 @@ class CostModel:
         self, sub: Subgraph, backend: str, mask: int
     ) -> tuple[Callable[..., Any] | None, str]:
         inputs = tuple(self.args(sub.inputs))
+        if mask == self.graph.full:  # a runtime may then use the cores alone: [Note: ORT call path]
+            sub.module.meta[WHOLE_GRAPH] = True
         try:
             with torch.no_grad():
                 fn = self.specs[backend].compile(sub.module, inputs)

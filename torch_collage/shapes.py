@@ -200,6 +200,7 @@ class FlexibleStep:
         assert compile_dynamic is not None
         try:
             gm, keep = _without_scalars(self.sub, parent_inputs)
+            gm.meta.update(self.sub.module.meta)  # a whole graph's mark ([Note: ORT call path])
         except _NotRebuildable as exc:
             logger.info("torch_collage: %s partition compiles per size: %s", self.spec.name, exc)
             return None

@@ -120,3 +120,26 @@ def test_flat_tuple_outputs_skip_the_tree_but_other_outputs_keep_it() -> None:
     nested = GraphIO(("x",), (1, 0), pytree.tree_structure({"p": 0, "q": 1}), sig)
     assert nested.unflatten([a, b]) == {"p": b, "q": a}
     assert GraphIO.from_json(flat.to_json()).unflatten([a, b]) == (a, b)
+
+
+def test_collage_marks_only_the_whole_graph_so_only_it_spins(tmp_path: Path) -> None:
+    """Through collage: the whole graph placed on ONNX Runtime runs a spinning session; a piece of
+    the graph beside others does not ([Note: ORT call path])."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from torch_collage.backends.registry import get_spec
+    from torch_collage.cache import CostCache
+    from torch_collage.cost import CostModel, record_values
+    from torch_collage.graph import DataflowGraph
+    from torch_collage.options import CollageOptions
+
+    model, inputs = _model()
+    gm = make_fx(model)(*inputs)
+    graph = DataflowGraph.from_graph(gm.graph)
+    specs = {"eager": get_spec("eager"), "onnxruntime": get_spec("onnxruntime")}
+    opts = CollageOptions(cache_dir=str(tmp_path), repeats=3, warmup=1, progress=False, compiled_cache_mb=0)
+    cost = CostModel(gm, graph, record_values(gm, list(inputs)), specs, opts, CostCache(str(tmp_path)))
+    whole = cost.compile(graph.full, "onnxruntime")
+    piece = cost.compile(graph.full >> 1, "onnxruntime")  # all but the first unit
+    assert whole.fn is not None and piece.fn is not None, (whole.reason, piece.reason)
+    assert _spins(whole.fn) and not _spins(piece.fn)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.export import ExportedProgram
 from torch.export.graph_signature import OutputKind, TensorArgument
 from torch.utils import _pytree as pytree
@@ -226,6 +226,8 @@ def export_graph(
     (per input) are exported as dynamic dimensions where the program allows it; the signature then
     accepts any size there (``BackendCompileError`` when the export made none of them dynamic)."""
     _check_example_inputs(backend, example_inputs, device)
+    if isinstance(module, fx.GraphModule):
+        module = reshapes_for_views(module)
     dynamic = _dynamic_shapes(dims) if any(dims) else None
     program = _export(backend, module, example_inputs, dynamic)
     out_spec = program.call_spec.out_spec
@@ -242,6 +244,32 @@ def export_graph(
         out_spec=out_spec,
         signature=StaticSignature.of(example_inputs, device, exported),
     )
+
+
+# [Note: views become reshapes for the exporters]
+# An ATen graph's ``view`` is valid for the strides eager gave its input, and torch.export traces
+# with those. But the runtimes' converters decompose the exported program again with their own
+# tables (OpenVINO's frontend calls ``run_decompositions``), and a decomposition may give an
+# intermediate other strides than eager's kernel did: a 4-layer BERT's whole graph failed in
+# OpenVINO's conversion with "Cannot view a tensor with shape [4, 64, 256] and strides (256, 1024,
+# 1) as (256, 256)". A runtime copies values anyway and an exported partition is functional (no
+# op writes through a view), so ``view`` and ``_unsafe_view`` are handed over as ``reshape``,
+# which is the same view where the strides allow one and a copy where they do not.
+_VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
+
+
+def reshapes_for_views(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm``, or a copy of it whose ``view`` nodes are ``reshape`` nodes ([Note: views become
+    reshapes for the exporters])."""
+    if not any(n.op == "call_function" and n.target in _VIEWS for n in gm.graph.nodes):
+        return gm
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        env[node] = graph.node_copy(node, lambda n: env[n])
+        if node.op == "call_function" and node.target in _VIEWS:
+            env[node].target = torch.ops.aten.reshape.default
+    return fx.GraphModule(gm, graph)
 
 
 def _dynamic_shapes(dims: Sequence[Sequence[int]]) -> tuple[dict[int, Any] | None, ...]:

@@ -351,7 +351,9 @@ def bake_inputs(gm: fx.GraphModule, values: dict[int, Any]) -> fx.GraphModule:
             position += 1
         else:
             env[node] = graph.node_copy(node, lambda n: env[n])
-    return fx.GraphModule(gm, graph)
+    baked = fx.GraphModule(gm, graph)
+    baked.meta.update(gm.meta)  # marks such as a whole graph's ([Note: ORT call path])
+    return baked
 
 
 class _BakedScalars:
