@@ -25,6 +25,7 @@ the context length.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import sys
@@ -227,10 +228,16 @@ def compiled_forwards(
     return fns
 
 
+def _rss_gb() -> float:
+    statm = Path("/proc/self/statm")
+    return int(statm.read_text().split()[1]) * 4096 / 1e9 if statm.exists() else math.nan
+
+
 def run_config(
     model: Any, lmax: int, batch: int, args: argparse.Namespace, options: dict[str, Any]
 ) -> tuple[list[dict[str, Any]], list[GraphReport]]:
     torch._dynamo.reset()
+    gc.collect()  # the previous configuration's compiled graphs (runtime sessions hold weights)
     held = int(lmax * args.fill)
     g = torch.Generator().manual_seed(batch)
     decode_ids = torch.randint(1, model.config.vocab_size, (batch, 1), generator=g)
@@ -238,15 +245,20 @@ def run_config(
     reports: list[GraphReport] = []
     decode_reports: list[GraphReport] = []
     forwards = compiled_forwards(model, args.backends, options, reports)
+    # One decode cache and one prefill cache for every backend: each call resets the counters and
+    # writes the same slots with the same token, and a cache per backend ran the 8K/batch-4 and 32K
+    # configurations out of memory beside five compiled copies of the weights.
+    decode_cache = filled_cache(model, batch, lmax, held)
+    prefill_cache = filled_cache(model, batch, lmax, 0)
     with torch.no_grad():
-        want = Step(model.forward, filled_cache(model, batch, lmax, held), decode_ids, held)()
+        want = Step(model.forward, decode_cache, decode_ids, held)()
         steps, prefills, rows = {}, {}, {}
         for name, fwd in forwards.items():
-            progress(f"Lmax {lmax}, batch {batch}: {name}")
+            progress(f"Lmax {lmax}, batch {batch}: {name} (RSS {_rss_gb():.1f} GB)")
             start = time.perf_counter()
             try:
-                step = Step(fwd, filled_cache(model, batch, lmax, held), decode_ids, held)
-                prefill = Step(fwd, filled_cache(model, batch, lmax, 0), prompt_ids, 0)
+                step = Step(fwd, decode_cache, decode_ids, held)
+                prefill = Step(fwd, prefill_cache, prompt_ids, 0)
                 got = step()
                 if name == "collage":
                     decode_reports = list(reports)  # the decode graph is placed first
@@ -389,9 +401,18 @@ def main(argv: Sequence[str] | None = None) -> None:
                 placements += placement_lines(lmax, batch, reports)
                 for line in placements[-1:]:
                     progress(line)
+                # written after every configuration: a later one that fails keeps what was measured
+                notes = _notes(args, model, gbs, options, placements, table, info)
+                paths = _write(args, info, table, notes)
     progress(f"load after: {_loadavg()}")
+    for line in notes:
+        print(f"- {line}")
+    print(f"wrote {paths['md']}")
+
+
+def _notes(args, model, gbs, options, placements, table, info) -> list[str]:
     skipped = ", ".join(f"{a}:{b}" for a, b in sorted(args.skip)) or "none"
-    notes = [
+    return [
         f"model: {'SMALL' if args.small else 'FULL'} {json.dumps(SMALL if args.small else FULL)}, fp32, "
         f"{weight_bytes(model) / 1e6:.0f} MB of weights read per step; cache filled to {args.fill} of Lmax "
         f"with random keys and values; prefill of {args.prompt} tokens; skipped (Lmax:batch): {skipped}.",
@@ -403,12 +424,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         *target_lines(table.rows),
         load_note(info),
     ]
+
+
+def _write(args, info, table, notes) -> dict[str, Path]:
     plot = PlotSpec(group_keys=("context", "batch"), series_key="backend", baseline=None,
                     ylabel="decode time relative to the fastest (lower is better)")  # fmt: skip
     paths = write_results("llm", args.hardware, info, table, notes=notes, out_dir=args.out_dir, plot=plot)
     plot_tokens(table.rows, paths["png"])
-    for line in notes:
-        print(f"- {line}")
+    return paths
 
 
 if __name__ == "__main__":
