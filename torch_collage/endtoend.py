@@ -17,7 +17,7 @@ from torch import fx
 from torch_collage.assembly import AssembledGraph, Step
 from torch_collage.cost import CostModel
 from torch_collage.graph import DataflowGraph
-from torch_collage.search import Placement
+from torch_collage.search import Placement, merge_eager_runs
 from torch_collage.subgraph import digest, tensor_signature
 
 __all__ = ["CompareFn", "EndToEnd", "assemble", "e2e_many_ms"]
@@ -178,7 +178,7 @@ CompareFn = Callable[..., list[float]]
 def assemble(gm: fx.GraphModule, placement: Placement, model: CostModel) -> AssembledGraph:
     """``placement`` compiled partition by partition; a partition that fails runs on eager (logged)."""
     steps = []
-    for p in placement.partitions:
+    for p in merge_eager_runs(placement).partitions:  # [Note: eager runs are one partition] in search.py
         part = model.compile(p.mask, p.backend)
         if part.fn is None:
             logger.warning("torch_collage: %s partition fell back to eager: %s", p.backend, part.reason)

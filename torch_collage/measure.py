@@ -327,6 +327,9 @@ def merge_measured(
             parts.append(group[0])
             continue
         run = merge_run(group)  # priced as the sum of its parts
+        if run.backend == "eager":  # [Note: eager runs are one partition] in search.py
+            parts.append(run)
+            continue
         cand = Candidate(run.mask, run.backend)
         if cand not in costs and model.was_cut(f"merge {cand.mask} {cand.backend}"):
             model.budget.skip("merged regions")
@@ -341,7 +344,7 @@ def merge_measured(
         if costs[cand] <= run.cost_ms:
             parts.append(Partition(run.mask, run.backend, costs[cand]))
         else:
-            logger.debug(  # eager's runs of a few ops are kept apart often, for microseconds
+            logger.debug(
                 "torch_collage: %s region of %d partitions kept apart: %.3f ms merged, %.3f ms apart",
                 cand.backend, len(group), costs[cand], run.cost_ms,
             )  # fmt: skip

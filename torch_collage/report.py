@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from torch_collage.candidates import Candidate
 from torch_collage.graph import DataflowGraph, bits
-from torch_collage.search import Partition, Placement
+from torch_collage.search import Partition, Placement, merge_eager_runs
 from torch_collage.segments import consecutive_segments
 from torch_collage.timing import Budget
 
@@ -106,7 +106,7 @@ def graph_report(
 ) -> GraphReport:
     """The report of one placed graph: the ``searched`` placement, and what the end-to-end check
     ``chosen`` (``"mixed"``: the searched one; else the single backend that runs the whole graph)."""
-    placement = searched
+    placement = merge_eager_runs(searched)  # as assembled: [Note: eager runs are one partition]
     if chosen != "mixed":  # a single backend won (end to end, or as the verification fallback)
         ms = singles.get(chosen, measured_ms)
         placement = Placement((Partition(graph.full, chosen, ms),), ms)

@@ -511,3 +511,46 @@ def test_whole_graph_failures_keep_the_full_reason_and_are_listed_first(tmp_path
     assert "lowering failed" in why and "aten.addmm.default" in why  # the second line is kept
     text = report.to_markdown()
     assert text.index("failing failed on the whole graph") < text.index("| # | backend")
+
+
+def test_consecutive_eager_partitions_run_as_one(tmp_path):
+    """[Note: eager runs are one partition]: a placement of eager singletons around one partition of
+    another backend runs as three steps, including runs whose pieces do not touch (parallel
+    branches), and gives eager's result; the report lists the partitions as they run."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from torch_collage.backends.registry import get_spec
+    from torch_collage.cost import CostModel, record_values
+    from torch_collage.endtoend import assemble
+    from torch_collage.graph import DataflowGraph
+    from torch_collage.options import CollageOptions
+    from torch_collage.search import Partition, Placement, merge_eager_runs
+
+    class Branches(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 8)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x)) + torch.sigmoid(self.b(x))  # two branches of eager singletons
+            return torch.tanh(self.c(h)) * 2
+
+    model, x = Branches().eval(), torch.randn(4, 16)
+    gm = make_fx(model)(x)
+    graph = DataflowGraph.from_graph(gm.graph)
+    last_mm = max(i for i in range(graph.size) if graph.units[i][0].name.startswith("addmm"))
+    with registered_backend("mm_part", compile=lambda g, ins: g, supports=["aten.addmm"]):
+        specs = {"eager": get_spec("eager"), "mm_part": get_spec("mm_part")}
+        cost = CostModel(gm, graph, record_values(gm, [x]), specs, CollageOptions(cache_dir=str(tmp_path)),
+                         CostCache(str(tmp_path)))  # fmt: skip
+        parts = tuple(
+            Partition(1 << i, "mm_part" if i == last_mm else "eager", 1.0) for i in range(graph.size)
+        )
+        placement = Placement(parts, float(graph.size))
+        merged = merge_eager_runs(placement)
+        assert [p.backend for p in merged.partitions] == ["eager", "mm_part", "eager"]
+        assert merged.partitions[0].cost_ms == float(last_mm)  # priced as its parts
+        assert sum(p.mask for p in merged.partitions) == graph.full
+        assembled = assemble(gm, placement, cost)
+    assert [s.backend for s in assembled.steps] == ["eager", "mm_part", "eager"]
+    torch.testing.assert_close(assembled(x), model(x))
