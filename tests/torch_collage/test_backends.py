@@ -395,3 +395,26 @@ def test_openvino_imported_runner_saves_its_blob_once(tmp_path) -> None:
         again = backend.load(tmp_path / "c", (x,))
         fresh = torch.randn(4, 32)
         torch.testing.assert_close(again(fresh), model(fresh), **TOL)
+
+
+def test_openvino_scratch_directories_of_dead_processes_are_removed(tmp_path):
+    """[Note: scratch directories of dead processes]: a directory left by a process that is gone is
+    removed; those of running processes (this one, its parent) and other names are left alone."""
+    import os
+    import subprocess
+    import sys
+
+    from torch_collage.backends import openvino
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)  # fmt: skip
+    dead = tmp_path / f"collage-ov-{gone.stdout.strip()}-abc"
+    mine = tmp_path / f"collage-ov-{os.getpid()}-def"
+    parent = tmp_path / f"collage-ov-{os.getppid()}-ghi"
+    other = tmp_path / "collage-ov-notapid"
+    for d in (dead, mine, parent, other):
+        d.mkdir()
+        (d / "model.bin").write_bytes(os.urandom(64))
+    assert openvino._sweep_dead.__wrapped__(str(tmp_path)) == 1
+    assert not dead.exists()
+    assert mine.exists() and parent.exists() and other.exists()

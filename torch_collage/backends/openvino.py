@@ -183,7 +183,8 @@ class CompileHelper:
         """``model`` compiled for the CPU with ``config``, and the exported blob it was imported from."""
         import openvino as ov
 
-        with self._lock, tempfile.TemporaryDirectory(prefix="collage-ov-", dir=_scratch_dir()) as tmp:
+        parent = _scratch_dir()
+        with self._lock, tempfile.TemporaryDirectory(prefix=f"{_SCRATCH}{os.getpid()}-", dir=parent) as tmp:
             xml, blob = os.path.join(tmp, "model.xml"), os.path.join(tmp, "model.blob")
             ov.save_model(model, xml, compress_to_fp16=False)
             request = json.dumps({"xml": xml, "blob": blob, "config": {k: str(v) for k, v in config.items()}})
@@ -231,9 +232,51 @@ _HELPER = CompileHelper()
 atexit.register(_HELPER.close)
 
 
+# [Note: scratch directories of dead processes]
+# The saved model and its blob go to /dev/shm, which is memory: Llama's decode graph with 0.5 GB of
+# weights left 3.5 GB there. A process killed while compiling (the kernel's OOM killer, a SIGKILL
+# from a job runner) never removes its temporary directory, and what it left stays in memory until
+# reboot; two killed benchmark runs left 6.1 GB, and the third run was killed for memory in turn.
+# So each directory is named after the process that made it (collage-ov-<pid>-...), and the first
+# compile of a process removes the directories, in its scratch parent, of its own user's processes
+# that are gone.
+_SCRATCH = "collage-ov-"
+
+
 def _scratch_dir() -> str | None:
-    """A memory-backed directory for the saved models when there is one (``/dev/shm``), else the default."""
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    """A memory-backed directory for the saved models when there is one (``/dev/shm``), else the
+    default; swept once per process ([Note: scratch directories of dead processes])."""
+    parent = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    _sweep_dead(parent or tempfile.gettempdir())
+    return parent
+
+
+@functools.cache
+def _sweep_dead(parent: str) -> int:
+    """Remove ``parent``'s scratch directories of this user's processes that no longer run; how many."""
+    removed = 0
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(parent):
+            pid = entry.name[len(_SCRATCH) :].split("-", 1)[0]
+            if not entry.name.startswith(_SCRATCH) or not pid.isdigit() or _alive(int(pid)):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.is_dir(follow_symlinks=False) and entry.stat().st_uid == os.getuid():
+                    shutil.rmtree(entry.path)
+                    removed += 1
+    if removed:
+        logger.info("openvino: removed %d scratch directories of processes that are gone", removed)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _exit_reason(code: int) -> str:
