@@ -30,7 +30,14 @@ from torch_collage.backends.base import BackendSpec
 from torch_collage.candidates import Candidate, supported_mask
 from torch_collage.graph import DataflowGraph
 
-__all__ = ["consecutive_segments", "crossings", "cut_points", "interval_mask", "segment_candidates"]
+__all__ = [
+    "around_specialists",
+    "consecutive_segments",
+    "crossings",
+    "cut_points",
+    "interval_mask",
+    "segment_candidates",
+]
 
 
 def crossings(graph: DataflowGraph) -> list[int]:
@@ -101,3 +108,47 @@ def consecutive_segments(graph: DataflowGraph, n_segments: int) -> list[int]:
     """The masks of the ``n_segments`` (or fewer) consecutive intervals that tile the graph."""
     points = cut_points(graph, n_segments)
     return [interval_mask(a, b) for a, b in itertools.pairwise(points)]
+
+
+# [Note: regions around a specialist]
+# A backend that claims a few kinds of op and runs them far better than the runtimes (torch_cp's
+# decode attention over a long KV cache) wins only if the rest of the graph runs as well as a
+# runtime runs it whole. The op-level candidates hold at most ``max_depth`` ops, so around the
+# specialist's nodes the cover search could only choose eager or a runtime in small pieces, each
+# paying a boundary: Llama's decode graph at a static cache of 8K slots was placed as eager plus
+# torch_cp (26.3 ms) while Inductor alone ran its GEMMs faster than eager (16.7 against 18.8 ms at
+# 512 slots). So for every specialist (a backend other than eager supporting at most
+# ``SPECIALIST_SHARE`` of the units), the runs of the topological order between its units become
+# candidates on each backend that fuses arbitrary regions, split again where that backend refuses
+# a unit. A run of the topological order is convex ([Note: coarse segments]); the runs of a
+# repeated block (a transformer layer) have one canonical form and input signature, so the cost of
+# one is the cost of all and only the first few are timed. Runs of ``max_depth`` units or fewer are
+# among the op-level candidates already.
+SPECIALIST_SHARE = 0.25
+
+
+def around_specialists(graph: DataflowGraph, specs: Iterable[BackendSpec], max_depth: int) -> list[Candidate]:
+    """The runs between each specialist's units on every region backend ([Note: regions around a
+    specialist]), longer than ``max_depth`` units, the whole graph excepted."""
+    specs = list(specs)
+    cuts = 0
+    for spec in specs:
+        claimed = supported_mask(graph, spec)
+        if spec.name != "eager" and 0 < claimed.bit_count() <= SPECIALIST_SHARE * graph.size:
+            cuts |= claimed
+    if not cuts:
+        return []
+    out: list[Candidate] = []
+    for spec in specs:
+        if spec.name == "eager" or spec.fusion != "region" or spec.max_depth is not None:
+            continue
+        stop = cuts | (graph.full & ~supported_mask(graph, spec))  # where a run ends
+        start = None
+        for i in range(graph.size + 1):
+            if i < graph.size and not stop >> i & 1:
+                start = i if start is None else start
+                continue
+            if start is not None and i - start > max_depth and (start, i) != (0, graph.size):
+                out.append(Candidate(interval_mask(start, i), spec.name))
+            start = None
+    return out

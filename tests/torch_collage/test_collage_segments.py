@@ -209,3 +209,38 @@ def test_segments_are_measured_within_the_budget_and_reported_when_it_is_spent(t
     spent = torch_collage.explain(model, x, cache_dir=str(tmp_path / "none"), time_budget_s=0.0, **opts)
     (graph,) = spent.graphs
     assert graph.unmeasured.get("segments", 0) >= 1
+
+
+def test_regions_around_a_specialist_are_the_runs_between_its_units():
+    """[Note: regions around a specialist]: a backend claiming few units (tanh) cuts the topological
+    order; each run between its units, on a region backend, is a convex candidate without the
+    specialist's units or the units that backend refuses (neg), and the cover search can then put
+    the specialist's units between runs of the region backend without eager pieces."""
+    from torch_collage.segments import around_specialists
+
+    graph = _graph()
+    specialist = _spec("special", supports=("aten.tanh",))
+    runtime = _spec("rt", supports=("aten.sin", "aten.cos", "aten.add", "aten.relu", "aten.mul"))
+    eager = _spec("eager")
+    claimed = sum(1 << i for i, u in enumerate(graph.units) if u[0].target is torch.ops.aten.tanh.default)
+    refused = sum(1 << i for i, u in enumerate(graph.units) if u[0].target is torch.ops.aten.neg.default)
+    assert claimed.bit_count() == 6 and refused
+    cands = around_specialists(graph, [eager, specialist, runtime], max_depth=2)
+    assert cands and {c.backend for c in cands} == {"rt"}
+    covered = 0
+    for c in cands:
+        units = list(bits(c.mask))
+        assert units == list(range(units[0], units[-1] + 1))  # a run of the topological order
+        assert len(units) > 2 and graph.is_convex(c.mask)
+        assert not c.mask & (claimed | refused)
+        covered |= c.mask
+    assert covered | claimed | refused == graph.full  # every other unit is in a run
+    # no specialist (a backend supporting most units is none): nothing
+    assert around_specialists(graph, [eager, runtime, _spec("all")], max_depth=2) == []
+
+    fine = enumerate_candidates(graph, [eager, specialist], 1)
+    cost = {c: 0.1 * c.size for c in cands}
+    pieces = search_cover(graph, fine + cands, lambda c: cost.get(c, 0.01 if c.backend == "special" else 1.0),
+                          lambda a, b: 0.0 if a == b else 0.05)  # fmt: skip
+    assert [p.backend for p in pieces.partitions].count("eager") == refused.bit_count()
+    assert sum(p.backend == "rt" for p in pieces.partitions) == len(cands)
