@@ -236,9 +236,10 @@ def _rss_gb() -> float:
 def run_config(
     model: Any, lmax: int, batch: int, args: argparse.Namespace, options: dict[str, Any]
 ) -> tuple[list[dict[str, Any]], list[GraphReport]]:
-    """The decode step on every backend side by side, then the prefill on every backend: two phases,
-    each with compiled forwards of its own, so that at most one compiled graph per backend holds its
-    copy of the weights at a time (with both graphs alive, Lmax 8K at batch 4 ran out of 24 GB)."""
+    """The decode step on every backend side by side, then the prefill on one backend at a time, each
+    phase with compiled forwards of its own, so that at most one compiled graph per backend holds its
+    copy of the weights at a time (with both graphs alive, Lmax 8K at batch 4 ran out of 24 GB; with
+    every prefill alive at once, 32K did)."""
     held = int(lmax * args.fill)
     g = torch.Generator().manual_seed(batch)
     decode_ids = torch.randint(1, model.config.vocab_size, (batch, 1), generator=g)
@@ -252,21 +253,24 @@ def run_config(
                                    decode_ids, held, want, rounds=args.rounds, repeats=args.repeats)  # fmt: skip
     del decode_cache
     prefill_cache = filled_cache(model, batch, lmax, 0)
-    prefill_rows, prefill, _ = _phase(model, args, options, f"Lmax {lmax}, batch {batch}: prefill",
-                                      prefill_cache, prompt_ids, 0, None, rounds=1, repeats=3)  # fmt: skip
-    for name, row in rows.items():
-        row["compile_s"] += prefill_rows.get(name, {}).get("compile_s", 0.0)
-    prefill_ms = {n: min(m.median_ms for m in blocks) for n, blocks in prefill.items()}
+    prefill_ms: dict[str, float] = {}
+    for name in args.backends:  # one backend at a time: the prefill is timed alone, not side by side
+        prefill_rows, prefill, _ = _phase(model, args, options, f"Lmax {lmax}, batch {batch}: prefill",
+                                          prefill_cache, prompt_ids, 0, None, rounds=1, repeats=3,
+                                          backends=[name])  # fmt: skip
+        if name in rows:
+            rows[name]["compile_s"] += prefill_rows.get(name, {}).get("compile_s", 0.0)
+        prefill_ms.update({n: min(m.median_ms for m in blocks) for n, blocks in prefill.items()})
     return _rows(lmax, batch, held, rows, decode, prefill_ms), reports
 
 
-def _phase(model, args, options, label, cache, ids, held, want, *, rounds, repeats):
-    """Compile ``forward`` on every backend, check it against ``want`` (when given), time the calls
-    side by side; the compiled graphs are released before returning."""
+def _phase(model, args, options, label, cache, ids, held, want, *, rounds, repeats, backends=None):
+    """Compile ``forward`` on every backend (or ``backends``), check it against ``want`` (when given),
+    time the calls side by side; the compiled graphs are released before returning."""
     torch._dynamo.reset()
     gc.collect()  # the previous phase's compiled graphs (runtime sessions hold weights)
     reports: list[GraphReport] = []
-    forwards = compiled_forwards(model, args.backends, options, reports)
+    forwards = compiled_forwards(model, backends or args.backends, options, reports)
     steps, rows = {}, {}
     with torch.no_grad():
         for name, fwd in forwards.items():

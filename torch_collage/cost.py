@@ -187,7 +187,7 @@ class CostModel:
         self._probes: dict[str, Callable[..., Any] | None] = {}  # one-op graphs for switch costs
         self.artifacts = ArtifactStore(options.cache_dir, options.compiled_cache_mb)
         self.loaded = 0  # partitions loaded from the artifact store instead of compiled
-        # whole-graph callables compiled while measuring, handed to assembly instead of compiling again
+        # (nearly) whole-graph callables compiled while measuring, handed to assembly instead of compiling again
         self._kept: dict[str, Callable[..., Any]] = {}
         self._warned = set() if warned is None else warned
         self._written = frozenset(written_inputs(gm.graph))  # [Note: inputs the graph writes]
@@ -302,7 +302,7 @@ class CostModel:
         restore = self.restorer(sub.inputs, inputs)  # [Note: timing a graph that writes its inputs]
         call = (lambda: fn(*inputs)) if restore is None else (lambda: (restore(), fn(*inputs)))
         ms = self.time_call(call)
-        if mask == self.graph.full:
+        if 2 * mask.bit_count() >= self.graph.size:  # a whole or nearly whole graph: a contender end to end
             self._kept[self._kept_key(backend, sub)] = fn
         return CachedCost(ms, "", self.last_spread, label)
 

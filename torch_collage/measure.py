@@ -25,6 +25,7 @@ __all__ = [
     "check_coverable",
     "measure_candidates",
     "merge_measured",
+    "nearly_whole_placements",
     "rank_candidates",
     "remeasure",
     "search_key",
@@ -56,11 +57,13 @@ def with_whole_graphs(graph: DataflowGraph, cands: list[Candidate], model: CostM
 # running statistics in training), and only eager runs mutating ops. So no runtime could take such
 # a graph whole, and its whole-graph contender, the placement most likely to win on a CPU where
 # the runtimes differ by region less than a boundary costs, was never measured: a Llama decode
-# step could only be cut into small pieces. Where the units a backend refuses are few
-# (``NEARLY_WHOLE_REFUSED``) and the rest is convex (they are the graph's first or last steps,
-# like a write-back epilogue), that rest is a candidate measured with the whole graphs, and
-# eager's singletons for the refused units keep it coverable, also in ``mode="fast"``.
-NEARLY_WHOLE_REFUSED = 8
+# step could only be cut into small pieces. Where the units a backend refuses are few (at most
+# ``NEARLY_WHOLE_SHARE`` of the graph's) and the rest is convex (they are the graph's first or last
+# steps, like a write-back epilogue), that rest is a candidate measured with the whole graphs, and
+# eager's singletons for the refused units keep it coverable, also in ``mode="fast"``. The share is
+# relative: an 8-layer Llama's decode graph writes 16 cache tensors back, and a cap of 8 units
+# left Inductor, the fastest single backend at 512 slots, without a contender in collage.
+NEARLY_WHOLE_SHARE = 0.1
 
 
 def _refused(graph: DataflowGraph, spec: BackendSpec) -> int:
@@ -69,9 +72,31 @@ def _refused(graph: DataflowGraph, spec: BackendSpec) -> int:
 
 def _nearly_whole(graph: DataflowGraph, refused: int) -> bool:
     count = refused.bit_count()
-    return (
-        count <= NEARLY_WHOLE_REFUSED and count < graph.size // 2 and graph.is_convex(graph.full & ~refused)
-    )
+    few = count <= max(8, NEARLY_WHOLE_SHARE * graph.size) and count < graph.size // 2
+    return few and graph.is_convex(graph.full & ~refused)
+
+
+def nearly_whole_placements(graph: DataflowGraph, model: CostModel, costs: Costs) -> dict[str, Placement]:
+    """Each backend's measured nearly whole graph as a placement, eager's singletons for the refused
+    units before or after it ([Note: nearly whole graphs]); keyed ``"<backend> (nearly whole)"``.
+    A refused unit with an ancestor in the rest runs after it, the others before (the rest is convex,
+    so no unit after it feeds it and no unit before it depends on it)."""
+    out: dict[str, Placement] = {}
+    for name, spec in model.specs.items():
+        refused = _refused(graph, spec)
+        rest = graph.full & ~refused
+        ms = costs.get(Candidate(rest, name), math.inf)
+        if not refused or not rest or not math.isfinite(ms):
+            continue
+        before = [u for u in bits(refused) if not graph.ancestors[u] & rest]
+        after = [u for u in bits(refused) if graph.ancestors[u] & rest]
+        eager = {u: costs.get(Candidate(1 << u, "eager"), math.inf) for u in (*before, *after)}
+        if not all(math.isfinite(v) for v in eager.values()):
+            continue
+        parts = [Partition(1 << u, "eager", eager[u]) for u in before]
+        parts += [Partition(rest, name, ms), *(Partition(1 << u, "eager", eager[u]) for u in after)]
+        out[f"{name} (nearly whole)"] = Placement.priced(parts, model.switch_cost)
+    return out
 
 
 def measure_candidates(

@@ -33,7 +33,13 @@ from torch_collage.choose import Choice, Recheck, check_seconds, choose, recheck
 from torch_collage.cost import CostModel, RngState, device_of, kept_rng, record_values
 from torch_collage.endtoend import CompareFn, EndToEnd, e2e_many_ms
 from torch_collage.graph import DataflowGraph
-from torch_collage.measure import check_coverable, measure_candidates, merge_measured, with_whole_graphs
+from torch_collage.measure import (
+    check_coverable,
+    measure_candidates,
+    merge_measured,
+    nearly_whole_placements,
+    with_whole_graphs,
+)
 from torch_collage.options import CollageOptions
 from torch_collage.refine import RefineFn, refine, refine_replayed
 from torch_collage.report import GraphReport, graph_report
@@ -144,7 +150,8 @@ class Placer:
             placement = refine_replayed(placement, e2e, costs, self.stages.refine, reserve(costs))
         singles = _singles(graph, model, costs)
         warm = model.measured == 0  # every cost came from the cache
-        choice = choose(e2e, placement, singles)
+        nearly = nearly_whole_placements(graph, model, costs)
+        choice = choose(e2e, placement, singles, nearly)
         checked = None
         if warm:  # [Note: quiet measurements] in timing.py
             checked = recheck(e2e, choice, singles)
@@ -152,7 +159,7 @@ class Placer:
                 logger.warning("torch_collage: cached costs %s; measuring again", checked.outcome)
                 singles = self._remeasure_singles(model, costs, singles)
                 placement = searched()  # on the costs measured again
-                choice = choose(e2e, placement, singles)
+                choice = choose(e2e, placement, singles, nearly)
         if options.verify:
             choice = verify(e2e, choice, inputs)
         return choice.assembled, self._report(
@@ -193,6 +200,7 @@ class Placer:
             graph=model.graph,
             searched=searched,
             chosen=choice.chosen,
+            ran=choice.placement,
             measured_ms=choice.measured_ms,
             singles=singles,
             costs=costs,

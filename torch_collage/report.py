@@ -49,7 +49,7 @@ class GraphReport:
     predicted_ms: float  # sum of partition and switch costs
     measured_ms: float  # the chosen assembled graph, end to end
     single_backend_ms: dict[str, float]  # each backend running the whole graph (inf: it could not)
-    chosen: str  # "mixed" or the single backend chosen
+    chosen: str  # "mixed", the single backend chosen, or "<backend> (nearly whole)"
     candidates: int  # candidates considered
     measured: int  # timings run (0 on a warm cache)
     search_s: float  # wall-clock seconds placing this graph
@@ -103,11 +103,14 @@ def graph_report(
     budget: Budget | None = None,
     recheck: str = "",
     recheck_ms: dict[str, float] | None = None,
+    ran: Placement | None = None,
 ) -> GraphReport:
     """The report of one placed graph: the ``searched`` placement, and what the end-to-end check
     ``chosen`` (``"mixed"``: the searched one; else the single backend that runs the whole graph)."""
     placement = merge_eager_runs(searched)  # as assembled: [Note: eager runs are one partition]
-    if chosen != "mixed":  # a single backend won (end to end, or as the verification fallback)
+    if chosen != "mixed" and chosen not in singles and ran is not None:  # a nearly whole graph won
+        placement = merge_eager_runs(ran)
+    elif chosen != "mixed":  # a single backend won (end to end, or as the verification fallback)
         ms = singles.get(chosen, measured_ms)
         placement = Placement((Partition(graph.full, chosen, ms),), ms)
     owner = {i: k for k, p in enumerate(placement.partitions) for i in bits(p.mask)}

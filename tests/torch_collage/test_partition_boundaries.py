@@ -117,3 +117,51 @@ def test_a_graph_that_writes_its_state_gets_a_nearly_whole_runtime_candidate(tmp
         for _ in range(3):
             torch.testing.assert_close(compiled(x), model.body(x))
     assert int(model.calls) == 4
+
+
+def test_nearly_whole_graphs_are_end_to_end_contenders() -> None:
+    """[Note: nearly whole graphs]: a measured nearly whole graph becomes a placement, its refused
+    units on eager before or after the rest as the graph's edges require, and it is among the
+    end-to-end contenders when predicted close to the best (a graph that writes its state has no
+    other whole graph but eager's)."""
+    import math
+    import types
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from torch_collage.backends.base import BackendSpec
+    from torch_collage.candidates import Candidate
+    from torch_collage.choose import _close_singles
+    from torch_collage.graph import DataflowGraph
+    from torch_collage.measure import nearly_whole_placements
+
+    def fn(x):
+        y = x.neg()  # refused, at the start
+        z = (y.sin() * 2).cos()
+        return z.exp(), z.tanh()  # exp refused, at the end
+
+    graph = DataflowGraph.from_graph(make_fx(fn)(torch.randn(4, 4)).graph)
+    names = [u[0].target.__name__.split(".")[0] for u in graph.units]
+    refused = sum(1 << i for i, n in enumerate(names) if n in ("neg", "exp"))
+    rt = BackendSpec(
+        name="rt", compile=lambda gm, ex: gm, supports=("aten.sin", "aten.mul", "aten.cos", "aten.tanh")
+    )
+    eager = BackendSpec(name="eager", compile=lambda gm, ex: gm, supports=("*",))
+    model = types.SimpleNamespace(
+        specs={"eager": eager, "rt": rt}, switch_cost=lambda a, b: 0.0 if a == b else 0.1
+    )
+    rest = graph.full & ~refused
+    costs = {Candidate(rest, "rt"): 1.0, **{Candidate(1 << u, "eager"): 0.5 for u in range(graph.size)}}
+    nearly = nearly_whole_placements(graph, model, costs)
+    (placement,) = nearly.values()
+    assert list(nearly) == ["rt (nearly whole)"]
+    assert [(p.backend, [names[u] for u in range(graph.size) if p.mask >> u & 1]) for p in placement.partitions] == [
+        ("eager", ["neg"]), ("rt", [n for n in names if n not in ("neg", "exp")]), ("eager", ["exp"])
+    ]  # fmt: skip
+    assert placement.predicted_ms == 1.0 + 0.5 + 0.5 + 0.2
+    close = _close_singles(graph, {"eager": 2.5, "rt": math.inf}, "mixed", nearly)
+    assert [name for name, _ in close] == ["rt (nearly whole)", "eager"]
+    far = _close_singles(graph, {"eager": 0.5, "rt": math.inf}, "mixed", nearly)
+    assert [name for name, _ in far] == ["eager"]  # 2.2 ms is not within 1.5x of 0.5 ms
+    del costs[Candidate(rest, "rt")]
+    assert nearly_whole_placements(graph, model, costs) == {}  # not measured: no contender
