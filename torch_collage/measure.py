@@ -149,11 +149,18 @@ def _measure_budgeted(
     full, budget = model.graph.full, model.budget
     costs: Costs = {}
     refused = {name: _refused(model.graph, spec) for name, spec in model.specs.items()}
-    # the whole graphs, and the nearly whole ones ([Note: nearly whole graphs])
-    whole = [c for c in cands if c.mask | refused[c.backend] == full and not _essential(c)]
-    singles = [c for c in cands if c not in whole and _essential(c)]
-    segments = [c for c in cands if c not in whole and c in coarse and not _essential(c)]
-    fine = [c for c in cands if c not in whole and c not in coarse and not _essential(c)]
+    # the whole graphs, and the nearly whole ones ([Note: nearly whole graphs]), measured after the
+    # segments: a graph that writes its state can be placed from eager's ops and the regions around
+    # a specialist ([Note: regions around a specialist] in segments.py), which repeat and cost a few
+    # compiles, while each nearly whole graph is a whole compile (Llama's decode at 8K slots: the
+    # three took the budget, and eager ran it at 7x the mix of runtimes and torch_cp).
+    whole = [c for c in cands if c.mask == full and not _essential(c)]
+    nearly = [
+        c for c in cands if c.mask != full and c.mask | refused[c.backend] == full and not _essential(c)
+    ]
+    singles = [c for c in cands if c.mask | refused[c.backend] != full and _essential(c)]
+    segments = [c for c in cands if c not in nearly and c in coarse and not _essential(c)]
+    fine = [c for c in cands if c.mask | refused[c.backend] != full and c not in coarse and not _essential(c)]
     progress.stage("whole graphs", whole)
     for cand in sorted(whole, key=lambda c: (c.backend != "eager", model.predicted_s(c) or 0.0)):
         if cand.backend == "eager" or budget.fits(model.predicted_s(cand) or 0.0, reserve(costs)):
@@ -163,9 +170,10 @@ def _measure_budgeted(
             progress.skip(cand)
     # a cover needs eager's singletons only when eager's whole graph failed
     eager_whole = math.isfinite(costs.get(Candidate(full, "eager"), math.inf))
-    for stage, group in (("eager ops", singles), ("segments", segments)):
+    for stage, group in (("eager ops", singles), ("segments", segments), ("nearly whole graphs", nearly)):
         progress.stage(stage, group)
-        for cand in group:
+        ordered = sorted(group, key=lambda c: model.predicted_s(c) or 0.0) if stage != "eager ops" else group
+        for cand in ordered:
             forced = stage == "eager ops" and not eager_whole
             if forced or budget.fits(model.predicted_s(cand) or 0.0, reserve(costs)):
                 costs[cand] = progress.measure(cand)

@@ -44,7 +44,7 @@ from torch_collage.options import CollageOptions
 from torch_collage.refine import RefineFn, refine, refine_replayed
 from torch_collage.report import GraphReport, graph_report
 from torch_collage.search import Placement, search_cover
-from torch_collage.segments import around_specialists, segment_candidates
+from torch_collage.segments import around_specialists, segment_candidates, specialists
 from torch_collage.timing import Budget, InterferenceProbe, QuietProbe
 
 __all__ = ["Placer", "Stages", "default_placer", "measurement_count", "place_graph"]
@@ -129,9 +129,9 @@ class Placer:
         have = set(cands)
         coarse = [] if fast else segment_candidates(graph, model.specs.values(), options.segments)
         if not fast:  # [Note: regions around a specialist] in segments.py
-            coarse = list(
-                dict.fromkeys(coarse + around_specialists(graph, model.specs.values(), options.max_depth))
-            )
+            special = specialists(graph, model.specs.values())
+            around = around_specialists(graph, model.specs.values(), options.max_depth)
+            coarse = list(dict.fromkeys(coarse + around + [c for c in fine if c.backend in special]))
         cands += [c for c in coarse if c not in have]  # a short segment may equal a fine candidate
         slack = 0.0 if math.isinf(options.time_budget_s) else _SLACK * options.time_budget_s
 

@@ -37,6 +37,7 @@ __all__ = [
     "cut_points",
     "interval_mask",
     "segment_candidates",
+    "specialists",
 ]
 
 
@@ -123,8 +124,21 @@ def consecutive_segments(graph: DataflowGraph, n_segments: int) -> list[int]:
 # a unit. A run of the topological order is convex ([Note: coarse segments]); the runs of a
 # repeated block (a transformer layer) have one canonical form and input signature, so the cost of
 # one is the cost of all and only the first few are timed. Runs of ``max_depth`` units or fewer are
-# among the op-level candidates already.
+# among the op-level candidates already. The specialist's own candidates are measured with these
+# runs, before the nearly whole graphs ([Note: nearly whole graphs] in measure.py): each of those is
+# a whole compile, and at 8K slots the three of them took the budget before torch_cp was timed.
 SPECIALIST_SHARE = 0.25
+
+
+def specialists(graph: DataflowGraph, specs: Iterable[BackendSpec]) -> dict[str, int]:
+    """The backends other than eager that support at most ``SPECIALIST_SHARE`` of the units (and
+    some), with the units they support ([Note: regions around a specialist])."""
+    out = {}
+    for spec in specs:
+        claimed = supported_mask(graph, spec)
+        if spec.name != "eager" and 0 < claimed.bit_count() <= SPECIALIST_SHARE * graph.size:
+            out[spec.name] = claimed
+    return out
 
 
 def around_specialists(graph: DataflowGraph, specs: Iterable[BackendSpec], max_depth: int) -> list[Candidate]:
@@ -132,10 +146,8 @@ def around_specialists(graph: DataflowGraph, specs: Iterable[BackendSpec], max_d
     specialist]), longer than ``max_depth`` units, the whole graph excepted."""
     specs = list(specs)
     cuts = 0
-    for spec in specs:
-        claimed = supported_mask(graph, spec)
-        if spec.name != "eager" and 0 < claimed.bit_count() <= SPECIALIST_SHARE * graph.size:
-            cuts |= claimed
+    for claimed in specialists(graph, specs).values():
+        cuts |= claimed
     if not cuts:
         return []
     out: list[Candidate] = []
