@@ -158,7 +158,7 @@ def _measure_budgeted(
     nearly = [
         c for c in cands if c.mask != full and c.mask | refused[c.backend] == full and not _essential(c)
     ]
-    singles = [c for c in cands if c.mask | refused[c.backend] != full and _essential(c)]
+    singles = [c for c in cands if _essential(c)]
     segments = [c for c in cands if c not in nearly and c in coarse and not _essential(c)]
     fine = [c for c in cands if c.mask | refused[c.backend] != full and c not in coarse and not _essential(c)]
     progress.stage("whole graphs", whole)
