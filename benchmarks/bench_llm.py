@@ -411,6 +411,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     gbs = read_bandwidth_gbs()
     table = ResultTable(COLUMNS)
     placements: list[str] = []
+    notes: list[str] = []
+    paths: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(prefix="collage-llm-") as cache_dir:  # a cold search each run
         options = {"cache_dir": cache_dir, "progress": False, **args.collage_options}
         for lmax in args.contexts:
@@ -429,7 +431,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     progress(f"load after: {_loadavg()}")
     for line in notes:
         print(f"- {line}")
-    print(f"wrote {paths['md']}")
+    if paths:
+        print(f"wrote {paths['md']}")
+    else:
+        print("nothing run: every configuration was skipped")
 
 
 def _notes(args, model, gbs, options, placements, table, info) -> list[str]:

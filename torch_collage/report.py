@@ -106,7 +106,8 @@ def graph_report(
     ran: Placement | None = None,
 ) -> GraphReport:
     """The report of one placed graph: the ``searched`` placement, and what the end-to-end check
-    ``chosen`` (``"mixed"``: the searched one; else the single backend that runs the whole graph)."""
+    ``chosen`` (``"mixed"``: the searched one; a backend's name: its whole graph; ``"<backend> (nearly
+    whole)"``: ``ran``, that backend's nearly whole graph with eager around it)."""
     placement = merge_eager_runs(searched)  # as assembled: [Note: eager runs are one partition]
     if chosen != "mixed" and chosen not in singles and ran is not None:  # a nearly whole graph won
         placement = merge_eager_runs(ran)
