@@ -257,18 +257,22 @@ def test_warm_compile_through_torch_compile_loads_what_it_saved(tmp_path):
         opts = CollageOptions(backends=("saving",), cache_dir=str(tmp_path), **_FAST)
         placer = Placer(probe=QuietProbe())  # counts timings: [Note: quiet measurements]
         reports: list = []
+        compiles = []
         for _ in range(2):
             torch._dynamo.reset()
             compiled = torch.compile(model, backend=make_backend(opts, reports.append, placer))
             with torch.no_grad():
                 torch.testing.assert_close(compiled(x), model(x))
+            compiles.append(backend.compiles)
     cold, warm = reports
-    # eager and "saving" run the same graph: either may win end to end, and the warm compile must
-    # load every "saving" partition of whatever was chosen
+    # eager and "saving" run the same graph: either may win end to end. The warm compile loads
+    # every "saving" partition of whatever was chosen, and also the runner-up it re-checks the
+    # choice against ([Note: quiet measurements]); it compiles nothing and measures nothing
     assert [p.backend for p in warm.partitions] == [p.backend for p in cold.partitions]
     saving = sum(p.backend == "saving" for p in warm.partitions)
-    assert warm.measured == 0 and warm.loaded == saving == backend.loads
-    assert backend.compiles > 0 and len(list((tmp_path / "compiled").glob("*"))) >= 1
+    assert warm.measured == 0 and compiles[1] == compiles[0] > 0
+    assert warm.loaded == backend.loads and warm.loaded >= saving
+    assert len(list((tmp_path / "compiled").glob("*"))) >= 1
 
 
 @pytest.mark.parametrize("wrong", [False, True])
