@@ -12,7 +12,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch_collage", "torch_graphpipe", "torch_cp", "torch_zoo")
 # What a collage backend may import besides ``torch_collage.backends.*``: FX helpers that know no backend.
 BACKEND_HELPERS = frozenset(
-    {"torch_collage.graph", "torch_collage.freeze", "torch_collage.subgraph", "torch_collage.fresh_entry"}
+    {
+        "torch_collage.graph",
+        "torch_collage.freeze",
+        "torch_collage.subgraph",
+        "torch_collage.fresh_entry",
+        "torch_collage.rewrite",
+    }
 )
 
 

@@ -43,6 +43,7 @@ from torch_collage.measure import (
 from torch_collage.options import CollageOptions
 from torch_collage.refine import RefineFn, refine, refine_replayed
 from torch_collage.report import GraphReport, graph_report
+from torch_collage.rewrite import rewrite_for_placing
 from torch_collage.search import Placement, search_cover
 from torch_collage.segments import around_specialists, segment_candidates, specialists
 from torch_collage.timing import Budget, InterferenceProbe, QuietProbe
@@ -83,6 +84,9 @@ class Placer:
         budget = Budget(options.time_budget_s)  # [Note: the compile budget] in timing.py
         cache = CostCache(options.cache_dir)
         rng: dict[fx.Node, RngState] = {}
+        done = rewrite_for_placing(gm, kind)  # [Note: rewrites before placing] in rewrite.py
+        if done:
+            logger.info("torch_collage: rewrote the %s graph before placing: %s", kind, done)
         try:
             with kept_rng(device_of(inputs)):  # [Note: random ops]
                 graph = DataflowGraph.from_graph(gm.graph)

@@ -18,6 +18,7 @@ from torch import fx
 
 from torch_collage.freeze import FROZEN_PREFIX, fetch_attr
 from torch_collage.graph import constant_expressions, find_constant_expressions
+from torch_collage.rewrite import IN_PLACE
 
 __all__ = ["Subgraph", "constants_digest", "digest", "extract", "fold_constants", "tensor_signature"]
 
@@ -71,7 +72,11 @@ def extract(gm: fx.GraphModule, nodes: Iterable[fx.Node]) -> Subgraph:
     for node in ordered:
         env[node] = graph.node_copy(node, lookup)
         env[node].meta = {}  # the parent's fake values and traces confuse re-tracing backends
-        lines.append(_op_line(node, local))
+        line = _op_line(node, local)
+        if node.meta.get(IN_PLACE):  # [Note: rewrites before placing] in rewrite.py
+            env[node].meta[IN_PLACE] = True
+            line += " in place"
+        lines.append(line)
         local[node] = len(lines) - 1
     outputs = tuple(n for n in ordered if any(u not in inside for u in n.users))
     graph.output(tuple(env[n] for n in outputs))

@@ -12,7 +12,8 @@ costs ``Lmax``, not the tokens held. Grouped-query attention adds ``repeat_kv``
 times over before SDPA reads it. So the backend also claims:
 
 - an **in-place cache update**: ``index_copy(p, dim, index, src)`` whose ``p`` is a graph input that
-  nothing else reads but the ``copy_(p, <this node>)`` writing the result back. Compiled, it runs
+  nothing else reads but the ``copy_(p, <this node>)`` writing the result back (the condition
+  collage marks for eager too: ``torch_collage.rewrite.inplace_update_reason``). Compiled, it runs
   ``p.index_copy_(dim, index, src)`` on the user's tensor and returns ``p``; the ``copy_`` (on eager,
   the only backend that runs mutations) then copies ``p`` onto itself, which ``Tensor.copy_`` skips.
   The graph's result is the same; the write happens once, in place, touching ``index`` rows only.
@@ -22,7 +23,9 @@ times over before SDPA reads it. So the backend also claims:
   holds the chain and the attention node, the kernel reads the chain's source ``[B, Hkv, L, D]``
   with grouped heads (head ``h`` reads KV head ``h // (Hq / Hkv)``, as ``repeat_kv`` lays them out)
   and the chain is never run. A partition holding part of a chain runs that part as ATen ops
-  (correct, never faster; the search measures it and moves on).
+  (correct, never faster; the search measures it and moves on). Collage itself removes such chains
+  in front of SDPA before placing where the graph's shapes are static ([Note: rewrites before
+  placing] in torch_collage/rewrite.py); the claim covers the graphs it leaves them in.
 - the ``where`` that turns a boolean mask into the additive one SDPA's CPU lowering passes, where
   the attention node alone reads it. It runs as it is; claiming it keeps the attention's partition
   reachable by the cover search, which expands only candidates holding the lowest uncovered node:
@@ -32,12 +35,13 @@ times over before SDPA reads it. So the backend also claims:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import fx
 
 from torch_collage.backends.base import op_name
+from torch_collage.rewrite import Shape, chain_source, inplace_update_reason, meta_shape
 
 __all__ = [
     "chain_nodes",
@@ -54,64 +58,13 @@ __all__ = [
 
 _INDEX_COPY = "aten.index_copy"
 _WHERE = "aten.where"
-_COPY_ = "aten.copy_"
 _UNSQUEEZE, _EXPAND, _CLONE = "aten.unsqueeze", "aten.expand", "aten.clone"
 _RESHAPES = ("aten._unsafe_view", "aten.view", "aten.reshape")
 _CHAIN_OPS = (_UNSQUEEZE, _EXPAND, _CLONE, *_RESHAPES)
 
-Shape = Callable[[fx.Node], "tuple[int, ...] | None"]
-
-
-def meta_shape(node: fx.Node) -> tuple[int, ...] | None:
-    """The static shape of ``node``'s value from its ``val`` metadata (None if unknown or symbolic)."""
-    val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor) or not all(isinstance(s, int) for s in val.shape):
-        return None
-    return tuple(val.shape)
-
 
 def is_chain_op(node: fx.Node) -> bool:
     return node.op == "call_function" and op_name(node) in _CHAIN_OPS
-
-
-def chain_source(end: fx.Node, shape: Shape = meta_shape) -> tuple[fx.Node, tuple[fx.Node, ...]] | None:
-    """``(x, chain)`` when ``end`` is the last node of ``repeat_kv(x)``: ``x [B, Hkv, L, D]``
-    -> ``unsqueeze(2)`` -> ``expand([B, Hkv, n, L, D])`` -> ``clone`` (optional) -> a reshape to
-    ``[B, Hkv * n, L, D]``, each node read only by the next; ``chain`` lists them from ``x`` on
-    (without ``x``). None otherwise. ``shape`` gives a node's static shape."""
-    if not is_chain_op(end) or op_name(end) not in _RESHAPES:
-        return None
-    nodes = [end]
-    node = end.args[0]
-    if (
-        isinstance(node, fx.Node)
-        and op_name(node) == _CLONE
-        and node.kwargs.get("memory_format")
-        in (
-            None,
-            torch.contiguous_format,
-        )
-    ):
-        nodes.append(node)
-        node = node.args[0]
-    if not (isinstance(node, fx.Node) and op_name(node) == _EXPAND):
-        return None
-    nodes.append(node)
-    unsq = node.args[0]
-    if not (isinstance(unsq, fx.Node) and op_name(unsq) == _UNSQUEEZE and unsq.args[1:] == (2,)):
-        return None
-    nodes.append(unsq)
-    x = unsq.args[0]
-    if not isinstance(x, fx.Node) or any(len(n.users) != 1 for n in nodes[1:]):
-        return None
-    src, out, wide = shape(x), shape(end), shape(node)
-    if src is None or out is None or wide is None or len(src) != 4:
-        return None
-    b, hkv, length, d = src
-    n_rep = wide[2] if len(wide) == 5 else 0
-    if wide != (b, hkv, n_rep, length, d) or out != (b, hkv * n_rep, length, d):
-        return None
-    return x, tuple(reversed(nodes))
 
 
 def chain_nodes(node: fx.Node, shape: Shape = meta_shape) -> tuple[fx.Node, fx.Node] | None:
@@ -137,22 +90,6 @@ def mask_user(node: fx.Node) -> fx.Node | None:
     (user,) = node.users
     mask = user.args[3] if len(user.args) > 3 else user.kwargs.get("attn_mask")
     return user if mask is node else None
-
-
-def inplace_update_reason(node: fx.Node) -> str:
-    """Why ``node`` is not a cache update torch_cp runs in place ("" when it is); see
-    [Note: KV cache nodes torch_cp claims]."""
-    if node.op != "call_function" or op_name(node) != _INDEX_COPY:
-        return f"{op_name(node)} is not {_INDEX_COPY}"
-    cache = node.args[0]
-    if not isinstance(cache, fx.Node) or cache.op != "placeholder":
-        return "index_copy's destination is not a graph input"
-    writes = [u for u in cache.users if u is not node]
-    if len(writes) != 1 or op_name(writes[0]) != _COPY_ or writes[0].args[:2] != (cache, node):
-        return "the graph input is read by other nodes than index_copy and the copy_ writing it back"
-    if any(u.op == "output" for u in node.users):
-        return "the updated cache is a graph output"
-    return ""
 
 
 def is_inplace_update(node: fx.Node) -> bool:

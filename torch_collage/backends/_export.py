@@ -7,7 +7,7 @@ import contextlib
 import functools
 import json
 import warnings
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -255,20 +255,45 @@ def export_graph(
 # 1) as (256, 256)". A runtime copies values anyway and an exported partition is functional (no
 # op writes through a view), so ``view`` and ``_unsafe_view`` are handed over as ``reshape``,
 # which is the same view where the strides allow one and a copy where they do not.
+#
+# [Note: grouped attention for the exporters]
+# Collage hands grouped-query attention to the backends as CPU flash attention reading K and V with
+# fewer heads than the queries ([Note: rewrites before placing] in torch_collage/rewrite.py). The
+# ONNX exporter's translation of that node assumes equal heads (ONNX Runtime refused a Llama decode
+# step's MatMul: "Incompatible dimensions"), so an exporter gets K and V expanded to the query heads
+# first (``repeat_interleave`` over heads, the order the kernel reads them in): the runtime then
+# computes what it computed before the rewrite.
 _VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
+_FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+
+
+def _flash_cpu_expanded(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any
+) -> Any:
+    """CPU flash attention with K and V expanded to the query's heads ([Note: grouped attention for
+    the exporters])."""
+    if key.shape[1] != query.shape[1]:
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    return _FLASH_CPU(query, key, value, *args, **kwargs)
 
 
 def reshapes_for_views(gm: fx.GraphModule) -> fx.GraphModule:
     """``gm``, or a copy of it whose ``view`` nodes are ``reshape`` nodes ([Note: views become
-    reshapes for the exporters])."""
-    if not any(n.op == "call_function" and n.target in _VIEWS for n in gm.graph.nodes):
+    reshapes for the exporters]) and whose CPU flash attention expands grouped K and V ([Note:
+    grouped attention for the exporters])."""
+    swaps: dict[Any, Callable[..., Any]] = {
+        **dict.fromkeys(_VIEWS, torch.ops.aten.reshape.default),
+        _FLASH_CPU: _flash_cpu_expanded,
+    }
+    if not any(n.op == "call_function" and n.target in swaps for n in gm.graph.nodes):
         return gm
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in gm.graph.nodes:
         env[node] = graph.node_copy(node, lambda n: env[n])
-        if node.op == "call_function" and node.target in _VIEWS:
-            env[node].target = torch.ops.aten.reshape.default
+        if node.op == "call_function" and node.target in swaps:
+            env[node].target = swaps[node.target]
     return fx.GraphModule(gm, graph)
 
 

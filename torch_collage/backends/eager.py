@@ -10,6 +10,7 @@ import torch
 from torch import fx, nn
 
 from torch_collage.backends.base import BackendSpec
+from torch_collage.rewrite import run_marked_in_place
 
 __all__ = ["SPEC", "EagerBackend"]
 
@@ -35,7 +36,7 @@ class EagerBackend:
 
 def _compile_partition(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> Callable[..., Any]:
     del example_inputs
-    return gm
+    return run_marked_in_place(gm)  # cache updates in place: [Note: rewrites before placing]
 
 
 # Every node, mutating ones included: a cover of any graph always exists.
