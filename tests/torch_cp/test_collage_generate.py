@@ -92,18 +92,21 @@ def _cache_tensors(cache: Any) -> list[torch.Tensor]:
     return [t for layer in cache.layers for t in (layer.keys, layer.values)]
 
 
-@pytest.mark.parametrize("arch", list(MODELS))
-def test_greedy_generation_matches_eager_and_places_each_graph_once(arch, one_thread, tmp_path) -> None:
-    """Greedy tokens equal eager's for 16 new tokens (a padded batch of 2); the prefill and the decode
-    graph are placed once each, and a second generation with a new cache places nothing and measures
-    nothing; the cache tensors keep their storage through decoding."""
-    torch.manual_seed(hash(arch) % 1000)
-    max_len = 64
+@pytest.mark.parametrize(
+    ("arch", "padded"), [("llama", True), ("qwen2", True), ("gpt2", True), ("llama", False)]
+)
+def test_greedy_generation_matches_eager_and_places_each_graph_once(arch, padded, one_thread, tmp_path) -> None:
+    """Greedy tokens equal eager's for 32 new tokens (a batch of 2, left-padded or not); the prefill
+    and the decode graph are placed once each, and a second generation with a new cache places
+    nothing and measures nothing; the cache tensors keep their storage through decoding."""
+    torch.manual_seed(hash(arch) % 1000 + padded)
+    max_len, new_tokens = 64, 32
     model = MODELS[arch](max_len).eval()
     ids = torch.randint(1, VOCAB, (2, 9))
     mask = torch.ones_like(ids)
-    mask[1, :3] = 0  # left padding
-    want = _generate(model, ids, _static_cache(model, max_len), 16, attention_mask=mask)
+    if padded:
+        mask[1, :3] = 0  # left padding
+    want = _generate(model, ids, _static_cache(model, max_len), new_tokens, attention_mask=mask)
     compiled = Compiled(model, str(tmp_path))
     cache = _static_cache(model, max_len)
     seen: list[list[int]] = []
@@ -116,7 +119,7 @@ def test_greedy_generation_matches_eager_and_places_each_graph_once(arch, one_th
         model,
         ids,
         cache,
-        16,
+        new_tokens,
         attention_mask=mask,
         logits_processor=transformers.LogitsProcessorList([_Hook(step_hook)]),
     )
@@ -124,9 +127,9 @@ def test_greedy_generation_matches_eager_and_places_each_graph_once(arch, one_th
     assert [r.kind for r in compiled.reports] == ["inference", "inference"], (
         compiled.reports
     )  # prefill, decode
-    assert len(seen) == 16 and all(s == seen[0] for s in seen)
+    assert len(seen) == new_tokens and all(s == seen[0] for s in seen)
     measured = compiled.placer.measurements
-    again = _generate(model, ids, _static_cache(model, max_len), 16, attention_mask=mask)
+    again = _generate(model, ids, _static_cache(model, max_len), new_tokens, attention_mask=mask)
     torch.testing.assert_close(again, want, rtol=0, atol=0)
     assert len(compiled.reports) == 2 and compiled.placer.measurements == measured
 
