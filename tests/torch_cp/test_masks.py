@@ -38,6 +38,9 @@ def make_mask(kind: str, b: int, hq: int, sq: int, kv_len: int, seed: int) -> to
     if kind == "float16 [Sq,L]":
         mask = torch.randn(sq, kv_len, generator=g).half()
         return mask.masked_fill(torch.rand(sq, kv_len, generator=g) > 0.5, NEG_INF)
+    if kind == "bool [B,1,Sq,L], a prefix per batch row":  # a prefill over a static cache
+        held = torch.randint(1, kv_len, (b, 1, sq, 1), generator=g)
+        return torch.arange(kv_len) < held - torch.arange(sq)[:, None]
     if kind == "bool [B,Hq,Sq,1]":  # broadcast over keys: a row sees all keys or none
         return torch.rand(b, hq, sq, 1, generator=g) > 0.3
     if kind == "bool expanded (stride 0)":
@@ -50,6 +53,7 @@ KINDS = [
     "bool [B,Hq,Sq,L], empty rows",
     "float [1,Hq,Sq,L] with -inf runs",
     "bool [L], static cache",
+    "bool [B,1,Sq,L], a prefix per batch row",
     "float16 [Sq,L]",
     "bool [B,Hq,Sq,1]",
     "bool expanded (stride 0)",
