@@ -18,6 +18,9 @@ Backends, each through ``torch.compile(model.forward, backend=...)`` with a ``tr
 - ``collage``: ``backend="collage"`` over every available backend (options: ``--collage-options``).
 The ceiling row is (weight bytes + bytes of the valid keys and values) / the read bandwidth measured
 here (``x.sum()`` over 1 GiB). The decode placement (which nodes run where) is printed and stored.
+``--dtype bf16`` runs weights, cache and activations in bfloat16. Each backend's first decode step is
+checked against eager's logits (within 1e-3 of their largest magnitude in float32, 2e-2 in bfloat16)
+on the cache as filled, and fails its row if it wrote cache slots other than the step's.
 Writes ``benchmarks/results/llm_<hardware>.{json,md,png}``; the PNG shows decode tokens/s against
 the context length.
 """
@@ -102,6 +105,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--hardware", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights, cache and activations")
     p.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR))
     args = p.parse_args(argv)
     args.contexts = [
@@ -117,23 +121,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def build_model(small: bool) -> Any:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def build_model(small: bool, dtype: torch.dtype = torch.float32) -> Any:
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(**(SMALL if small else FULL), max_position_embeddings=1 << 16)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return transformers.LlamaForCausalLM(cfg).eval().to(dtype)
 
 
 # --- a static cache holding `held` tokens, and one decode step over it -------------------------------
 def filled_cache(model: Any, batch: int, lmax: int, held: int) -> Any:
     cfg = model.config
     cache = transformers.StaticCache(config=cfg, max_cache_len=lmax)
-    cache.early_initialization(
-        batch, cfg.num_key_value_heads, cfg.head_dim, torch.float32, torch.device("cpu")
-    )
+    cache.early_initialization(batch, cfg.num_key_value_heads, cfg.head_dim, model.dtype, torch.device("cpu"))
     g = torch.Generator().manual_seed(lmax + batch)
     for layer in cache.layers:
         for t in (layer.keys, layer.values):
-            t[:, :, :held].copy_(torch.randn(t[:, :, :held].shape, generator=g))
+            t[:, :, :held].copy_(torch.randn(t[:, :, :held].shape, generator=g))  # cast to the cache's dtype
         layer.cumulative_length.fill_(held)
     return cache
 
@@ -272,19 +277,27 @@ def _phase(model, args, options, label, cache, ids, held, want, *, rounds, repea
     reports: list[GraphReport] = []
     forwards = compiled_forwards(model, backends or args.backends, options, reports)
     steps, rows = {}, {}
+    tol = TOLERANCE[model.dtype]
+    # each backend is checked on the cache as filled: one that writes slots other than the step's
+    # would otherwise hand the next backends another cache (and fail their check, not its own)
+    pristine = [t.clone() for t in _cache_tensors(cache)] if want is not None else []
     with torch.no_grad():
         for name, fwd in forwards.items():
             progress(f"{label}: {name} (RSS {_rss_gb():.1f} GB)")
             start = time.perf_counter()
+            for t, p in zip(_cache_tensors(cache), pristine):
+                t.copy_(p)
             try:
                 step = Step(fwd, cache, ids, held)
                 got = step()
                 err = 0.0 if want is None else (got - want).abs().max().item()
                 reason = (
                     ""
-                    if want is None or err <= 1e-3 * want.abs().max().item() + 1e-4
+                    if want is None or err <= tol * want.abs().max().item() + 1e-4
                     else f"logits differ by {err:.2e}"
                 )
+                if not reason and _wrote_elsewhere(cache, pristine, held, ids.shape[1]):
+                    reason = "wrote cache slots other than the step's"
             except Exception as exc:  # a failing backend is a row, not the end of the benchmark
                 reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             rows[name] = {"status": "fail" if reason else "ok", "error": reason[:200],
@@ -296,6 +309,24 @@ def _phase(model, args, options, label, cache, ids, held, want, *, rounds, repea
     torch._dynamo.reset()
     gc.collect()
     return rows, timed, reports
+
+
+TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 2e-2}  # of max |logits|: float32 vs bfloat16 rounding
+
+
+def _cache_tensors(cache: Any) -> list[torch.Tensor]:
+    return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+def _wrote_elsewhere(cache: Any, pristine: list[torch.Tensor], held: int, tokens: int) -> bool:
+    """Whether a step at ``held`` changed a cache slot outside ``[held, held + tokens)``."""
+    for t, p in zip(_cache_tensors(cache), pristine):
+        if not (
+            torch.equal(t[:, :, :held], p[:, :, :held])
+            and torch.equal(t[:, :, held + tokens :], p[:, :, held + tokens :])
+        ):
+            return True
+    return False
 
 
 def _rows(lmax, batch, held, rows, decode, prefill_ms) -> list[dict[str, Any]]:
@@ -328,7 +359,15 @@ def weight_bytes(model: Any) -> int:
 
 def ceiling_row(model: Any, lmax: int, batch: int, held: int, gbs: float) -> dict[str, Any]:
     cfg = model.config
-    kv = batch * held * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4
+    kv = (
+        batch
+        * held
+        * cfg.num_hidden_layers
+        * 2
+        * cfg.num_key_value_heads
+        * cfg.head_dim
+        * model.dtype.itemsize
+    )
     ms = (weight_bytes(model) + kv) / gbs / 1e6
     return {"context": lmax, "batch": batch, "held": held, "backend": "ceiling", "status": "model",
             "median_ms": ms, "tokens_s": batch * 1e3 / ms, "vs_best": math.nan, "prefill_ms": math.nan,
@@ -407,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     info = machine_info()
     print_header(info)
     progress(f"load before: {_loadavg()}")
-    model = build_model(args.small)
+    model = build_model(args.small, DTYPES[args.dtype])
     gbs = read_bandwidth_gbs()
     table = ResultTable(COLUMNS)
     placements: list[str] = []
@@ -440,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _notes(args, model, gbs, options, placements, table, info) -> list[str]:
     skipped = ", ".join(f"{a}:{b}" for a, b in sorted(args.skip)) or "none"
     return [
-        f"model: {'SMALL' if args.small else 'FULL'} {json.dumps(SMALL if args.small else FULL)}, fp32, "
+        f"model: {'SMALL' if args.small else 'FULL'} {json.dumps(SMALL if args.small else FULL)}, {args.dtype}, "
         f"{weight_bytes(model) / 1e6:.0f} MB of weights read per step; cache filled to {args.fill} of Lmax "
         f"with random keys and values; prefill of {args.prompt} tokens; skipped (Lmax:batch): {skipped}.",
         f"decode timed side by side, {args.rounds} rounds of {args.repeats} calls, rotated order; 'vs best "
