@@ -308,3 +308,41 @@ def test_outputs_match_at_the_tensors_scale():
     assert "NaN" in outputs_match([nan], [want], rtol=1e-3, atol=1e-4)
     assert "differs" in outputs_match([torch.tensor([1, 2])], [torch.tensor([1, 3])], rtol=1e-3, atol=1e-4)
     assert "is (2,)" in outputs_match([torch.zeros(2)], [torch.zeros(3)], rtol=1e-3, atol=1e-4)
+
+
+def test_low_precision_outputs_are_judged_at_their_dtype_s_rounding():
+    """[Note: tolerance of low-precision outputs]: an error of a few bfloat16 epsilons of the largest
+    output passes in bfloat16 and fails in float32; an error beyond bfloat16's tolerance fails."""
+    from torch_collage.cost import outputs_match
+
+    g = torch.Generator().manual_seed(4)
+    want = torch.randn(32, 64, generator=g) * 3
+    off = want + want.abs().max() * 6e-3 * torch.randn(32, 64, generator=g).clamp(-1, 1)
+    assert outputs_match([off.bfloat16()], [want.bfloat16()], rtol=1e-3, atol=1e-4) == ""
+    assert "differs from eager" in outputs_match([off], [want], rtol=1e-3, atol=1e-4)
+    far = want + want.abs().max() * 5e-2 * torch.randn(32, 64, generator=g).clamp(-1, 1)
+    assert "differs from eager" in outputs_match([far.bfloat16()], [want.bfloat16()], rtol=1e-3, atol=1e-4)
+
+
+def test_a_bfloat16_model_can_be_placed_on_inductor(tmp_path):
+    """A bfloat16 MLP whose Inductor graph keeps fused intermediates in float32 (off by ~6e-3 of its
+    largest output): Inductor's whole graph is checked, not rejected, and the result is close to eager's."""
+    from torch_collage.entry import make_backend
+    from torch_collage.options import CollageOptions
+    from torch_collage.place import Placer
+    from torch_collage.timing import QuietProbe
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.LayerNorm(512), torch.nn.Linear(512, 64)]
+    model = torch.nn.Sequential(*layers).eval().to(torch.bfloat16)
+    x = torch.randn(32, 256, dtype=torch.bfloat16)
+    reports: list = []
+    opts = CollageOptions(backends=("inductor",), mode="fast", cache_dir=str(tmp_path), progress=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=make_backend(opts, reports.append, Placer(probe=QuietProbe())))
+    with torch.no_grad():
+        got, want = compiled(x), model(x)
+    torch._dynamo.reset()
+    (report,) = reports
+    assert "inductor" not in report.whole_graph_failures, report.whole_graph_failures
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=1.6e-2 * want.abs().max().item())
