@@ -48,6 +48,7 @@ from torch_collage.cost import copy_strided, outputs_match
 from torch_collage.endtoend import EndToEnd, assemble
 from torch_collage.graph import DataflowGraph
 from torch_collage.options import CollageOptions
+from torch_collage.precision import LOW_PRECISION, float32_outputs, within_reference
 from torch_collage.search import Partition, Placement
 from torch_collage.timing import (
     RECHECK_CONTENDERS,
@@ -267,7 +268,19 @@ def verify(e2e: EndToEnd, choice: Choice, inputs: Sequence[Any]) -> Choice:
     want = list(fx.node.map_arg(_outputs(gm), lambda n: model.values[n]))
     with torch.no_grad(), model.replaying_rng():
         got = list(choice.assembled(*[copy_strided(x) if isinstance(x, torch.Tensor) else x for x in inputs]))
-    reason = outputs_match(got, want, model.options.rtol * 10, model.options.atol * 10)
+    rtol, atol = model.options.rtol * 10, model.options.atol * 10
+    reason = outputs_match(got, want, rtol, atol)
+    if reason and any(isinstance(w, torch.Tensor) and w.dtype in LOW_PRECISION for w in want):
+        with model.replaying_rng():  # [Note: low-precision placements against a float32 reference]
+            ref = float32_outputs(gm, inputs)
+        if ref is not None:
+            judged = within_reference(got, want, ref, rtol, atol)
+            others = [
+                (g, w)
+                for g, w in zip(got, want)
+                if not (isinstance(w, torch.Tensor) and w.dtype in LOW_PRECISION)
+            ]
+            reason = judged or outputs_match([g for g, _ in others], [w for _, w in others], rtol, atol)
     if not reason:
         return choice
     logger.warning("torch_collage: assembled placement differs from eager (%s); running eager", reason)
