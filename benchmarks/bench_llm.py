@@ -19,8 +19,9 @@ Backends, each through ``torch.compile(model.forward, backend=...)`` with a ``tr
 The ceiling row is (weight bytes + bytes of the valid keys and values) / the read bandwidth measured
 here (``x.sum()`` over 1 GiB). The decode placement (which nodes run where) is printed and stored.
 ``--dtype bf16`` runs weights, cache and activations in bfloat16. Each backend's first decode step is
-checked against eager's logits (within 1e-3 of their largest magnitude in float32, 2e-2 in bfloat16)
-on the cache as filled, and fails its row if it wrote cache slots other than the step's.
+checked against eager's logits (within 1e-3 of their largest magnitude in float32, 2e-2 in bfloat16;
+in bfloat16 also passing when at most twice as far as eager from the step run in float32) on the
+cache as filled, and fails its row if it wrote cache slots other than the step's.
 Writes ``benchmarks/results/llm_<hardware>.{json,md,png}``; the PNG shows decode tokens/s against
 the context length.
 """
@@ -28,6 +29,7 @@ the context length.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import math
@@ -254,8 +256,9 @@ def run_config(
     decode_cache = filled_cache(model, batch, lmax, held)
     with torch.no_grad():
         want = Step(model.forward, decode_cache, decode_ids, held)()
+        ref = _float32_logits(model, decode_cache, decode_ids, held) if model.dtype != torch.float32 else None
     rows, decode, reports = _phase(model, args, options, f"Lmax {lmax}, batch {batch}: decode", decode_cache,
-                                   decode_ids, held, want, rounds=args.rounds, repeats=args.repeats)  # fmt: skip
+                                   decode_ids, held, want, rounds=args.rounds, repeats=args.repeats, ref=ref)  # fmt: skip
     del decode_cache
     prefill_cache = filled_cache(model, batch, lmax, 0)
     prefill_ms: dict[str, float] = {}
@@ -269,7 +272,34 @@ def run_config(
     return _rows(lmax, batch, held, rows, decode, prefill_ms), reports
 
 
-def _phase(model, args, options, label, cache, ids, held, want, *, rounds, repeats, backends=None):
+def _float32_logits(model: Any, cache: Any, ids: torch.Tensor, held: int) -> torch.Tensor:
+    """The decode step's logits with the weights and the cache (as filled) raised to float32: the
+    reference a low-precision backend is judged against."""
+    wide = copy.deepcopy(model).float()
+    wide_cache = filled_cache(wide, ids.shape[0], cache.layers[0].keys.shape[2], held)
+    for t, low in zip(_cache_tensors(wide_cache), _cache_tensors(cache)):
+        t.copy_(low)
+    out = Step(wide.forward, wide_cache, ids, held)()
+    del wide, wide_cache
+    return out
+
+
+def _check(got: torch.Tensor, want: torch.Tensor, ref: torch.Tensor | None, tol: float) -> str:
+    """Why ``got`` fails against eager's ``want`` ("" when it passes): within ``tol`` of the largest
+    logit; in low precision, or at most twice as far from the float32 ``ref`` as eager is (the rule
+    collage's own check follows: [Note: low-precision placements against a float32 reference])."""
+    err = (got - want).abs().max().item()
+    if err <= tol * want.abs().max().item() + 1e-4:
+        return ""
+    if ref is not None:
+        mine, eager = (got.float() - ref).abs().max().item(), (want.float() - ref).abs().max().item()
+        if mine <= 2 * eager + 1e-3 * ref.abs().max().item():
+            return ""
+        return f"logits {mine:.2e} from the float32 reference, eager {eager:.2e}"
+    return f"logits differ by {err:.2e}"
+
+
+def _phase(model, args, options, label, cache, ids, held, want, *, rounds, repeats, backends=None, ref=None):
     """Compile ``forward`` on every backend (or ``backends``), check it against ``want`` (when given),
     time the calls side by side; the compiled graphs are released before returning."""
     torch._dynamo.reset()
@@ -290,12 +320,7 @@ def _phase(model, args, options, label, cache, ids, held, want, *, rounds, repea
             try:
                 step = Step(fwd, cache, ids, held)
                 got = step()
-                err = 0.0 if want is None else (got - want).abs().max().item()
-                reason = (
-                    ""
-                    if want is None or err <= tol * want.abs().max().item() + 1e-4
-                    else f"logits differ by {err:.2e}"
-                )
+                reason = "" if want is None else _check(got, want, ref, tol)
                 if not reason and _wrote_elsewhere(cache, pristine, held, ids.shape[1]):
                     reason = "wrote cache slots other than the step's"
             except Exception as exc:  # a failing backend is a row, not the end of the benchmark
