@@ -95,7 +95,9 @@ def _cache_tensors(cache: Any) -> list[torch.Tensor]:
 @pytest.mark.parametrize(
     ("arch", "padded"), [("llama", True), ("qwen2", True), ("gpt2", True), ("llama", False)]
 )
-def test_greedy_generation_matches_eager_and_places_each_graph_once(arch, padded, one_thread, tmp_path) -> None:
+def test_greedy_generation_matches_eager_and_places_each_graph_once(
+    arch, padded, one_thread, tmp_path
+) -> None:
     """Greedy tokens equal eager's for 32 new tokens (a batch of 2, left-padded or not); the prefill
     and the decode graph are placed once each, and a second generation with a new cache places
     nothing and measures nothing; the cache tensors keep their storage through decoding."""
