@@ -66,6 +66,9 @@ class ExplainReport:
             lines += [f"### Graph {i} ({g.kind}): chose {g.chosen}", "", _singles_line(g), ""]
             if g.shape_range:  # [Note: shape ranges] in shapes.py
                 lines += [f"Placed once for every size of {g.shape_range}.", ""]
+            if g.rewrites:  # [Note: rewrites before placing] in rewrite.py
+                done = ", ".join(f"{n} {kind}" for kind, n in g.rewrites.items())
+                lines += [f"Rewritten before placing (exact, see docs/collage.md): {done}.", ""]
             lines += [f"- {b} failed on the whole graph: {r}" for b, r in g.whole_graph_failures.items()]
             lines += [""] if g.whole_graph_failures else []
             if g.noisy:

@@ -14,6 +14,7 @@ holds what outlives one graph: the count of timings run and the warnings already
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -96,7 +97,8 @@ class Placer:
                     gm, graph, values, specs, options, cache, self._warned_failures, rng, self.probe, budget
                 )
                 try:
-                    return self._place(gm, inputs, model, kind)
+                    assembled, report = self._place(gm, inputs, model, kind)
+                    return assembled, dataclasses.replace(report, rewrites=done) if done else report
                 finally:
                     with self._lock:
                         self.measurements += model.measured

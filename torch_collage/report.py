@@ -81,6 +81,9 @@ class GraphReport:
     # a graph with symbolic shapes: the sizes' ranges this placement covers and the size it was
     # measured at ([Note: shape ranges] in shapes.py); empty for static shapes
     shape_range: str = ""
+    # the exact rewrites made before placing, by kind -> count ([Note: rewrites before placing] in
+    # rewrite.py); empty when none applied
+    rewrites: dict[str, int] = field(default_factory=dict)
 
 
 def graph_report(

@@ -16,6 +16,7 @@ from torch import fx
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 
+from torch_collage import ExplainReport
 from torch_collage.backends.registry import get_spec
 from torch_collage.entry import make_backend
 from torch_collage.options import CollageOptions
@@ -183,6 +184,11 @@ def test_eager_alone_decodes_without_copying_the_cache(tmp_path) -> None:
             model(input_ids=ids[:, 1:2], cache=caches[1], use_cache=True)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert len(reports) == 2
+    assert reports[1].rewrites == {"grouped attention": 2, "in-place cache updates": 4}
+    markdown = ExplainReport(reports).to_markdown()
+    assert (
+        "Rewritten before placing (exact, see docs/collage.md): 2 grouped attention, 4 in-place" in markdown
+    )
     largest = max((e.cpu_memory_usage, e.name) for e in prof.events())
     assert largest[0] < caches[1].layers[0].keys.nbytes, largest
     assert [t.data_ptr() for layer in caches[1].layers for t in (layer.keys, layer.values)] == pointers
