@@ -48,7 +48,7 @@ from torch_collage.cost import copy_strided, outputs_match
 from torch_collage.endtoend import EndToEnd, assemble
 from torch_collage.graph import DataflowGraph
 from torch_collage.options import CollageOptions
-from torch_collage.precision import LOW_PRECISION, float32_outputs, within_reference
+from torch_collage.precision import float32_outputs, is_low_precision, within_reference
 from torch_collage.search import Partition, Placement
 from torch_collage.timing import (
     RECHECK_CONTENDERS,
@@ -270,17 +270,14 @@ def verify(e2e: EndToEnd, choice: Choice, inputs: Sequence[Any]) -> Choice:
         got = list(choice.assembled(*[copy_strided(x) if isinstance(x, torch.Tensor) else x for x in inputs]))
     rtol, atol = model.options.rtol * 10, model.options.atol * 10
     reason = outputs_match(got, want, rtol, atol)
-    if reason and any(isinstance(w, torch.Tensor) and w.dtype in LOW_PRECISION for w in want):
+    if reason and any(is_low_precision(w) for w in want):
         with model.replaying_rng():  # [Note: low-precision placements against a float32 reference]
             ref = float32_outputs(gm, inputs)
         if ref is not None:
-            judged = within_reference(got, want, ref, rtol, atol)
-            others = [
-                (g, w)
-                for g, w in zip(got, want)
-                if not (isinstance(w, torch.Tensor) and w.dtype in LOW_PRECISION)
-            ]
-            reason = judged or outputs_match([g for g, _ in others], [w for _, w in others], rtol, atol)
+            others = [(g, w) for g, w in zip(got, want) if not is_low_precision(w)]
+            reason = within_reference(got, want, ref, rtol, atol) or outputs_match(
+                [g for g, _ in others], [w for _, w in others], rtol, atol
+            )
     if not reason:
         return choice
     logger.warning("torch_collage: assembled placement differs from eager (%s); running eager", reason)

@@ -45,6 +45,7 @@ __all__ = [
     "inplace_update_reason",
     "mark_in_place_updates",
     "meta_shape",
+    "read_chain_sources",
     "rewrite_for_placing",
     "run_marked_in_place",
 ]
@@ -126,6 +127,7 @@ def inplace_update_reason(node: fx.Node) -> str:
 
 
 def _kv_positions(node: fx.Node) -> list[tuple[int | None, str, object]]:
+    """Key and value of an attention call: ``(position or None for a keyword, name, arg)``."""
     found: list[tuple[int | None, str, object]] = []
     for i, name in ((1, "key"), (2, "value")):
         if i < len(node.args):
@@ -133,6 +135,25 @@ def _kv_positions(node: fx.Node) -> list[tuple[int | None, str, object]]:
         elif name in node.kwargs:
             found.append((None, name, node.kwargs[name]))
     return found
+
+
+def read_chain_sources(node: fx.Node, shape: Shape = meta_shape) -> list[tuple[fx.Node, ...]] | None:
+    """Where the key and value of attention ``node`` are both ``repeat_kv`` chains grouped alike,
+    points the node at the chains' sources and returns the chains (now read by nothing but each
+    other); else None and ``node`` is unchanged."""
+    kv = _kv_positions(node)
+    maybe = [chain_source(a, shape) if isinstance(a, fx.Node) else None for _, _, a in kv]
+    found = [f for f in maybe if f is not None]
+    if len(kv) != 2 or len(found) != 2:
+        return None
+    if shape(found[0][1][-1]) != shape(found[1][1][-1]) or shape(found[0][0]) != shape(found[1][0]):
+        return None  # key and value grouped alike: the kernels take one Hkv
+    for (i, name, _), (source, _chain) in zip(kv, found):
+        if i is None:
+            node.update_kwarg(name, source)
+        else:
+            node.update_arg(i, source)
+    return [chain for _source, chain in found]
 
 
 def group_attention(graph: fx.Graph, shape: Shape = meta_shape) -> int:
@@ -143,21 +164,12 @@ def group_attention(graph: fx.Graph, shape: Shape = meta_shape) -> int:
     for node in list(graph.nodes):
         if not _runs(node, _SDPA, _FLASH_CPU):
             continue
-        kv = _kv_positions(node)
-        maybe = [chain_source(a, shape) if isinstance(a, fx.Node) else None for _, _, a in kv]
-        found = [f for f in maybe if f is not None]
-        if len(kv) != 2 or len(found) != 2:
+        chains = read_chain_sources(node, shape)
+        if chains is None:
             continue
-        if shape(found[0][1][-1]) != shape(found[1][1][-1]) or shape(found[0][0]) != shape(found[1][0]):
-            continue  # key and value grouped alike: the kernel takes one Hkv
         if _runs(node, _SDPA):
             node.update_kwarg("enable_gqa", True)
-        for (i, name, _), (source, _chain) in zip(kv, found):
-            if i is None:
-                node.update_kwarg(name, source)
-            else:
-                node.update_arg(i, source)
-        for _source, chain in found:
+        for chain in chains:
             for dead in reversed(chain):
                 if not dead.users:
                     graph.erase_node(dead)
@@ -194,8 +206,8 @@ def rewrite_for_placing(gm: fx.GraphModule, kind: str) -> dict[str, int]:
     place; returns how many of each it made (nothing for other kinds)."""
     if kind != "inference":
         return {}
-    done = {"grouped attention": group_attention(gm.graph), "in-place cache updates": 0}
-    done["in-place cache updates"] = mark_in_place_updates(gm.graph)
-    if done["grouped attention"]:
+    grouped = group_attention(gm.graph)
+    if grouped:
         gm.recompile()
+    done = {"grouped attention": grouped, "in-place cache updates": mark_in_place_updates(gm.graph)}
     return {k: v for k, v in done.items() if v}

@@ -35,13 +35,11 @@ times over before SDPA reads it. So the backend also claims:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 from torch import fx
 
 from torch_collage.backends.base import op_name
-from torch_collage.rewrite import Shape, chain_source, inplace_update_reason, meta_shape
+from torch_collage.rewrite import Shape, chain_source, inplace_update_reason, meta_shape, read_chain_sources
 
 __all__ = [
     "chain_nodes",
@@ -101,26 +99,8 @@ def collapse_chains(graph: fx.Graph, attention: list[fx.Node], shape: Shape) -> 
     chains' sources, where both have one (the kernel takes K and V alike), then drops the chains
     (they are read by nothing)."""
     for node in attention:
-        kv = list(_kv_args(node))
-        found = [chain_source(a, shape) if isinstance(a, fx.Node) else None for _, _, a in kv]
-        if len(kv) != 2 or any(f is None for f in found):
-            continue
-        for (i, name, _), f in zip(kv, found):
-            assert f is not None
-            if i is None:
-                node.update_kwarg(name, f[0])
-            else:
-                node.update_arg(i, f[0])
+        read_chain_sources(node, shape)
     graph.eliminate_dead_code()
-
-
-def _kv_args(node: fx.Node) -> Iterator[tuple[int | None, str, object]]:
-    """Key and value of an attention call: ``(position or None for a keyword, name, arg)``."""
-    for i, name in ((1, "key"), (2, "value")):
-        if i < len(node.args):
-            yield i, name, node.args[i]
-        elif name in node.kwargs:
-            yield None, name, node.kwargs[name]
 
 
 def inplace_targets(graph: fx.Graph) -> list[fx.Node]:
