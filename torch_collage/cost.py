@@ -29,7 +29,7 @@ from torch_collage.freeze import written_inputs
 from torch_collage.graph import DataflowGraph
 from torch_collage.options import CollageOptions
 from torch_collage.subgraph import Subgraph, constants_digest, digest, extract, tensor_signature
-from torch_collage.timing import Budget, InterferenceProbe, QuietProbe, measure
+from torch_collage.timing import Budget, InterferenceProbe, QuietProbe, measure, torch_threads
 
 __all__ = [
     "CompiledPart",
@@ -433,9 +433,11 @@ class CostModel:
         taken again once if the machine was busy; ``noisy`` counts those still busy the second time
         ([Note: quiet measurements]). ``repeats``: timed calls (default: option ``repeats``)."""
         for attempt in range(2):
-            before = self._probe.slowdown()
+            with torch_threads(self.threads):  # the probe spreads over the timing's threads
+                before = self._probe.slowdown()
             ms = self._time_once(call, repeats)
-            after = self._probe.slowdown()
+            with torch_threads(self.threads):
+                after = self._probe.slowdown()
             if not self._probe.busy(max(before, after)):
                 return ms
             logger.debug(

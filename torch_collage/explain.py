@@ -66,6 +66,12 @@ class ExplainReport:
             lines += [f"### Graph {i} ({g.kind}): chose {g.chosen}", "", _singles_line(g), ""]
             if g.shape_range:  # [Note: shape ranges] in shapes.py
                 lines += [f"Placed once for every size of {g.shape_range}.", ""]
+            if g.placed_like:  # [Note: a graph generalised to a range is placed like the graph it came from]
+                lines += [
+                    "Not searched: placed like the graph of the same ops placed before at input sizes "
+                    f"{g.placed_like} (a size in this range).",
+                    "",
+                ]
             if g.rewrites:  # [Note: rewrites before placing] in rewrite.py
                 done = ", ".join(f"{n} {kind}" for kind, n in g.rewrites.items())
                 lines += [f"Rewritten before placing (exact, see docs/collage.md): {done}.", ""]

@@ -19,10 +19,12 @@ import logging
 import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import fx
 
 from torch_collage.assembly import AssembledGraph
@@ -30,7 +32,7 @@ from torch_collage.backends.base import BackendSpec
 from torch_collage.backends.registry import get_spec, registered_names
 from torch_collage.cache import CostCache
 from torch_collage.candidates import Candidate, enumerate_candidates
-from torch_collage.choose import Choice, Recheck, check_seconds, choose, recheck, verify
+from torch_collage.choose import MIXED_MARGIN, Choice, Recheck, check_seconds, choose, recheck, single, verify
 from torch_collage.cost import CostModel, RngState, device_of, kept_rng, record_values
 from torch_collage.endtoend import CompareFn, EndToEnd, e2e_many_ms
 from torch_collage.graph import DataflowGraph
@@ -47,6 +49,8 @@ from torch_collage.report import GraphReport, graph_report
 from torch_collage.rewrite import rewrite_for_placing
 from torch_collage.search import Placement, search_cover
 from torch_collage.segments import around_specialists, segment_candidates, specialists
+from torch_collage.shapes import has_symbolic_inputs
+from torch_collage.subgraph import digest
 from torch_collage.timing import Budget, InterferenceProbe, QuietProbe
 
 __all__ = ["Placer", "Stages", "default_placer", "measurement_count", "place_graph"]
@@ -77,6 +81,9 @@ class Placer:
         self._warned_unavailable: set[str] = set()
         self._warned_failures: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
+        # structure -> the placement last chosen for it and the sizes it was placed at: [Note: a
+        # graph generalised to a range is placed like the graph it came from]
+        self._placed: OrderedDict[str, tuple[Placement, str]] = OrderedDict()
 
     def place(
         self, gm: fx.GraphModule, inputs: Sequence[Any], options: CollageOptions, kind: str = "inference"
@@ -96,8 +103,15 @@ class Placer:
                 model = CostModel(
                     gm, graph, values, specs, options, cache, self._warned_failures, rng, self.probe, budget
                 )
+                structure = _structure_key(graph, kind, options)
+                like = self._placed.get(structure) if has_symbolic_inputs(gm) else None
                 try:
-                    assembled, report = self._place(gm, inputs, model, kind)
+                    if like is not None:
+                        assembled, report, placement = self._place_like(gm, inputs, model, kind, *like)
+                    else:
+                        assembled, report, placement = self._place(gm, inputs, model, kind)
+                    if placement is not None:
+                        self._remember(structure, placement, _sizes(inputs))
                     return assembled, dataclasses.replace(report, rewrites=done) if done else report
                 finally:
                     with self._lock:
@@ -122,13 +136,57 @@ class Placer:
                 logger.debug("torch_collage: backend %s unavailable: %s", name, reason)
         return specs
 
+    def _remember(self, structure: str, placement: Placement, sizes: str) -> None:
+        with self._lock:
+            self._placed[structure] = (placement, sizes)
+            self._placed.move_to_end(structure)
+            while len(self._placed) > _REMEMBERED:
+                self._placed.popitem(last=False)
+
+    def _place_like(
+        self,
+        gm: fx.GraphModule,
+        inputs: Sequence[Any],
+        model: CostModel,
+        kind: str,
+        like: Placement,
+        sizes: str,
+    ) -> tuple[AssembledGraph, GraphReport, Placement | None]:
+        """``like``, placed before for a graph of this structure at ``sizes``, assembled for this
+        graph, timed beside eager once and verified; see [Note: a graph generalised to a range is
+        placed like the graph it came from]."""
+        start, graph = time.perf_counter(), model.graph
+        e2e = EndToEnd(gm, model, self.stages.compare)
+        eager = single(graph, "eager", math.inf)
+        mine = like.partitions[0].backend if len(like.partitions) == 1 else "mixed"
+        if mine == "eager":
+            choice = Choice(e2e.lazy(eager)(), e2e.times([eager])[0], "eager", placement=eager)
+        else:
+            ms, eager_ms = e2e.times([like, eager], rounds=2)
+            compared = {mine: ms, "eager": eager_ms}
+            if eager_ms * (1 + MIXED_MARGIN) < ms:  # as a mixed placement must win: [Note: end-to-end check]
+                logger.info(
+                    "torch_collage: %s placement taken over %.3f ms, eager %.3f ms; using eager",
+                    mine,
+                    ms,
+                    eager_ms,
+                )
+                choice = Choice(e2e.lazy(eager)(), eager_ms, "eager", compared, eager)
+            else:
+                choice = Choice(e2e.lazy(like)(), ms, mine, compared, like)
+        if model.options.verify:
+            choice = verify(e2e, choice, inputs)
+        report = self._report(kind, model, like, choice, {}, {}, 0, start)
+        return choice.assembled, dataclasses.replace(report, placed_like=sizes), None
+
     def _place(
         self, gm: fx.GraphModule, inputs: Sequence[Any], model: CostModel, kind: str
-    ) -> tuple[AssembledGraph, GraphReport]:
+    ) -> tuple[AssembledGraph, GraphReport, Placement | None]:
         start, graph, options = time.perf_counter(), model.graph, model.options
         if graph.size == 0:
             empty = Choice(AssembledGraph(gm, []), 0.0, "eager")
-            return empty.assembled, self._report(kind, model, Placement((), 0.0), empty, {}, {}, 0, start)
+            report = self._report(kind, model, Placement((), 0.0), empty, {}, {}, 0, start)
+            return empty.assembled, report, None
         fast = options.mode == "fast"  # whole graphs only
         fine = [] if fast else enumerate_candidates(graph, list(model.specs.values()), options.max_depth)
         cands = with_whole_graphs(graph, fine, model)
@@ -168,9 +226,8 @@ class Placer:
                 choice = choose(e2e, placement, singles, nearly)
         if options.verify:
             choice = verify(e2e, choice, inputs)
-        return choice.assembled, self._report(
-            kind, model, placement, choice, singles, costs, len(cands), start, checked
-        )
+        report = self._report(kind, model, placement, choice, singles, costs, len(cands), start, checked)
+        return choice.assembled, report, choice.placement
 
     def _remeasure_singles(
         self, model: CostModel, costs: dict[Candidate, float], singles: dict[str, float]
@@ -223,6 +280,47 @@ class Placer:
             recheck_ms=checked.times if checked else None,
         )
 
+
+# [Note: a graph generalised to a range is placed like the graph it came from]
+# Dynamo compiles a frame for the sizes of its first call, and when a later call brings other sizes
+# it compiles the frame again with those sizes symbolic (automatic dynamic shapes): a decoder's
+# ``generate()`` hands collage its first decode step at fixed sizes, then the same step for every
+# cache length. The second graph computes what the first did, op for op, only for a range of sizes
+# that includes the first one's. So a graph with symbolic sizes whose units carry the same ops with
+# the same dataflow as a graph this placer placed before (same kind, same backends and options) is
+# not searched again: the earlier choice is assembled for it (each partition compiled and checked
+# against eager as always, for the range where its backend can: [Note: shape ranges] in
+# shapes.py), timed once beside eager, which runs instead where it is faster by ``MIXED_MARGIN``
+# (a re-timed tie is noise, not a reason to drop the searched choice), and verified. The earlier graph's
+# sizes are in the range, so they serve as the range's representative size. ``GraphReport.placed_like``
+# names them, and ``explain`` says the graph was not searched. Only graphs with symbolic sizes are
+# placed this way: a new graph at other fixed sizes (``dynamic=False``) is the user's request for a
+# placement per size. The placer keeps the last ``_REMEMBERED`` structures.
+_REMEMBERED = 64
+
+
+def _structure_key(graph: DataflowGraph, kind: str, options: CollageOptions) -> str:
+    """Sizes left out: the units' ops and dataflow, the graph's kind and what decides a placement."""
+    units = [f"{u[0].target}:{len(u)}:{graph.preds[i]:x}" for i, u in enumerate(graph.units)]
+    chosen = (
+        options.backends,
+        options.mode,
+        options.search,
+        options.threads,
+        options.segments,
+        options.max_depth,
+    )
+    return digest("structure", kind, repr(chosen), *units)
+
+
+def _sizes(inputs: Sequence[Any]) -> str:
+    """``[1, 4, 8, 16], ...``: the sizes of the tensor inputs (the first few)."""
+    shapes = [list(x.shape) for x in inputs if isinstance(x, torch.Tensor)]
+    more = f", ... ({len(shapes)} tensors)" if len(shapes) > _SHOWN_SIZES else ""
+    return ", ".join(str(s) for s in shapes[:_SHOWN_SIZES]) + more
+
+
+_SHOWN_SIZES = 4
 
 # Of the budget, the share kept beyond the end-to-end check's predicted seconds, for the search,
 # merging, assembly and verification ([Note: the compile budget] in timing.py).

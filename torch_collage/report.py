@@ -81,6 +81,10 @@ class GraphReport:
     # a graph with symbolic shapes: the sizes' ranges this placement covers and the size it was
     # measured at ([Note: shape ranges] in shapes.py); empty for static shapes
     shape_range: str = ""
+    # a graph with symbolic sizes placed like the graph of the same structure placed before: that
+    # graph's input sizes ([Note: a graph generalised to a range is placed like the graph it came
+    # from] in place.py); empty when this graph was searched
+    placed_like: str = ""
     # the exact rewrites made before placing, by kind -> count ([Note: rewrites before placing] in
     # rewrite.py); empty when none applied
     rewrites: dict[str, int] = field(default_factory=dict)

@@ -172,11 +172,14 @@ def measure(
 # process on a second core made one backend's whole graph time 7.6 ms in one minute and 1.4 ms in a
 # quiet one, and a cache that kept the busy minute placed an unseen model 1.8x slower than that
 # backend alone. So every timing of the cost model is bracketed by a calibration probe: a fixed
-# matrix product on the CPU, timed before and after. The process keeps the fastest probe it has
-# seen; a timing whose probes ran more than ``BUSY_FACTOR`` slower than that was taken under
+# elementwise kernel spread over the timing's threads, timed before and after (a probe that one
+# thread runs misses a neighbour on the other core, and a small one reads up to 1.7x on a quiet
+# machine, which would keep quiet timings out of the cache and have warm compiles measure them
+# again). The process keeps the fastest probe it has seen at each thread count; a timing whose
+# probes ran more than ``BUSY_FACTOR`` slower than that was taken under
 # interference. Such a timing is taken once more; if the machine is still busy, its result is used
 # for this search only and never written to the cost cache (nor are the search outcomes built on
-# it), so a quiet compile later measures it afresh. The probe costs ~0.1 ms a side.
+# it), so a quiet compile later measures it afresh. The probe costs ~0.3 ms a side.
 #
 # Each cached cost also keeps the spread of its repeats (interquartile range over the median):
 # interference too short for the probes to catch still shows there, and `python -m torch_collage
@@ -201,19 +204,37 @@ RECHECK_FLOOR_MS = 0.05
 
 
 class InterferenceProbe:
-    """Times a fixed CPU kernel; ``slowdown()`` is its time now over the fastest seen in this process."""
+    """Times a fixed CPU kernel; ``slowdown()`` is its time now over the fastest seen in this process
+    at the same thread count.
 
-    def __init__(self, size: int = 96, calls: int = 5) -> None:
+    The kernel is an elementwise multiply of ``numel`` floats (2 MB in, 2 MB out at the default),
+    which torch splits over all its intra-op threads: a neighbour on any core the timings use, or on
+    the memory bus, shows in it; a small matrix product runs on one thread and does not. The minimum
+    of ``calls`` calls after one untimed call is steady on a quiet machine (within 6% at the 99th
+    percentile on the 2-core machine, where a 96x96 product read 1.4-1.7x at its 90th)."""
+
+    def __init__(self, numel: int = 1 << 19, calls: int = 5, threads: int | None = None) -> None:
+        if numel < 1 or calls < 1:
+            raise ValueError(f"numel and calls must be >= 1, got {numel!r} and {calls!r}")
         generator = torch.Generator().manual_seed(0)
-        self._a = torch.randn(size, size, generator=generator)
+        self._a = torch.randn(numel, generator=generator)
+        self._out = torch.empty(numel)
         self._calls = calls
-        self.best_ms = math.inf
+        self._threads = threads  # None: torch's thread count when probed
+        self._best: dict[int, float] = {}  # thread count -> fastest ms seen
+
+    @property
+    def best_ms(self) -> float:
+        """The fastest probe seen at torch's current thread count (inf: none yet)."""
+        return self._best.get(self._threads or torch.get_num_threads(), math.inf)
 
     def slowdown(self) -> float:
-        with torch.no_grad():
-            ms = measure(lambda: torch.mm(self._a, self._a), warmup=1, repeats=self._calls).min_ms
-        self.best_ms = min(self.best_ms, ms)
-        return ms / self.best_ms
+        with torch.no_grad(), torch_threads(self._threads):
+            threads = torch.get_num_threads()
+            ms = measure(lambda: torch.mul(self._a, 1.0001, out=self._out), warmup=1, repeats=self._calls).min_ms
+        best = min(self._best.get(threads, math.inf), ms)
+        self._best[threads] = best
+        return ms / best
 
     def busy(self, slowdown: float) -> bool:
         return slowdown > BUSY_FACTOR

@@ -196,3 +196,52 @@ def test_explain_shows_the_range_a_placement_covers(tmp_path) -> None:
     )
     text = report.to_markdown()
     assert "Placed once for every size of s" in text and "in [3, 99]; placed at" in text and "=11" in text
+
+
+def test_structure_key_leaves_out_sizes_only() -> None:
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from torch_collage.graph import DataflowGraph
+    from torch_collage.place import _structure_key
+
+    model, options = SeqModel().eval(), CollageOptions(progress=False)
+
+    def key(m: nn.Module, x: torch.Tensor, kind: str = "inference", opts: CollageOptions = options) -> str:
+        with torch.no_grad():
+            return _structure_key(DataflowGraph.from_graph(make_fx(m)(x).graph), kind, opts)
+
+    short, long = torch.randn(2, 5, 16), torch.randn(2, 11, 16)
+    assert key(model, short) == key(model, long)
+    assert key(model, short) != key(model, short, "forward")
+    assert key(model, short) != key(model, short, opts=dataclasses.replace(options, backends=("inductor",)))
+    deeper = nn.Sequential(model, nn.ReLU())
+    assert key(model, short) != key(deeper, short)
+
+
+def test_generate_with_automatic_dynamic_searches_twice_and_places_the_range_like_its_first_step(
+    tmp_path,
+) -> None:
+    """Dynamo hands collage the prompt, the first decode step at fixed sizes, then the decode step
+    for every cache length: the last is placed like the first step, not searched, and the tokens are
+    eager's ([Note: a graph generalised to a range is placed like the graph it came from])."""
+    pytest.importorskip("transformers")
+    from torch_zoo.hf import ARCHITECTURES
+
+    torch.manual_seed(0)
+    model = ARCHITECTURES["llama"][0]().eval()
+    ids = torch.randint(1, 200, (1, 7))
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    model.forward, reports = _compile(model.forward, ("onnxruntime", "inductor"), tmp_path)
+    try:
+        with torch.no_grad():
+            got = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(got, want)
+    searched = [r for r in reports if not r.placed_like]
+    like = [r for r in reports if r.placed_like]
+    assert len(searched) == 2 and len(like) == 1, [(r.shape_range, r.placed_like) for r in reports]
+    assert like[0].shape_range and not searched[1].shape_range  # the range, placed like the fixed step
+    assert like[0].chosen in (searched[1].chosen, "eager") and like[0].candidates == 0
+    assert "[1, 1]" in like[0].placed_like  # the first decode step's ids

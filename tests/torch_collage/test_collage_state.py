@@ -254,13 +254,16 @@ def test_a_cost_measured_while_the_machine_is_busy_is_not_cached(tmp_path, slowd
     cache.close()
 
 
-def test_the_probe_is_relative_to_the_fastest_run_seen():
-    from torch_collage.timing import InterferenceProbe
+def test_the_probe_is_relative_to_the_fastest_run_seen_at_its_thread_count():
+    from torch_collage.timing import InterferenceProbe, torch_threads
 
     probe = InterferenceProbe()
     first = probe.slowdown()
     assert first == 1.0 and probe.best_ms > 0
     assert all(probe.slowdown() >= 1.0 for _ in range(3))
+    if torch.get_num_threads() > 1:  # one thread is slower, not busier: its own baseline
+        with torch_threads(1):
+            assert probe.slowdown() == 1.0 and probe.best_ms > 0
 
 
 def test_copies_for_measuring_keep_the_strides_of_views():
