@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import bisect
 import itertools
+from collections.abc import Sequence
 
 from torch_graphpipe.graph import OpGraph
 from torch_graphpipe.partition import PartitionResult
-from torch_graphpipe.stable import combined_margin
+from torch_graphpipe.stable import TIE, combined_margin
 from torch_graphpipe.stage_cost import StageCostModel
 
-__all__ = ["partition_chain"]
+__all__ = ["chain_splits", "partition_chain"]
 
 
 class _Intervals:
@@ -113,10 +114,37 @@ def partition_chain(
     Bytes do not move with timing noise, so the choice changes only when noise pushes a split across
     the margin's edge. Where several carry equally few bytes (a run of layers of one width), the most
     balanced one (the smallest sum of squared stage times) is taken: it lies inside the margin rather
-    than at its edge, as the earliest or latest cuts would. The price is a slowest stage at most the
-    combined margin above the smallest. On the zoo's DLRM and MMT this gives one split over noisy
+    than at its edge, as the earliest or latest cuts would. The split proposed is one of the chain
+    plan's candidates, which the simulation chooses between within the plan noise (see [Note: chain
+    split candidates] in torch_graphpipe/plan_search.py), so a wide margin never keeps a split
+    simulated clearly slower. On the zoo's DLRM and MMT this gives one split over noisy
     profiles at 4, 8 and 16 stages; on CANDLE-Uno's long run of equal layers, 16 stages still move a
     cut in some draws."""
+    (stages,) = chain_splits(
+        graph,
+        model,
+        num_stages,
+        [combined_margin(margin)],
+        memory_budget_bytes=memory_budget_bytes,
+        num_microbatches=num_microbatches,
+    )
+    iv = _Intervals(graph, model)
+    bottleneck = max(iv.time(a, b) for a, b in _bounds(list(stages)))
+    return PartitionResult(stages=stages, bottleneck_ms=bottleneck, depth=num_stages)
+
+
+def chain_splits(
+    graph: OpGraph,
+    model: StageCostModel,
+    num_stages: int,
+    windows: Sequence[float],
+    *,
+    memory_budget_bytes: float | None = None,
+    num_microbatches: int | None = None,
+) -> list[tuple[int, ...]]:
+    """Per relative window ``w`` of ``windows``, the split with the fewest bytes on its cuts (then the
+    most balanced) among those whose slowest stage is at most ``1 + w`` times the smallest; see
+    [Note: stable chain splits]. Stages are node bitsets in order."""
     cap = num_microbatches or num_stages
     iv = _Intervals(graph, model)
     n = iv.n
@@ -131,14 +159,16 @@ def partition_chain(
             hi = mid
         else:
             lo = mid + 1
-    nxt = _fewest_bytes(iv, num_stages, times[lo] * (1 + combined_margin(margin)), memory_budget_bytes, cap)
-    stages, i = [], 0
-    for k in range(num_stages):
-        j = nxt[k][i]
-        stages.append(((1 << j) - 1) & ~((1 << i) - 1))
-        i = j
-    bottleneck = max(iv.time(a, b) for a, b in _bounds(stages))
-    return PartitionResult(stages=tuple(stages), bottleneck_ms=bottleneck, depth=num_stages)
+    out = []
+    for window in windows:
+        nxt = _fewest_bytes(iv, num_stages, times[lo] * (1 + max(window, TIE)), memory_budget_bytes, cap)
+        stages, i = [], 0
+        for k in range(num_stages):
+            j = nxt[k][i]
+            stages.append(((1 << j) - 1) & ~((1 << i) - 1))
+            i = j
+        out.append(tuple(stages))
+    return out
 
 
 def _bounds(stages: list[int]) -> list[tuple[int, int]]:

@@ -17,14 +17,13 @@ from typing import Any, Literal
 import torch
 
 from torch_graphpipe.assemble import assemble
-from torch_graphpipe.chain import partition_chain
 from torch_graphpipe.graph import OpGraph
 from torch_graphpipe.graph_capture import CaptureMethod, capture
-from torch_graphpipe.plan_search import dag_stages, no_fit_message
+from torch_graphpipe.plan_search import chain_stages, dag_stages, no_fit_message
 from torch_graphpipe.plan_types import Plan, ScheduleKind, StageGraphKind, StagePlan
 from torch_graphpipe.profile import CommModel, CostTable, profile_graph
 from torch_graphpipe.scaling import costs_at, microbatch_candidates
-from torch_graphpipe.stable import combined_margin, planning_costs, planning_margin
+from torch_graphpipe.stable import first_within, plan_noise, planning_costs, planning_margin
 from torch_graphpipe.stage_cost import StageCostModel
 
 __all__ = [
@@ -146,9 +145,8 @@ def choose_microbatches(
         assert error is not None
         raise error
     times = [p.simulate().iteration_time for p in plans]
-    fastest = min(times)
-    noise = max(low.tolerance, combined_margin(max(p.margin for p in plans)))  # [Note: plans that reproduce]
-    best = next(p for p, t in zip(plans, times) if t <= fastest * (1 + noise))  # fewest, largest
+    noise = max(low.tolerance, plan_noise(max(p.margin for p in plans)))  # [Note: plan noise]
+    best = plans[first_within(times, noise)]  # the fewest, largest micro-batches within the noise
     log.info(
         "micro-batches: %s",
         ", ".join(f"{p.num_microbatches} x {p.microbatch_size}: {t:.4g} ms" for p, t in zip(plans, times)),
@@ -182,14 +180,9 @@ def plan_graph(
     chain = stage_graph == "chain"
     try:
         if chain:
-            stages = partition_chain(
-                graph,
-                model,
-                num_stages,
-                memory_budget_bytes=memory_budget_bytes,
-                num_microbatches=num_microbatches,
-                margin=margin,
-            ).stages
+            stages = chain_stages(
+                graph, model, costs, num_stages, num_microbatches, memory_budget_bytes, schedule_kind, margin
+            )
         else:
             stages = dag_stages(
                 graph, model, costs, num_stages, num_microbatches, memory_budget_bytes, schedule_kind, margin
