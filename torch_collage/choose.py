@@ -125,7 +125,7 @@ def choose(
     compared = {name: ms for (name, _), ms in zip(contenders, times)}
     logger.debug("torch_collage: end to end: %s", ", ".join(f"{n} {ms:.3f} ms" for n, ms in compared.items()))
     k = min(range(len(times)), key=lambda i: times[i])
-    if contenders[k][0] == "mixed":
+    if _is_mixed(contenders[k][0]):
         k = _unless_clear_win(contenders, times, k)
     elif contenders[k][0] != searched:
         logger.info(
@@ -240,10 +240,15 @@ def _close_singles(
     ]
 
 
+def _is_mixed(name: str) -> bool:
+    """The searched mixed placement, or its variant on fewer runtimes ([Note: fewer runtimes] in measure.py)."""
+    return name.startswith("mixed")
+
+
 def _unless_clear_win(contenders: Sequence[tuple[str, Placement]], times: Sequence[float], k: int) -> int:
     """``k`` (the mixed placement), or the fastest single backend where ``k`` did not win by
     ``MIXED_MARGIN`` ([Note: a mixed placement must win clearly])."""
-    singles_timed = [i for i, (name, _) in enumerate(contenders) if name != "mixed"]
+    singles_timed = [i for i, (name, _) in enumerate(contenders) if not _is_mixed(name)]
     if not singles_timed:
         return k
     fastest = min(singles_timed, key=lambda i: times[i])

@@ -18,11 +18,14 @@ from torch_collage.graph import DataflowGraph, bits
 from torch_collage.search import Partition, Placement, merge_groups, merge_run
 
 __all__ = [
+    "FEWER_RUNTIMES",
+    "FEWER_RUNTIMES_TOLERANCE",
     "LOCAL_SPEEDUP",
     "Progress",
     "ReserveFn",
     "UnplaceableGraph",
     "check_coverable",
+    "fewer_runtimes",
     "measure_candidates",
     "merge_measured",
     "nearly_whole_placements",
@@ -97,6 +100,50 @@ def nearly_whole_placements(graph: DataflowGraph, model: CostModel, costs: Costs
         parts += [Partition(rest, name, ms), *(Partition(1 << u, "eager", eager[u]) for u in after)]
         out[f"{name} (nearly whole)"] = Placement.priced(parts, model.switch_cost)
     return out
+
+
+# [Note: fewer runtimes]
+# Partition costs are measured alone, each with its weights still in the CPU's caches from its own
+# previous repeat, and the switch costs on tiny probe graphs; assembled, every change of runtime hands
+# the cores from one thread pool to another and every partition reads its weights afresh. So two
+# backends whose partitions measured within a percent or two of each other are a coin flip for the
+# search, and the flip decides how many runtimes the placement alternates between: a 32K-slot Llama
+# decode step came out as eight ONNX Runtime layers around torch_cp's attention with Inductor before
+# them and OpenVINO after, where Inductor had measured within 1.4% of ONNX Runtime on each layer.
+# The end-to-end check therefore also times a variant of the searched placement on fewer runtimes:
+# for each backend the placement uses (eager aside), every partition that backend ran within
+# ``FEWER_RUNTIMES_TOLERANCE`` of the partition's own cost moves to it; the variant that leaves the
+# fewest runtimes (then the lowest predicted time) is a contender named ``FEWER_RUNTIMES``, and wins
+# only as a mixed placement wins ([Note: a mixed placement must win clearly] in choose.py).
+FEWER_RUNTIMES_TOLERANCE = 0.05
+FEWER_RUNTIMES = "mixed, fewer runtimes"
+
+
+def fewer_runtimes(
+    placement: Placement,
+    costs: Costs,
+    switch: Callable[[str, str], float],
+    predicted_s: Callable[[Candidate], float | None],
+) -> tuple[Placement, float] | None:
+    """The searched ``placement`` on fewer runtimes (priced with ``switch``) and the seconds its moved
+    partitions will likely take to compile (``predicted_s``, the cost model's), or None where no
+    backend takes over a partition within the tolerance ([Note: fewer runtimes])."""
+    runtimes = [b for b in placement.backends if b != "eager"]
+    best: tuple[int, float, Placement, float] | None = None
+    for target in runtimes:
+        parts, seconds = [], 0.0
+        for p in placement.partitions:
+            ms = costs.get(Candidate(p.mask, target), math.inf)
+            if p.backend not in ("eager", target) and ms <= p.cost_ms * (1 + FEWER_RUNTIMES_TOLERANCE):
+                parts.append(Partition(p.mask, target, ms))
+                seconds += predicted_s(Candidate(p.mask, target)) or 0.0
+            else:
+                parts.append(p)
+        variant = Placement.priced(parts, switch)
+        left = len([b for b in variant.backends if b != "eager"])
+        if left < len(runtimes) and (best is None or (left, variant.predicted_ms) < best[:2]):
+            best = (left, variant.predicted_ms, variant, seconds)
+    return (best[2], best[3]) if best is not None else None
 
 
 def measure_candidates(

@@ -37,7 +37,9 @@ from torch_collage.cost import CostModel, RngState, device_of, kept_rng, record_
 from torch_collage.endtoend import CompareFn, EndToEnd, e2e_many_ms
 from torch_collage.graph import DataflowGraph
 from torch_collage.measure import (
+    FEWER_RUNTIMES,
     check_coverable,
+    fewer_runtimes,
     measure_candidates,
     merge_measured,
     nearly_whole_placements,
@@ -215,6 +217,9 @@ class Placer:
         singles = _singles(graph, model, costs)
         warm = model.measured == 0  # every cost came from the cache
         nearly = nearly_whole_placements(graph, model, costs)
+        fewer = self._fewer_runtimes(placement, model, costs, singles)  # [Note: fewer runtimes] in measure.py
+        if fewer is not None:
+            nearly[FEWER_RUNTIMES] = fewer
         choice = choose(e2e, placement, singles, nearly)
         checked = None
         if warm:  # [Note: quiet measurements] in timing.py
@@ -228,6 +233,26 @@ class Placer:
             choice = verify(e2e, choice, inputs)
         report = self._report(kind, model, placement, choice, singles, costs, len(cands), start, checked)
         return choice.assembled, report, choice.placement
+
+    def _fewer_runtimes(
+        self, placement: Placement, model: CostModel, costs: dict[Candidate, float], singles: dict[str, float]
+    ) -> Placement | None:
+        """The searched placement on fewer runtimes, where one exists and its compiles fit in the
+        budget beyond the end-to-end check ([Note: fewer runtimes] in measure.py). The decision is
+        cached with the search, so a warm compile replays the cold one's comparison."""
+        found = fewer_runtimes(placement, costs, model.switch_cost, model.predicted_s)
+        if found is None:
+            return None
+        variant, seconds = found
+        key = model.search_key("fewer runtimes", variant.describe(model.graph))
+        decided = model.cache.get_text(key)
+        if decided is None:
+            decided = "1" if model.budget.fits(seconds, check_seconds(singles, model.options)) else "0"
+            model.cache.put_text(key, decided)
+        if decided == "1":
+            return variant
+        model.budget.skip("placement on fewer runtimes")
+        return None
 
     def _remeasure_singles(
         self, model: CostModel, costs: dict[Candidate, float], singles: dict[str, float]

@@ -346,3 +346,39 @@ def test_a_bfloat16_model_can_be_placed_on_inductor(tmp_path):
     (report,) = reports
     assert "inductor" not in report.whole_graph_failures, report.whole_graph_failures
     torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=1.6e-2 * want.abs().max().item())
+
+
+def test_fewer_runtimes_moves_partitions_a_used_backend_ran_within_tolerance() -> None:
+    """[Note: fewer runtimes]: the variant keeps eager's and the specialist's partitions, moves every
+    partition that another used backend measured within 5% of its cost, and leaves the fewest runtimes."""
+    from torch_collage.measure import FEWER_RUNTIMES_TOLERANCE, fewer_runtimes
+    from torch_collage.search import Partition, Placement
+
+    rng = random.Random(7)
+    layer = [rng.uniform(0.5, 2.0) for _ in range(4)]
+    parts = [Partition(1 << 0, "inductor", 0.3)]
+    for i, ms in enumerate(layer):  # runtime layer, then the specialist's attention, then eager
+        parts += [Partition(1 << (3 * i + 1), "onnxruntime", ms), Partition(1 << (3 * i + 2), "torch_cp", 1.8)]
+        parts.append(Partition(1 << (3 * i + 3), "eager", 0.01))
+    parts.append(Partition(1 << 13, "openvino", 0.9))
+    placement = Placement.priced(parts, lambda a, b: 0.0)
+    near = 1 + FEWER_RUNTIMES_TOLERANCE * rng.uniform(0.1, 0.9)
+    costs = {Candidate(1 << (3 * i + 1), "inductor"): ms * near for i, ms in enumerate(layer)}
+    costs[Candidate(1 << 13, "inductor")] = 0.9 * near
+    costs[Candidate(1 << 13, "onnxruntime")] = 0.9 * (1 + 2 * FEWER_RUNTIMES_TOLERANCE)  # too slow to move
+    costs[Candidate(1 << 2, "inductor")] = 1.0  # one attention faster on a used runtime: it moves too
+    seconds = {"inductor": 2.0}
+    got = fewer_runtimes(placement, costs, lambda a, b: 0.01, lambda c: seconds.get(c.backend))
+    assert got is not None
+    variant, compile_s = got
+    assert set(variant.backends) == {"inductor", "torch_cp", "eager"}
+    assert [p.mask for p in variant.partitions] == [p.mask for p in placement.partitions]
+    moved = [p for p, q in zip(variant.partitions, placement.partitions) if p.backend != q.backend]
+    assert {p.mask for p in moved} == {1 << (3 * i + 1) for i in range(4)} | {1 << 2, 1 << 13}
+    assert compile_s == 2.0 * len(moved)
+    # nothing within the tolerance: no variant
+    far = {c: ms * (1 + 2 * FEWER_RUNTIMES_TOLERANCE) for c, ms in costs.items() if c.mask != 1 << 2}
+    assert fewer_runtimes(placement, far, lambda a, b: 0.0, lambda c: None) is None
+    # one runtime besides eager: nothing to consolidate
+    alone = Placement.priced([Partition(1, "inductor", 1.0), Partition(2, "eager", 1.0)], lambda a, b: 0.0)
+    assert fewer_runtimes(alone, {Candidate(2, "inductor"): 1.0}, lambda a, b: 0.0, lambda c: None) is None
