@@ -147,7 +147,11 @@ def fewer_runtimes(
 
 
 def measure_candidates(
-    cands: list[Candidate], model: CostModel, coarse: set[Candidate], reserve: ReserveFn = lambda costs: 0.0
+    cands: list[Candidate],
+    model: CostModel,
+    coarse: set[Candidate],
+    reserve: ReserveFn = lambda costs: 0.0,
+    spare_s: float = 0.0,
 ) -> Costs:
     """Cost of the candidates worth measuring within the time budget, stage by stage: the whole
     graphs (eager first, then the others by their expected measuring time), eager's singletons
@@ -155,7 +159,9 @@ def measure_candidates(
     coarse segments]), then the rest, the most promising first and certain losers never ([Note:
     candidates worth measuring]). Each step is taken only where its predicted seconds fit in what
     the budget has left beyond ``reserve(costs)``, the seconds the stages after measuring will need
-    ([Note: the compile budget] in timing.py); what is left out is counted in ``model.budget``.
+    ([Note: the compile budget] in timing.py), of which ``spare_s`` only the small candidates after
+    the whole graphs, segments and nearly whole graphs leave; what is left out is counted in
+    ``model.budget``.
 
     [Note: a budget-cut search replays its cut]
     A warm compile measures nothing, so it is faster than the cold one and would get further within
@@ -167,7 +173,7 @@ def measure_candidates(
     with Progress(model, len(cands), options.progress) as progress:
         if replay is not None:
             return {cand: progress.measure(cand) for cand in replay}
-        costs = _measure_budgeted(cands, model, coarse, reserve, progress)
+        costs = _measure_budgeted(cands, model, coarse, reserve, progress, spare_s)
     model.cache.put_text(key, json.dumps([[str(c.mask), c.backend] for c in costs]))
     return costs
 
@@ -191,9 +197,18 @@ LOCAL_SPEEDUP = 2.0
 
 
 def _measure_budgeted(
-    cands: list[Candidate], model: CostModel, coarse: set[Candidate], reserve: ReserveFn, progress: Progress
+    cands: list[Candidate],
+    model: CostModel,
+    coarse: set[Candidate],
+    fine_reserve: ReserveFn,
+    progress: Progress,
+    spare_s: float,
 ) -> Costs:
     full, budget = model.graph.full, model.budget
+
+    def reserve(costs: Costs) -> float:  # the whole, nearly whole graphs and segments may use the spare
+        return fine_reserve(costs) - spare_s
+
     costs: Costs = {}
     refused = {name: _refused(model.graph, spec) for name, spec in model.specs.items()}
     # the whole graphs, and the nearly whole ones ([Note: nearly whole graphs]), measured after the
@@ -227,7 +242,7 @@ def _measure_budgeted(
             else:
                 budget.skip(stage)
                 progress.skip(cand)
-    if fine and not budget.fits(0.0, reserve(costs)):  # no time left: not even for bounding them
+    if fine and not budget.fits(0.0, fine_reserve(costs)):  # no time left: not even for bounding them
         budget.skip("candidates", len(fine))
         progress.skip(*fine)
         return costs
@@ -238,7 +253,7 @@ def _measure_budgeted(
     measured = 0
     for cand in ranked:
         if measured < model.options.max_candidates and budget.fits(
-            model.predicted_s(cand) or 0.0, reserve(costs)
+            model.predicted_s(cand) or 0.0, fine_reserve(costs)
         ):
             costs[cand] = progress.measure(cand)
             measured += 1

@@ -199,18 +199,19 @@ class Placer:
             around = around_specialists(graph, model.specs.values(), options.max_depth)
             coarse = list(dict.fromkeys(coarse + around + [c for c in fine if c.backend in special]))
         cands += [c for c in coarse if c not in have]  # a short segment may equal a fine candidate
-        slack = 0.0 if math.isinf(options.time_budget_s) else _SLACK * options.time_budget_s
-        if not fast and sum(name != "eager" for name in model.specs) > 1:  # [Note: fewer runtimes]
-            slack += 0.0 if math.isinf(options.time_budget_s) else _FEWER_SHARE * options.time_budget_s
+        capped = not math.isinf(options.time_budget_s)
+        slack = _SLACK * options.time_budget_s if capped else 0.0
+        mixes = not fast and sum(name != "eager" for name in model.specs) > 1  # [Note: fewer runtimes]
+        spare = _FEWER_SHARE * options.time_budget_s if capped and mixes else 0.0
 
         def reserve(costs: dict[Candidate, float]) -> float:  # the seconds the stages after measuring need
-            return check_seconds(_singles(graph, model, costs), options) + slack
+            return check_seconds(_singles(graph, model, costs), options) + slack + spare
 
         def searched() -> Placement:
             placement = self.stages.search(graph, cands, lambda c: costs.get(c, math.inf), model.switch_cost)
             return merge_measured(placement, graph, model, costs, reserve(costs))
 
-        costs = measure_candidates(cands, model, set(coarse), reserve)
+        costs = measure_candidates(cands, model, set(coarse), reserve, spare)
         check_coverable(graph, costs, model)
         placement = searched()
         e2e = EndToEnd(gm, model, self.stages.compare)
@@ -355,6 +356,8 @@ _SLACK = 0.05
 # Of the budget, the share kept for compiling the placement on fewer runtimes where the placement may
 # mix runtimes ([Note: fewer runtimes] in measure.py): on a 32K-slot Llama decode step its eight
 # Inductor layers needed 9 s of a 50 s budget, and they beat the searched mix by 13% end to end.
+# The whole graphs, segments and nearly whole graphs are measured without it (one of them is the
+# placement to beat); the small candidates after them leave it.
 _FEWER_SHARE = 0.15
 
 
