@@ -182,3 +182,30 @@ def test_a_backends_compile_prior_orders_the_first_whole_graphs(tmp_path):
         assert cost.predicted_s(unknown) is None
         cost.cost(slow)  # measured now: this search's own time replaces the prior
         assert cost.predicted_s(slow) < 0.5 * graph.size
+
+
+def test_a_warm_compile_measures_the_whole_graphs_a_cold_cut_left_out(tmp_path):
+    """[Note: a budget-cut search replays its cut]: a cold search that predicted a whole graph too
+    slow for its budget (here from the backend's prior; on a busy machine, from slow compiles) left it
+    out; once the backend's compiles are known to be fast, a warm compile with the same budget
+    measures it, and the compile after that replays the grown cut without measuring."""
+    from torch_collage.place import Placer
+    from torch_collage.timing import QuietProbe
+
+    torch.manual_seed(0)
+    model, x = _mlp(), torch.randn(8, 32)
+    opts = {"backends": ["eager", "slowprior"], "cache_dir": str(tmp_path), "mode": "fast", **_FAST}
+    placer = Placer(probe=QuietProbe())
+    with registered_backend("slowprior", compile=_sleepy_compile, compile_s_per_op=5.0):
+        cold = torch_collage.explain(model, x, time_budget_s=3.0, placer=placer, **opts).graphs[0]
+        assert cold.unmeasured.get("whole graph on slowprior") == 1
+        assert not math.isfinite(cold.single_backend_ms.get("slowprior", math.inf))
+        other = nn.Sequential(nn.Linear(32, 16), nn.ReLU()).eval()  # its rate on this machine replaces the prior
+        torch_collage.explain(other, x, placer=placer, **opts)
+        warm = torch_collage.explain(model, x, time_budget_s=3.0, placer=placer, **opts).graphs[0]
+        assert math.isfinite(warm.single_backend_ms["slowprior"]) and warm.measured > 0
+        assert "whole graph on slowprior" not in warm.unmeasured
+        before = placer.measurements
+        again = torch_collage.explain(model, x, time_budget_s=3.0, placer=placer, **opts).graphs[0]
+    assert again.measured == 0 and placer.measurements == before
+    assert again.single_backend_ms["slowprior"] == warm.single_backend_ms["slowprior"]
