@@ -231,7 +231,9 @@ class InterferenceProbe:
     def slowdown(self) -> float:
         with torch.no_grad(), torch_threads(self._threads):
             threads = torch.get_num_threads()
-            ms = measure(lambda: torch.mul(self._a, 1.0001, out=self._out), warmup=1, repeats=self._calls).min_ms
+            ms = measure(
+                lambda: torch.mul(self._a, 1.0001, out=self._out), warmup=1, repeats=self._calls
+            ).min_ms
         best = min(self._best.get(threads, math.inf), ms)
         self._best[threads] = best
         return ms / best

@@ -200,7 +200,9 @@ def test_a_warm_compile_measures_the_whole_graphs_a_cold_cut_left_out(tmp_path):
         cold = torch_collage.explain(model, x, time_budget_s=3.0, placer=placer, **opts).graphs[0]
         assert cold.unmeasured.get("whole graph on slowprior") == 1
         assert not math.isfinite(cold.single_backend_ms.get("slowprior", math.inf))
-        other = nn.Sequential(nn.Linear(32, 16), nn.ReLU()).eval()  # its rate on this machine replaces the prior
+        other = nn.Sequential(
+            nn.Linear(32, 16), nn.ReLU()
+        ).eval()  # its rate on this machine replaces the prior
         torch_collage.explain(other, x, placer=placer, **opts)
         warm = torch_collage.explain(model, x, time_budget_s=3.0, placer=placer, **opts).graphs[0]
         assert math.isfinite(warm.single_backend_ms["slowprior"]) and warm.measured > 0

@@ -358,7 +358,10 @@ def test_fewer_runtimes_moves_partitions_a_used_backend_ran_within_tolerance() -
     layer = [rng.uniform(0.5, 2.0) for _ in range(4)]
     parts = [Partition(1 << 0, "inductor", 0.3)]
     for i, ms in enumerate(layer):  # runtime layer, then the specialist's attention, then eager
-        parts += [Partition(1 << (3 * i + 1), "onnxruntime", ms), Partition(1 << (3 * i + 2), "torch_cp", 1.8)]
+        parts += [
+            Partition(1 << (3 * i + 1), "onnxruntime", ms),
+            Partition(1 << (3 * i + 2), "torch_cp", 1.8),
+        ]
         parts.append(Partition(1 << (3 * i + 3), "eager", 0.01))
     parts.append(Partition(1 << 13, "openvino", 0.9))
     placement = Placement.priced(parts, lambda a, b: 0.0)
