@@ -104,17 +104,19 @@ def nearly_whole_placements(graph: DataflowGraph, model: CostModel, costs: Costs
 
 # [Note: fewer runtimes]
 # Partition costs are measured alone, each with its weights still in the CPU's caches from its own
-# previous repeat, and the switch costs on tiny probe graphs; assembled, every change of runtime hands
-# the cores from one thread pool to another and every partition reads its weights afresh. So two
-# backends whose partitions measured within a percent or two of each other are a coin flip for the
-# search, and the flip decides how many runtimes the placement alternates between: a 32K-slot Llama
-# decode step came out as eight ONNX Runtime layers around torch_cp's attention with Inductor before
-# them and OpenVINO after, where Inductor had measured within 1.4% of ONNX Runtime on each layer.
-# The end-to-end check therefore also times a variant of the searched placement on fewer runtimes:
-# for each backend the placement uses (eager aside), every partition that backend ran within
-# ``FEWER_RUNTIMES_TOLERANCE`` of the partition's own cost moves to it; the variant that leaves the
-# fewest runtimes (then the lowest predicted time) is a contender named ``FEWER_RUNTIMES``, and wins
-# only as a mixed placement wins ([Note: a mixed placement must win clearly] in choose.py).
+# previous repeat, and the switch costs on tiny probe graphs; assembled, every change of thread pool
+# hands the cores from one pool to another (ONNX Runtime's and OpenVINO's pools are their own;
+# eager, Inductor's C++ kernels and torch_cp's kernel share torch's, ``BackendSpec.threads``), and
+# every partition reads its weights afresh. So backends whose partitions measured within a percent or
+# two of each other are a coin flip for the search, and the flip decides how many thread pools the
+# placement alternates between: on a 32K-slot Llama decode step ONNX Runtime's eight layers around
+# torch_cp's attention measured 0.863 ms each and Inductor's 0.879 ms, yet Inductor's ran the step
+# 13% faster end to end. The end-to-end check therefore also times a variant of the searched
+# placement on fewer thread pools: for each backend that measured any of its partitions, every
+# partition (eager's aside) that backend ran within ``FEWER_RUNTIMES_TOLERANCE`` of the partition's
+# own cost moves to it; the variant that leaves the fewest pools (then the lowest predicted time) is a
+# contender named ``FEWER_RUNTIMES``, and wins only as a mixed placement wins ([Note: a mixed
+# placement must win clearly] in choose.py).
 FEWER_RUNTIMES_TOLERANCE = 0.05
 FEWER_RUNTIMES = "mixed, fewer runtimes"
 
@@ -124,13 +126,16 @@ def fewer_runtimes(
     costs: Costs,
     switch: Callable[[str, str], float],
     predicted_s: Callable[[Candidate], float | None],
+    pool: Callable[[str], str],
 ) -> tuple[Placement, float] | None:
-    """The searched ``placement`` on fewer runtimes (priced with ``switch``) and the seconds its moved
-    partitions will likely take to compile (``predicted_s``, the cost model's), or None where no
-    backend takes over a partition within the tolerance ([Note: fewer runtimes])."""
-    runtimes = [b for b in placement.backends if b != "eager"]
+    """The searched ``placement`` on fewer thread pools (``pool``: a backend's, see
+    ``BackendSpec.pool``), priced with ``switch``, and the seconds its moved partitions will likely
+    take to compile (``predicted_s``, the cost model's); None where no backend takes over partitions
+    within the tolerance so that fewer pools are left ([Note: fewer runtimes])."""
+    pools = len({pool(b) for b in placement.backends})
+    targets = sorted({c.backend for c in costs if c.backend != "eager"})
     best: tuple[int, float, Placement, float] | None = None
-    for target in runtimes:
+    for target in targets:
         parts, seconds = [], 0.0
         for p in placement.partitions:
             ms = costs.get(Candidate(p.mask, target), math.inf)
@@ -140,8 +145,8 @@ def fewer_runtimes(
             else:
                 parts.append(p)
         variant = Placement.priced(parts, switch)
-        left = len([b for b in variant.backends if b != "eager"])
-        if left < len(runtimes) and (best is None or (left, variant.predicted_ms) < best[:2]):
+        left = len({pool(b) for b in variant.backends})
+        if left < pools and (best is None or (left, variant.predicted_ms) < best[:2]):
             best = (left, variant.predicted_ms, variant, seconds)
     return (best[2], best[3]) if best is not None else None
 

@@ -243,7 +243,9 @@ class Placer:
         """The searched placement on fewer runtimes, where one exists and its compiles fit in the
         budget beyond the end-to-end check ([Note: fewer runtimes] in measure.py). The decision is
         cached with the search, so a warm compile replays the cold one's comparison."""
-        found = fewer_runtimes(placement, costs, model.switch_cost, model.predicted_s)
+        found = fewer_runtimes(
+            placement, costs, model.switch_cost, model.predicted_s, lambda b: model.specs[b].pool
+        )
         if found is None:
             return None
         variant, seconds = found

@@ -277,6 +277,7 @@ def backend_spec() -> BackendSpec:
         max_depth=_MAX_PARTITION,
         available=_available,
         version=_version,
+        threads="torch",  # at::parallel_for: torch's intra-op pool
     )
 
 

@@ -348,9 +348,9 @@ def test_a_bfloat16_model_can_be_placed_on_inductor(tmp_path):
     torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=1.6e-2 * want.abs().max().item())
 
 
-def test_fewer_runtimes_moves_partitions_a_used_backend_ran_within_tolerance() -> None:
-    """[Note: fewer runtimes]: the variant keeps eager's and the specialist's partitions, moves every
-    partition that another used backend measured within 5% of its cost, and leaves the fewest runtimes."""
+def test_fewer_runtimes_moves_partitions_a_backend_ran_within_tolerance_onto_fewer_pools() -> None:
+    """[Note: fewer runtimes]: the variant keeps eager's partitions, moves every partition that one
+    backend measured within 5% of its cost, and leaves the fewest thread pools."""
     from torch_collage.measure import FEWER_RUNTIMES_TOLERANCE, fewer_runtimes
     from torch_collage.search import Partition, Placement
 
@@ -371,7 +371,7 @@ def test_fewer_runtimes_moves_partitions_a_used_backend_ran_within_tolerance() -
     costs[Candidate(1 << 13, "onnxruntime")] = 0.9 * (1 + 2 * FEWER_RUNTIMES_TOLERANCE)  # too slow to move
     costs[Candidate(1 << 2, "inductor")] = 1.0  # one attention faster on a used runtime: it moves too
     seconds = {"inductor": 2.0}
-    got = fewer_runtimes(placement, costs, lambda a, b: 0.01, lambda c: seconds.get(c.backend))
+    got = fewer_runtimes(placement, costs, lambda a, b: 0.01, lambda c: seconds.get(c.backend), _pool)
     assert got is not None
     variant, compile_s = got
     assert set(variant.backends) == {"inductor", "torch_cp", "eager"}
@@ -381,7 +381,30 @@ def test_fewer_runtimes_moves_partitions_a_used_backend_ran_within_tolerance() -
     assert compile_s == 2.0 * len(moved)
     # nothing within the tolerance: no variant
     far = {c: ms * (1 + 2 * FEWER_RUNTIMES_TOLERANCE) for c, ms in costs.items() if c.mask != 1 << 2}
-    assert fewer_runtimes(placement, far, lambda a, b: 0.0, lambda c: None) is None
-    # one runtime besides eager: nothing to consolidate
+    assert fewer_runtimes(placement, far, lambda a, b: 0.0, lambda c: None, _pool) is None
+    # one pool (torch's) already: nothing to consolidate
     alone = Placement.priced([Partition(1, "inductor", 1.0), Partition(2, "eager", 1.0)], lambda a, b: 0.0)
-    assert fewer_runtimes(alone, {Candidate(2, "inductor"): 1.0}, lambda a, b: 0.0, lambda c: None) is None
+    assert (
+        fewer_runtimes(alone, {Candidate(2, "inductor"): 1.0}, lambda a, b: 0.0, lambda c: None, _pool)
+        is None
+    )
+    # a runtime with its own pool beside torch_cp moves to a backend the search did not use
+    own = Placement.priced(
+        [Partition(1, "onnxruntime", 1.0), Partition(2, "torch_cp", 1.8), Partition(4, "eager", 0.1)],
+        lambda a, b: 0.0,
+    )
+    moved = fewer_runtimes(own, {Candidate(1, "inductor"): 1.02}, lambda a, b: 0.0, lambda c: None, _pool)
+    assert moved is not None and [p.backend for p in moved[0].partitions] == ["inductor", "torch_cp", "eager"]
+
+
+def test_backends_on_torchs_thread_pool_say_so() -> None:
+    from torch_collage.backends.registry import get_spec, registered_names
+
+    assert get_spec("eager").pool == get_spec("inductor").pool == "torch"
+    assert get_spec("onnxruntime").pool == "onnxruntime" and get_spec("openvino").pool == "openvino"
+    if "torch_cp" in registered_names():
+        assert get_spec("torch_cp").pool == "torch"
+
+
+def _pool(backend: str) -> str:
+    return "torch" if backend in ("eager", "inductor", "torch_cp") else backend

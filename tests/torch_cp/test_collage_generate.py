@@ -165,8 +165,8 @@ def _greedy(model: Any, ids: torch.Tensor, cache: Any, steps: int) -> tuple[list
 
 
 def test_decode_step_updates_the_cache_in_place_and_copies_none_of_it(one_thread, tmp_path) -> None:
-    """A static cache of 4096 slots holding a few tokens: the decode placement runs each cache update
-    (``index_copy``) and attention on torch_cp, and no op of a decode step allocates as much as one
+    """A static cache of 4096 slots holding a few tokens: the decode placement runs attention on
+    torch_cp and each cache update (``index_copy``) in place, and no op of a decode step allocates as much as one
     layer's key cache (eager's functional ``index_copy`` and ``repeat_kv`` would, several times over);
     the cache keeps its storage, and logits and tokens are eager's."""
     torch.manual_seed(7)
@@ -182,7 +182,10 @@ def test_decode_step_updates_the_cache_in_place_and_copies_none_of_it(one_thread
     prefill, decode = compiled.reports
     markdown = torch_collage.ExplainReport([prefill, decode]).to_markdown()
     assert decode.chosen == "mixed", markdown
-    assert _placed_on(decode, "index_copy") == ["torch_cp"] * 4, markdown  # keys and values of 2 layers
+    # keys and values of 2 layers, each updated in place: by torch_cp, or by eager where the rewrite
+    # marked it ([Note: rewrites before placing]; the two measure alike, so either may be placed)
+    updates = _placed_on(decode, "index_copy")
+    assert len(updates) == 4 and set(updates) <= {"torch_cp", "eager"}, markdown
     assert _placed_on(decode, "_scaled_dot_product") == ["torch_cp"] * 2, markdown
     pointers = [t.data_ptr() for t in _cache_tensors(cache)]
     step = torch.tensor([[got[-1]]])

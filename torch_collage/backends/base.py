@@ -214,7 +214,16 @@ class BackendSpec:
     # Optional prior: seconds per ATen op that compiling a whole graph takes on this backend, used
     # to order and budget the first whole graphs before any was measured on this machine.
     compile_s_per_op: float | None = None
+    # The thread pool its CPU work runs on: "torch" for torch's intra-op pool (eager, Inductor's C++
+    # kernels, torch_cp's kernel); empty for a pool of its own. Partitions on one pool hand the cores
+    # over for free; see [Note: fewer runtimes] in measure.py.
+    threads: str = ""
     rules: tuple[OpRule, ...] = field(init=False, default=())
+
+    @property
+    def pool(self) -> str:
+        """The thread pool its partitions run on: ``threads``, else its own (its name)."""
+        return self.threads or self.name
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -279,6 +288,7 @@ def runner_spec(
     patterns: tuple[tuple[str, ...], ...] = (),
     max_depth: int | None = None,
     compile_s_per_op: float | None = None,
+    threads: str = "",
 ) -> BackendSpec:
     """The spec of a runtime that runs whole ATen graphs: a partition goes to the runner's
     ``compile_graph`` where it has one (``compile`` otherwise); a runner with ``load`` saves its
@@ -293,6 +303,7 @@ def runner_spec(
         compile=compile_fn,
         compile_dynamic=getattr(backend, "compile_graph_dynamic", None),
         compile_s_per_op=compile_s_per_op,
+        threads=threads,
         supports=supports,
         fusion=fusion,
         max_depth=max_depth,

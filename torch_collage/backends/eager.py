@@ -48,4 +48,5 @@ SPEC = BackendSpec(
     version=lambda: f"torch {torch.__version__}",
     mutating_ok=True,
     runner=EagerBackend,
+    threads="torch",
 )

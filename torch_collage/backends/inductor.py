@@ -213,4 +213,4 @@ class _NoGradRunner:
 # Inductor generates and builds C++ per graph: on the 2-core machine its whole-graph compiles took
 # ~0.1 s per ATen op (resnet18 ~20 s), against ~0.02 for ONNX Runtime and OpenVINO (no prior given:
 # measured first).
-SPEC = runner_spec("inductor", InductorBackend, compile_s_per_op=0.1)
+SPEC = runner_spec("inductor", InductorBackend, compile_s_per_op=0.1, threads="torch")
