@@ -25,8 +25,8 @@ construction), so which ``W`` fills which bubble, and the whole schedule after i
 two profiles of one machine. A second placement uses no times at all: a stage runs a ``W`` only when
 its in-flight bound forces one before an ``F``, once after each ``B`` of its cool-down (no ``F`` left,
 ZB-H1's ``B W B W`` tail), and the rest after its last ``B``. Both are simulated over the given costs;
-the greedy one is taken only when it is faster by more than the combined ``margin`` (see [Note: plans
-that reproduce] in torch_graphpipe/stable.py). On the zoo's CANDLE-Uno and DLRM (8 stages, DAG and
+the greedy one is taken only when it is faster by more than the plan noise (the combined ``margin``,
+at most 5%: see [Note: plan noise] in torch_graphpipe/stable.py). On the zoo's CANDLE-Uno and DLRM (8 stages, DAG and
 chain plans) the fixed placement is as fast as the greedy one or within the margin, and the schedule
 is the same over noisy profiles; on MMT the greedy one is 2-11% faster and is taken, so its ``W``
 placement still follows the costs there.
