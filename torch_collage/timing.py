@@ -211,26 +211,25 @@ class InterferenceProbe:
     which torch splits over all its intra-op threads: a neighbour on any core the timings use, or on
     the memory bus, shows in it; a small matrix product runs on one thread and does not. The minimum
     of ``calls`` calls after one untimed call is steady on a quiet machine (within 6% at the 99th
-    percentile on the 2-core machine, where a 96x96 product read 1.4-1.7x at its 90th)."""
+    percentile on the 2-core machine, where a 96x96 product read 1.4-1.5x at its 90th)."""
 
-    def __init__(self, numel: int = 1 << 19, calls: int = 5, threads: int | None = None) -> None:
+    def __init__(self, numel: int = 1 << 19, calls: int = 5) -> None:
         if numel < 1 or calls < 1:
             raise ValueError(f"numel and calls must be >= 1, got {numel!r} and {calls!r}")
         generator = torch.Generator().manual_seed(0)
         self._a = torch.randn(numel, generator=generator)
         self._out = torch.empty(numel)
         self._calls = calls
-        self._threads = threads  # None: torch's thread count when probed
-        self._best: dict[int, float] = {}  # thread count -> fastest ms seen
+        self._best: dict[int, float] = {}  # torch's thread count -> fastest ms seen
 
     @property
     def best_ms(self) -> float:
         """The fastest probe seen at torch's current thread count (inf: none yet)."""
-        return self._best.get(self._threads or torch.get_num_threads(), math.inf)
+        return self._best.get(torch.get_num_threads(), math.inf)
 
     def slowdown(self) -> float:
-        with torch.no_grad(), torch_threads(self._threads):
-            threads = torch.get_num_threads()
+        threads = torch.get_num_threads()  # the caller pins it to the timing's (cost.py)
+        with torch.no_grad():
             ms = measure(
                 lambda: torch.mul(self._a, 1.0001, out=self._out), warmup=1, repeats=self._calls
             ).min_ms

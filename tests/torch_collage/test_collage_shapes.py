@@ -144,6 +144,11 @@ def test_range_key_ignores_symbolic_sizes_only() -> None:
     assert range_key([7], [frozenset()], [False]) != range_key([9], [frozenset()], [False])
 
 
+def _greedy(model: nn.Module, ids: torch.Tensor, tokens: int) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=0)  # type: ignore[operator]
+
+
 def test_hf_generate_with_compiled_forward_matches_eager_greedy_tokens(tmp_path) -> None:
     pytest.importorskip("transformers")
     from torch_zoo.hf import ARCHITECTURES
@@ -151,12 +156,9 @@ def test_hf_generate_with_compiled_forward_matches_eager_greedy_tokens(tmp_path)
     torch.manual_seed(0)
     model = ARCHITECTURES["gpt2"][0]().eval()
     ids = torch.randint(0, 200, (1, 6))
-    with torch.no_grad():
-        want = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    want = _greedy(model, ids, 12)
     model.forward, reports = _compile(model.forward, ("onnxruntime",), tmp_path, dynamic=True)
-    with torch.no_grad():
-        got = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
-    assert torch.equal(got, want)
+    assert torch.equal(_greedy(model, ids, 12), want)
     assert len(reports) <= 2, [r.shape_range for r in reports]  # prefill, decode: each placed once
 
 
@@ -230,12 +232,10 @@ def test_generate_with_automatic_dynamic_searches_twice_and_places_the_range_lik
     torch.manual_seed(0)
     model = ARCHITECTURES["llama"][0]().eval()
     ids = torch.randint(1, 200, (1, 7))
-    with torch.no_grad():
-        want = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    want = _greedy(model, ids, 10)
     model.forward, reports = _compile(model.forward, ("onnxruntime", "inductor"), tmp_path)
     try:
-        with torch.no_grad():
-            got = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        got = _greedy(model, ids, 10)
     finally:
         torch._dynamo.reset()
     assert torch.equal(got, want)
