@@ -69,10 +69,28 @@ class AssembledGraph:
         flat = isinstance(output, (tuple, list)) and all(isinstance(o, fx.Node) for o in output)
         self._flat_output: tuple[int, ...] | None = tuple(slot[o] for o in output) if flat else None
         self._output_is_tuple = isinstance(output, tuple)
+        self._direct = self._direct_call()
+
+    def _direct_call(self) -> tuple[Callable[..., Any], tuple[int, ...]] | None:
+        """For one step that takes the graph's inputs as they come and makes every output: its
+        callable and, per output, the index of the step's result it is. Else None."""
+        if len(self._program) != 1 or self._flat_output is None:
+            return None
+        fn, ins, outs, restride = self._program[0]
+        if restride or ins != tuple(range(self._num_args)) or not set(self._flat_output) <= set(outs):
+            return None
+        return fn, tuple(outs.index(i) for i in self._flat_output)
 
     def __call__(self, *args: Any) -> Any:
         if len(args) != self._num_args:
             raise TypeError(f"expected {self._num_args} inputs, got {len(args)}")
+        if self._direct is not None:  # a whole graph on one backend: no slots to fill
+            fn, picks = self._direct
+            result = fn(*args)
+            if not isinstance(result, (tuple, list)):
+                result = (result,)
+            got = [result[k] for k in picks]
+            return tuple(got) if self._output_is_tuple else got
         values = self._template.copy()
         values[: self._num_args] = args
         for fn, ins, outs, restride in self._program:
