@@ -52,6 +52,7 @@ COLUMNS = (
     Column("status", "status"),
     Column("median_ms", "ms", "{:.3f}"),
     Column("vs_eager", "speedup vs eager", "{:.2f}x"),
+    Column("p20_vs_inductor", "p20 / inductor's", "{:.3f}"),
     Column("compile_s", "compile s", "{:.1f}"),
     Column("error", "error"),
 )
@@ -113,12 +114,16 @@ def inference_rows(name: str, args: argparse.Namespace, cache_dir: str) -> list[
                 fns[backend] = lambda fn=fn: fn(**x)
         blocks = measure_rounds(fns, rounds=args.rounds, repeats=args.repeats, warmup=2)
     eager = [m.median_ms for m in blocks["eager"]]
+    inductor_p20 = [m.p20_ms for m in blocks.get("inductor", [])]
     out = []
     for backend, row in rows.items():
         ms = [m.median_ms for m in blocks[backend]] if backend in blocks else []
+        p20 = [m.p20_ms for m in blocks[backend]] if backend in blocks else []
         out.append({"model": name, "mode": "inference", "backend": backend, **row,
                     "median_ms": sorted(ms)[len(ms) // 2] if ms else math.nan,
-                    "vs_eager": 1 / paired_ratio(ms, eager) if ms else math.nan})  # fmt: skip
+                    "vs_eager": 1 / paired_ratio(ms, eager) if ms else math.nan,
+                    "p20_vs_inductor": paired_ratio(p20, inductor_p20)
+                    if p20 and inductor_p20 and backend == "collage" else math.nan})  # fmt: skip
     return out
 
 
@@ -158,7 +163,7 @@ def training_rows(name: str, args: argparse.Namespace, cache_dir: str) -> list[d
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         out.append({"model": name, "mode": "training", "backend": backend, "status": "fail" if reason else "pass",
                     "error": reason[:200], "compile_s": time.perf_counter() - start,
-                    "median_ms": math.nan, "vs_eager": math.nan})  # fmt: skip
+                    "median_ms": math.nan, "vs_eager": math.nan, "p20_vs_inductor": math.nan})  # fmt: skip
     return out
 
 
@@ -187,7 +192,18 @@ def summary(rows: Sequence[dict[str, Any]]) -> list[str]:
         lines.append(f"inference geomean speedup over eager on {len(both)} models both ran: inductor "
                      f"{geo['inductor']:.2f}x, collage {geo['collage']:.2f}x (collage/inductor "
                      f"{geo['collage'] / geo['inductor']:.2f}x)")  # fmt: skip
+    p20 = {
+        r["model"]: r["p20_vs_inductor"] for r in rows if math.isfinite(r.get("p20_vs_inductor", math.nan))
+    }
+    if p20:
+        worst = max(p20, key=p20.__getitem__)
+        over = ", ".join(f"{m} {v:.3f}" for m, v in sorted(p20.items()) if v > P20_LIMIT) or "none"
+        lines.append(f"collage's 20th-percentile call time over Inductor's (paired by round): worst {worst} "
+                     f"{p20[worst]:.3f}; over {P20_LIMIT}: {over}")  # fmt: skip
     return lines
+
+
+P20_LIMIT = 1.03  # the target: never slower than Inductor by more than 3% at the 20th percentile
 
 
 def main(argv: Sequence[str] | None = None) -> None:

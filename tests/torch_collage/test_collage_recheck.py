@@ -90,16 +90,46 @@ def _copy_compile(gm: fx.GraphModule, example_inputs):
 
 
 @pytest.mark.parametrize(
-    ("now_ms", "outcome"),
+    ("now_ms", "outcome", "confirmed"),
     [
-        ({"copy": 1.1, "eager": 1.0, "slow": 5.0}, "agreed"),  # within RECHECK_MARGIN
-        ({"copy": 1.1, "eager": 0.5, "slow": 5.0}, "contradicted: eager ran 0.500 ms, copy 1.100 ms"),
-        ({"copy": 1.6, "eager": 2.0, "slow": 5.0}, "contradicted: copy ran 1.600 ms, cached 1.000 ms"),
+        ({"copy": 1.06, "eager": 1.0, "slow": 5.0}, "agreed", False),  # within RECHECK_CLOSE + floor
+        ({"copy": 1.1, "eager": 0.5, "slow": 5.0}, "contradicted: eager ran 0.500 ms, copy 1.100 ms", False),
+        ({"copy": 1.6, "eager": 2.0, "slow": 5.0}, "contradicted: copy ran 1.600 ms, cached 1.000 ms", False),
+        # ahead by less than RECHECK_MARGIN, more than RECHECK_CLOSE: timed longer, and still ahead
+        (
+            {"copy": 1.1, "eager": 1.0, "slow": 5.0},
+            "contradicted: eager ran 1.000 ms, copy 1.100 ms over 4 more rounds",
+            True,
+        ),
     ],
 )
-def test_recheck_compares_the_choice_with_its_cached_time_and_its_rivals(tmp_path, now_ms, outcome):
+def test_recheck_compares_the_choice_with_its_cached_time_and_its_rivals(
+    tmp_path, now_ms, outcome, confirmed
+):
     """The chosen "copy" was cached at 1.0 ms; timed now beside its rivals, it is contradicted where
-    it runs more than RECHECK_SLOWER times that, or a rival beats it by more than RECHECK_MARGIN."""
+    it runs more than RECHECK_SLOWER times that, or a rival beats it by more than RECHECK_MARGIN, or
+    by more than RECHECK_CLOSE over RECHECK_CONFIRM_ROUNDS more rounds."""
+    checked, timed, cost = _recheck_with(tmp_path, lambda backend, k: now_ms[backend])
+    assert checked.outcome == outcome and checked.times == pytest.approx(now_ms)
+    extra = ["copy", "eager"] * 4 if confirmed else []  # RECHECK_CONFIRM_ROUNDS, the choice and the rival
+    assert sorted(timed[:6]) == sorted(["copy", "eager", "slow"] * 2) and sorted(timed[6:]) == sorted(extra)
+    assert cost.measured == 0 and cost.rechecks == len(timed)  # not counted as measurements
+
+
+def test_a_rival_ahead_only_in_the_short_recheck_is_timed_longer_and_the_choice_stands(tmp_path):
+    """Eager leads by 10% in the two short rounds (jitter) and trails in the four more: agreed."""
+
+    def now(backend: str, k: int) -> float:
+        return {"copy": 1.1 if k < 6 else 1.0, "eager": 1.0 if k < 6 else 1.1, "slow": 5.0}[backend]
+
+    checked, timed, _ = _recheck_with(tmp_path, now)
+    assert checked.outcome == "agreed after 4 more rounds beside eager", checked.outcome
+    assert len(timed) == 6 + 8
+
+
+def _recheck_with(tmp_path, now_ms):
+    """A re-check of "copy", chosen from a cached 1.0 ms, with each timing's result ``now_ms(backend,
+    k)`` for the k-th timing; returns the outcome, the backends timed in order and the cost model."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from torch_collage.backends.registry import get_spec
@@ -125,15 +155,13 @@ def test_recheck_compares_the_choice_with_its_cached_time_and_its_rivals(tmp_pat
             backend = call.args[0].steps[0].backend
             timed.append(backend)
             cost.measured += 1
-            return now_ms[backend]
+            return now_ms(backend, len(timed) - 1)
 
         cost.time_call = time_call
         chosen = single(graph, "copy", 1.0)
         choice = Choice(e2e.lazy(chosen)(), 1.0, "copy", {}, chosen)
         checked = recheck(e2e, choice, {"copy": 1.0, "eager": 2.0, "slow": 5.0})
-    assert checked.outcome == outcome and checked.times == pytest.approx(now_ms)
-    assert sorted(set(timed)) == ["copy", "eager", "slow"] and len(timed) == 3 * 2  # RECHECK_ROUNDS
-    assert cost.measured == 0 and cost.rechecks == len(timed)  # not counted as measurements
+    return checked, timed, cost
 
 
 class _SwitchedProbe(QuietProbe):
