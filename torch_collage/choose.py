@@ -197,8 +197,10 @@ class Recheck:
 
 def recheck(e2e: EndToEnd, choice: Choice, singles: dict[str, float]) -> Recheck:
     """Time ``choice`` (made from cached costs) beside the ``RECHECK_CONTENDERS`` fastest other
-    whole-graph backends, ``RECHECK_ROUNDS`` short paired rounds, and say whether that contradicts
-    the cache; the timings are not counted as measurements ([Note: quiet measurements])."""
+    whole-graph backends (``singles``: their cached ms), ``RECHECK_ROUNDS`` short paired rounds, and
+    say whether that contradicts the cache: the choice runs slower than cached, a rival faster than
+    cached, or a rival beats the choice; the timings are not counted as measurements ([Note: quiet
+    measurements])."""
     model, graph = e2e.model, e2e.graph
     if choice.placement is None:
         return Recheck("ignored: nothing to compare", {})
@@ -214,6 +216,9 @@ def recheck(e2e: EndToEnd, choice: Choice, singles: dict[str, float]) -> Recheck
     if mine > RECHECK_SLOWER * choice.measured_ms + RECHECK_FLOOR_MS:
         why = f"{choice.chosen} ran {mine:.3f} ms, cached {choice.measured_ms:.3f} ms"
         return Recheck(f"contradicted: {why}", now)
+    for (name, _), ms in zip(items[1:], times[1:]):  # a rival the cache holds slower than it runs
+        if singles[name] > RECHECK_SLOWER * ms + RECHECK_FLOOR_MS:
+            return Recheck(f"contradicted: {name} ran {ms:.3f} ms, cached {singles[name]:.3f} ms", now)
 
     def ahead(ms: float, margin: float, of: float = mine) -> bool:
         return ms * (1 + margin) + RECHECK_FLOOR_MS < of

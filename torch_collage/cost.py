@@ -215,6 +215,8 @@ class CostModel:
         self._fresh: dict[str, CachedCost] = {}
         self.last_spread = 0.0  # the spread of the last timing's repeats
         self.rechecks = 0  # timings of a warm compile's re-check, not counted in ``measured``
+        # backends whose whole-graph cost was read, not measured, by this search: what a re-check checks
+        self.read_wholes: set[str] = set()
         # (backend, whole graph?) -> [seconds, candidates] measured (cache misses) in this search
         self._spent: dict[tuple[str, bool], list[float]] = {}
 
@@ -266,6 +268,8 @@ class CostModel:
         sub = extract(self.gm, self.graph.nodes(cand.mask))
         key = self.key("candidate", cand.backend, sub)
         cached = self._fresh.get(key) if self.refresh else self.cache.get(key) or self._session.get(key)
+        if cached is not None and cand.mask == self.graph.full and not self.refresh:
+            self.read_wholes.add(cand.backend)
         if cached is None:
             noisy, start = self.noisy, time.perf_counter()
             cached = self._measure(sub, cand.backend, cand.mask)

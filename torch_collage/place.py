@@ -218,7 +218,8 @@ class Placer:
         if options.search == "dp+refine" and options.mode == "search" and len(model.specs) > 1:
             placement = refine_replayed(placement, e2e, costs, self.stages.refine, reserve(costs))
         singles = _singles(graph, model, costs)
-        warm = model.measured == 0  # every cost came from the cache
+        # every cost came from the cache, or the whole graphs' did: what the choice rests on
+        warm = model.measured == 0 or bool(model.read_wholes)
         nearly = nearly_whole_placements(graph, model, costs)
         fewer = self._fewer_runtimes(placement, model, costs, singles)  # [Note: fewer runtimes] in measure.py
         if fewer is not None:

@@ -188,9 +188,12 @@ def measure(
 # A warm compile takes every cost from the cache, so a lie in it would be kept for good. It therefore
 # re-checks what it chose, cheaply: the chosen placement and up to ``RECHECK_CONTENDERS`` of the
 # fastest whole-graph backends are timed side by side for ``RECHECK_ROUNDS`` paired rounds of a few
-# calls each (place.py's ``recheck``). The cache is contradicted when the chosen placement now runs
-# more than ``RECHECK_SLOWER`` times its cached end-to-end time, or a contender beats it by more
-# than ``RECHECK_MARGIN`` (both beyond ``RECHECK_FLOOR_MS``, below which a call's jitter decides).
+# calls each (place.py's ``recheck``). A compile that measured some pieces again but read the whole
+# graphs from the cache re-checks too: its choice rests on them. The cache is contradicted when the
+# chosen placement now runs more than ``RECHECK_SLOWER`` times its cached end-to-end time, a
+# contender runs that much faster than its cached cost (a busy minute that the probe missed made
+# ONNX Runtime's whole MLP 2.2 ms in the cache, 1.2 ms quiet, and kept it out of every comparison),
+# or a contender beats it by more than ``RECHECK_MARGIN`` (both beyond ``RECHECK_FLOOR_MS``, below which a call's jitter decides).
 # A contender ahead by less, but by more than ``RECHECK_CLOSE``, is what a busy minute leaves
 # behind too: the zoo MLP's cache from a run beside a busy loop kept Inductor, 5% slower than ONNX
 # Runtime on the quiet machine, and two short rounds cannot tell 5% from jitter. So that contender

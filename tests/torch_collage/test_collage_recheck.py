@@ -85,6 +85,27 @@ def test_warm_compile_rechecks_and_measures_again_when_the_cache_is_contradicted
     assert placer.measurements == before and again.graphs[0].measured == 0  # a re-check is not a measurement
 
 
+def test_a_compile_that_reads_the_whole_graphs_from_the_cache_rechecks_them(tmp_path, memo_backends):
+    """A compile that measures some pieces again (here: every cached cost but the whole graphs' was
+    lost) still rests its choice on cached whole-graph costs, so it re-checks them too."""
+    x = torch.randn(64, 256)
+    opts = {"backends": ["memo_a", "memo_b"], "cache_dir": str(tmp_path), **_FAST, "mode": "search"}
+    placer = Placer(probe=QuietProbe())
+    _DELAY_S.update(memo_a=0.0, memo_b=0.003)
+    cold = torch_collage.explain(_model(), x, placer=placer, **opts)
+    assert cold.graphs[0].recheck == ""
+    with sqlite3.connect(tmp_path / "costs.sqlite") as db:
+        kept = db.execute("SELECT count(*) FROM costs WHERE label LIKE '%whole graph%'").fetchone()[0]
+        db.execute("DELETE FROM costs WHERE label NOT LIKE '%whole graph%'")
+        db.execute("DELETE FROM outcomes")
+    assert kept >= 2
+    _DELAY_S.update(memo_a=0.003, memo_b=0.0)
+    (g,) = torch_collage.explain(_model(), x, placer=placer, **opts).graphs
+    assert g.measured > 0  # not a warm compile: pieces were measured again
+    assert g.recheck.startswith("contradicted: "), g.recheck  # memo_a slower, or memo_b faster, than cached
+    assert g.chosen != "memo_a"
+
+
 def _copy_compile(gm: fx.GraphModule, example_inputs):
     return gm
 
@@ -93,7 +114,7 @@ def _copy_compile(gm: fx.GraphModule, example_inputs):
     ("now_ms", "outcome", "confirmed"),
     [
         ({"copy": 1.06, "eager": 1.0, "slow": 5.0}, "agreed", False),  # within RECHECK_CLOSE + floor
-        ({"copy": 1.1, "eager": 0.5, "slow": 5.0}, "contradicted: eager ran 0.500 ms, copy 1.100 ms", False),
+        ({"copy": 1.1, "eager": 0.8, "slow": 5.0}, "contradicted: eager ran 0.800 ms, copy 1.100 ms", False),
         ({"copy": 1.6, "eager": 2.0, "slow": 5.0}, "contradicted: copy ran 1.600 ms, cached 1.000 ms", False),
         # ahead by less than RECHECK_MARGIN, more than RECHECK_CLOSE: timed longer, and still ahead
         (
@@ -101,14 +122,17 @@ def _copy_compile(gm: fx.GraphModule, example_inputs):
             "contradicted: eager ran 1.000 ms, copy 1.100 ms over 4 more rounds",
             True,
         ),
+        # a rival cached (from a busy minute) at more than RECHECK_SLOWER times what it runs now
+        ({"copy": 1.0, "eager": 1.2, "slow": 2.0}, "contradicted: slow ran 2.000 ms, cached 5.000 ms", False),
     ],
 )
 def test_recheck_compares_the_choice_with_its_cached_time_and_its_rivals(
     tmp_path, now_ms, outcome, confirmed
 ):
-    """The chosen "copy" was cached at 1.0 ms; timed now beside its rivals, it is contradicted where
-    it runs more than RECHECK_SLOWER times that, or a rival beats it by more than RECHECK_MARGIN, or
-    by more than RECHECK_CLOSE over RECHECK_CONFIRM_ROUNDS more rounds."""
+    """The chosen "copy" was cached at 1.0 ms, its rivals at 1.2 and 5.0 ms; timed now side by side,
+    the cache is contradicted where copy runs more than RECHECK_SLOWER times its cached time, a rival
+    runs that much faster than its own, or a rival beats copy by more than RECHECK_MARGIN, or by more
+    than RECHECK_CLOSE over RECHECK_CONFIRM_ROUNDS more rounds."""
     checked, timed, cost = _recheck_with(tmp_path, lambda backend, k: now_ms[backend])
     assert checked.outcome == outcome and checked.times == pytest.approx(now_ms)
     extra = ["copy", "eager"] * 4 if confirmed else []  # RECHECK_CONFIRM_ROUNDS, the choice and the rival
@@ -160,7 +184,7 @@ def _recheck_with(tmp_path, now_ms):
         cost.time_call = time_call
         chosen = single(graph, "copy", 1.0)
         choice = Choice(e2e.lazy(chosen)(), 1.0, "copy", {}, chosen)
-        checked = recheck(e2e, choice, {"copy": 1.0, "eager": 2.0, "slow": 5.0})
+        checked = recheck(e2e, choice, {"copy": 1.0, "eager": 1.2, "slow": 5.0})
     return checked, timed, cost
 
 
