@@ -183,11 +183,16 @@ def check_seconds(singles: dict[str, float], options: CollageOptions) -> float:
     return 3 * sum(min(2.0, calls * ms / 1e3) + 0.005 for ms in timed)
 
 
+AGREED_BEFORE = "agreed before"  # a re-check of the same choice on the same cached costs agreed
+
+
 @dataclass(frozen=True)
 class Recheck:
     """A warm compile's re-check of its cached choice ([Note: quiet measurements] in timing.py)."""
 
-    outcome: str  # "agreed", "ignored: ..." or "contradicted: ..." with what contradicted it
+    outcome: (
+        str  # "agreed...", AGREED_BEFORE, "ignored: ..." or "contradicted: ..." with what contradicted it
+    )
     times: dict[str, float]  # the chosen placement and its rivals, timed side by side now (ms)
 
     @property

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torch_collage.choose import AGREED_BEFORE
 from torch_collage.entry import make_backend
 from torch_collage.fresh_entry import fresh_entry
 from torch_collage.options import CollageOptions
@@ -130,6 +131,8 @@ def _budget_lines(g: GraphReport) -> list[str]:
 
 def _recheck_line(g: GraphReport) -> str:
     """The warm compile's re-check of its cached choice ([Note: quiet measurements] in timing.py)."""
+    if g.recheck == AGREED_BEFORE:
+        return "Cached choice not re-checked: a re-check of it on these cached costs agreed before."
     times = "; ".join(f"{name} {ms:.3f} ms" for name, ms in g.recheck_ms.items())
     again = ", measured again" if g.recheck.startswith("contradicted") else ""
     return f"Cached choice re-checked side by side: {g.recheck}{again}" + (f" ({times})." if times else ".")

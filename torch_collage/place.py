@@ -15,6 +15,7 @@ holds what outlives one graph: the count of timings run and the warnings already
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import threading
@@ -32,7 +33,17 @@ from torch_collage.backends.base import BackendSpec
 from torch_collage.backends.registry import get_spec, registered_names
 from torch_collage.cache import CostCache
 from torch_collage.candidates import Candidate, enumerate_candidates
-from torch_collage.choose import MIXED_MARGIN, Choice, Recheck, check_seconds, choose, recheck, single, verify
+from torch_collage.choose import (
+    AGREED_BEFORE,
+    MIXED_MARGIN,
+    Choice,
+    Recheck,
+    check_seconds,
+    choose,
+    recheck,
+    single,
+    verify,
+)
 from torch_collage.cost import CostModel, RngState, device_of, kept_rng, record_values
 from torch_collage.endtoend import CompareFn, EndToEnd, e2e_many_ms
 from torch_collage.graph import DataflowGraph
@@ -227,7 +238,7 @@ class Placer:
         choice = choose(e2e, placement, singles, nearly)
         checked = None
         if warm:  # [Note: quiet measurements] in timing.py
-            checked = recheck(e2e, choice, singles)
+            checked = self._recheck(e2e, choice, singles)
             if checked.contradicted:
                 logger.warning("torch_collage: cached costs %s; measuring again", checked.outcome)
                 singles = self._remeasure_singles(model, costs, singles)
@@ -237,6 +248,20 @@ class Placer:
             choice = verify(e2e, choice, inputs)
         report = self._report(kind, model, placement, choice, singles, costs, len(cands), start, checked)
         return choice.assembled, report, choice.placement
+
+    def _recheck(self, e2e: EndToEnd, choice: Choice, singles: dict[str, float]) -> Recheck:
+        """``recheck`` of a choice made from cached costs, unless a re-check of the same choice on
+        the same cached costs agreed before (kept in the cache): see [Note: quiet measurements]."""
+        model = e2e.model
+        ran = choice.placement.describe(model.graph) if choice.placement is not None else ""
+        costs = json.dumps({"chosen": choice.measured_ms, **singles}, sort_keys=True)
+        key = model.search_key("re-check agreed", choice.chosen, ran, costs)
+        if model.cache.get_text(key) is not None:
+            return Recheck(AGREED_BEFORE, {})
+        checked = recheck(e2e, choice, singles)
+        if checked.outcome.startswith("agreed"):
+            model.cache.put_text(key, checked.outcome)
+        return checked
 
     def _fewer_runtimes(
         self, placement: Placement, model: CostModel, costs: dict[Candidate, float], singles: dict[str, float]

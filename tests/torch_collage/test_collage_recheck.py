@@ -85,6 +85,20 @@ def test_warm_compile_rechecks_and_measures_again_when_the_cache_is_contradicted
     assert placer.measurements == before and again.graphs[0].measured == 0  # a re-check is not a measurement
 
 
+def test_a_recheck_that_agreed_is_not_repeated_on_the_same_cached_costs(tmp_path, memo_backends):
+    x = torch.randn(64, 256)
+    opts = {"backends": ["memo_a", "memo_b"], "cache_dir": str(tmp_path), **_FAST}
+    placer = Placer(probe=QuietProbe())
+    _DELAY_S.update(memo_a=0.0, memo_b=0.003)
+    torch_collage.explain(_model(), x, placer=placer, **opts)
+    first = torch_collage.explain(_model(), x, placer=placer, **opts)
+    assert first.graphs[0].recheck == "agreed" and first.graphs[0].recheck_ms
+    again = torch_collage.explain(_model(), x, placer=placer, **opts)
+    (g,) = again.graphs
+    assert g.recheck == "agreed before" and g.recheck_ms == {} and g.chosen == "memo_a"
+    assert "not re-checked" in again.to_markdown()
+
+
 def test_a_compile_that_reads_the_whole_graphs_from_the_cache_rechecks_them(tmp_path, memo_backends):
     """A compile that measures some pieces again (here: every cached cost but the whole graphs' was
     lost) still rests its choice on cached whole-graph costs, so it re-checks them too."""
