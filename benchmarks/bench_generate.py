@@ -6,7 +6,8 @@
 Each model of ``torch_zoo.hf`` (small config, random weights, DynamicCache) generates ``--tokens``
 greedy tokens from a random prompt: eagerly, then with ``model.forward`` compiled by
 ``torch.compile(..., backend="collage", dynamic=...)`` on a cold cost cache (a fresh directory), then
-compiled afresh on the same, now warm, cache. Reported per run: the total wall time including every
+compiled afresh on the same, now warm, cache, twice (the first warm compile re-checks its cached
+choices side by side; the second finds that re-check kept). Reported per run: the total wall time including every
 compile, its ratio to eager's, how many graphs were placed (searches) and how many timings they ran,
 and whether the tokens equal eager's. A graph placed from cached costs alone (no timing) is placed
 but not searched. With ``dynamic=True`` the prompt and the decode steps each get
@@ -131,7 +132,7 @@ def rows_for(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             tokens_equal=bool(torch.equal(got, want)),
         ))  # fmt: skip
         with tempfile.TemporaryDirectory(prefix="collage-generate-") as cache_dir:
-            for run in ("collage cold", "collage warm"):
+            for run in ("collage cold", "collage warm", "collage warm again"):
                 progress(f"{name}: {run}, dynamic={dynamic}")
                 got, seconds, reports = _collage_run(model, ids, args, cache_dir, dynamic)
                 equal = bool(torch.equal(got, want))
