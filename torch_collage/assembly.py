@@ -8,6 +8,7 @@ itself is data (``search.Placement``).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -71,26 +72,29 @@ class AssembledGraph:
         self._output_is_tuple = isinstance(output, tuple)
         self._direct = self._direct_call()
 
-    def _direct_call(self) -> tuple[Callable[..., Any], tuple[int, ...]] | None:
+    def _direct_call(self) -> tuple[Callable[..., Any], Callable[[Sequence[Any]], Sequence[Any]]] | None:
         """For one step that takes the graph's inputs as they come and makes every output: its
-        callable and, per output, the index of the step's result it is. Else None."""
+        callable and a getter of the graph's outputs from the step's results. Else None."""
         if len(self._program) != 1 or self._flat_output is None:
             return None
         fn, ins, outs, restride = self._program[0]
         if restride or ins != tuple(range(self._num_args)) or not set(self._flat_output) <= set(outs):
             return None
-        return fn, tuple(outs.index(i) for i in self._flat_output)
+        picks = [outs.index(i) for i in self._flat_output]
+        if len(picks) >= 2:  # C-level getters: no Python frame per call ([Note: call overhead] in entry.py)
+            return fn, operator.itemgetter(*picks)
+        return fn, operator.itemgetter(slice(picks[0], picks[0] + 1) if picks else slice(0, 0))
 
     def __call__(self, *args: Any) -> Any:
         if len(args) != self._num_args:
             raise TypeError(f"expected {self._num_args} inputs, got {len(args)}")
         if self._direct is not None:  # a whole graph on one backend: no slots to fill
-            fn, picks = self._direct
+            fn, pick = self._direct
             result = fn(*args)
             if not isinstance(result, (tuple, list)):
                 result = (result,)
-            got = [result[k] for k in picks]
-            return tuple(got) if self._output_is_tuple else got
+            got = pick(result)
+            return tuple(got) if self._output_is_tuple else list(got)
         values = self._template.copy()
         values[: self._num_args] = args
         for fn, ins, outs, restride in self._program:

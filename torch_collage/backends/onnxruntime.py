@@ -288,8 +288,12 @@ class _OrtRunner:
         return self._graph.unflatten(flat)
 
     def _run_numpy(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        feed = {name: tensors[pos].numpy() for name, pos in self._inputs}
-        return [torch.from_numpy(o) for o in self._session.run(self._output_names, feed)]
+        # loops and map, not comprehensions: on Python 3.11 each comprehension is a frame of its
+        # own, and inside a compiled call every frame costs ([Note: call overhead] in entry.py)
+        feed = {}
+        for name, pos in self._inputs:
+            feed[name] = tensors[pos].numpy()
+        return list(map(torch.from_numpy, self._session.run(self._output_names, feed)))
 
     def _run_bound(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         binding = self._binding
