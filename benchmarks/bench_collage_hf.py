@@ -43,6 +43,9 @@ from benchmarks.harness import (
     progress,
     write_results,
 )
+from torch_collage.entry import make_backend
+from torch_collage.options import CollageOptions
+from torch_collage.report import GraphReport
 from torch_zoo.hf import ARCHITECTURES, output_tensors
 
 COLUMNS = (
@@ -54,6 +57,7 @@ COLUMNS = (
     Column("vs_eager", "speedup vs eager", "{:.2f}x"),
     Column("p20_vs_inductor", "p20 / inductor's", "{:.3f}"),
     Column("compile_s", "compile s", "{:.1f}"),
+    Column("placement", "collage placed on"),
     Column("error", "error"),
 )
 
@@ -85,10 +89,14 @@ def _mismatch(got: Any, want: Any) -> str:
     return ""
 
 
-def _compiled(model: torch.nn.Module, backend: str, options: dict[str, Any]) -> Callable[..., Any]:
+def _compiled(
+    model: torch.nn.Module, backend: str, options: dict[str, Any], reports: list[GraphReport] | None = None
+) -> Callable[..., Any]:
+    """``torch.compile`` on ``backend``; collage's graph reports go to ``reports``."""
     torch._dynamo.reset()
     if backend == "collage":
-        return torch.compile(model, backend="collage", options=options)
+        sink = reports.append if reports is not None else None
+        return torch.compile(model, backend=make_backend(CollageOptions.from_mapping(options), sink=sink))
     return torch.compile(model, backend=backend)
 
 
@@ -100,16 +108,18 @@ def inference_rows(name: str, args: argparse.Namespace, cache_dir: str) -> list[
     with torch.no_grad():
         want = model(**x)
         fns: dict[str, Callable[[], Any]] = {"eager": lambda: model(**x)}
-        rows = {"eager": {"status": "ok", "compile_s": 0.0, "error": ""}}
+        rows = {"eager": {"status": "ok", "compile_s": 0.0, "error": "", "placement": ""}}
+        reports: list[GraphReport] = []
         for backend in ("inductor", "collage"):
             start = time.perf_counter()
             try:
-                fn = _compiled(model, backend, options)
+                fn = _compiled(model, backend, options, reports)
                 reason = _mismatch(fn(**x), want)
             except Exception as exc:  # a failing backend is a row, not the end of the benchmark
                 fn, reason = None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             rows[backend] = {"status": "fail" if reason else "ok", "error": reason[:200],
-                             "compile_s": time.perf_counter() - start}  # fmt: skip
+                             "compile_s": time.perf_counter() - start,
+                             "placement": "; ".join(r.chosen for r in reports) if backend == "collage" else ""}  # fmt: skip
             if fn is not None and not reason:
                 fns[backend] = lambda fn=fn: fn(**x)
         blocks = measure_rounds(fns, rounds=args.rounds, repeats=args.repeats, warmup=2)
@@ -163,7 +173,8 @@ def training_rows(name: str, args: argparse.Namespace, cache_dir: str) -> list[d
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         out.append({"model": name, "mode": "training", "backend": backend, "status": "fail" if reason else "pass",
                     "error": reason[:200], "compile_s": time.perf_counter() - start,
-                    "median_ms": math.nan, "vs_eager": math.nan, "p20_vs_inductor": math.nan})  # fmt: skip
+                    "median_ms": math.nan, "vs_eager": math.nan, "p20_vs_inductor": math.nan,
+                    "placement": ""})  # fmt: skip
     return out
 
 
