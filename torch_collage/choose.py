@@ -190,9 +190,8 @@ AGREED_BEFORE = "agreed before"  # a re-check of the same choice on the same cac
 class Recheck:
     """A warm compile's re-check of its cached choice ([Note: quiet measurements] in timing.py)."""
 
-    outcome: (
-        str  # "agreed...", AGREED_BEFORE, "ignored: ..." or "contradicted: ..." with what contradicted it
-    )
+    # "agreed[ after more rounds]", AGREED_BEFORE, "ignored: ..." or "contradicted: ..." and by what
+    outcome: str
     times: dict[str, float]  # the chosen placement and its rivals, timed side by side now (ms)
 
     @property

@@ -84,7 +84,8 @@ class _LazyPlacer:
     # collage/Inductor 1.02-1.07 before on GPT-2 and Llama (ONNX Runtime chosen), 0.99-1.01 after.
     # Every Python frame counts here, and on Python 3.11 a comprehension is one: the per-call
     # getters are ``operator.itemgetter``s and the ONNX Runtime feed a loop. 20th percentile of call
-    # time over Inductor's (bench_collage_hf, 5 x 20 calls): GPT-2 1.04 -> 0.94, Llama 1.02 -> 1.00.
+    # time over Inductor's (bench_collage_hf): GPT-2 1.04-1.07 before; after, over four runs with
+    # the same placement, GPT-2 0.94-1.04 and Llama 1.00-1.04, as much as the runs vary.
     #
     # [Note: skipping dynamo's module guards]
     # Most of what dynamo's frame costs a collage call is its guards on the module's parameters
