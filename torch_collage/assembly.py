@@ -8,7 +8,6 @@ itself is data (``search.Placement``).
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from torch_collage.freeze import fetch_attr
+from torch_collage.freeze import fetch_attr, items_getter
 from torch_collage.subgraph import Subgraph
 
 __all__ = ["AssembledGraph", "Step"]
@@ -80,10 +79,7 @@ class AssembledGraph:
         fn, ins, outs, restride = self._program[0]
         if restride or ins != tuple(range(self._num_args)) or not set(self._flat_output) <= set(outs):
             return None
-        picks = [outs.index(i) for i in self._flat_output]
-        if len(picks) >= 2:  # C-level getters: no Python frame per call ([Note: call overhead] in entry.py)
-            return fn, operator.itemgetter(*picks)
-        return fn, operator.itemgetter(slice(picks[0], picks[0] + 1) if picks else slice(0, 0))
+        return fn, items_getter([outs.index(i) for i in self._flat_output])
 
     def __call__(self, *args: Any) -> Any:
         if len(args) != self._num_args:

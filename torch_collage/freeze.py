@@ -82,11 +82,15 @@ class FrozenInputs:
 
     @functools.cached_property
     def _pick(self) -> Callable[[Sequence[Any]], Sequence[Any]]:
-        # a C-level getter, no Python frame per call ([Note: call overhead] in entry.py)
-        keep = self.keep
-        if len(keep) >= 2:
-            return operator.itemgetter(*keep)
-        return operator.itemgetter(slice(keep[0], keep[0] + 1) if keep else slice(0, 0))
+        return items_getter(self.keep)
+
+
+def items_getter(indices: Sequence[int]) -> Callable[[Sequence[Any]], Sequence[Any]]:
+    """``seq -> the items of seq at indices``, always a sequence, from a C-level getter: no Python
+    frame per call, where every call of a compiled model runs it ([Note: call overhead] in entry.py)."""
+    if len(indices) >= 2:
+        return operator.itemgetter(*indices)
+    return operator.itemgetter(slice(indices[0], indices[0] + 1) if indices else slice(0, 0))
 
 
 def written_inputs(graph: fx.Graph) -> list[fx.Node]:
