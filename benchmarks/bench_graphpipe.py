@@ -6,11 +6,12 @@
 
 Every stage is one gloo process. This machine has 2 cores and a pipeline has up to 8 stages, so stage
 compute is EMULATED: each stage runs the tiny version of the model (same operator graph, so the same
-plan applies) and sleeps for its operators' cost, as if it ran on a device of its own. The costs are
-fixed units for the synthetic models and, for the zoo models, per-operator times profiled on the
-full-size model (one thread) and scaled so that a stage takes ``--target-ms`` per micro-batch on
-average. Sleeps are calibrated: a forward sleeps its cost minus the real forward time it took, a
-backward its cost minus twice that. For each workload the runtimes run side by side, rotating
+plan applies), and each of its compute actions lasts its planned cost, as if it ran on a device of
+its own: the action's real work, then a sleep for the rest of its cost (see [Note: emulated device
+time] in benchmarks/graphpipe_workloads.py). The costs are fixed units for the synthetic models and,
+for the zoo models, per-operator times profiled on the full-size model (one thread) and scaled so
+that a stage takes ``--target-ms`` per micro-batch on average (more where the tiny model's real
+work needs it, see [Note: emulated time and real work]). For each workload the runtimes run side by side, rotating
 order: GraphPipe on the DAG plan, GraphPipe on the best chain plan, and each of torch 2.13's chain
 schedules (``benchmarks.graphpipe_torch_schedules``: GPipe, 1F1B, Interleaved1F1B, LoopedBFS,
 InterleavedZeroBubble, ZBVZeroBubble, DualPipeV) on the chain split with as many stages per rank as
@@ -55,7 +56,7 @@ from benchmarks.graphpipe_torch_schedules import (
     peak_held,
     torch_memory,
 )
-from benchmarks.graphpipe_workloads import Sleepy, Workload, workloads
+from benchmarks.graphpipe_workloads import EmulatedDevice, Workload, workloads
 from benchmarks.harness import (
     DEFAULT_OUT_DIR,
     Column,
@@ -94,6 +95,40 @@ LABELS = {  # GraphPipe's plan key -> runtime label
 BASELINE = TORCH_LABELS["Schedule1F1B"]
 PLAN_COMM = CommModel(alpha_ms=0.3, bytes_per_ms=1.0e6)  # gloo over loopback, for planning
 PROFILE_REPEATS = 11  # samples per operator: enough for a spread (see [Note: plans that reproduce])
+CORES = len(os.sched_getaffinity(0))
+REAL_WORK_RATIO = 4.0  # a stage's emulated time per micro-batch >= this x the tiny model's real fwd+bwd
+
+
+def real_work_ms(wl: Workload, microbatch: int, repeats: int = 7) -> float:
+    """The tiny model's real forward + backward time per micro-batch (ms; one thread, median).
+
+    [Note: emulated time and real work]
+    The stages' real work (the tiny model, autograd, the runtime) shares the machine's cores while
+    the emulated devices would each have their own. Where all stages together keep the cores busy,
+    actions queue for a core and outlast their cost, the more so the more stages a schedule keeps busy
+    at once, and measured steps drift from the simulation. So a workload's mean stage time per
+    micro-batch is at least ``REAL_WORK_RATIO`` x this real time (``--target-ms`` otherwise), and
+    the table's "CPU busy" column says how busy the cores were during each runtime's steps."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = wl.build("tiny")
+        inputs, target = wl.batch("tiny", microbatch)
+        times = []
+        for i in range(repeats + 2):
+            start = time.perf_counter()
+            wl.loss_fn(model(*inputs), target).backward()
+            if i >= 2:
+                times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def stage_ms(wl: Workload, args: argparse.Namespace) -> tuple[float, float]:
+    """(mean emulated stage time per micro-batch, the tiny model's real work) in ms; see the Note."""
+    real = real_work_ms(wl, 2)  # the run's micro-batch: a batch of 2 x M samples in M micro-batches
+    return max(args.target_ms, REAL_WORK_RATIO * real), real
 
 
 def _costs(wl: Workload, microbatch: int, target_ms: float) -> tuple[CostTable, float]:
@@ -155,7 +190,7 @@ def plan_id(p: Plan) -> str:
 
 def plans_only(wl: Workload, args: argparse.Namespace) -> list[str]:
     """Profile and plan ``wl`` as a full run would, without running it: one line per plan."""
-    costs, profile_s = _costs(wl, args.profile_microbatch, args.target_ms)
+    costs, profile_s = _costs(wl, args.profile_microbatch, stage_ms(wl, args)[0])
     plans, chains = _plans(wl, costs, args.microbatches)
     named = {LABELS[k]: p for k, p in plans.items()} | {
         f"chain split, {v} stage(s)/rank": p for v, p in chains.items()
@@ -208,34 +243,32 @@ def _runners(
     pipes, runners = {}, {}
     for key, p in job.plans.items():
         gp = GraphPipe(copy.deepcopy(model), partition=p, **kw)
-        stage = gp.plan.stages[rank]
-        share = stage.cost.wgt_ms / stage.cost.bwd_ms if stage.cost.bwd_ms > 0 else 0.0  # W of zero-bubble
-        if gp.parts is not None and stage.late_cost is not None:  # split stage: each part sleeps its share
-            late = stage.late_cost
-            gp.parts.early = Sleepy(
-                gp.parts.early, stage.cost.fwd_ms - late.fwd_ms, stage.cost.bwd_ms - late.bwd_ms, share
-            )
-            gp.parts.late = Sleepy(gp.parts.late, late.fwd_ms, late.bwd_ms, share)
-        else:
-            gp.module = Sleepy(gp.module, stage.cost.fwd_ms, stage.cost.bwd_ms, share)
+        costs = {kind: ms for (s, kind), ms in gp.plan.action_costs().items() if s == rank}
+        device = EmulatedDevice(costs)
+        gp.runtime.around_action = lambda a, d=device: d.action(a.kind)
         pipes[LABELS[key]] = gp
         runners[LABELS[key]] = lambda gp=gp: gp.step(*inputs, target=target)
     torch_runners, runs = build_runners(model, inputs, target, wl.loss_fn, job.chains)
     return runners | torch_runners, pipes, runs
 
 
-def _time(runners: dict[str, Callable[[], Any]], rounds: int, steps: int) -> dict[str, list[float]]:
+def _time(
+    runners: dict[str, Callable[[], Any]], rounds: int, steps: int
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Per runtime, the step times (ms) and this process's CPU seconds during them."""
     times: dict[str, list[float]] = {name: [] for name in runners}
+    cpu = dict.fromkeys(runners, 0.0)
     for order in rotated_orders(list(runners), rounds):
         for name in order:
             runners[name]()  # warm-up (and torch.distributed.pipelining's shape inference)
             for _ in range(steps):
                 dist.barrier()
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 runners[name]()
                 dist.barrier()
                 times[name].append((time.perf_counter() - start) * 1e3)
-    return times
+                cpu[name] += time.process_time() - start_cpu
+    return times, cpu
 
 
 def _trace(gp: GraphPipe, run: Callable[[], Any]) -> list[list[tuple[str, int, float, float]]]:
@@ -258,12 +291,15 @@ def _worker(rank: int, world: int, init: str, job: Job) -> None:
         alpha = _ping_ms(rank)
         wl = workloads()[job.workload]
         runners, pipes, runs = _runners(job, wl, rank)
-        times = _time(runners, job.rounds, job.steps)
+        times, cpu = _time(runners, job.rounds, job.steps)
+        cpus: list[Any] = [None] * world
+        dist.all_gather_object(cpus, cpu)
         events = {label: _trace(gp, runners[label]) for label, gp in pipes.items()}
         if rank == 0:
             executed = {label: gp.plan for label, gp in pipes.items()}
             payload = {
                 "times": times,
+                "cpu_s": {label: sum(c[label] for c in cpus) for label in times},
                 "alpha_ms": alpha,
                 "events": events,
                 "executed": executed,
@@ -306,6 +342,7 @@ def _rows(
             "model": name, "runtime": label, "microbatches": job.microbatches, "median_ms": median,
             "iqr_ms": q[2] - q[0], "speedup": base / median, "profile_s": profile_s, "status": "ok",
             "alpha_ms": alpha, "samples_ms": samples,
+            "cpu_busy": result["cpu_s"][label] / (CORES * sum(samples) / 1e3),
         }  # fmt: skip
         run = result["torch"].get(label)
         if run is not None:
@@ -370,6 +407,7 @@ COLUMNS = (
     Column("sim_cal_ms", "calibrated sim ms", "{:.1f}"),
     Column("meas_over_cal", "measured/calibrated", "{:.3f}"),
     Column("speedup", "speedup vs 1F1B", "{:.2f}x"),
+    Column("cpu_busy", "CPU busy", "{:.0%}"),
     Column("memory_mb", "peak MB/device (pred.)", "{:.2f}"),
     Column("memory_ratio", "memory / 1F1B's", "{:.2f}"),
     Column("plan_s", "planning s", "{:.3f}"),
@@ -383,16 +421,21 @@ COLUMNS = (
 
 
 def run_workload(wl: Workload, args: argparse.Namespace, out_dir: Path) -> list[dict[str, Any]]:
-    costs, profile_s = _costs(wl, args.profile_microbatch, args.target_ms)
+    target, real = stage_ms(wl, args)
+    costs, profile_s = _costs(wl, args.profile_microbatch, target)
     plans, chains = _plans(wl, costs, args.microbatches)
-    progress(f"{wl.name}: planned DAG in {plans['dag'].planning_time_s:.3f} s, chain in "
+    progress(f"{wl.name}: {target:.1f} ms per stage and micro-batch (tiny model's real work {real:.2f} ms); "
+             f"planned DAG in {plans['dag'].planning_time_s:.3f} s, chain in "
              f"{plans['chain'].planning_time_s:.3f} s; running {wl.stages} processes")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench_gp_") as tmp:
         job = Job(wl.name, plans, chains, args.microbatches, 2 * args.microbatches, args.rounds, args.steps,
                   os.path.join(tmp, "result.pt"))  # fmt: skip
         mp.spawn(_worker, args=(wl.stages, "file://" + os.path.join(tmp, "store"), job), nprocs=wl.stages)
         result = torch.load(job.out, weights_only=False)
-    return _rows(wl.name, job, result, profile_s, out_dir, costs.param_copies)
+    rows = _rows(wl.name, job, result, profile_s, out_dir, costs.param_copies)
+    for row in rows:
+        row |= {"stage_ms": target, "real_ms": real}
+    return rows
 
 
 def _summary(rows: list[dict[str, Any]]) -> list[str]:
@@ -433,12 +476,26 @@ def _notes(args: argparse.Namespace, info: dict[str, Any], rows: list[dict[str, 
     alphas = sorted({round(r["alpha_ms"], 3) for r in rows if "alpha_ms" in r})
     pngs = ", ".join(f"[{p}]({p})" for r in rows for p in r.get("pngs", ()))
     return [
-        "EMULATED DEVICES: every stage is a gloo process on a 2-core CPU; its compute is the tiny model plus a "
-        "calibrated sleep for the stage's operator costs, so stages overlap as if each had a device of its own.",
+        "EMULATED DEVICES: every stage is a gloo process on a 2-core CPU running the tiny model; each compute "
+        "action (forward, backward, or a backward's input- or weight-gradient part) lasts the stage's planned cost "
+        "for it (real work, then a sleep for the rest; see [Note: emulated device time] in "
+        "benchmarks/graphpipe_workloads.py), so stages overlap as if each had a device of its own. Messages and the "
+        "runtimes' work between actions take real time.",
         *_summary(rows),
         f"Costs: synthetic models one unit per Linear (forward 1, backward 2); zoo models profiled at full size "
-        f"(micro-batch {args.profile_microbatch}, one thread, {PROFILE_REPEATS} samples per operator); all scaled to a mean stage time of "
-        f"{args.target_ms} ms per micro-batch. Planning assumed messages of {PLAN_COMM.alpha_ms} ms + bytes / 1 GB/s.",
+        f"(micro-batch {args.profile_microbatch}, one thread, {PROFILE_REPEATS} samples per operator); all scaled to a mean stage time "
+        f"per micro-batch of {args.target_ms} ms, or {REAL_WORK_RATIO:g}x the tiny model's real forward + backward time where "
+        "that is more (see [Note: emulated time and real work] in benchmarks/bench_graphpipe.py): "
+        + ", ".join(
+            sorted(
+                {
+                    f"{r['model']} {r['stage_ms']:.1f} ms (real {r['real_ms']:.2f} ms)"
+                    for r in rows
+                    if "stage_ms" in r
+                }
+            )
+        )
+        + f". 'CPU busy': the stages' CPU time during a runtime's steps over {CORES} cores x the steps' time. Planning assumed messages of {PLAN_COMM.alpha_ms} ms + bytes / 1 GB/s.",
         "GraphPipe (DAG, planner) is torch_graphpipe.plan_graph(stage_graph='dag'): the better (by simulation) of "
         "the series-parallel DAG search and the best chain split laid out as a DAG. On two_branch the DAG search "
         "finds the one-block-per-stage partition (the last block of one branch with the free join, see [Note: "
@@ -469,10 +526,11 @@ def _notes(args: argparse.Namespace, info: dict[str, Any], rows: list[dict[str, 
         "between two barriers.",
         "torch's schedules run the chain split of the model through torch.distributed.pipelining (see [Note: chain "
         "baseline] in benchmarks/graphpipe_baseline.py): model inputs travel along the chain, the loss is scaled by "
-        "1/M; schedules with 2 stages per rank run a chain split into 2 x ranks stages (each stage sleeps its own "
-        f"cost). Every stage's backward sleep is split {1 - WEIGHT_SHARE:.0%} input gradient / {WEIGHT_SHARE:.0%} "
-        "weight gradient (see [Note: weight-gradient share] in benchmarks/graphpipe_workloads.py), so the "
-        "zero-bubble schedules have weight-gradient work to move into bubbles; a full backward pays both. A "
+        "1/M; schedules with 2 stages per rank run a chain split into 2 x ranks stages (each stage on its own "
+        "emulated device time). A backward split into input and weight gradients (GraphPipe's and torch's "
+        f"zero-bubble schedules alike) gives each part the stage's cost for it: {1 - WEIGHT_SHARE:.0%} / "
+        f"{WEIGHT_SHARE:.0%} on the synthetic models, as profiled on the zoo models (all weight gradient on a stage "
+        "no gradient flows into); a whole backward takes both. A "
         "schedule's 'peak in-flight' is, per rank, the most micro-batches its stages hold in its action list.",
         "Memory (see [Note: predicted memory] in benchmarks/graphpipe_torch_schedules.py): predicted peak bytes per "
         "device (parameters x 4 + held activations, from the plan's profiled bytes at full size); the budget of "
@@ -487,7 +545,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workloads", default=",".join(workloads()), help="comma-separated workload names")
     p.add_argument("--microbatches", type=int, default=8)
     p.add_argument(
-        "--target-ms", type=float, default=20.0, help="mean stage time per micro-batch (fwd + bwd)"
+        "--target-ms",
+        type=float,
+        default=20.0,
+        help="mean stage time per micro-batch (fwd + bwd); at least 4x the tiny model's real fwd + bwd",
     )
     p.add_argument(
         "--profile-microbatch", type=int, default=4, help="micro-batch size for full-size profiling"

@@ -33,6 +33,7 @@ output, ``r`` the first received tensor that requires grad, so every weight's pa
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -106,6 +107,31 @@ class _PipeliningStage(torch.nn.Module):
         leaves = [x for v in self.route.send[0][1] for x in pytree.tree_leaves(by_name[v])]
         sends = (*(inputs[k] for k in self.carry_out), *(x for x in leaves if isinstance(x, torch.Tensor)))
         return tuple(_own(x) for x in sends)
+
+
+def _time_actions(stage: Any, index: int, around: Callable[[int, str], AbstractContextManager[Any]]) -> None:
+    """Run ``stage``'s compute methods (as torch's schedules call them) inside ``around(index, kind)``."""
+    forward, backward, weight = (
+        stage.forward_one_chunk,
+        stage.backward_one_chunk,
+        stage.backward_weight_one_chunk,
+    )
+
+    def forward_one_chunk(*args: Any, **kwargs: Any) -> Any:
+        with around(index, "F"):
+            return forward(*args, **kwargs)
+
+    def backward_one_chunk(*args: Any, full_backward: bool = True, **kwargs: Any) -> Any:
+        with around(index, "B" if full_backward else "I"):
+            return backward(*args, full_backward=full_backward, **kwargs)
+
+    def backward_weight_one_chunk(*args: Any, **kwargs: Any) -> Any:
+        with around(index, "W"):
+            return weight(*args, **kwargs)
+
+    stage.forward_one_chunk = forward_one_chunk
+    stage.backward_one_chunk = backward_one_chunk
+    stage.backward_weight_one_chunk = backward_weight_one_chunk
 
 
 def _tie(x: Any, zero: torch.Tensor) -> Any:
@@ -185,7 +211,9 @@ class ChainBaseline:
     """One of torch's chain schedules (``TORCH_SCHEDULES``) over the stages of a chain plan with
     ``virtual stages per rank x world`` stages (for benchmarks and tests); see [Note: chain baseline].
 
-    ``stage_wrapper(stage_module, stage_index)`` may wrap each stage (the benchmark's sleeps)."""
+    ``around_action(stage_index, kind)``, when given, returns the context manager each of a stage's
+    compute actions runs in (``F``; ``B`` a whole backward; ``I`` and ``W`` its two parts): the
+    benchmark's emulated device time (see [Note: emulated device time] in graphpipe_workloads.py)."""
 
     def __init__(
         self,
@@ -196,7 +224,7 @@ class ChainBaseline:
         plan: Plan,
         schedule: str = "Schedule1F1B",
         process_group: dist.ProcessGroup | None = None,
-        stage_wrapper: Callable[[torch.nn.Module, int], torch.nn.Module] | None = None,
+        around_action: Callable[[int, str], AbstractContextManager[Any]] | None = None,
     ) -> None:
         import torch.distributed.pipelining as pipelining
 
@@ -228,8 +256,6 @@ class ChainBaseline:
         stages = []
         for s in self.local:
             stage: torch.nn.Module = build_stage_module(captured.graph_module, routing.stages[s])
-            if stage_wrapper is not None:
-                stage = stage_wrapper(stage, s)
             adapter = _PipeliningStage(
                 stage, routing.stages[s], carry[s - 1] if s else (), carry[s], num_inputs, s == n - 1
             )
@@ -237,17 +263,18 @@ class ChainBaseline:
             adapter.anchor = schedule in SPLIT_BACKWARD
             input_args, output_args = _example_args(adapter, micro, specs)
             self.modules.append(adapter)
-            stages.append(
-                pipelining.PipelineStage(
-                    adapter,
-                    s,
-                    n,
-                    torch.device("cpu"),
-                    input_args=input_args,
-                    output_args=output_args,
-                    group=group,
-                )
+            pipe_stage = pipelining.PipelineStage(
+                adapter,
+                s,
+                n,
+                torch.device("cpu"),
+                input_args=input_args,
+                output_args=output_args,
+                group=group,
             )
+            if around_action is not None:
+                _time_actions(pipe_stage, s, around_action)
+            stages.append(pipe_stage)
         cls = getattr(pipelining, schedule)
         target = stages[0] if per_rank == 1 else stages
         self.schedule = cls(target, m, loss_fn=lambda out, y: loss_fn(out, y) / m, scale_grads=False)

@@ -2,9 +2,9 @@
 
 Every schedule of ``benchmarks.graphpipe_baseline.TORCH_SCHEDULES`` runs the chain split of the
 workload (``virtual stages per rank x ranks`` stages, planned by ``plan_graph(stage_graph="chain")``)
-with the same emulated devices as GraphPipe: each stage sleeps its operators' cost (``Sleepy``, half
-of the backward in the weight-gradient pass, see [Note: weight-gradient share]), the same batch,
-micro-batch size and count. A schedule that cannot run (torch refuses the configuration, or a step
+with the same emulated devices as GraphPipe (each compute action takes its stage's cost, see
+[Note: emulated device time]; a split backward's ``I`` and ``W`` take the stage's input- and
+weight-gradient costs), the same batch, micro-batch size and count. A schedule that cannot run (torch refuses the configuration, or a step
 fails) or whose step leaves a parameter without a gradient is a row saying why.
 
 [Note: predicted memory]
@@ -28,14 +28,12 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.graphpipe_baseline import TORCH_SCHEDULES, ChainBaseline
-from benchmarks.graphpipe_workloads import Sleepy
+from benchmarks.graphpipe_workloads import EmulatedDevice
 from torch_graphpipe import Plan
 
 __all__ = ["LABELS", "WEIGHT_SHARE", "TorchRun", "build_runners", "gp_memory", "peak_held", "torch_memory"]
 
-WEIGHT_SHARE = (
-    0.5  # share of a stage's backward in its weight-gradient pass (see [Note: weight-gradient share])
-)
+WEIGHT_SHARE = 0.5  # the synthetic models' share of a backward in its weight gradients (as ZB papers assume)
 LABELS = {
     name: f"{name} (chain{'' if v == 1 else f', {v} stages/rank'})"
     for name, (v, _) in TORCH_SCHEDULES.items()
@@ -56,13 +54,11 @@ def build_runners(
     runs: dict[str, TorchRun] = {}
     for name, (per_rank, _) in TORCH_SCHEDULES.items():
         label, plan = LABELS[name], chains[per_rank]
-        error, base = None, None
+        error, base, devices = None, None, _devices(plan)
         try:
             base = ChainBaseline(
                 copy.deepcopy(model), example_inputs=inputs, loss_fn=loss_fn, plan=plan, schedule=name,
-                stage_wrapper=lambda stage, s, p=plan: Sleepy(
-                    stage, p.stages[s].cost.fwd_ms, p.stages[s].cost.bwd_ms, weight_share=WEIGHT_SHARE
-                ),
+                around_action=lambda s, kind, d=devices: d[s].action(kind),
             )  # fmt: skip
         except Exception as exc:  # torch refuses this configuration (the same on every rank)
             error = f"{type(exc).__name__}: {exc}".splitlines()[0]
@@ -74,6 +70,15 @@ def build_runners(
             runs[label]["order"] = base.compute_order()
             runners[label] = lambda b=base: b.step(*inputs, target=target if b.is_last else None)
     return runners, runs
+
+
+def _devices(plan: Plan) -> list[EmulatedDevice]:
+    """Per stage of a chain plan, its emulated device (``B`` whole, ``I`` + ``W`` split)."""
+    out = []
+    for stage in plan.stages:
+        c = stage.cost
+        out.append(EmulatedDevice({"F": c.fwd_ms, "B": c.bwd_ms, "I": c.bwd_ms - c.wgt_ms, "W": c.wgt_ms}))
+    return out
 
 
 def _check_step(base: ChainBaseline, inputs: Sequence[Any], target: Any) -> str | None:

@@ -1,11 +1,12 @@
 """The workloads of bench_graphpipe.py: synthetic branchy and chain models, the zoo's multi-branch
-models, and the sleeping stand-in that emulates one device per stage on a 2-core machine."""
+models, and the emulated device each stage runs on (see [Note: emulated device time])."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 
 from torch_zoo import get_model
 
-__all__ = ["Sleepy", "Workload", "workloads"]
+__all__ = ["EmulatedDevice", "Workload", "workloads"]
 
 # -- workloads -----------------------------------------------------------------------------------
 
@@ -95,57 +96,32 @@ def workloads() -> dict[str, Workload]:
 # -- emulated stage compute ----------------------------------------------------------------------
 
 
-class _SleepBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, seconds: float, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ctx.seconds = seconds
-        return tuple(x.view_as(x) for x in xs)
+class EmulatedDevice:
+    """Each compute action of a stage takes its planned cost, as on a device of its own.
 
-    @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
-        time.sleep(ctx.seconds)
-        return (None, *grads)
+    [Note: emulated device time]
+    A stage is a process running the tiny model on a 2-core CPU shared by up to 16 stages; it stands for
+    a device that runs the full-size model's operators in their planned cost. ``action(kind)`` is the
+    context an action runs in: the stage's real work (the tiny model's computation, autograd, packing
+    its messages) happens inside, and the context then sleeps until the action's cost has passed since
+    it began. An action therefore takes its cost (or its real time, if that is longer) however many
+    other stages compute at the same moment, so a schedule that keeps more stages busy at once is not
+    slowed by their contention for the two cores, which separate devices would not have; and no
+    estimate of the real work (a backward as twice its forward, say) is needed. The messages and the runtime's work
+    between actions stay real time, outside every action. ``costs`` maps an action kind (``F``, ``FL``,
+    ``B``, ``BL``, ``I``, ``W``) to milliseconds: GraphPipe's from :meth:`Plan.action_costs`, torch's
+    schedules' from the same stage costs (``B`` a whole backward, ``I`` and ``W`` its two parts)."""
 
+    def __init__(self, costs: dict[str, float]) -> None:
+        bad = {k: v for k, v in costs.items() if not v >= 0}
+        if bad:
+            raise ValueError(f"costs must be >= 0 ms, got {bad}")
+        self.costs = {k: v / 1e3 for k, v in costs.items()}
 
-class Sleepy(nn.Module):
-    """A stage that sleeps for its emulated cost; see the module docstring.
-
-    [Note: weight-gradient share]
-    With ``weight_share`` > 0 that share of the backward sleep happens in a hook on one of the stage's
-    parameters, which runs when that parameter's gradient is computed: in the weight-gradient pass
-    (``W``) of a schedule that splits the backward into input and weight gradients, in the one
-    backward of the others. The rest sleeps on the outputs' gradient path (``I``). The zero-bubble
-    papers assume ``I`` and ``W`` cost about the same (``weight_share=0.5``). (A sleeping branch from
-    the parameter into the outputs would do the same, but torch 2.13's ``W`` then fails with "Trying to
-    backward through the graph a second time": a weight reaching the outputs twice.)"""
-
-    def __init__(self, inner: nn.Module, fwd_ms: float, bwd_ms: float, weight_share: float = 0.0) -> None:
-        super().__init__()
-        self.inner, self.fwd_s, self.bwd_s = inner, fwd_ms / 1e3, bwd_ms / 1e3
-        weight = next((p for p in inner.parameters() if p.requires_grad), None)
-        self.weight_share = weight_share if weight is not None else 0.0
-        self._weight_sleep_s = 0.0  # set by each forward (calibrated like the rest)
-        if weight is not None and self.weight_share > 0:  # see [Note: weight-gradient share]
-            weight.register_hook(self._sleep_in_weight_gradient)
-
-    def _sleep_in_weight_gradient(self, grad: torch.Tensor) -> torch.Tensor:
-        time.sleep(self._weight_sleep_s)
-        return grad
-
-    def forward(self, *args: Any) -> Any:
+    @contextlib.contextmanager
+    def action(self, kind: str) -> Iterator[None]:
         start = time.perf_counter()
-        out = self.inner(*args)
-        real = time.perf_counter() - start
-        time.sleep(max(0.0, self.fwd_s - real))
-        leaves, spec = torch.utils._pytree.tree_flatten(out)
-        idx = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.requires_grad]
-        if idx and torch.is_grad_enabled():
-            bwd = max(0.0, self.bwd_s - 2 * real)
-            self._weight_sleep_s = bwd * self.weight_share
-            wrapped = _SleepBackward.apply(bwd * (1 - self.weight_share), *(leaves[i] for i in idx))
-            for i, w in zip(idx, wrapped):
-                leaves[i] = w
-        return torch.utils._pytree.tree_unflatten(leaves, spec)
-
-
-# -- planning (parent process) -------------------------------------------------------------------
+        yield
+        left = start + self.costs[kind] - time.perf_counter()
+        if left > 0:
+            time.sleep(left)

@@ -14,7 +14,7 @@ from torch_graphpipe.graph_capture import CapturedGraph, GraphCaptureError, capt
 from torch_graphpipe.planner import Plan, StagePlan, choose_microbatches, plan, plan_graph, plan_stages
 from torch_graphpipe.profile import CommModel, CostTable, OpCost, profile_graph
 from torch_graphpipe.schedule import Schedule, ScheduleError, build_1f1b
-from torch_graphpipe.simulator import SimulationResult, TimelineEntry, simulate
+from torch_graphpipe.simulator import SimulationResult, TimelineEntry, action_costs, simulate
 from torch_graphpipe.stage_cost import StageCost
 from torch_graphpipe.timeline import plot_timeline
 from torch_graphpipe.validate import validate_schedule
@@ -39,6 +39,7 @@ __all__ = [
     "StageCost",
     "StagePlan",
     "TimelineEntry",
+    "action_costs",
     "build_1f1b",
     "capture",
     "choose_microbatches",

@@ -7,7 +7,7 @@ from typing import Literal
 
 from torch_graphpipe.profile import CommModel
 from torch_graphpipe.schedule import Schedule
-from torch_graphpipe.simulator import SimulationResult, simulate
+from torch_graphpipe.simulator import SimulationResult, action_costs, simulate
 from torch_graphpipe.stage_cost import StageCost
 
 __all__ = ["Plan", "ScheduleKind", "StageGraphKind", "StagePlan", "short_names"]
@@ -62,6 +62,12 @@ class Plan:
         fwd = [s.cost.fwd_ms for s in self.stages]
         bwd = [s.cost.bwd_ms for s in self.stages]
         return simulate(self.schedule, fwd, bwd, delay, self.late_cost(), wgt=self.wgt_cost())
+
+    def action_costs(self) -> dict[tuple[int, str], float]:
+        """``{(stage, kind): ms}`` of every compute action, as :meth:`simulate` charges them."""
+        fwd = [s.cost.fwd_ms for s in self.stages]
+        bwd = [s.cost.bwd_ms for s in self.stages]
+        return action_costs(self.schedule, fwd, bwd, self.late_cost(), self.wgt_cost())
 
     @property
     def schedule_kind(self) -> ScheduleKind:

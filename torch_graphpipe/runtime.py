@@ -22,13 +22,19 @@ On a stage whose program has ``W`` actions (a zero-bubble schedule, see [Note: z
 schedule]) every backward above computes the gradients of the received values (and boundary leaves)
 only and keeps what the weight gradients need; ``W j`` computes those, for both parts of a split stage
 (see [Note: split backward]).
+
+``around_action``, when set, is called with every compute action and returns the context manager it
+runs in: a profiler range per action (``torch.profiler.record_function(str(a))``), or a benchmark's
+emulated device time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -78,6 +84,7 @@ class StageRuntime:
         self.events: list[tuple[str, int, float, float]] | None = None  # (kind, mb, start, end) when set
         self.executed: list[Action] | None = None  # when set, every action as it is carried out
         self.memory: HeldActivations | None = None  # when set, measures held activations (training)
+        self.around_action: Callable[[Action], AbstractContextManager[Any]] | None = None  # see the Note
         self._peers = dict(route.recv) | dict(route.send)
 
     def train(
@@ -130,23 +137,8 @@ class StageRuntime:
                 i = j
                 continue
             start = time.perf_counter()
-            if isinstance(module, StageParts) and a.kind == "F":
-                self._forward_early(module, a.microbatch, step, training)
-            elif a.kind in ("F", "FL"):
-                late = module.late if isinstance(module, StageParts) else module
-                self._forward(late, a.microbatch, step, training)
-            elif a.kind == "W":
-                for weights in step.weights.pop(a.microbatch, []):
-                    weights()
-            elif a.kind == "BL":
-                assert self.late is not None and isinstance(module, StageParts)
-                self._backward(module.late, a.microbatch, step)
-                self._grad_messages(a.microbatch, step, [self.late], keep=True)
-            elif isinstance(module, StageParts):
-                self._backward_early(module.early, a.microbatch, step)
-            else:
-                self._backward(module, a.microbatch, step)
-                self._grad_messages(a.microbatch, step, [p for p, _ in self.route.recv])
+            with self.around_action(a) if self.around_action is not None else contextlib.nullcontext():
+                self._compute(a, module, step, training)
             if self.events is not None:
                 self.events.append((a.kind, a.microbatch, start, time.perf_counter()))
             if self.memory is not None and training:
@@ -155,6 +147,25 @@ class StageRuntime:
                 self.executed.append(a)
             i += 1
         self.p2p.flush()
+
+    def _compute(self, a: Action, module: torch.nn.Module | StageParts, step: _Step, training: bool) -> None:
+        if isinstance(module, StageParts) and a.kind == "F":
+            self._forward_early(module, a.microbatch, step, training)
+        elif a.kind in ("F", "FL"):
+            late = module.late if isinstance(module, StageParts) else module
+            self._forward(late, a.microbatch, step, training)
+        elif a.kind == "W":
+            for weights in step.weights.pop(a.microbatch, []):
+                weights()
+        elif a.kind == "BL":
+            assert self.late is not None and isinstance(module, StageParts)
+            self._backward(module.late, a.microbatch, step)
+            self._grad_messages(a.microbatch, step, [self.late], keep=True)
+        elif isinstance(module, StageParts):
+            self._backward_early(module.early, a.microbatch, step)
+        else:
+            self._backward(module, a.microbatch, step)
+            self._grad_messages(a.microbatch, step, [p for p, _ in self.route.recv])
 
     # -- messages -----------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from torch_graphpipe.action import Action
 from torch_graphpipe.schedule import Schedule, ScheduleError
 
-__all__ = ["SimulationResult", "TimelineEntry", "simulate"]
+__all__ = ["SimulationResult", "TimelineEntry", "action_costs", "simulate"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -60,6 +60,24 @@ def simulate(
     a split stage missing from it puts all of its cost in ``F`` and ``B``. ``wgt[s]`` is the share of
     ``bwd[s]`` a stage's ``W`` actions take (default 0); ``B`` (and ``BL``) take the rest.
     """
+    cost = action_costs(schedule, fwd, bwd, late_cost, wgt)
+    if message_cost < 0:
+        raise ValueError(f"message_cost must be >= 0, got {message_cost}")
+    engine = _Engine(schedule, edge_delay or {}, cost)
+    engine.message_cost = message_cost
+    engine.run()
+    return engine.result()
+
+
+def action_costs(
+    schedule: Schedule,
+    fwd: Sequence[float],
+    bwd: Sequence[float],
+    late_cost: Mapping[int, tuple[float, float]] | None = None,
+    wgt: Sequence[float] | None = None,
+) -> dict[tuple[int, str], float]:
+    """``{(stage, kind): cost}`` of every compute action kind (``F``, ``FL``, ``B``, ``BL``, ``W``), as
+    :func:`simulate` charges them; the arguments are :func:`simulate`'s."""
     if len(fwd) != schedule.num_stages or len(bwd) != schedule.num_stages:
         raise ValueError(f"need {schedule.num_stages} forward and backward costs, got {len(fwd)}, {len(bwd)}")
     late_cost = dict(late_cost or {})
@@ -68,31 +86,26 @@ def simulate(
             raise ValueError(
                 f"late_cost[{s}] = {(lf, lb)} is not within stage {s}'s costs {(fwd[s], bwd[s])}"
             )
-    if message_cost < 0:
-        raise ValueError(f"message_cost must be >= 0, got {message_cost}")
     wgt = list(wgt) if wgt is not None else [0.0] * schedule.num_stages
     if len(wgt) != schedule.num_stages or any(not 0 <= w <= b + 1e-9 for w, b in zip(wgt, bwd)):
         raise ValueError(
             f"wgt must give each stage a share of its backward cost, got {wgt} for bwd {list(bwd)}"
         )
-    engine = _Engine(schedule, fwd, bwd, edge_delay or {}, late_cost, wgt)
-    engine.message_cost = message_cost
-    engine.run()
-    return engine.result()
+    cost: dict[tuple[int, str], float] = {}
+    for s in range(schedule.num_stages):
+        lf, lb = late_cost.get(s, (0.0, 0.0))
+        w = wgt[s] if any(a.kind == "W" for a in schedule.programs[s]) else 0.0
+        lb = min(lb, bwd[s] - w)
+        cost.update({(s, "F"): max(0.0, fwd[s] - lf), (s, "FL"): lf, (s, "W"): w})
+        cost.update({(s, "B"): max(0.0, bwd[s] - w - lb), (s, "BL"): max(0.0, lb)})
+    return cost
 
 
 class _Engine:
-    def __init__(self, schedule, fwd, bwd, edge_delay, late_cost, wgt) -> None:
-        self.schedule, self.delay = schedule, edge_delay
-        self.cost: dict[tuple[int, str], float] = {}
-        self.releases: list[str] = []  # per stage, the action that ends a micro-batch's stay: "W" or "B"
-        for s in range(schedule.num_stages):
-            lf, lb = late_cost.get(s, (0.0, 0.0))
-            w = wgt[s] if any(a.kind == "W" for a in schedule.programs[s]) else 0.0
-            lb = min(lb, bwd[s] - w)
-            self.cost.update({(s, "F"): max(0.0, fwd[s] - lf), (s, "FL"): lf, (s, "W"): w})
-            self.cost.update({(s, "B"): max(0.0, bwd[s] - w - lb), (s, "BL"): max(0.0, lb)})
-            self.releases.append("W" if any(a.kind == "W" for a in schedule.programs[s]) else "B")
+    def __init__(self, schedule, edge_delay, cost) -> None:
+        self.schedule, self.delay, self.cost = schedule, edge_delay, cost
+        # per stage, the action that ends a micro-batch's stay: "W" or "B"
+        self.releases = ["W" if any(a.kind == "W" for a in p) else "B" for p in schedule.programs]
         n = schedule.num_stages
         self.clock = [0.0] * n
         self.pc = [0] * n

@@ -3,7 +3,9 @@ and gradients equal single-process training (see [Note: chain baseline] in bench
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections import Counter
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from _gp_dist import init_gloo, shared_seed, spawn
 from _gp_models import CASES
 
 import torch_graphpipe
-from benchmarks.graphpipe_baseline import TORCH_SCHEDULES, ChainBaseline, stage_ranks
+from benchmarks.graphpipe_baseline import SPLIT_BACKWARD, TORCH_SCHEDULES, ChainBaseline, stage_ranks
 from torch_graphpipe import CommModel, CostTable, OpCost, capture
 
 pytestmark = pytest.mark.distributed
@@ -42,15 +44,33 @@ def _check(case_name: str, schedule: str, seed: int) -> None:
     m = 2 * num_stages
     chain = torch_graphpipe.plan_graph(graph, costs, num_stages, m, "chain")
     batches = [case.batch(2 * m, gen) for _ in range(2)]
+    actions: list[tuple[int, str]] = []
+
+    @contextlib.contextmanager
+    def record(stage: int, kind: str):
+        actions.append((stage, kind))
+        yield
+
     base = ChainBaseline(
-        model, example_inputs=batches[0][0], loss_fn=case.loss, plan=chain, schedule=schedule
-    )
+        model, example_inputs=batches[0][0], loss_fn=case.loss, plan=chain, schedule=schedule,
+        around_action=record,
+    )  # fmt: skip
     for inputs, target in batches:  # two accumulation steps
         loss = base.step(*inputs, target=target)
         ref_loss = case.loss(ref(*inputs), target)
         ref_loss.backward()
         if base.is_last:
             torch.testing.assert_close(loss, ref_loss.item(), rtol=RTOL, atol=0, msg=schedule)
+    # every compute action ran inside around_action: per stage and step M forwards and M backwards,
+    # whole (B) or as an input-gradient (I) and a weight-gradient (W) part; split only where asked
+    for s in base.local:
+        kinds = Counter(k for t, k in actions if t == s)
+        assert kinds["F"] == kinds["B"] + kinds["I"] == 2 * m and kinds["I"] == kinds["W"], (
+            schedule,
+            s,
+            kinds,
+        )
+        assert set(kinds) <= {"F", "B", "I", "W"} and (kinds["W"] > 0) == (schedule in SPLIT_BACKWARD), kinds
     ref_params = dict(ref.named_parameters())
     mine = []
     for stage in base.stage_modules:

@@ -9,6 +9,7 @@ together hold every parameter once.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
@@ -117,6 +118,24 @@ def test_training_matches_one_process(case_name):
     spawn(_train_worker, len(CASES[case_name].partition), case_name)
 
 
+def _check_around_action(gp: GraphPipe, case: Case, world: int) -> None:
+    """``around_action`` wraps every compute action of the program, in order, once per step."""
+    seen: list[tuple[str, int, str]] = []
+
+    @contextlib.contextmanager
+    def record(a):
+        seen.append(("enter", a.microbatch, a.kind))
+        yield
+        seen.append(("exit", a.microbatch, a.kind))
+
+    gp.runtime.around_action = record
+    inputs, target = case.batch(4 * world, torch.Generator().manual_seed(1))
+    gp.step(*inputs, target=target if gp.stage == gp.loss_stage else None)
+    gp.runtime.around_action = None
+    program = [(a.microbatch, a.kind) for a in gp.runtime.program if a.is_compute]
+    assert seen == [(e, *a) for a in program for e in ("enter", "exit")]
+
+
 def _zero_bubble_worker(rank: int, world: int, init: str, names: list[str]) -> None:
     """Backwards split into input gradients (B) and weight gradients (W, placed in the bubbles): the
     same losses and gradients as one process (see [Note: split backward])."""
@@ -135,6 +154,7 @@ def _zero_bubble_worker(rank: int, world: int, init: str, names: list[str]) -> N
                 case, case.partition, 2 * world, seed, costs=costs, schedule_kind="zero_bubble"
             )
             assert gp.plan.schedule_kind == "zero_bubble" and gp.runtime.split_backward
+            _check_around_action(gp, case, world)
         dist.barrier()  # all ranks done before any tears the group down (gloo may abort otherwise)
     finally:
         dist.destroy_process_group()

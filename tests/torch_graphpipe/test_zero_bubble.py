@@ -136,3 +136,27 @@ def test_planner_builds_and_simulates_zero_bubble():
     assert zb.simulate().busy_time(0) == pytest.approx(one.simulate().busy_time(0))  # W moves, never adds
     with pytest.raises(ValueError, match="schedule_kind"):
         plan_graph(graph, costs, 8, 8, schedule_kind="zb")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("schedule_kind", ["1f1b", "zero_bubble"])
+def test_action_costs_are_what_the_simulator_charges(schedule_kind):
+    """``Plan.action_costs`` (what an emulated device runs each action for) is the simulator's charge
+    for every box of the timeline, split join stages (FL/BL) and W actions included, and a stage's
+    actions add up to its forward and backward cost per micro-batch."""
+    graph = two_chains()
+    rng = random.Random()
+    ops = {}
+    for n in graph.nodes:
+        f = rng.uniform(0.5, 1.5)
+        ops[n.name] = OpCost(fwd_ms=f, bwd_ms=2 * f, wgt_ms=f * rng.uniform(0.3, 1.0), out_bytes=64)
+    plan = plan_graph(graph, CostTable(ops=ops, comm=CommModel.free()), 8, 8, schedule_kind=schedule_kind)
+    costs = plan.action_costs()
+    kinds = set()
+    for row in plan.simulate().timeline:
+        for box in row:
+            assert box.end - box.start == pytest.approx(costs[(box.stage, box.kind)]), box
+            kinds.add(box.kind)
+    assert {"FL", "BL"} <= kinds and ("W" in kinds) == (schedule_kind == "zero_bubble")
+    for s, stage in enumerate(plan.stages):
+        assert sum(costs[(s, k)] for k in ("F", "FL")) == pytest.approx(stage.cost.fwd_ms)
+        assert sum(costs[(s, k)] for k in ("B", "BL", "W")) == pytest.approx(stage.cost.bwd_ms)
