@@ -94,7 +94,7 @@ LABELS = {  # GraphPipe's plan key -> runtime label
 }
 BASELINE = TORCH_LABELS["Schedule1F1B"]
 PLAN_COMM = CommModel(alpha_ms=0.3, bytes_per_ms=1.0e6)  # gloo over loopback, for planning
-PROFILE_REPEATS = 11  # samples per operator: enough for a spread (see [Note: plans that reproduce])
+PROFILE_REPEATS = 51  # samples per operator: with 11, back-to-back runs chose different chain splits (see [Note: plans that reproduce])
 CORES = len(os.sched_getaffinity(0))
 REAL_WORK_RATIO = 4.0  # a stage's emulated time per micro-batch >= this x the tiny model's real fwd+bwd
 
@@ -306,11 +306,17 @@ def _worker(rank: int, world: int, init: str, job: Job) -> None:
                 "torch": runs,
             }
             torch.save(payload, job.out)
+        dist.barrier()  # no rank leaves while a peer still talks to it
     except Exception:  # mp.spawn reports only the first rank to fail, often a victim: say who failed first
         progress(f"rank {rank} failed:\n{traceback.format_exc()}")
         raise
     finally:
         dist.destroy_process_group()
+    # gloo's threads, torn down with the interpreter, now and then call std::terminate ("terminate
+    # called without an active exception", SIGABRT) after a step that passed: leave at once instead
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # -- results -------------------------------------------------------------------------------------
