@@ -1,6 +1,6 @@
 """GraphPipe vs every chain schedule of torch.distributed.pipelining: iteration time of pipeline training on CPU.
 
-    python benchmarks/bench_graphpipe.py                       # all workloads (about 6 minutes on 2 cores)
+    python benchmarks/bench_graphpipe.py                       # all workloads (about 7 minutes on 2 cores)
     python benchmarks/bench_graphpipe.py --workloads two_branch,chain
     python benchmarks/bench_graphpipe.py --plans-only --workloads mmt,dlrm,candle_uno   # plans, no run
 
