@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from benchmarks.bench_graphpipe import REAL_WORK_RATIO, stage_ms
+from benchmarks.bench_graphpipe import REAL_WORK_RATIO, STAGE_GRID_MS, stage_ms
 from benchmarks.graphpipe_workloads import EmulatedDevice, workloads
 
 
@@ -51,6 +51,7 @@ def test_bad_costs_are_named():
 def test_stage_time_is_at_least_the_real_work_ratio():
     wl = workloads()["chain"]
     low, real = stage_ms(wl, argparse.Namespace(target_ms=1e-3))
-    assert real > 0 and low == pytest.approx(REAL_WORK_RATIO * real)
+    assert real > 0 and REAL_WORK_RATIO * real <= low < REAL_WORK_RATIO * real + STAGE_GRID_MS
+    assert low / STAGE_GRID_MS == round(low / STAGE_GRID_MS)
     high, _ = stage_ms(wl, argparse.Namespace(target_ms=1e4))
     assert high == 1e4
