@@ -109,7 +109,7 @@ def real_work_ms(wl: Workload, microbatch: int, repeats: int = 7) -> float:
     at once, and measured steps drift from the simulation. So a workload's mean stage time per
     micro-batch should be at least ``REAL_WORK_RATIO`` x the tiny model's real forward + backward
     time. That is a fixed property of the workload (``Workload.stage_ms``: 60 ms for MMT, whose tiny
-    model takes 13-17 ms; ``--target-ms`` for the others), not a measurement of the run, so that every
+    model takes 13-18 ms; ``--target-ms`` for the others), not a measurement of the run, so that every
     run emulates the same devices: the measured real time drifted from 13.6 to 27 ms between runs.
     The real time is measured and reported beside it, with a warning where it is too large, and the
     table's "CPU busy" column says how busy the cores were during each runtime's steps."""
