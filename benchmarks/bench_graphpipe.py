@@ -11,9 +11,10 @@ its own: the action's real work, then a sleep for the rest of its cost (see [Not
 time] in benchmarks/graphpipe_workloads.py). The costs are fixed units for the synthetic models and,
 for the zoo models, per-operator times profiled on the full-size model (one thread) and scaled so
 that a stage takes ``--target-ms`` per micro-batch on average (more where the tiny model's real
-work needs it, see [Note: emulated time and real work]). For each workload the runtimes run side by side, rotating
-order: GraphPipe on the DAG plan, GraphPipe on the best chain plan, and each of torch 2.13's chain
-schedules (``benchmarks.graphpipe_torch_schedules``: GPipe, 1F1B, Interleaved1F1B, LoopedBFS,
+work needs it, see [Note: emulated time and real work] in benchmarks/graphpipe_workloads.py). For
+each workload the runtimes run side by side, rotating order: GraphPipe on the DAG plan, GraphPipe
+on the best chain plan, and each of torch 2.13's chain schedules
+(``benchmarks.graphpipe_torch_schedules``: GPipe, 1F1B, Interleaved1F1B, LoopedBFS,
 InterleavedZeroBubble, ZBVZeroBubble, DualPipeV) on the chain split with as many stages per rank as
 it needs, at the same batch and micro-batch size, with each runtime's predicted peak memory per
 device beside it; one that cannot run is a row saying why. Beside the measured median the table gives the
@@ -56,7 +57,7 @@ from benchmarks.graphpipe_torch_schedules import (
     peak_held,
     torch_memory,
 )
-from benchmarks.graphpipe_workloads import EmulatedDevice, Workload, workloads
+from benchmarks.graphpipe_workloads import EmulatedDevice, Workload, stage_ms, workloads
 from benchmarks.harness import (
     DEFAULT_OUT_DIR,
     Column,
@@ -96,49 +97,6 @@ BASELINE = TORCH_LABELS["Schedule1F1B"]
 PLAN_COMM = CommModel(alpha_ms=0.3, bytes_per_ms=1.0e6)  # gloo over loopback, for planning
 PROFILE_REPEATS = 51  # samples per operator: with 11, back-to-back runs chose different chain splits (see [Note: plans that reproduce])
 CORES = len(os.sched_getaffinity(0))
-REAL_WORK_RATIO = 4.0  # a stage's emulated time per micro-batch should be >= this x the real fwd+bwd
-
-
-def real_work_ms(wl: Workload, microbatch: int, repeats: int = 7) -> float:
-    """The tiny model's real forward + backward time per micro-batch (ms; one thread, fastest run).
-
-    [Note: emulated time and real work]
-    The stages' real work (the tiny model, autograd, the runtime) shares the machine's cores while
-    the emulated devices would each have their own. Where all stages together keep the cores busy,
-    actions queue for a core and outlast their cost, the more so the more stages a schedule keeps busy
-    at once, and measured steps drift from the simulation. So a workload's mean stage time per
-    micro-batch should be at least ``REAL_WORK_RATIO`` x the tiny model's real forward + backward
-    time. That is a fixed property of the workload (``Workload.stage_ms``: 60 ms for MMT, whose tiny
-    model takes 13-18 ms; ``--target-ms`` for the others), not a measurement of the run, so that every
-    run emulates the same devices: the measured real time drifted from 13.6 to 27 ms between runs.
-    The real time is measured and reported beside it, with a warning where it is too large, and the
-    table's "CPU busy" column says how busy the cores were during each runtime's steps."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model = wl.build("tiny")
-        inputs, target = wl.batch("tiny", microbatch)
-        times = []
-        for i in range(repeats + 2):
-            start = time.perf_counter()
-            wl.loss_fn(model(*inputs), target).backward()
-            if i >= 2:
-                times.append((time.perf_counter() - start) * 1e3)
-        return min(times)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def stage_ms(wl: Workload, args: argparse.Namespace) -> tuple[float, float]:
-    """(mean emulated stage time per micro-batch, the tiny model's real work) in ms; see the Note."""
-    real = real_work_ms(wl, 2)  # the run's micro-batch: a batch of 2 x M samples in M micro-batches
-    stage = max(args.target_ms, wl.stage_ms)
-    if REAL_WORK_RATIO * real > stage:
-        progress(
-            f"WARNING: {wl.name}'s tiny model takes {real:.1f} ms of real work per micro-batch, more than "
-            f"1/{REAL_WORK_RATIO:g} of its {stage:.1f} ms stage time: measured steps may drift from the simulation"
-        )
-    return stage, real
 
 
 def _costs(wl: Workload, microbatch: int, target_ms: float) -> tuple[CostTable, float]:
@@ -500,7 +458,7 @@ def _notes(args: argparse.Namespace, info: dict[str, Any], rows: list[dict[str, 
         *_summary(rows),
         f"Costs: synthetic models one unit per Linear (forward 1, backward 2); zoo models profiled at full size "
         f"(micro-batch {args.profile_microbatch}, one thread, {PROFILE_REPEATS} samples per operator); all scaled to a mean stage time "
-        f"per micro-batch of {args.target_ms} ms, or more where the tiny model's real forward + backward time needs it (see [Note: emulated time and real work] in benchmarks/bench_graphpipe.py): "
+        f"per micro-batch of {args.target_ms} ms, or more where the tiny model's real forward + backward time needs it (see [Note: emulated time and real work] in benchmarks/graphpipe_workloads.py): "
         + ", ".join(
             sorted(
                 {

@@ -3,6 +3,7 @@ models, and the emulated device each stage runs on (see [Note: emulated device t
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import time
@@ -13,9 +14,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from benchmarks.harness import progress
 from torch_zoo import get_model
 
-__all__ = ["EmulatedDevice", "Workload", "workloads"]
+__all__ = ["REAL_WORK_RATIO", "EmulatedDevice", "Workload", "real_work_ms", "stage_ms", "workloads"]
 
 # -- workloads -----------------------------------------------------------------------------------
 
@@ -134,3 +136,50 @@ class EmulatedDevice:
         left = start + self.costs[kind] - time.perf_counter()
         if left > 0:
             time.sleep(left)
+
+
+# -- emulated stage time ------------------------------------------------------------------------
+
+REAL_WORK_RATIO = 4.0  # a stage's emulated time per micro-batch should be >= this x the real fwd+bwd
+
+
+def real_work_ms(wl: Workload, microbatch: int, repeats: int = 7) -> float:
+    """The tiny model's real forward + backward time per micro-batch (ms; one thread, fastest run).
+
+    [Note: emulated time and real work]
+    The stages' real work (the tiny model, autograd, the runtime) shares the machine's cores while
+    the emulated devices would each have their own. Where all stages together keep the cores busy,
+    actions queue for a core and outlast their cost, the more so the more stages a schedule keeps busy
+    at once, and measured steps drift from the simulation. So a workload's mean stage time per
+    micro-batch should be at least ``REAL_WORK_RATIO`` x the tiny model's real forward + backward
+    time. That is a fixed property of the workload (``Workload.stage_ms``: 60 ms for MMT, whose tiny
+    model takes 13-18 ms; ``--target-ms`` for the others), not a measurement of the run, so that every
+    run emulates the same devices: the measured real time drifted from 13.6 to 27 ms between runs.
+    The real time is measured and reported beside it, with a warning where it is too large, and the
+    table's "CPU busy" column says how busy the cores were during each runtime's steps."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = wl.build("tiny")
+        inputs, target = wl.batch("tiny", microbatch)
+        times = []
+        for i in range(repeats + 2):
+            start = time.perf_counter()
+            wl.loss_fn(model(*inputs), target).backward()
+            if i >= 2:
+                times.append((time.perf_counter() - start) * 1e3)
+        return min(times)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def stage_ms(wl: Workload, args: argparse.Namespace) -> tuple[float, float]:
+    """(mean emulated stage time per micro-batch, the tiny model's real work) in ms; see the Note."""
+    real = real_work_ms(wl, 2)  # the run's micro-batch: a batch of 2 x M samples in M micro-batches
+    stage = max(args.target_ms, wl.stage_ms)
+    if REAL_WORK_RATIO * real > stage:
+        progress(
+            f"WARNING: {wl.name}'s tiny model takes {real:.1f} ms of real work per micro-batch, more than "
+            f"1/{REAL_WORK_RATIO:g} of its {stage:.1f} ms stage time: measured steps may drift from the simulation"
+        )
+    return stage, real

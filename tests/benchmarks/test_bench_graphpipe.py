@@ -9,8 +9,7 @@ import time
 
 import pytest
 
-from benchmarks.bench_graphpipe import REAL_WORK_RATIO, stage_ms
-from benchmarks.graphpipe_workloads import EmulatedDevice, workloads
+from benchmarks.graphpipe_workloads import REAL_WORK_RATIO, EmulatedDevice, stage_ms, workloads
 
 
 def _busy(seconds: float) -> None:

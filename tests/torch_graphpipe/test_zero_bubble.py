@@ -119,14 +119,19 @@ def test_timeline_draws_w_boxes(tmp_path):
     assert path.stat().st_size > 1000
 
 
-def test_planner_builds_and_simulates_zero_bubble():
-    graph = two_chains()
+def _random_costs(graph) -> CostTable:
+    """Fresh random costs: forward 0.5-1.5, backward twice that, 30-100% of it in weight gradients."""
     rng = random.Random()
     ops = {}
     for n in graph.nodes:
         f = rng.uniform(0.5, 1.5)
         ops[n.name] = OpCost(fwd_ms=f, bwd_ms=2 * f, wgt_ms=f * rng.uniform(0.3, 1.0), out_bytes=64)
-    costs = CostTable(ops=ops, comm=CommModel.free())
+    return CostTable(ops=ops, comm=CommModel.free())
+
+
+def test_planner_builds_and_simulates_zero_bubble():
+    graph = two_chains()
+    costs = _random_costs(graph)
     one = plan_graph(graph, costs, 8, 8)
     zb = plan_graph(graph, costs, 8, 8, schedule_kind="zero_bubble")
     assert one.schedule_kind == "1f1b" and zb.schedule_kind == "zero_bubble"
@@ -144,12 +149,7 @@ def test_action_costs_are_what_the_simulator_charges(schedule_kind):
     for every box of the timeline, split join stages (FL/BL) and W actions included, and a stage's
     actions add up to its forward and backward cost per micro-batch."""
     graph = two_chains()
-    rng = random.Random()
-    ops = {}
-    for n in graph.nodes:
-        f = rng.uniform(0.5, 1.5)
-        ops[n.name] = OpCost(fwd_ms=f, bwd_ms=2 * f, wgt_ms=f * rng.uniform(0.3, 1.0), out_bytes=64)
-    plan = plan_graph(graph, CostTable(ops=ops, comm=CommModel.free()), 8, 8, schedule_kind=schedule_kind)
+    plan = plan_graph(graph, _random_costs(graph), 8, 8, schedule_kind=schedule_kind)
     costs = plan.action_costs()
     kinds = set()
     for row in plan.simulate().timeline:
