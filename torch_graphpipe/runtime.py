@@ -30,7 +30,6 @@ emulated device time.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -137,8 +136,11 @@ class StageRuntime:
                 i = j
                 continue
             start = time.perf_counter()
-            with self.around_action(a) if self.around_action is not None else contextlib.nullcontext():
+            if self.around_action is None:
                 self._compute(a, module, step, training)
+            else:
+                with self.around_action(a):
+                    self._compute(a, module, step, training)
             if self.events is not None:
                 self.events.append((a.kind, a.microbatch, start, time.perf_counter()))
             if self.memory is not None and training:
