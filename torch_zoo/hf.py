@@ -3,7 +3,7 @@ code standing in for "a user's model". Needs transformers (the ``hf`` extra).
 
 ``ARCHITECTURES[name] = (build, inputs)``: ``build()`` returns the model (its task head included),
 ``inputs()`` fresh keyword inputs (text models: a batch of 2 with the second sequence padded;
-seq2seq models: decoder inputs too; vision models: 32x32 images).
+seq2seq models: decoder inputs too; vision models: 32x32 images; audio models: 0.1 s of samples).
 """
 
 from __future__ import annotations
@@ -83,6 +83,15 @@ def _resnet() -> nn.Module:
     return transformers.ResNetForImageClassification(cfg)
 
 
+def _wav2vec2() -> nn.Module:
+    cfg = transformers.Wav2Vec2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, conv_dim=(16, 16),
+        conv_stride=(5, 4), conv_kernel=(10, 4), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+        num_labels=3,
+    )  # fmt: skip
+    return transformers.Wav2Vec2ForSequenceClassification(cfg)  # LayerDrop draws with torch.rand
+
+
 def _text_inputs(seq2seq: bool = False) -> dict[str, torch.Tensor]:
     ids = torch.randint(2, _VOCAB, (_BATCH, _SEQ))
     mask = torch.ones(_BATCH, _SEQ, dtype=torch.long)
@@ -97,6 +106,10 @@ def _image_inputs() -> dict[str, torch.Tensor]:
     return {"pixel_values": torch.randn(_BATCH, 3, 32, 32)}
 
 
+def _audio_inputs() -> dict[str, torch.Tensor]:
+    return {"input_values": torch.randn(_BATCH, 1600)}  # 0.1 s at 16 kHz
+
+
 ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], Callable[[], dict[str, torch.Tensor]]]] = {
     "bert": (_bert, _text_inputs),
     "roberta": (_roberta, _text_inputs),
@@ -108,6 +121,7 @@ ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], Callable[[], dict[str, t
     "vit": (_vit, _image_inputs),
     "convnext": (_convnext, _image_inputs),
     "resnet": (_resnet, _image_inputs),
+    "wav2vec2": (_wav2vec2, _audio_inputs),
 }
 
 

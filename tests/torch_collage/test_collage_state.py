@@ -43,6 +43,27 @@ def _dropout() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 32), nn.Dropout(0.3), nn.GELU(), nn.Linear(32, 4))
 
 
+class _Noise(nn.Module):
+    """Random ops that are no dropout: ``draw`` fills a fresh tensor (``uniform_``, ``normal_``,
+    ``exponential_``, ``bernoulli_``), as wav2vec2's LayerDrop and noise layers do."""
+
+    def __init__(self, draw: str) -> None:
+        super().__init__()
+        self.draw = draw
+        self.lin1, self.lin2 = nn.Linear(8, 32), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin1(x)
+        noise = getattr(torch.empty_like(h), f"{self.draw}_")()
+        return self.lin2((h * noise).relu())
+
+
+_RANDOM = {
+    "dropout": _dropout,
+    **{draw: (lambda d=draw: _Noise(d)) for draw in ["uniform", "normal", "exponential", "bernoulli"]},
+}
+
+
 def _compiled(model: nn.Module, tmp_path) -> nn.Module:
     torch._dynamo.reset()
     return torch.compile(model, backend="collage", options={**_FAST, "cache_dir": str(tmp_path)})
@@ -73,13 +94,17 @@ def test_state_changes_exactly_as_eager_calls_change_it(tmp_path, make, grad):
             torch.testing.assert_close(got, expected, rtol=0 if exact else None, atol=0 if exact else None)
 
 
-def test_training_with_dropout_matches_eager_from_the_same_seed(tmp_path):
-    """Random ops run on eager and are checked under the generator state the recording had; the
-    placement restores the caller's generator, so the compiled step draws what eager draws."""
+@pytest.mark.parametrize("make", list(_RANDOM.values()), ids=list(_RANDOM))
+def test_training_with_random_ops_matches_eager_from_the_same_seed(tmp_path, make):
+    """Random ops (every op torch tags ``nondeterministic_seeded``) run on eager and are checked under
+    the generator state the recording had; the placement restores the caller's generator, so the
+    compiled step draws what eager draws. ONNX Runtime is offered too: it must not be handed them."""
     torch.manual_seed(1)
-    model = _dropout().train()
+    model = make().train()
     ref = copy.deepcopy(model)
-    compiled = _compiled(model, tmp_path)
+    torch._dynamo.reset()
+    options = {**_FAST, "backends": ["eager", "inductor", "onnxruntime"], "cache_dir": str(tmp_path)}
+    compiled = torch.compile(model, backend="collage", options=options)
     x = torch.randn(16, 8)
     for step in range(2):
         torch.manual_seed(100 + step)

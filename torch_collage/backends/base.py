@@ -137,6 +137,8 @@ LoadFn = Callable[[Path, tuple[torch.Tensor, ...]], Callable[..., Any]]  # (dire
 NodePredicate = Callable[[fx.Node], bool]
 
 # Ops no exported-graph runtime should be handed: randomness differs from eager's by construction.
+# An ATen or prims op says so with its ``nondeterministic_seeded`` tag (``uniform``, ``normal``,
+# ``exponential``, ``multinomial``, ``randperm``...); names catch the targets that carry no tags.
 _RANDOM_OPS = ("rand", "randn", "bernoulli", "native_dropout", "randint", "philox", "seed")
 
 
@@ -157,7 +159,9 @@ def node_tensor_meta(node: fx.Node) -> list[torch.Tensor]:
 
 
 def deterministic(node: fx.Node) -> bool:
-    """``node`` is no random op (dropout, ``rand``...): an exported-graph runtime may run it."""
+    """``node`` is no random op (dropout, ``rand``, ``uniform``...): an exported-graph runtime may run it."""
+    if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()):
+        return False
     name = str(node.target)
     return not any(tag in name for tag in _RANDOM_OPS)
 
