@@ -48,6 +48,20 @@ def _llama() -> nn.Module:
     return transformers.LlamaForCausalLM(cfg)
 
 
+def _mistral() -> nn.Module:
+    cfg = transformers.MistralConfig(
+        vocab_size=_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, sliding_window=8,
+    )  # fmt: skip
+    return transformers.MistralForCausalLM(cfg)  # a sliding window shorter than the sequence
+
+
+def _deberta_v2() -> nn.Module:  # disentangled relative-position attention
+    return transformers.DebertaV2ForSequenceClassification(
+        transformers.DebertaV2Config(**_BERTISH, num_labels=3)
+    )
+
+
 def _t5() -> nn.Module:
     cfg = transformers.T5Config(
         vocab_size=_VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0
@@ -69,6 +83,19 @@ def _vit() -> nn.Module:
         intermediate_size=64, num_labels=5,
     )  # fmt: skip
     return transformers.ViTForImageClassification(cfg)
+
+
+def _swin() -> nn.Module:  # shifted windows: rolls, window partitions and their masks
+    cfg = transformers.SwinConfig(
+        image_size=32,
+        patch_size=4,
+        embed_dim=16,
+        depths=[1, 1],
+        num_heads=[2, 4],
+        window_size=4,
+        num_labels=5,
+    )
+    return transformers.SwinForImageClassification(cfg)
 
 
 def _convnext() -> nn.Module:
@@ -116,9 +143,12 @@ ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], Callable[[], dict[str, t
     "distilbert": (_distilbert, _text_inputs),
     "gpt2": (_gpt2, _text_inputs),
     "llama": (_llama, _text_inputs),
+    "mistral": (_mistral, _text_inputs),
+    "deberta_v2": (_deberta_v2, _text_inputs),
     "t5": (_t5, lambda: _text_inputs(seq2seq=True)),
     "bart": (_bart, lambda: _text_inputs(seq2seq=True)),
     "vit": (_vit, _image_inputs),
+    "swin": (_swin, _image_inputs),
     "convnext": (_convnext, _image_inputs),
     "resnet": (_resnet, _image_inputs),
     "wav2vec2": (_wav2vec2, _audio_inputs),
