@@ -19,6 +19,7 @@ from torch_collage.backends import (
     BackendCompileError,
     get_backend,
 )
+from torch_collage.backends.base import deterministic
 
 ALL = CPU_BACKENDS
 RUNTIMES = ("onnxruntime", "openvino")  # the backends that export the graph and run it outside torch
@@ -418,3 +419,33 @@ def test_openvino_scratch_directories_of_dead_processes_are_removed(tmp_path):
     assert openvino._sweep_dead.__wrapped__(str(tmp_path)) == 1
     assert not dead.exists()
     assert mine.exists() and parent.exists() and other.exists()
+
+
+_A = torch.ops.aten
+
+
+@pytest.mark.parametrize(
+    ("target", "args", "kwargs", "random"),
+    [
+        (_A.native_dropout.default, (0.1, True), {}, True),
+        (_A.dropout.default, (0.1, True), {}, True),
+        (_A.dropout.default, (0.1, False), {}, False),  # an exported eval graph keeps it: the identity
+        (_A.uniform.default, (), {}, True),
+        (_A.normal_functional.default, (), {}, True),
+        (_A.exponential.default, (), {}, True),
+        (_A.randn_like.default, (), {}, True),
+        (_A.bernoulli.p, (0.5,), {}, True),
+        (_A.scaled_dot_product_attention.default, (None, None), {}, False),
+        (_A.scaled_dot_product_attention.default, (None, None), {"dropout_p": 0.2}, True),
+        (_A._scaled_dot_product_flash_attention_for_cpu.default, (None, None, 0.1), {}, True),
+        (_A.rrelu.default, (0.1, 0.3, True), {}, True),
+        (_A.rrelu.default, (0.1, 0.3), {}, False),
+        (_A.mm.default, (None,), {}, False),
+    ],
+)
+def test_random_ops_are_known_by_their_tag_and_arguments(target, args, kwargs, random) -> None:
+    """torch's ``nondeterministic_seeded`` tag marks a random op, unless its arguments turn the draw
+    off (``train=False``, ``dropout_p=0``): only those may go to a runtime ([Note: random ops])."""
+    graph = torch.fx.Graph()
+    node = graph.call_function(target, (graph.placeholder("x"), *args), kwargs)
+    assert deterministic(node) is not random

@@ -161,9 +161,23 @@ def node_tensor_meta(node: fx.Node) -> list[torch.Tensor]:
 def deterministic(node: fx.Node) -> bool:
     """``node`` is no random op (dropout, ``rand``, ``uniform``...): an exported-graph runtime may run it."""
     if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()):
-        return False
+        return _draws_nothing(node)
     name = str(node.target)
     return not any(tag in name for tag in _RANDOM_OPS)
+
+
+def _draws_nothing(node: fx.Node) -> bool:
+    """A seeded op whose arguments turn its randomness off: ``dropout(x, p, train=False)`` (an
+    exported eval graph keeps it), ``rrelu(..., training=False)``, attention with ``dropout_p=0``."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return False
+    switches = []
+    for i, arg in enumerate(schema.arguments):
+        if arg.name in ("train", "training", "dropout_p"):
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name, arg.default_value)
+            switches.append(value is False if arg.name != "dropout_p" else value == 0)
+    return bool(switches) and all(switches)
 
 
 @dataclass(frozen=True, kw_only=True)
