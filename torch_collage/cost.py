@@ -22,7 +22,7 @@ from torch import fx
 
 from torch_collage.artifacts import ArtifactStore
 from torch_collage.backends._export import WHOLE_GRAPH
-from torch_collage.backends.base import BackendSpec, deterministic
+from torch_collage.backends.base import BackendSpec, deterministic, op_name
 from torch_collage.cache import CachedCost, CostCache
 from torch_collage.candidates import Candidate
 from torch_collage.freeze import written_inputs
@@ -116,13 +116,9 @@ LOW_PRECISION_RTOL = {
 # Ops whose output holds whatever the allocator handed out (``empty_like`` before ``uniform_``
 # fills it): a candidate ending at one is not compared on values, which no backend could match.
 _UNINITIALIZED = frozenset(
-    {"empty", "empty_like", "empty_strided", "empty_permuted", "new_empty", "new_empty_strided"}
+    f"aten.{name}"
+    for name in ("empty", "empty_like", "empty_strided", "empty_permuted", "new_empty", "new_empty_strided")
 )
-
-
-def _uninitialized(node: fx.Node) -> bool:
-    packet = getattr(node.target, "overloadpacket", None)
-    return packet is not None and packet.__name__ in _UNINITIALIZED
 
 
 def outputs_match(got: Sequence[Any], want: Sequence[Any], rtol: float, atol: float) -> str:
@@ -501,7 +497,7 @@ class CostModel:
         with torch.no_grad(), self.replaying_rng(mask):
             got = fn(*self.args(sub.inputs))
         got = tuple(got) if isinstance(got, (list, tuple)) else (got,)
-        want = [None if _uninitialized(n) else self.values[n] for n in sub.outputs]
+        want = [None if op_name(n) in _UNINITIALIZED else self.values[n] for n in sub.outputs]
         return outputs_match(got, want, self.options.rtol, self.options.atol)
 
     def _failed(self, backend: str, reason: str, exc: Exception) -> str:

@@ -87,14 +87,8 @@ def _vit() -> nn.Module:
 
 def _swin() -> nn.Module:  # shifted windows: rolls, window partitions and their masks
     cfg = transformers.SwinConfig(
-        image_size=32,
-        patch_size=4,
-        embed_dim=16,
-        depths=[1, 1],
-        num_heads=[2, 4],
-        window_size=4,
-        num_labels=5,
-    )
+        image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4, num_labels=5,
+    )  # fmt: skip
     return transformers.SwinForImageClassification(cfg)
 
 
